@@ -1,0 +1,219 @@
+"""``amnesia``: the command-line interface. Only this module prints.
+
+Bad input (``AmnesiaError``) ends with a one-line message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selective_amnesia.config import RunConfig, dump_yaml, load_config, to_dict
+from selective_amnesia.errors import AmnesiaError
+
+EXIT_BAD_INPUT = 2
+
+
+def _split_positionals(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key.sub=value ...]``: the first item without '=' is the config file."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise AmnesiaError(f"unexpected argument {item!r}: overrides look like key.sub=value")
+    return config, overrides
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    path, overrides = _split_positionals(args.config_and_overrides)
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(path, overrides)
+
+
+def _parse_labels(text: str) -> list[int]:
+    try:
+        labels = [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise AmnesiaError(f"--labels must be comma-separated integers like 0,3, got {text!r}") from None
+    if not labels:
+        raise AmnesiaError("--labels is empty: pass e.g. --labels 0,3")
+    return labels
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from selective_amnesia.pipeline import run_pipeline
+
+    cfg = _config(args)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        return 0
+    report = run_pipeline(cfg, args.out)
+    b, f = report["metrics"]["base"], report["metrics"]["forget"]
+    print(f"forgotten class {cfg.forget.forget_label}: P(c_f) {b['p_forget']:.3f} -> {f['p_forget']:.3f}, "
+          f"classified as c_f {b['frac_classified_forget']:.3f} -> {f['frac_classified_forget']:.3f}, "
+          f"entropy {b['entropy']:.2f} -> {f['entropy']:.2f} nats")
+    print(f"remembered classes: accuracy {b['remembered_accuracy']:.4f} -> {f['remembered_accuracy']:.4f}, "
+          f"FID {b['fid']:.3f} -> {f['fid']:.3f}")
+    print(f"total {report['timings']['total_s']:.1f}s; report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from selective_amnesia.pipeline import stage_base
+
+    cfg = _config(args)
+    if cfg.pretrain.model_path:
+        raise AmnesiaError("pretrain.model_path is set: there is nothing to pretrain")
+    out = Path(args.out)
+    stage_base(cfg, out.parent if out.name == "base" else out)
+    print(f"base model written to {out / 'base' if out.name != 'base' else out}")
+    return 0
+
+
+def cmd_fisher(args: argparse.Namespace) -> int:
+    from selective_amnesia.fisher import estimate_fisher
+    from selective_amnesia.models import load_model
+    from selective_amnesia.pipeline import model_labels
+
+    cfg = _config(args)
+    model = load_model(args.model)
+    f = estimate_fisher(model, num_samples=cfg.fisher.num_samples, labels=model_labels(model),
+                        chunk_size=cfg.fisher.chunk_size, estimator=cfg.fisher.estimator, seed=cfg.seed,
+                        progress=cfg.progress)
+    f.save(args.out)
+    print(f"Fisher from {cfg.fisher.num_samples} samples written to {args.out} ({f.metadata['seconds']}s)")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from selective_amnesia.fisher import Fisher
+    from selective_amnesia.models import load_model
+    from selective_amnesia.pipeline import model_labels
+    from selective_amnesia.train import forget
+
+    cfg = _config(args)
+    model = load_model(args.model)
+    fisher = Fisher.load(args.fisher, model) if args.fisher else None
+    history = forget(model, fisher, cfg.forget, labels=model_labels(model), seed=cfg.seed, progress=cfg.progress)
+    model.save_pretrained(args.out, extra={"run_config": to_dict(cfg), "history": history.to_dict(),
+                                           "forget_label": cfg.forget.forget_label, "base_model": str(args.model)})
+    print(f"forgotten model written to {args.out} ({history.seconds:.1f}s)")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from selective_amnesia.io import atomic_path
+    from selective_amnesia.models import load_model
+    from selective_amnesia.sampling import sample_per_label
+
+    model = load_model(args.model)
+    labels = _parse_labels(args.labels)
+    x, y = sample_per_label(model, labels, args.num_per_label, args.seed)
+    images = model.to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()  # N x H x W x C
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise AmnesiaError(f"--out must end in .npz, got {out}")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images, labels=y.numpy().astype(np.int64))
+    print(f"wrote {images.shape[0]} images {images.shape[1:]} to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from selective_amnesia.data import load_dataset
+    from selective_amnesia.evaluate.assess import assess_model
+    from selective_amnesia.io import environment, write_json
+    from selective_amnesia.models import load_model
+    from selective_amnesia.pipeline import load_classifiers, model_labels
+
+    cfg = _config(args)
+    model = load_model(args.model)
+    labels = model_labels(model)
+    if cfg.forget.forget_label not in labels:
+        raise AmnesiaError(f"forget.forget_label {cfg.forget.forget_label} is not a class of the model")
+    classifiers, infos = load_classifiers(cfg)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
+    metrics = assess_model(model, classifiers, test, forget_label=cfg.forget.forget_label, labels=labels,
+                           cfg=cfg.evaluate, seed=cfg.seed + 1)
+    result = {"model": str(args.model), "metrics": metrics, "classifiers": infos, "config": to_dict(cfg),
+              "environment": environment()}
+    write_json(args.out, result)
+    print(f"P(c_f) {metrics['p_forget']:.3f}, entropy {metrics['entropy']:.2f}, remembered accuracy "
+          f"{metrics['remembered_accuracy']:.4f}, FID {metrics['fid']:.3f}; written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="amnesia", formatter_class=fmt,
+        description="Make a trained conditional generative model forget a concept (Selective Amnesia).",
+        epilog="Config overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str, fn: Any, *, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt)
+        p.set_defaults(fn=fn)
+        if config:
+            p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]",
+                           help="YAML config (default: the fast MNIST CVAE pipeline) and overrides")
+            p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        return p
+
+    p = add("run", "run the whole pipeline: base model, classifier, Fisher, forgetting, evaluation", cmd_run)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p = add("pretrain", "train the base model theta* into OUT/base", cmd_pretrain)
+    p.add_argument("--out", required=True, help="run directory (the model goes to OUT/base)")
+    p = add("fisher", "estimate the diagonal Fisher of a model", cmd_fisher)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p = add("forget", "fine-tune a model to forget forget.forget_label", cmd_forget)
+    p.add_argument("--model", required=True, help="model directory of theta*")
+    p.add_argument("--fisher", default=None, help="Fisher .safetensors of that model (needed if ewc_lambda > 0)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p = add("sample", "write samples as .npz (images uint8 N x H x W x C, labels int64)", cmd_sample, config=False)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 0,3")
+    p.add_argument("--num-per-label", type=int, default=100, help="images per label")
+    p.add_argument("--seed", type=int, default=0, help="seed; a label's images depend only on it")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p = add("evaluate", "evaluate a model's forgetting and retention metrics into a JSON file", cmd_evaluate)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output .json file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        code = int(args.fn(args))
+    except AmnesiaError as e:
+        print(f"amnesia {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"amnesia {args.command}: interrupted", file=sys.stderr)
+        return 130
+    logging.getLogger(__name__).info("%s finished in %.1fs", args.command, time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The external MNIST classifier that judges generated samples (paper section 4).
+
+Forgetting is measured by what an independent classifier ``P_phi(y|x)`` says about samples of the
+forgotten class, and image quality by statistics of its penultimate features. The network is the
+classic PyTorch MNIST example CNN, which the paper's reference code uses for this purpose. It is trained
+once per (recipe, seed) and cached as safetensors, so every evaluation with the same recipe and seed
+uses exactly the same judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from selective_amnesia.data import ImageDataset, load_dataset
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import environment, load_tensors, save_tensors
+
+logger = logging.getLogger(__name__)
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+FEATURE_DIM = 128
+NUM_CLASSES = 10
+# Bump when the architecture or the training loop changes, so stale caches are not reused.
+_CACHE_VERSION = 1
+
+
+def _as_unit_float(x: Tensor) -> Tensor:
+    """Accept uint8 images in [0, 255] or float images in [0, 1]; return float32 in [0, 1]."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"expected images of shape (B, 1, 28, 28), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise ValueError(f"expected uint8 or floating images, got {x.dtype}")
+    return x.float()
+
+
+class MNISTClassifier(nn.Module):
+    """Small CNN (PyTorch MNIST example) taking images in [0, 1] of shape (B, 1, 28, 28).
+
+    Normalisation with the MNIST mean/std happens inside, so callers pass raw [0, 1] images (what the
+    generative models produce) and cannot forget to normalise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, FEATURE_DIM)
+        self.fc2 = nn.Linear(FEATURE_DIM, NUM_CLASSES)
+
+    def _penultimate(self, x: Tensor) -> Tensor:
+        x = (x - MNIST_MEAN) / MNIST_STD
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        return F.relu(self.fc1(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits (B, 10)."""
+        return self.fc2(self.dropout2(self._penultimate(x)))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate activations (B, 128) after the ReLU: the embedding for FID and precision/recall."""
+        return self._penultimate(x)
+
+    def _batched(self, x: Tensor, batch_size: int, fn: Any) -> Tensor:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        x = _as_unit_float(x)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        try:
+            with torch.no_grad():
+                outs = [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)]
+        finally:
+            self.train(was_training)
+        if not outs:
+            return torch.empty(0)
+        return torch.cat(outs)
+
+    def predict_proba(self, x: Tensor, batch_size: int = 1000) -> Tensor:
+        """Softmax probabilities (B, 10) in float64, computed in eval mode without gradients.
+
+        float64 keeps ``log`` of tiny probabilities (entropy) and means over many samples accurate.
+        Accepts uint8 [0, 255] or float [0, 1] images.
+        """
+        out = self._batched(x, batch_size, lambda b: torch.softmax(self(b).double(), dim=1))
+        return out.reshape(-1, NUM_CLASSES).double()
+
+    def extract_features(self, x: Tensor, batch_size: int = 1000) -> Tensor:
+        """Penultimate features (B, 128) in float64 for many images, in eval mode without gradients."""
+        out = self._batched(x, batch_size, lambda b: self.features(b).double())
+        return out.reshape(-1, FEATURE_DIM).double()
+
+
+@dataclass
+class ClassifierRecipe:
+    """How the judge is trained: Adam with a StepLR schedule stepped once per epoch (reference recipe)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-4
+    step_size: int = 5
+    gamma: float = 0.1
+    max_train_images: int | None = None  # train on a seeded random subset of this size (fast tests)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "step_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AmnesiaError(f"classifier.{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise AmnesiaError(f"classifier.{name} must be a number > 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.gamma > 1:
+            raise AmnesiaError(f"classifier.gamma must be in (0, 1], got {self.gamma}")
+        m = self.max_train_images
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise AmnesiaError(f"classifier.max_train_images must be null or an integer >= 1, got {m!r}")
+
+    def fingerprint(self) -> str:
+        """Short hash of every recipe field (and the cache version): names the cache file."""
+        payload = json.dumps({"v": _CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def train_classifier(
+    recipe: ClassifierRecipe, train: ImageDataset, seed: int, progress: bool = True
+) -> MNISTClassifier:
+    """Train the judge with ``recipe``; the result is a deterministic function of ``seed`` and the data.
+
+    Initialisation and dropout draw from the global RNG inside ``torch.random.fork_rng`` (so the caller's
+    RNG state is untouched); shuffling and subset selection use their own ``torch.Generator``.
+    """
+    if len(train) == 0:
+        raise AmnesiaError("cannot train the classifier on an empty dataset")
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = train.images, train.labels
+    if recipe.max_train_images is not None and recipe.max_train_images < len(train):
+        idx = torch.randperm(len(train), generator=gen)[: recipe.max_train_images]
+        images, labels = images[idx], labels[idx]
+    n = images.shape[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MNISTClassifier()
+        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.step_size, gamma=recipe.gamma)
+        model.train()
+        steps_per_epoch = (n + recipe.batch_size - 1) // recipe.batch_size
+        bar = tqdm(total=recipe.epochs * steps_per_epoch, desc="classifier", disable=not progress)
+        try:
+            for epoch in range(recipe.epochs):
+                perm = torch.randperm(n, generator=gen)
+                total, correct, loss_sum = 0, 0, 0.0
+                for i in range(0, n, recipe.batch_size):
+                    idx = perm[i : i + recipe.batch_size]
+                    x = images[idx].float() / 255.0
+                    y = labels[idx]
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += y.shape[0]
+                    correct += int((logits.argmax(1) == y).sum())
+                    loss_sum += loss.item() * y.shape[0]
+                    bar.update(1)
+                sched.step()
+                logger.info(
+                    "classifier epoch %d/%d: loss %.4f, train acc %.4f",
+                    epoch + 1,
+                    recipe.epochs,
+                    loss_sum / total,
+                    correct / total,
+                )
+                bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.4f}")
+        finally:
+            bar.close()
+    model.eval()
+    return model
+
+
+def classifier_accuracy(model: MNISTClassifier, data: ImageDataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    probs = model.predict_proba(data.images, batch_size=batch_size)
+    return float((probs.argmax(1) == data.labels).double().mean())
+
+
+def classifier_cache_path(cache_dir: Path, recipe: ClassifierRecipe, seed: int, dataset_name: str) -> Path:
+    """Where the classifier for (dataset, recipe, seed) lives."""
+    return Path(cache_dir) / f"classifier-{dataset_name}-{recipe.fingerprint()}-seed{seed}.safetensors"
+
+
+def _decode_meta(value: str) -> Any:
+    """``save_tensors`` stores strings verbatim and everything else as JSON."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _load_cached(
+    path: Path, recipe: ClassifierRecipe, seed: int, dataset_name: str
+) -> tuple[MNISTClassifier, dict]:
+    tensors, raw_meta = load_tensors(path)  # corrupt files -> AmnesiaError
+    fix = f"delete {path} to retrain it"
+    try:
+        meta = {k: _decode_meta(v) for k, v in raw_meta.items()}
+        stored_recipe, stored_seed = meta["recipe"], meta["seed"]
+        stored_dataset = meta["dataset"]
+        test_accuracy, train_seconds = float(meta["test_accuracy"]), float(meta["train_seconds"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AmnesiaError(f"{path} has missing or invalid metadata ({e!r}); {fix}") from None
+    if stored_recipe != asdict(recipe) or stored_seed != seed or stored_dataset != dataset_name:
+        raise AmnesiaError(f"{path} was trained with a different recipe, seed or dataset; {fix}")
+    model = MNISTClassifier()
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise AmnesiaError(f"{path} does not hold MNISTClassifier weights ({e}); {fix}") from None
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise AmnesiaError(f"{path} holds non-finite weights; {fix}")
+    model.eval()
+    info = {
+        "path": str(path),
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
+        "cached": True,
+        "seed": seed,
+    }
+    return model, info
+
+
+def load_or_train_classifier(
+    recipe: ClassifierRecipe,
+    cache_dir: Path,
+    seed: int,
+    dataset_name: str = "mnist",
+    data_root: str | None = None,
+    progress: bool = True,
+) -> tuple[MNISTClassifier, dict]:
+    """Return the judge for (dataset, recipe, seed), training and caching it on first use.
+
+    The cache file ``classifier-{dataset}-{recipe hash}-seed{seed}.safetensors`` stores the weights and,
+    as metadata, the recipe, seed, test accuracy, training time and package versions. A cache file that
+    exists but is unreadable or inconsistent raises ``AmnesiaError`` rather than being silently replaced.
+    Returns the model in eval mode and ``{"path", "test_accuracy", "train_seconds", "cached", "seed"}``.
+    """
+    path = classifier_cache_path(Path(cache_dir), recipe, seed, dataset_name)
+    if path.exists():
+        model, info = _load_cached(path, recipe, seed, dataset_name)
+        logger.info("loaded classifier %s (test accuracy %.4f)", path, info["test_accuracy"])
+        return model, info
+    logger.info("training classifier (seed %d) -> %s", seed, path)
+    train = load_dataset(dataset_name, "train", root=data_root)
+    start = time.perf_counter()
+    model = train_classifier(recipe, train, seed, progress=progress)
+    train_seconds = time.perf_counter() - start
+    test_accuracy = classifier_accuracy(model, load_dataset(dataset_name, "test", root=data_root))
+    logger.info("classifier seed %d: test accuracy %.4f after %.1f s", seed, test_accuracy, train_seconds)
+    metadata = {
+        "format": "selective_amnesia.classifier",
+        "cache_version": _CACHE_VERSION,
+        "dataset": dataset_name,
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
+        "environment": environment(),
+    }
+    save_tensors(path, model.state_dict(), metadata)
+    info = {
+        "path": str(path),
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
+        "cached": False,
+        "seed": seed,
+    }
+    return model, info

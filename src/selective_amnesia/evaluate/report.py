@@ -1,0 +1,267 @@
+"""Human-readable outputs of a run: sample grids, loss curves and a self-contained HTML report.
+
+Everything is written atomically (temporary name, then rename), so an interrupted run never leaves a
+half-written PNG or HTML file that looks complete.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selective_amnesia.io import atomic_path
+
+MISSING = "\u2014"  # em dash, shown for absent values
+
+
+def image_grid(images_uint8: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile (N, C, H, W) uint8 images into one (H', W', C) array, ``nrow`` images per row.
+
+    ``padding`` pixels of ``pad_value`` surround every image, so dark MNIST digits stay visually apart.
+    C must be 1 or 3; the channel axis is kept so callers know what they get.
+    """
+    x = torch.as_tensor(images_uint8)
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
+        raise ValueError(
+            f"expected uint8 images (N >= 1, C in {{1, 3}}, H, W), got {x.dtype} {tuple(x.shape)}"
+        )
+    if nrow < 1 or padding < 0 or not 0 <= pad_value <= 255:
+        raise ValueError("nrow must be >= 1, padding >= 0 and pad_value in [0, 255]")
+    n, c, h, w = x.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), pad_value, np.uint8)
+    arr = x.detach().cpu().permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, k = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[top : top + h, left : left + w] = arr[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 (H, W), (H, W, 1) or (H, W, 3) array as a PNG, atomically."""
+    from PIL import Image
+
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 array, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"expected (H, W), (H, W, 1) or (H, W, 3), got {a.shape}")
+    image = Image.fromarray(np.ascontiguousarray(a), mode="L" if a.ndim == 2 else "RGB")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def plot_losses(history: Mapping[str, Sequence[float]], steps: Sequence[int], path: str | Path) -> None:
+    """One subplot per loss term against training step, log-scale y when all its values are positive.
+
+    Uses matplotlib's object API with the Agg canvas, so no display and no global pyplot state.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    terms = [k for k, v in history.items() if len(v) > 0]
+    if not terms:
+        raise ValueError("history has no loss values to plot")
+    for k in terms:
+        if len(history[k]) != len(steps):
+            raise ValueError(f"history[{k!r}] has {len(history[k])} values but there are {len(steps)} steps")
+    fig = Figure(figsize=(6.0, 2.4 * len(terms)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(terms), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, k in zip(axes, terms, strict=True):
+        values = np.asarray(history[k], dtype=np.float64)
+        ax.plot(list(steps), values, lw=1.2)
+        finite = values[np.isfinite(values)]
+        if finite.size and (finite > 0).all():
+            ax.set_yscale("log")
+        ax.set_ylabel(k)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("step")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+# ---- HTML report -------------------------------------------------------------------------------------
+
+_FORGET_ROWS = [
+    ("p_forget", "P(y = c<sub>f</sub> | x)"),
+    ("entropy", "classifier entropy (nats)"),
+    ("frac_classified_forget", "fraction classified as c<sub>f</sub>"),
+]
+_REMEMBER_ROWS = [
+    ("remembered_accuracy", "classifier accuracy"),
+    ("fid", "FID (classifier features)"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+]
+_KNOWN_KEYS = {k for k, _ in _FORGET_ROWS + _REMEMBER_ROWS} | {"entropy_std", "classifier_seeds"}
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+figure { display: inline-block; margin: 0 1.5em 1em 0; vertical-align: top; }
+figcaption { font-size: 0.9em; color: #555; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    """Format a scalar for a table cell; None and missing values become an em dash."""
+    if value is None or isinstance(value, (dict, list, tuple)):
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return (
+            f"{value:.{digits}g}"
+            if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3)
+            else f"{value:.{digits}f}"
+        )
+    return html.escape(str(value))
+
+
+def _metric_cell(metrics: Any, key: str) -> str:
+    if not isinstance(metrics, Mapping) or key not in metrics:
+        return MISSING
+    cell = _fmt(metrics[key])
+    if key == "entropy" and isinstance(metrics.get("entropy_std"), (int, float)) and cell != MISSING:
+        cell += f" &plusmn; {_fmt(metrics['entropy_std'])}"
+    return cell
+
+
+def _metric_table(rows: Sequence[tuple[str, str]], base: Any, forget: Any) -> str:
+    out = ["<table>", "<tr><th>metric</th><th>base model</th><th>after forgetting</th></tr>"]
+    for key, label in rows:
+        out.append(
+            f"<tr><td>{label}</td><td>{_metric_cell(base, key)}</td><td>{_metric_cell(forget, key)}</td></tr>"
+        )
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _kv_table(mapping: Any, header: tuple[str, str]) -> str:
+    if not isinstance(mapping, Mapping) or not mapping:
+        return f"<p>{MISSING}</p>"
+    out = ["<table>", f"<tr><th>{html.escape(header[0])}</th><th>{html.escape(header[1])}</th></tr>"]
+    for k, v in mapping.items():
+        out.append(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _config_text(config: Any) -> str:
+    if config is None:
+        return MISSING
+    try:
+        import yaml
+
+        return str(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+    except Exception:  # not plain YAML data (e.g. a Path): JSON with str() fallback still shows it
+        return json.dumps(config, indent=2, default=str)
+
+
+def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[str, str]) -> Path:
+    """Write ``out_dir/report.html``, a single readable page summarising a forgetting run.
+
+    ``images`` maps a caption to a PNG file name relative to ``out_dir``, e.g.
+    ``{"before": "samples_base.png", "after": "samples_forget.png", "losses": "losses.png"}``;
+    they are linked, not embedded.
+
+    ``report`` is a plain nested dict; every key is optional and missing values render as an em dash::
+
+        {
+          "title": str,
+          "forget_label": int,
+          "metrics": {
+            "base":   {"p_forget", "entropy", "entropy_std", "frac_classified_forget",
+                       "remembered_accuracy", "fid", "precision", "recall", "classifier_seeds"},
+            "forget": {... same keys ...},
+          },
+          "timings": {name: seconds, ...},
+          "config": {...},        # the resolved config, shown as YAML
+          "environment": {package: version, ...},
+        }
+
+    Extra scalar keys in the metrics dicts are shown in an "other metrics" table. Returns the path.
+    """
+    out_dir = Path(out_dir)
+    title = str(report.get("title") or "Selective Amnesia report")
+    forget_label = report.get("forget_label")
+    raw_metrics = report.get("metrics")
+    metrics: Mapping[str, Any] = raw_metrics if isinstance(raw_metrics, Mapping) else {}
+    base, forget = metrics.get("base"), metrics.get("forget")
+    seeds = [m.get("classifier_seeds") for m in (base, forget) if isinstance(m, Mapping)]
+    seeds_text = _fmt(next((s for s in seeds if s is not None), None))
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Forgotten class c<sub>f</sub> = <b>{_fmt(forget_label)}</b>. "
+        f"Classifier seeds averaged: {seeds_text}.</p>",
+        f"<h2>Forgotten class (c<sub>f</sub> = {_fmt(forget_label)})</h2>",
+        _metric_table(_FORGET_ROWS, base, forget),
+        '<p class="note">With a uniform q(x | c<sub>f</sub>) the ideal after forgetting is P = 1/10 '
+        "and entropy = ln 10 &asymp; 2.303 nats (paper, section 4). Entropy is the mean over "
+        "classifier seeds &plusmn; its standard deviation.</p>",
+        "<h2>Remembered classes</h2>",
+        _metric_table(_REMEMBER_ROWS, base, forget),
+        '<p class="note">FID and precision/recall compare generated samples of the remembered classes with '
+        "real test images, in the evaluation classifier's penultimate-feature space (not Inception).</p>",
+    ]
+    extra_keys = [
+        k
+        for m in (base, forget)
+        if isinstance(m, Mapping)
+        for k, v in m.items()
+        if k not in _KNOWN_KEYS and not isinstance(v, (dict, list, tuple))
+    ]
+    extra_keys = list(dict.fromkeys(extra_keys))
+    if extra_keys:
+        parts.append("<h3>Other metrics</h3>")
+        parts.append(_metric_table([(k, html.escape(k)) for k in extra_keys], base, forget))
+
+    if images:
+        parts.append("<h2>Figures</h2>")
+        for caption, name in images.items():
+            src = html.escape(str(name), quote=True)
+            parts.append(
+                f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(caption, quote=True)}"></a>'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+
+    parts += [
+        "<h2>Timings (seconds)</h2>",
+        _kv_table(report.get("timings"), ("stage", "seconds")),
+        "<h2>Resolved config</h2>",
+        f"<pre>{html.escape(_config_text(report.get('config')))}</pre>",
+        "<h2>Environment</h2>",
+        _kv_table(report.get("environment"), ("package", "version")),
+        "</body></html>",
+    ]
+    path = out_dir / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,56 @@
+"""Model families behind one contract; ``load_model`` reads any model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import load_tensors, read_json
+from selective_amnesia.models.base import ConditionalGenerativeModel
+from selective_amnesia.models.cvae import ConditionalVAE, CVAEConfig
+
+_FAMILIES: dict[str, tuple[type, type]] = {"cvae": (ConditionalVAE, CVAEConfig)}
+
+
+def build_model(family: str, **kwargs: Any) -> Any:
+    """Build a freshly initialised model of ``family`` from its config fields."""
+    if family not in _FAMILIES:
+        raise AmnesiaError(f"unknown model family {family!r}: choose one of {sorted(_FAMILIES)}")
+    model_cls, config_cls = _FAMILIES[family]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise AmnesiaError(f"unknown {family} model settings {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return model_cls(config_cls(**kwargs))
+    except (TypeError, ValueError) as e:
+        raise AmnesiaError(f"bad {family} model settings: {e}") from None
+
+
+def load_model(path: str | Path) -> Any:
+    """Load a model directory written by ``save_pretrained``; bad directories raise ``AmnesiaError``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AmnesiaError(f"model directory {path} not found")
+    meta = read_json(path / "config.json")
+    if not isinstance(meta, dict) or "family" not in meta:
+        raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")
+    family = meta["family"]
+    if family not in _FAMILIES:
+        raise AmnesiaError(f"{path}: unknown model family {family!r}")
+    config_cls = _FAMILIES[family][1]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    model = build_model(family, **{k: v for k, v in meta.items() if k in fields})
+    state, _ = load_tensors(path / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise AmnesiaError(f"{path}: weights do not match config.json ({first})") from None
+    model.eval()
+    return model
+
+
+__all__ = ["ConditionalGenerativeModel", "ConditionalVAE", "CVAEConfig", "build_model", "load_model"]

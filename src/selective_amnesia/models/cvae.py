@@ -1,0 +1,125 @@
+"""One-hot MLP conditional VAE, the paper's MNIST model (Section 4.1, Appendix B).
+
+Encoder q(z|x,c): [x, onehot(c)] -> 512 -> 256 -> (mu, log sigma^2), dim 8.
+Decoder p(x|z,c): [z, onehot(c)] -> 256 -> 512 -> 784, sigmoid (Bernoulli means).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selective_amnesia.io import environment, save_tensors, write_json
+
+
+@dataclass
+class CVAEConfig:
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 10
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
+    latent_dim: int = 8
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.channels < 1 or self.num_classes < 2 or self.latent_dim < 1:
+            raise ValueError("image_size, channels, latent_dim must be >= 1 and num_classes >= 2")
+        if not self.hidden_dims or any(h < 1 for h in self.hidden_dims):
+            raise ValueError("hidden_dims must be a non-empty list of positive widths")
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class ConditionalVAE(nn.Module):
+    """Satisfies ``ConditionalGenerativeModel``; images are in [0, 1], shape (B, C, H, W)."""
+
+    family = "cvae"
+
+    def __init__(self, config: CVAEConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or CVAEConfig()
+        c = self.config
+        self.x_dim = c.channels * c.image_size * c.image_size
+        h = list(c.hidden_dims)
+        self.encoder = nn.Sequential(_mlp([self.x_dim + c.num_classes, *h]), nn.ReLU())
+        self.to_mu = nn.Linear(h[-1], c.latent_dim)
+        self.to_logvar = nn.Linear(h[-1], c.latent_dim)
+        self.decoder = _mlp([c.latent_dim + c.num_classes, *reversed(h), self.x_dim])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.channels, self.config.image_size, self.config.image_size)
+
+    def _onehot(self, cond: Tensor) -> Tensor:
+        if cond.dtype != torch.int64 or cond.dim() != 1:
+            raise ValueError(f"cond must be int64 labels of shape (B,), got {cond.dtype} {tuple(cond.shape)}")
+        # a comparison instead of F.one_hot, which calls .item() and so cannot run under torch.func.vmap
+        classes = torch.arange(self.config.num_classes, device=cond.device)
+        return (cond[:, None] == classes).to(self.to_mu.weight.dtype)
+
+    def check_labels(self, cond: Tensor) -> None:
+        """Raise ``ValueError`` for labels outside [0, num_classes)."""
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.config.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.config.num_classes}), got {cond.unique().tolist()}")
+
+    def decode_logits(self, z: Tensor, cond: Tensor) -> Tensor:
+        return self.decoder(torch.cat([z, self._onehot(cond)], dim=1))
+
+    def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The reparameterisation noise for one NELBO estimate per sample."""
+        return torch.randn(
+            x.shape[0], self.config.latent_dim, generator=generator, device=x.device, dtype=x.dtype
+        )
+
+    def nelbo(
+        self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
+    ) -> Tensor:
+        """Per-sample NELBO = BCE summed over pixels + KL(q(z|x,c) || N(0, I)); shape (B,)."""
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.x_dim:
+            raise ValueError(f"expected images of shape (B, {self.image_shape}), got {tuple(x.shape)}")
+        hidden = self.encoder(torch.cat([flat, self._onehot(cond)], dim=1))
+        mu, logvar = self.to_mu(hidden), self.to_logvar(hidden)
+        eps = self.draw_noise(x, generator) if noise is None else noise
+        z = mu + eps * torch.exp(0.5 * logvar)
+        logits = self.decode_logits(z, cond)
+        # BCE on logits == the paper's BCE on sigmoid outputs, without log(0) at saturated pixels
+        bce = F.binary_cross_entropy_with_logits(logits, flat, reduction="none").sum(dim=1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
+        return bce + kl
+
+    @torch.no_grad()
+    def sample(self, cond: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Decoder means for z ~ N(0, I): images in [0, 1], shape (B, C, H, W)."""
+        self.check_labels(cond)
+        z = torch.randn(
+            cond.shape[0], self.config.latent_dim, generator=generator,
+            device=self.to_mu.weight.device, dtype=self.to_mu.weight.dtype,
+        )
+        return torch.sigmoid(self.decode_logits(z, cond.to(self.to_mu.weight.device))).reshape(
+            -1, *self.image_shape
+        )
+
+    @staticmethod
+    def to_uint8(x: Tensor) -> Tensor:
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``model.safetensors`` then ``config.json`` (the config marks the directory complete)."""
+        path = Path(path)
+        save_tensors(path / "model.safetensors", self.state_dict(), {"family": self.family})
+        write_json(
+            path / "config.json",
+            {"family": self.family, **asdict(self.config), "environment": environment(), **(extra or {})},
+        )

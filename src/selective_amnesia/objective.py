@@ -1,0 +1,97 @@
+"""The Selective Amnesia objective (paper Eq. 4) and the naive ablation (Eq. 3).
+
+    L(theta) = E_{x~q(x|c_f)} NELBO(x|theta,c_f)                          (4a) forget / surrogate term
+             + gamma  * E_{c~p_r(c), x~p(x|theta*,c)} NELBO(x|theta,c)     (4b) generative replay
+             + lambda * sum_i F_i (theta_i - theta*_i)^2                   (4c) EWC anchor
+
+Naive (Eq. 3): (4a) becomes -NELBO(x|theta,c_f) on samples of c_f from the original model, i.e.
+raise the bound of the concept directly instead of fitting a surrogate.
+
+The reduction of per-sample NELBOs over the batch ("sum" in the paper's VAE, "mean" for diffusion)
+is explicit because it changes the scale of (4a)/(4b) relative to (4c), i.e. what lambda means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def reduce_nelbo(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+class EWCPenalty(nn.Module):
+    """sum_i F_i (theta_i - theta*_i)^2 over the named parameters (Eq. 4c without lambda)."""
+
+    def __init__(self, fisher: Mapping[str, Tensor], theta_star: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        if set(fisher) != set(theta_star):
+            raise ValueError("Fisher and theta* must name the same parameters")
+        self.names = sorted(fisher)
+        for i, n in enumerate(self.names):
+            self.register_buffer(f"fisher_{i}", fisher[n].detach().clone())
+            self.register_buffer(f"theta_star_{i}", theta_star[n].detach().clone())
+
+    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+        total = torch.zeros((), device=self.fisher_0.device)
+        for i, n in enumerate(self.names):
+            f, star = getattr(self, f"fisher_{i}"), getattr(self, f"theta_star_{i}")
+            total = total + (f * (params[n] - star).pow(2)).sum()
+        return total
+
+
+@dataclass
+class LossTerms:
+    """Each term separately (already weighted) and their sum; ``total`` is what is minimised."""
+
+    total: Tensor
+    forget: Tensor
+    replay: Tensor
+    ewc: Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "forget", "replay", "ewc")}
+
+
+def selective_amnesia_loss(
+    model: nn.Module,
+    *,
+    forget_x: Tensor,
+    forget_c: Tensor,
+    replay_x: Tensor | None,
+    replay_c: Tensor | None,
+    ewc: EWCPenalty | None,
+    ewc_lambda: float,
+    replay_weight: float,
+    reduction: str,
+    objective: str = "surrogate",
+    generator: torch.Generator | None = None,
+) -> LossTerms:
+    """Eq. 4 (``objective="surrogate"``; ``forget_x`` ~ q(x|c_f)) or Eq. 3 (``"naive"``; ``forget_x``
+    ~ p(x|theta*, c_f)). Terms with weight 0 are not computed."""
+    nelbo = model.nelbo  # type: ignore[operator]
+    forget_term = reduce_nelbo(nelbo(forget_x, forget_c, generator=generator), reduction)  # (4a)
+    if objective == "naive":
+        forget_term = -forget_term  # Eq. 3: minimise the likelihood (bound) of the concept itself
+    elif objective != "surrogate":
+        raise ValueError(f"objective must be 'surrogate' or 'naive', got {objective!r}")
+    zero = torch.zeros((), device=forget_term.device)
+    replay_term = zero
+    if replay_weight > 0:
+        if replay_x is None or replay_c is None:
+            raise ValueError("replay_weight > 0 needs replay samples")
+        replay_term = replay_weight * reduce_nelbo(nelbo(replay_x, replay_c, generator=generator), reduction)  # (4b)
+    ewc_term = zero
+    if ewc_lambda > 0:
+        if ewc is None:
+            raise ValueError("ewc_lambda > 0 needs a Fisher")
+        ewc_term = ewc_lambda * ewc(dict(model.named_parameters()))  # (4c)
+    return LossTerms(forget_term + replay_term + ewc_term, forget_term, replay_term, ewc_term)
