@@ -35,7 +35,7 @@ from selective_amnesia.evaluate import classifier as classifier_module
 
 
 def test_forget_metrics_uniform_probs_reach_the_paper_ideal() -> None:
-    probs = torch.full((50, 10), 0.1)
+    probs = torch.full((50, 10), 0.1, dtype=torch.float64)
     m = forget_metrics(probs, forget_label=3)
     assert m["p_forget"] == pytest.approx(0.1, abs=1e-12)
     assert m["entropy"] == pytest.approx(math.log(10), abs=1e-9)
@@ -123,7 +123,9 @@ def test_frechet_distance_matches_scipy_reference() -> None:
     from scipy import linalg
 
     g = torch.Generator().manual_seed(3)
-    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(
+        6, 6, generator=g, dtype=torch.float64
+    )
     b = torch.randn(300, 6, generator=g, dtype=torch.float64) * 2 + 1
     an, bn = a.numpy(), b.numpy()
     mu1, mu2 = an.mean(0), bn.mean(0)
@@ -197,7 +199,14 @@ def test_classifier_shapes_and_probabilities() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"epochs": 0}, {"batch_size": -1}, {"lr": 0.0}, {"gamma": 2.0}, {"max_train_images": 0}, {"epochs": 1.5}],
+    [
+        {"epochs": 0},
+        {"batch_size": -1},
+        {"lr": 0.0},
+        {"gamma": 2.0},
+        {"max_train_images": 0},
+        {"epochs": 1.5},
+    ],
 )
 def test_recipe_validation(kwargs: dict) -> None:
     with pytest.raises(AmnesiaError):
@@ -270,7 +279,11 @@ def test_save_png_and_plot_losses(tmp_path: Path) -> None:
         assert im.size == (grid.shape[1], grid.shape[0]) and im.mode == "L"
         assert np.array_equal(np.asarray(im), grid[:, :, 0])
     steps = list(range(0, 100, 10))
-    history = {"total": [10.0 / (s + 1) for s in steps], "fisher": [0.0] * 10, "replay": [-1.0 + s for s in steps]}
+    history = {
+        "total": [10.0 / (s + 1) for s in steps],
+        "fisher": [0.0] * 10,
+        "replay": [-1.0 + s for s in steps],
+    }
     plot_losses(history, steps, tmp_path / "losses.png")
     assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):

@@ -66,7 +66,7 @@ def pretrain(
         opt.step()
         if step % 100 == 0 or step == cfg.steps:
             _check_finite(loss, step, "pretraining")
-            history.add(step, {"nelbo": float(loss) / cfg.batch_size})
+            history.add(step, {"nelbo": float(loss.detach()) / cfg.batch_size})
     model.eval()
     history.seconds = time.perf_counter() - start
     return history

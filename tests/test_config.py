@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selective_amnesia.config import RunConfig, load_config, to_dict
+from selective_amnesia.errors import AmnesiaError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_file_matches_builtin_defaults() -> None:
+    assert load_config(REPO / "configs" / "mnist_cvae.yaml") == RunConfig()
+    assert yaml.safe_load((REPO / "configs" / "mnist_cvae.yaml").read_text()) == to_dict(RunConfig())
+
+
+@pytest.mark.parametrize("name", ["mnist_cvae_paper.yaml", "mnist_cvae_tiny.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    load_config(REPO / "configs" / name)
+
+
+def test_paper_config_has_the_paper_settings() -> None:
+    cfg = load_config(REPO / "configs" / "mnist_cvae_paper.yaml")
+    assert (cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.pretrain.lr) == (100_000, 256, 1e-4)
+    assert cfg.fisher.num_samples == 50_000
+    f = cfg.forget
+    assert (f.ewc_lambda, f.replay_weight, f.lr, f.batch_size, f.steps, f.reduction) == (100, 1, 1e-4, 256, 10_000, "sum")
+    assert (cfg.model.hidden_dims, cfg.model.latent_dim) == ([512, 256], 8)
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(None, ["forget.ewc_lambda=50", "seed=3", "classifier.seeds=[4,5]", "data.root=null"])
+    assert cfg.forget.ewc_lambda == 50.0 and isinstance(cfg.forget.ewc_lambda, float)
+    assert cfg.seed == 3 and cfg.classifier.seeds == [4, 5] and cfg.data.root is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["forget.ewc_lambda=-1"], "ewc_lambda must be >= 0"),
+        (["forget.replay_weight=-0.5"], "replay_weight must be >= 0"),
+        (["forget.steps=0"], "steps"),
+        (["forget.lamda=3"], "unknown config key forget.lamda"),
+        (["nosuch=3"], "unknown config key nosuch"),
+        (["seed=abc"], "seed: expected an integer"),
+        (["progress=3"], "expected true/false"),
+        (["forget=3"], "expected a mapping"),
+        (["forget.forget_label=12"], "forget_label"),
+        (["forget.reduction=max"], "reduction"),
+        (["justtext"], "key.sub=value"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_message(override: list[str], message: str) -> None:
+    with pytest.raises(AmnesiaError, match=message):
+        load_config(None, override)
+
+
+def test_bad_yaml_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("forget: [unclosed\n")
+    with pytest.raises(AmnesiaError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("- a list\n")
+    with pytest.raises(AmnesiaError, match="mapping"):
+        load_config(p)
+    with pytest.raises(AmnesiaError, match="not found"):
+        load_config(tmp_path / "missing.yaml")

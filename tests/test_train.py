@@ -1,0 +1,44 @@
+"""Behaviour: a short forgetting run makes a tiny model stop drawing the forgotten digit."""
+
+import pytest
+import torch
+
+from selective_amnesia.config import ForgetConfig, PretrainConfig
+from selective_amnesia.data import load_dataset
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.evaluate.classifier import ClassifierRecipe, train_classifier
+from selective_amnesia.fisher import estimate_fisher
+from selective_amnesia.models import build_model
+from selective_amnesia.train import forget, pretrain
+
+LABELS = list(range(10))
+
+
+def _p_forget(model: torch.nn.Module, clf: torch.nn.Module) -> float:
+    x = model.sample(torch.zeros(300, dtype=torch.int64), generator=torch.Generator().manual_seed(5))
+    return float(clf.predict_proba(x)[:, 0].mean())
+
+
+def test_short_forgetting_run_lowers_p_forget() -> None:
+    train = load_dataset("mnist", "train")
+    clf = train_classifier(ClassifierRecipe(epochs=1, lr=1e-3, max_train_images=6000), train, seed=0,
+                           progress=False)
+    torch.manual_seed(0)
+    model = build_model("cvae", hidden_dims=[128], latent_dim=4)
+    pretrain(model, train, PretrainConfig(steps=400, batch_size=128, lr=2e-3), seed=0, progress=False)
+    before = _p_forget(model, clf)
+    fisher = estimate_fisher(model, num_samples=512, labels=LABELS, progress=False)
+    cfg = ForgetConfig(steps=150, batch_size=64, lr=2e-3, ewc_lambda=100.0, log_every=50)
+    history = forget(model, fisher, cfg, labels=LABELS, seed=0, progress=False)
+    after = _p_forget(model, clf)
+    assert before > 0.6, f"the tiny base model should draw zeros (P={before:.2f})"
+    assert after < 0.3 and after < before / 2, (before, after)
+    assert history.steps[-1] == 150 and len(history.terms["ewc"]) == 3
+
+
+def test_forget_label_must_be_a_model_class(tiny_cvae: torch.nn.Module) -> None:
+    with pytest.raises(AmnesiaError, match="not one of the model's classes"):
+        forget(tiny_cvae, None, ForgetConfig(forget_label=11, ewc_lambda=0.0), labels=LABELS, seed=0,
+               progress=False)
+    with pytest.raises(AmnesiaError, match="needs a Fisher"):
+        forget(tiny_cvae, None, ForgetConfig(), labels=LABELS, seed=0, progress=False)
