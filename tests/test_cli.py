@@ -14,9 +14,19 @@ from .conftest import TINY_CONFIG
 
 
 def test_run_writes_models_report_and_pictures(tiny_run: Path) -> None:
-    for name in ("base/config.json", "base/model.safetensors", "forget/config.json", "forget/model.safetensors",
-                 "fisher.safetensors", "report.json", "report.html", "samples_base.png", "samples_forget.png",
-                 "losses.png", "config.json"):
+    for name in (
+        "base/config.json",
+        "base/model.safetensors",
+        "forget/config.json",
+        "forget/model.safetensors",
+        "fisher.safetensors",
+        "report.json",
+        "report.html",
+        "samples_base.png",
+        "samples_forget.png",
+        "losses.png",
+        "config.json",
+    ):
         assert (tiny_run / name).is_file(), name
     report = json.loads((tiny_run / "report.json").read_text())
     for model in ("base", "forget"):
@@ -33,15 +43,47 @@ def test_run_writes_models_report_and_pictures(tiny_run: Path) -> None:
 
 def test_sample_writes_the_interchange_format(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.npz"
-    assert main(["sample", "--model", str(tiny_run / "forget"), "--labels", "0,3", "--num-per-label", "5",
-                 "--seed", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_run / "forget"),
+                "--labels",
+                "0,3",
+                "--num-per-label",
+                "5",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with np.load(out) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape == (10, 28, 28, 1)
         assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0] * 5 + [3] * 5
         first = z["images"].copy()
     # per-label seeding: label 3's images do not depend on what else was sampled
-    assert main(["sample", "--model", str(tiny_run / "forget"), "--labels", "3", "--num-per-label", "5",
-                 "--seed", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_run / "forget"),
+                "--labels",
+                "3",
+                "--num-per-label",
+                "5",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with np.load(out) as z:
         np.testing.assert_array_equal(z["images"], first[5:])
 
@@ -56,15 +98,43 @@ def test_fisher_forget_and_evaluate_commands(tiny_run: Path, tmp_path: Path) -> 
     base = str(tiny_run / "base")
     common = [str(TINY_CONFIG)]
     assert main(["fisher", "--model", base, "--out", str(tmp_path / "f.safetensors"), *common]) == 0
-    assert main(["forget", "--model", base, "--fisher", str(tmp_path / "f.safetensors"), "--out",
-                 str(tmp_path / "fg"), *common, "forget.steps=3"]) == 0
-    assert main(["evaluate", "--model", str(tmp_path / "fg"), "--out", str(tmp_path / "e.json"), *common,
-                 f"classifier.cache_dir={cache}"]) == 0
+    assert (
+        main(
+            [
+                "forget",
+                "--model",
+                base,
+                "--fisher",
+                str(tmp_path / "f.safetensors"),
+                "--out",
+                str(tmp_path / "fg"),
+                *common,
+                "forget.steps=3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "fg"),
+                "--out",
+                str(tmp_path / "e.json"),
+                *common,
+                f"classifier.cache_dir={cache}",
+            ]
+        )
+        == 0
+    )
     assert "p_forget" in json.loads((tmp_path / "e.json").read_text())["metrics"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "selective_amnesia.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "selective_amnesia.cli", *args], capture_output=True, text=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,19 +146,36 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["sample", "--model", "{run}/forget", "--labels", "1", "--out", "{tmp}/x.png"], ".npz"),
         (["run", "{tmp}/missing.yaml", "--out", "{tmp}/r"], "config file"),
         (["run", "--out", "{tmp}/r", "forget.ewc_lambda=-3"], "ewc_lambda"),
-        (["forget", "--model", "{run}/base", "--fisher", "{tmp}/corrupt.safetensors", "--out", "{tmp}/o"],
-         "safetensors"),
-        (["forget", "--model", "{run}/base", "--fisher", "{tmp}/other.safetensors", "--out", "{tmp}/o",
-          str(TINY_CONFIG)], "does not match"),
+        (
+            ["forget", "--model", "{run}/base", "--fisher", "{tmp}/corrupt.safetensors", "--out", "{tmp}/o"],
+            "safetensors",
+        ),
+        (
+            [
+                "forget",
+                "--model",
+                "{run}/base",
+                "--fisher",
+                "{tmp}/other.safetensors",
+                "--out",
+                "{tmp}/o",
+                str(TINY_CONFIG),
+            ],
+            "does not match",
+        ),
     ],
 )
-def test_bad_input_gives_one_line_and_exit_2(tiny_run: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_gives_one_line_and_exit_2(
+    tiny_run: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
     from selective_amnesia.fisher import estimate_fisher
     from selective_amnesia.models import build_model
 
     other = build_model("cvae", hidden_dims=[8], latent_dim=2)
-    estimate_fisher(other, num_samples=4, labels=list(range(10)), progress=False).save(tmp_path / "other.safetensors")
+    estimate_fisher(other, num_samples=4, labels=list(range(10)), progress=False).save(
+        tmp_path / "other.safetensors"
+    )
     result = _cli(*[a.format(run=tiny_run, tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -24,7 +24,14 @@ def test_paper_config_has_the_paper_settings() -> None:
     assert (cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.pretrain.lr) == (100_000, 256, 1e-4)
     assert cfg.fisher.num_samples == 50_000
     f = cfg.forget
-    assert (f.ewc_lambda, f.replay_weight, f.lr, f.batch_size, f.steps, f.reduction) == (100, 1, 1e-4, 256, 10_000, "sum")
+    assert (f.ewc_lambda, f.replay_weight, f.lr, f.batch_size, f.steps, f.reduction) == (
+        100,
+        1,
+        1e-4,
+        256,
+        10_000,
+        "sum",
+    )
     assert (cfg.model.hidden_dims, cfg.model.latent_dim) == ([512, 256], 8)
 
 

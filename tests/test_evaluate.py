@@ -193,6 +193,9 @@ def test_classifier_shapes_and_probabilities() -> None:
     assert torch.allclose(model.predict_proba(x8), model.predict_proba(x8.float() / 255))
     assert model.training  # predict_proba restores the mode it found
     assert model.extract_features(x).shape == (3, 128)
+    p2, f2 = model.predict_proba_and_features(x, batch_size=2)
+    model.eval()
+    assert torch.allclose(p2, probs) and torch.allclose(f2, model.features(x).double())
     with pytest.raises(ValueError):
         model.predict_proba(torch.rand(3, 28, 28))
 

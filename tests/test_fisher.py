@@ -30,7 +30,9 @@ def test_batched_and_vmap_equal_the_one_sample_loop(model64: torch.nn.Module) ->
     assert supports_batched(model64)
     loop = estimate_fisher(model64, num_samples=40, labels=LABELS, estimator="loop", progress=False)
     for est in ("batched", "vmap"):
-        fast = estimate_fisher(model64, num_samples=40, labels=LABELS, estimator=est, chunk_size=16, progress=False)
+        fast = estimate_fisher(
+            model64, num_samples=40, labels=LABELS, estimator=est, chunk_size=16, progress=False
+        )
         assert _max_rel_err(fast, loop) < 1e-4, est
         assert _max_rel_err(fast, loop) < 1e-9, est  # float64: the same numbers, not just close
 
@@ -65,7 +67,9 @@ def test_save_load_with_metadata_and_checks(model64: torch.nn.Module, tmp_path: 
     f = estimate_fisher(model64, num_samples=20, labels=LABELS, seed=3, progress=False)
     f.save(tmp_path / "f.safetensors")
     g = Fisher.load(tmp_path / "f.safetensors", model64)
-    assert g.metadata["num_samples"] == 20 and g.metadata["seed"] == 3 and g.metadata["estimator"] == "batched"
+    assert (
+        g.metadata["num_samples"] == 20 and g.metadata["seed"] == 3 and g.metadata["estimator"] == "batched"
+    )
     assert len(g.metadata["model_hash"]) == 16
     other = build_model("cvae", hidden_dims=[8], latent_dim=2)
     with pytest.raises(AmnesiaError, match="does not match"):

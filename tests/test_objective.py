@@ -12,8 +12,12 @@ def _ewc(model: torch.nn.Module) -> EWCPenalty:
 
 def _batch(n: int = 8) -> dict:
     g = torch.Generator().manual_seed(0)
-    return dict(forget_x=torch.rand(n, 1, 28, 28, generator=g), forget_c=torch.zeros(n, dtype=torch.int64),
-                replay_x=torch.rand(n, 1, 28, 28, generator=g), replay_c=torch.arange(1, n + 1) % 9 + 1)
+    return dict(
+        forget_x=torch.rand(n, 1, 28, 28, generator=g),
+        forget_c=torch.zeros(n, dtype=torch.int64),
+        replay_x=torch.rand(n, 1, 28, 28, generator=g),
+        replay_c=torch.arange(1, n + 1) % 9 + 1,
+    )
 
 
 def test_ewc_is_zero_at_theta_star_and_positive_away(tiny_cvae: torch.nn.Module) -> None:
@@ -37,7 +41,9 @@ def test_terms_are_separate_weighted_and_summed(tiny_cvae: torch.nn.Module) -> N
     assert torch.allclose(t2.ewc, 10 * t1.ewc) and torch.allclose(t2.replay, 2 * t1.replay)
     assert torch.allclose(t1.forget, t2.forget)
     assert torch.allclose(t1.total, t1.forget + t1.replay + t1.ewc)
-    t0 = selective_amnesia_loss(tiny_cvae, **_batch(), ewc_lambda=0.0, replay_weight=0.0, ewc=None, reduction="sum")
+    t0 = selective_amnesia_loss(
+        tiny_cvae, **_batch(), ewc_lambda=0.0, replay_weight=0.0, ewc=None, reduction="sum"
+    )
     assert float(t0.ewc) == 0 and float(t0.replay) == 0
 
 
@@ -63,8 +69,15 @@ def test_each_term_decreases_when_it_alone_is_minimised(tiny_cvae: torch.nn.Modu
     opt = torch.optim.Adam(tiny_cvae.parameters(), lr=3e-3)
     values = []
     for _ in range(40):
-        t = selective_amnesia_loss(tiny_cvae, **batch, ewc=None, ewc_lambda=0.0, replay_weight=1.0,
-                                   reduction="mean", generator=torch.Generator().manual_seed(0))
+        t = selective_amnesia_loss(
+            tiny_cvae,
+            **batch,
+            ewc=None,
+            ewc_lambda=0.0,
+            replay_weight=1.0,
+            reduction="mean",
+            generator=torch.Generator().manual_seed(0),
+        )
         opt.zero_grad()
         getattr(t, term).backward()
         opt.step()

@@ -21,8 +21,9 @@ def _p_forget(model: torch.nn.Module, clf: torch.nn.Module) -> float:
 
 def test_short_forgetting_run_lowers_p_forget() -> None:
     train = load_dataset("mnist", "train")
-    clf = train_classifier(ClassifierRecipe(epochs=1, lr=1e-3, max_train_images=6000), train, seed=0,
-                           progress=False)
+    clf = train_classifier(
+        ClassifierRecipe(epochs=1, lr=1e-3, max_train_images=6000), train, seed=0, progress=False
+    )
     torch.manual_seed(0)
     model = build_model("cvae", hidden_dims=[128], latent_dim=4)
     pretrain(model, train, PretrainConfig(steps=400, batch_size=128, lr=2e-3), seed=0, progress=False)
@@ -38,7 +39,13 @@ def test_short_forgetting_run_lowers_p_forget() -> None:
 
 def test_forget_label_must_be_a_model_class(tiny_cvae: torch.nn.Module) -> None:
     with pytest.raises(AmnesiaError, match="not one of the model's classes"):
-        forget(tiny_cvae, None, ForgetConfig(forget_label=11, ewc_lambda=0.0), labels=LABELS, seed=0,
-               progress=False)
+        forget(
+            tiny_cvae,
+            None,
+            ForgetConfig(forget_label=11, ewc_lambda=0.0),
+            labels=LABELS,
+            seed=0,
+            progress=False,
+        )
     with pytest.raises(AmnesiaError, match="needs a Fisher"):
         forget(tiny_cvae, None, ForgetConfig(), labels=LABELS, seed=0, progress=False)

@@ -59,11 +59,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     report = run_pipeline(cfg, args.out)
     b, f = report["metrics"]["base"], report["metrics"]["forget"]
-    print(f"forgotten class {cfg.forget.forget_label}: P(c_f) {b['p_forget']:.3f} -> {f['p_forget']:.3f}, "
-          f"classified as c_f {b['frac_classified_forget']:.3f} -> {f['frac_classified_forget']:.3f}, "
-          f"entropy {b['entropy']:.2f} -> {f['entropy']:.2f} nats")
-    print(f"remembered classes: accuracy {b['remembered_accuracy']:.4f} -> {f['remembered_accuracy']:.4f}, "
-          f"FID {b['fid']:.3f} -> {f['fid']:.3f}")
+    print(
+        f"forgotten class {cfg.forget.forget_label}: P(c_f) {b['p_forget']:.3f} -> {f['p_forget']:.3f}, "
+        f"classified as c_f {b['frac_classified_forget']:.3f} -> {f['frac_classified_forget']:.3f}, "
+        f"entropy {b['entropy']:.2f} -> {f['entropy']:.2f} nats"
+    )
+    print(
+        f"remembered classes: accuracy {b['remembered_accuracy']:.4f} -> {f['remembered_accuracy']:.4f}, "
+        f"FID {b['fid']:.3f} -> {f['fid']:.3f}"
+    )
     print(f"total {report['timings']['total_s']:.1f}s; report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -87,9 +91,15 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     model = load_model(args.model)
-    f = estimate_fisher(model, num_samples=cfg.fisher.num_samples, labels=model_labels(model),
-                        chunk_size=cfg.fisher.chunk_size, estimator=cfg.fisher.estimator, seed=cfg.seed,
-                        progress=cfg.progress)
+    f = estimate_fisher(
+        model,
+        num_samples=cfg.fisher.num_samples,
+        labels=model_labels(model),
+        chunk_size=cfg.fisher.chunk_size,
+        estimator=cfg.fisher.estimator,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     f.save(args.out)
     print(f"Fisher from {cfg.fisher.num_samples} samples written to {args.out} ({f.metadata['seconds']}s)")
     return 0
@@ -104,9 +114,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     cfg = _config(args)
     model = load_model(args.model)
     fisher = Fisher.load(args.fisher, model) if args.fisher else None
-    history = forget(model, fisher, cfg.forget, labels=model_labels(model), seed=cfg.seed, progress=cfg.progress)
-    model.save_pretrained(args.out, extra={"run_config": to_dict(cfg), "history": history.to_dict(),
-                                           "forget_label": cfg.forget.forget_label, "base_model": str(args.model)})
+    history = forget(
+        model, fisher, cfg.forget, labels=model_labels(model), seed=cfg.seed, progress=cfg.progress
+    )
+    model.save_pretrained(
+        args.out,
+        extra={
+            "run_config": to_dict(cfg),
+            "history": history.to_dict(),
+            "forget_label": cfg.forget.forget_label,
+            "base_model": str(args.model),
+        },
+    )
     print(f"forgotten model written to {args.out} ({history.seconds:.1f}s)")
     return 0
 
@@ -144,22 +163,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise AmnesiaError(f"forget.forget_label {cfg.forget.forget_label} is not a class of the model")
     classifiers, infos = load_classifiers(cfg)
     test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
-    metrics = assess_model(model, classifiers, test, forget_label=cfg.forget.forget_label, labels=labels,
-                           cfg=cfg.evaluate, seed=cfg.seed + 1)
-    result = {"model": str(args.model), "metrics": metrics, "classifiers": infos, "config": to_dict(cfg),
-              "environment": environment()}
+    metrics = assess_model(
+        model,
+        classifiers,
+        test,
+        forget_label=cfg.forget.forget_label,
+        labels=labels,
+        cfg=cfg.evaluate,
+        seed=cfg.seed + 1,
+    )
+    result = {
+        "model": str(args.model),
+        "metrics": metrics,
+        "classifiers": infos,
+        "config": to_dict(cfg),
+        "environment": environment(),
+    }
     write_json(args.out, result)
-    print(f"P(c_f) {metrics['p_forget']:.3f}, entropy {metrics['entropy']:.2f}, remembered accuracy "
-          f"{metrics['remembered_accuracy']:.4f}, FID {metrics['fid']:.3f}; written to {args.out}")
+    print(
+        f"P(c_f) {metrics['p_forget']:.3f}, entropy {metrics['entropy']:.2f}, remembered accuracy "
+        f"{metrics['remembered_accuracy']:.4f}, FID {metrics['fid']:.3f}; written to {args.out}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="amnesia", formatter_class=fmt,
+        prog="amnesia",
+        formatter_class=fmt,
         description="Make a trained conditional generative model forget a concept (Selective Amnesia).",
-        epilog="Config overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50",
+        epilog="Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,8 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt)
         p.set_defaults(fn=fn)
         if config:
-            p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key.sub=value ...]",
-                           help="YAML config (default: the fast MNIST CVAE pipeline) and overrides")
+            p.add_argument(
+                "config_and_overrides",
+                nargs="*",
+                metavar="[CONFIG] [key.sub=value ...]",
+                help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
+            )
             p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         return p
 
@@ -183,9 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p = add("forget", "fine-tune a model to forget forget.forget_label", cmd_forget)
     p.add_argument("--model", required=True, help="model directory of theta*")
-    p.add_argument("--fisher", default=None, help="Fisher .safetensors of that model (needed if ewc_lambda > 0)")
+    p.add_argument(
+        "--fisher", default=None, help="Fisher .safetensors of that model (needed if ewc_lambda > 0)"
+    )
     p.add_argument("--out", required=True, help="output model directory")
-    p = add("sample", "write samples as .npz (images uint8 N x H x W x C, labels int64)", cmd_sample, config=False)
+    p = add(
+        "sample", "write samples as .npz (images uint8 N x H x W x C, labels int64)", cmd_sample, config=False
+    )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 0,3")
     p.add_argument("--num-per-label", type=int, default=100, help="images per label")
@@ -206,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.config_and_overrides = list(args.config_and_overrides) + extra
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     start = time.perf_counter()
     try:
         code = int(args.fn(args))

@@ -32,7 +32,10 @@ class DataConfig:
     root: str | None = None  # directory of IDX files; None = the packaged copy
 
     def __post_init__(self) -> None:
-        _check(self.dataset in ("mnist", "fashion-mnist"), f"data.dataset must be mnist or fashion-mnist, got {self.dataset!r}")
+        _check(
+            self.dataset in ("mnist", "fashion-mnist"),
+            f"data.dataset must be mnist or fashion-mnist, got {self.dataset!r}",
+        )
 
 
 @dataclass
@@ -45,7 +48,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.family == "cvae", f"model.family {self.family!r} is not supported yet; use 'cvae'")
-        _check(len(self.hidden_dims) > 0 and all(h >= 1 for h in self.hidden_dims), "model.hidden_dims must be positive widths")
+        _check(
+            len(self.hidden_dims) > 0 and all(h >= 1 for h in self.hidden_dims),
+            "model.hidden_dims must be positive widths",
+        )
         _check(self.latent_dim >= 1, "model.latent_dim must be >= 1")
 
 
@@ -76,7 +82,9 @@ class FisherConfig:
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "fisher.num_samples must be >= 1")
         _check(self.chunk_size >= 1, "fisher.chunk_size must be >= 1")
-        _check(self.estimator in ("batched", "vmap", "loop"), "fisher.estimator must be batched, vmap or loop")
+        _check(
+            self.estimator in ("batched", "vmap", "loop"), "fisher.estimator must be batched, vmap or loop"
+        )
 
 
 @dataclass
@@ -115,11 +123,14 @@ class ClassifierConfig:
     step_size: int = 5
     gamma: float = 0.1
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    cache_dir: str = "runs/cache"
+    cache_dir: str = "assets/classifiers"  # trained once by the project and committed; see docs
     max_train_images: int | None = None  # a subset, for tiny test configs only
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1 and self.batch_size >= 1 and self.step_size >= 1, "classifier epochs/batch/step must be >= 1")
+        _check(
+            self.epochs >= 1 and self.batch_size >= 1 and self.step_size >= 1,
+            "classifier epochs/batch/step must be >= 1",
+        )
         _check(self.lr > 0 and 0 < self.gamma <= 1, "classifier.lr must be > 0 and gamma in (0, 1]")
         _check(len(self.seeds) >= 1, "classifier.seeds needs at least one seed")
 
@@ -135,7 +146,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_forget_samples >= 1 and self.num_per_class >= 2, "evaluate sample counts too small")
-        _check(self.nearest_k >= 1 and self.grid_per_class >= 1, "evaluate.nearest_k and grid_per_class must be >= 1")
+        _check(
+            self.nearest_k >= 1 and self.grid_per_class >= 1,
+            "evaluate.nearest_k and grid_per_class must be >= 1",
+        )
 
 
 @dataclass
@@ -154,7 +168,10 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.forget.forget_label < 10, f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}")
+        _check(
+            0 <= self.forget.forget_label < 10,
+            f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -196,8 +196,12 @@ def estimate_fisher(
     if estimator == "batched" and not supports_batched(model):
         log.info("model has non-linear parameterised layers: the batched estimator falls back to vmap")
         estimator = "vmap"
-    fn = {"batched": _squared_grads_batched, "vmap": _squared_grads_vmap, "loop": _squared_grads_loop}[estimator]
-    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if p.requires_grad}
+    fn = {"batched": _squared_grads_batched, "vmap": _squared_grads_vmap, "loop": _squared_grads_loop}[
+        estimator
+    ]
+    acc = {
+        n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if p.requires_grad
+    }
     start = time.perf_counter()
     done = 0
     with tqdm(total=num_samples, desc=f"fisher ({estimator})", disable=not progress, unit="sample") as bar:

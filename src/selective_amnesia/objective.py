@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ class EWCPenalty(nn.Module):
             self.register_buffer(f"theta_star_{i}", theta_star[n].detach().clone())
 
     def forward(self, params: Mapping[str, Tensor]) -> Tensor:
-        total = torch.zeros((), device=self.fisher_0.device)
+        total = torch.zeros((), device=next(iter(params.values())).device)
         for i, n in enumerate(self.names):
             f, star = getattr(self, f"fisher_{i}"), getattr(self, f"theta_star_{i}")
             total = total + (f * (params[n] - star).pow(2)).sum()
@@ -62,7 +63,7 @@ class LossTerms:
 
 
 def selective_amnesia_loss(
-    model: nn.Module,
+    model: Any,
     *,
     forget_x: Tensor,
     forget_c: Tensor,
@@ -77,7 +78,7 @@ def selective_amnesia_loss(
 ) -> LossTerms:
     """Eq. 4 (``objective="surrogate"``; ``forget_x`` ~ q(x|c_f)) or Eq. 3 (``"naive"``; ``forget_x``
     ~ p(x|theta*, c_f)). Terms with weight 0 are not computed."""
-    nelbo = model.nelbo  # type: ignore[operator]
+    nelbo = model.nelbo
     forget_term = reduce_nelbo(nelbo(forget_x, forget_c, generator=generator), reduction)  # (4a)
     if objective == "naive":
         forget_term = -forget_term  # Eq. 3: minimise the likelihood (bound) of the concept itself
@@ -88,7 +89,9 @@ def selective_amnesia_loss(
     if replay_weight > 0:
         if replay_x is None or replay_c is None:
             raise ValueError("replay_weight > 0 needs replay samples")
-        replay_term = replay_weight * reduce_nelbo(nelbo(replay_x, replay_c, generator=generator), reduction)  # (4b)
+        replay_term = replay_weight * reduce_nelbo(
+            nelbo(replay_x, replay_c, generator=generator), reduction
+        )  # (4b)
     ewc_term = zero
     if ewc_lambda > 0:
         if ewc is None:

@@ -56,10 +56,17 @@ def stage_base(cfg: RunConfig, out: Path) -> tuple[Any, dict[str, Any]]:
         log.info("reusing base model in %s", out / "base")
         return load_model(out / "base"), {"source": str(out / "base"), "reused": True, "seconds": 0.0}
     model = build_model(cfg.model.family, hidden_dims=cfg.model.hidden_dims, latent_dim=cfg.model.latent_dim)
-    history = pretrain(model, load_dataset(cfg.data.dataset, "train", cfg.data.root), cfg.pretrain,
-                       seed=cfg.seed, progress=cfg.progress)
-    model.save_pretrained(out / "base", extra={"settings_hash": key, "run_config": to_dict(cfg),
-                                               "pretrain_history": history.to_dict()})
+    history = pretrain(
+        model,
+        load_dataset(cfg.data.dataset, "train", cfg.data.root),
+        cfg.pretrain,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    model.save_pretrained(
+        out / "base",
+        extra={"settings_hash": key, "run_config": to_dict(cfg), "pretrain_history": history.to_dict()},
+    )
     return model, {"source": str(out / "base"), "seconds": history.seconds}
 
 
@@ -70,15 +77,23 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
     path = out / "fisher.safetensors"
     if path.is_file():
         cached = Fisher.load(path, model)
-        same = (cached.metadata.get("model_hash") == state_hash(model.state_dict())
-                and cached.metadata.get("num_samples") == cfg.fisher.num_samples
-                and cached.metadata.get("seed") == cfg.seed)
+        same = (
+            cached.metadata.get("model_hash") == state_hash(model.state_dict())
+            and cached.metadata.get("num_samples") == cfg.fisher.num_samples
+            and cached.metadata.get("seed") == cfg.seed
+        )
         if same:
             log.info("reusing Fisher %s", path)
             return cached
-    fisher = estimate_fisher(model, num_samples=cfg.fisher.num_samples, labels=model_labels(model),
-                             chunk_size=cfg.fisher.chunk_size, estimator=cfg.fisher.estimator,
-                             seed=cfg.seed, progress=cfg.progress)
+    fisher = estimate_fisher(
+        model,
+        num_samples=cfg.fisher.num_samples,
+        labels=model_labels(model),
+        chunk_size=cfg.fisher.chunk_size,
+        estimator=cfg.fisher.estimator,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     fisher.save(path)
     return fisher
 
@@ -86,21 +101,40 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
 def stage_forget(cfg: RunConfig, base: Any, fisher: Fisher | None, out: Path) -> tuple[Any, dict[str, Any]]:
     """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``out/forget``."""
     model = copy.deepcopy(base)  # theta* itself stays untouched: it is the replay source and the baseline
-    history = forget(model, fisher if cfg.forget.ewc_lambda > 0 else None, cfg.forget,
-                     labels=model_labels(model), seed=cfg.seed, progress=cfg.progress)
-    model.save_pretrained(out / "forget", extra={"run_config": to_dict(cfg), "history": history.to_dict(),
-                                                 "forget_label": cfg.forget.forget_label})
+    history = forget(
+        model,
+        fisher if cfg.forget.ewc_lambda > 0 else None,
+        cfg.forget,
+        labels=model_labels(model),
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    model.save_pretrained(
+        out / "forget",
+        extra={
+            "run_config": to_dict(cfg),
+            "history": history.to_dict(),
+            "forget_label": cfg.forget.forget_label,
+        },
+    )
     return model, history.to_dict()
 
 
 def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[str, Any]]]:
     c = cfg.classifier
-    recipe = ClassifierRecipe(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, step_size=c.step_size,
-                              gamma=c.gamma, max_train_images=c.max_train_images)
+    recipe = ClassifierRecipe(
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        step_size=c.step_size,
+        gamma=c.gamma,
+        max_train_images=c.max_train_images,
+    )
     models, infos = [], []
     for seed in c.seeds:
-        m, info = load_or_train_classifier(recipe, Path(c.cache_dir), seed, cfg.data.dataset, cfg.data.root,
-                                           progress=cfg.progress)
+        m, info = load_or_train_classifier(
+            recipe, Path(c.cache_dir), seed, cfg.data.dataset, cfg.data.root, progress=cfg.progress
+        )
         models.append(m)
         infos.append(info)
     return models, infos
@@ -123,7 +157,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     classifiers, classifier_info = load_classifiers(cfg)
     timings["classifier_training_s (one-time, excluded from total)"] = sum(
-        i["train_seconds"] for i in classifier_info if not i["cached"])
+        i["train_seconds"] for i in classifier_info if not i["cached"]
+    )
     excluded = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -131,7 +166,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     timings["pretrain_s"] = time.perf_counter() - t
     labels = model_labels(base)
     if cfg.forget.forget_label not in labels:
-        raise AmnesiaError(f"forget.forget_label {cfg.forget.forget_label} is not a class of the model {labels}")
+        raise AmnesiaError(
+            f"forget.forget_label {cfg.forget.forget_label} is not a class of the model {labels}"
+        )
 
     t = time.perf_counter()
     fisher = stage_fisher(cfg, base, out) if cfg.forget.ewc_lambda > 0 else None
@@ -145,9 +182,18 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
     metrics = {}
     for name, model in (("base", base), ("forget", forgotten)):
-        metrics[name] = assess_model(model, classifiers, test, forget_label=cfg.forget.forget_label,
-                                     labels=labels, cfg=cfg.evaluate, seed=cfg.seed + 1)
-        save_sample_grid(model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2, out / f"samples_{name}.png")
+        metrics[name] = assess_model(
+            model,
+            classifiers,
+            test,
+            forget_label=cfg.forget.forget_label,
+            labels=labels,
+            cfg=cfg.evaluate,
+            seed=cfg.seed + 1,
+        )
+        save_sample_grid(
+            model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2, out / f"samples_{name}.png"
+        )
     plot_losses(history["terms"], history["steps"], out / "losses.png")
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0 - excluded
@@ -166,7 +212,13 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
     }
     write_json(out / "report.json", report)
-    write_html_report(out, report, {"Samples before (base model), one row per class": "samples_base.png",
-                                    "Samples after forgetting, one row per class": "samples_forget.png",
-                                    "Loss terms over forgetting steps": "losses.png"})
+    write_html_report(
+        out,
+        report,
+        {
+            "Samples before (base model), one row per class": "samples_base.png",
+            "Samples after forgetting, one row per class": "samples_forget.png",
+            "Loss terms over forgetting steps": "losses.png",
+        },
+    )
     return report

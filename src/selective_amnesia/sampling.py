@@ -24,7 +24,9 @@ def check_labels(labels: list[int], num_classes: int) -> None:
 
 
 @torch.no_grad()
-def sample_per_label(model: object, labels: list[int], num_per_label: int, seed: int) -> tuple[Tensor, Tensor]:
+def sample_per_label(
+    model: object, labels: list[int], num_per_label: int, seed: int
+) -> tuple[Tensor, Tensor]:
     """``num_per_label`` images of each label (model's float range) and their int64 labels."""
     if num_per_label < 1:
         raise AmnesiaError(f"num_per_label must be >= 1, got {num_per_label}")

@@ -32,4 +32,4 @@ class ModelSamples:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         cond = torch.full((n,), self.label, dtype=torch.int64)
-        return self.model.sample(cond, generator=generator)  # type: ignore[attr-defined,no-any-return]
+        return self.model.sample(cond, generator=generator)  # type: ignore[attr-defined]

@@ -43,7 +43,8 @@ class History:
 def _check_finite(value: torch.Tensor, step: int, what: str) -> None:
     if not math.isfinite(float(value.detach())):
         raise AmnesiaError(
-            f"{what} diverged (loss {float(value.detach())}) at step {step}: lower the learning rate or check the inputs"
+            f"{what} diverged (loss {float(value.detach())}) at step {step}: "
+            "lower the learning rate or check the inputs"
         )
 
 
@@ -101,7 +102,9 @@ def forget(
     ewc = None
     if cfg.ewc_lambda > 0:
         if fisher is None:
-            raise AmnesiaError("forget.ewc_lambda > 0 needs a Fisher: run `amnesia fisher` or set ewc_lambda=0")
+            raise AmnesiaError(
+                "forget.ewc_lambda > 0 needs a Fisher: run `amnesia fisher` or set ewc_lambda=0"
+            )
         fisher.check_matches(model)
         theta_star = {n: p.detach().clone() for n, p in model.named_parameters()}
         ewc = EWCPenalty(fisher.values, theta_star)
@@ -115,7 +118,9 @@ def forget(
     bar = tqdm(range(1, cfg.steps + 1), desc="forget", disable=not progress)
     for step in bar:
         forget_x = surrogate.sample(cfg.batch_size, generator)
-        replay_x, replay_c = replay.sample(cfg.batch_size, generator) if cfg.replay_weight > 0 else (None, None)
+        replay_x, replay_c = (
+            replay.sample(cfg.batch_size, generator) if cfg.replay_weight > 0 else (None, None)
+        )
         terms = selective_amnesia_loss(
             model,
             forget_x=forget_x,
@@ -136,7 +141,8 @@ def forget(
             values = terms.as_floats()
             if not all(math.isfinite(v) for v in values.values()):
                 raise AmnesiaError(
-                    f"forgetting diverged at step {step} ({values}): lower forget.lr or raise forget.ewc_lambda"
+                    f"forgetting diverged at step {step} ({values}): "
+                    "lower forget.lr or raise forget.ewc_lambda"
                 )
             history.add(step, values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})

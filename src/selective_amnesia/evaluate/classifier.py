@@ -105,6 +105,16 @@ class MNISTClassifier(nn.Module):
         out = self._batched(x, batch_size, lambda b: torch.softmax(self(b).double(), dim=1))
         return out.reshape(-1, NUM_CLASSES).double()
 
+    def predict_proba_and_features(self, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+        """``(predict_proba(x), extract_features(x))`` from one forward pass: evaluation needs both."""
+
+        def both(b: Tensor) -> Tensor:
+            h = self.features(b)
+            return torch.cat([torch.softmax(self.fc2(h).double(), dim=1), h.double()], dim=1)
+
+        out = self._batched(x, batch_size, both).reshape(-1, NUM_CLASSES + FEATURE_DIM).double()
+        return out[:, :NUM_CLASSES].contiguous(), out[:, NUM_CLASSES:].contiguous()
+
     def extract_features(self, x: Tensor, batch_size: int = 1000) -> Tensor:
         """Penultimate features (B, 128) in float64 for many images, in eval mode without gradients."""
         out = self._batched(x, batch_size, lambda b: self.features(b).double())

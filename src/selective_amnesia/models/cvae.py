@@ -71,7 +71,9 @@ class ConditionalVAE(nn.Module):
     def check_labels(self, cond: Tensor) -> None:
         """Raise ``ValueError`` for labels outside [0, num_classes)."""
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.config.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.config.num_classes}), got {cond.unique().tolist()}")
+            raise ValueError(
+                f"labels must lie in [0, {self.config.num_classes}), got {cond.unique().tolist()}"
+            )
 
     def decode_logits(self, z: Tensor, cond: Tensor) -> Tensor:
         return self.decoder(torch.cat([z, self._onehot(cond)], dim=1))
@@ -104,8 +106,11 @@ class ConditionalVAE(nn.Module):
         """Decoder means for z ~ N(0, I): images in [0, 1], shape (B, C, H, W)."""
         self.check_labels(cond)
         z = torch.randn(
-            cond.shape[0], self.config.latent_dim, generator=generator,
-            device=self.to_mu.weight.device, dtype=self.to_mu.weight.dtype,
+            cond.shape[0],
+            self.config.latent_dim,
+            generator=generator,
+            device=self.to_mu.weight.device,
+            dtype=self.to_mu.weight.dtype,
         )
         return torch.sigmoid(self.decode_logits(z, cond.to(self.to_mu.weight.device))).reshape(
             -1, *self.image_shape
