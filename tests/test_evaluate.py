@@ -183,7 +183,7 @@ def test_classifier_shapes_and_probabilities() -> None:
     model = MNISTClassifier()
     x = torch.rand(3, 1, 28, 28)
     assert model(x).shape == (3, 10)
-    assert model.features(x).shape == (3, 128)
+    assert model.features(x).shape == (3, 50)
     assert (model.features(x) >= 0).all()  # post-ReLU
     probs = model.predict_proba(x, batch_size=2)
     assert probs.dtype == torch.float64 and probs.shape == (3, 10)
@@ -192,7 +192,7 @@ def test_classifier_shapes_and_probabilities() -> None:
     x8 = (x * 255).round().to(torch.uint8)
     assert torch.allclose(model.predict_proba(x8), model.predict_proba(x8.float() / 255))
     assert model.training  # predict_proba restores the mode it found
-    assert model.extract_features(x).shape == (3, 128)
+    assert model.extract_features(x).shape == (3, 50)
     p2, f2 = model.predict_proba_and_features(x, batch_size=2)
     model.eval()
     assert torch.allclose(p2, probs) and torch.allclose(f2, model.features(x).double())

@@ -49,3 +49,18 @@ def test_forget_label_must_be_a_model_class(tiny_cvae: torch.nn.Module) -> None:
         )
     with pytest.raises(AmnesiaError, match="needs a Fisher"):
         forget(tiny_cvae, None, ForgetConfig(), labels=LABELS, seed=0, progress=False)
+
+
+def test_one_seed_makes_forgetting_reproducible(tiny_cvae: torch.nn.Module) -> None:
+    import copy
+
+    from selective_amnesia.fisher import estimate_fisher
+
+    fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
+    cfg = ForgetConfig(steps=5, batch_size=8, log_every=1)
+    a, b = copy.deepcopy(tiny_cvae), copy.deepcopy(tiny_cvae)
+    ha = forget(a, fisher, cfg, labels=LABELS, seed=3, progress=False)
+    hb = forget(b, fisher, cfg, labels=LABELS, seed=3, progress=False)
+    assert ha.terms == hb.terms
+    for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), n

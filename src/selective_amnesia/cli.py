@@ -78,9 +78,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.pretrain.model_path:
         raise AmnesiaError("pretrain.model_path is set: there is nothing to pretrain")
-    out = Path(args.out)
-    stage_base(cfg, out.parent if out.name == "base" else out)
-    print(f"base model written to {out / 'base' if out.name != 'base' else out}")
+    _, info = stage_base(cfg, Path(args.out))
+    print(f"base model written to {args.out} ({info['seconds']:.1f}s)")
     return 0
 
 
@@ -214,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "run the whole pipeline: base model, classifier, Fisher, forgetting, evaluation", cmd_run)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p = add("pretrain", "train the base model theta* into OUT/base", cmd_pretrain)
-    p.add_argument("--out", required=True, help="run directory (the model goes to OUT/base)")
+    p = add("pretrain", "train the base model theta* (model.* and pretrain.* settings)", cmd_pretrain)
+    p.add_argument("--out", required=True, help="output model directory")
     p = add("fisher", "estimate the diagonal Fisher of a model", cmd_fisher)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .safetensors file")

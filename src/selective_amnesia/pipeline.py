@@ -19,7 +19,7 @@ import torch
 from selective_amnesia.config import RunConfig, to_dict
 from selective_amnesia.data import load_dataset
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.evaluate.assess import assess_model
+from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.fisher import Fisher, estimate_fisher
@@ -47,27 +47,20 @@ def _reusable(path: Path, key: str) -> bool:
     return isinstance(meta, dict) and meta.get("settings_hash") == key
 
 
-def stage_base(cfg: RunConfig, out: Path) -> tuple[Any, dict[str, Any]]:
-    """theta*: the model named by ``pretrain.model_path``, or one trained here into ``out/base``."""
+def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``."""
     if cfg.pretrain.model_path:
         return load_model(cfg.pretrain.model_path), {"source": cfg.pretrain.model_path, "seconds": 0.0}
     key = settings_hash(cfg.seed, to_dict(cfg.data), to_dict(cfg.model), to_dict(cfg.pretrain))
-    if _reusable(out / "base", key):
-        log.info("reusing base model in %s", out / "base")
-        return load_model(out / "base"), {"source": str(out / "base"), "reused": True, "seconds": 0.0}
+    if _reusable(model_dir, key):
+        log.info("reusing base model in %s", model_dir)
+        return load_model(model_dir), {"source": str(model_dir), "reused": True, "seconds": 0.0}
     model = build_model(cfg.model.family, hidden_dims=cfg.model.hidden_dims, latent_dim=cfg.model.latent_dim)
-    history = pretrain(
-        model,
-        load_dataset(cfg.data.dataset, "train", cfg.data.root),
-        cfg.pretrain,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
-    model.save_pretrained(
-        out / "base",
-        extra={"settings_hash": key, "run_config": to_dict(cfg), "pretrain_history": history.to_dict()},
-    )
-    return model, {"source": str(out / "base"), "seconds": history.seconds}
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.root)
+    history = pretrain(model, train, cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
+    extra = {"settings_hash": key, "run_config": to_dict(cfg), "pretrain_history": history.to_dict()}
+    model.save_pretrained(model_dir, extra=extra)
+    return model, {"source": str(model_dir), "seconds": history.seconds}
 
 
 def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
@@ -162,7 +155,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     excluded = time.perf_counter() - t
 
     t = time.perf_counter()
-    base, base_info = stage_base(cfg, out)
+    base, base_info = stage_base(cfg, out / "base")
     timings["pretrain_s"] = time.perf_counter() - t
     labels = model_labels(base)
     if cfg.forget.forget_label not in labels:
@@ -181,6 +174,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
     metrics = {}
+    remembered = [c for c in labels if c != cfg.forget.forget_label]
+    real_feats = real_features(classifiers[0], test, remembered)
     for name, model in (("base", base), ("forget", forgotten)):
         metrics[name] = assess_model(
             model,
@@ -190,6 +185,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             labels=labels,
             cfg=cfg.evaluate,
             seed=cfg.seed + 1,
+            real_feats=real_feats,
         )
         save_sample_grid(
             model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2, out / f"samples_{name}.png"
