@@ -36,8 +36,11 @@ def test_paper_config_has_the_paper_settings() -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config(None, ["forget.ewc_lambda=50", "seed=3", "classifier.seeds=[4,5]", "data.root=null"])
+    cfg = load_config(
+        None, ["forget.lr=1e-3", "forget.ewc_lambda=50", "seed=3", "classifier.seeds=[4,5]", "data.root=null"]
+    )
     assert cfg.forget.ewc_lambda == 50.0 and isinstance(cfg.forget.ewc_lambda, float)
+    assert cfg.forget.lr == 1e-3
     assert cfg.seed == 3 and cfg.classifier.seeds == [4, 5] and cfg.data.root is None
 
 
@@ -45,6 +48,7 @@ def test_overrides_are_typed_and_nested() -> None:
     "override, message",
     [
         (["forget.ewc_lambda=-1"], "ewc_lambda must be >= 0"),
+        (["forget.lr=fast"], "forget.lr: expected a number"),
         (["forget.replay_weight=-0.5"], "replay_weight must be >= 0"),
         (["forget.steps=0"], "steps"),
         (["forget.lamda=3"], "unknown config key forget.lamda"),
