@@ -79,7 +79,10 @@ class Fisher:
         for name, p in params.items():
             v = self.values[name]
             if v.shape != p.shape:
-                raise AmnesiaError(f"{source}: {name} has shape {tuple(v.shape)}, model has {tuple(p.shape)}")
+                raise AmnesiaError(
+                    f"{source} does not match the model ({name} has shape {tuple(v.shape)}, the model "
+                    f"{tuple(p.shape)}): estimate it again with `amnesia fisher` on this model"
+                )
             if not torch.isfinite(v).all() or (v < 0).any():
                 raise AmnesiaError(f"{source}: {name} has NaN, inf or negative values; re-estimate it")
 
