@@ -25,6 +25,7 @@ def test_run_writes_models_report_and_pictures(tiny_run: Path) -> None:
         "samples_base.png",
         "samples_forget.png",
         "losses.png",
+        "before_after.png",
         "config.json",
     ):
         assert (tiny_run / name).is_file(), name

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from selective_amnesia.config import RunConfig, to_dict
@@ -133,10 +134,15 @@ def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[s
     return models, infos
 
 
-def save_sample_grid(model: Any, labels: list[int], per_class: int, seed: int, path: Path) -> None:
+def sample_grid(model: Any, labels: list[int], per_class: int, seed: int) -> np.ndarray:
     """Rows = classes, columns = samples: the report's before/after picture."""
     x, _ = sample_per_label(model, labels, per_class, seed)
-    save_png(image_grid(model.to_uint8(x), nrow=per_class), path)
+    return image_grid(model.to_uint8(x), nrow=per_class)
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 12) -> np.ndarray:
+    spacer = np.full((left.shape[0], gap, left.shape[2]), 255, dtype=left.dtype)
+    return np.concatenate([left, spacer, right], axis=1)
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
@@ -173,7 +179,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
 
     t = time.perf_counter()
     test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
-    metrics = {}
+    metrics: dict[str, Any] = {}
+    grids: dict[str, np.ndarray] = {}
     remembered = [c for c in labels if c != cfg.forget.forget_label]
     real_feats = real_features(classifiers[0], test, remembered)
     for name, model in (("base", base), ("forget", forgotten)):
@@ -187,9 +194,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             seed=cfg.seed + 1,
             real_feats=real_feats,
         )
-        save_sample_grid(
-            model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2, out / f"samples_{name}.png"
-        )
+        grids[name] = sample_grid(model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2)
+        save_png(grids[name], out / f"samples_{name}.png")
+    save_png(side_by_side(grids["base"], grids["forget"]), out / "before_after.png")
     plot_losses(history["terms"], history["steps"], out / "losses.png")
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0 - excluded
