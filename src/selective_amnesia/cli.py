@@ -84,21 +84,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
-    from selective_amnesia.fisher import estimate_fisher
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import model_labels
+    from selective_amnesia.pipeline import fisher_from_config
 
     cfg = _config(args)
-    model = load_model(args.model)
-    f = estimate_fisher(
-        model,
-        num_samples=cfg.fisher.num_samples,
-        labels=model_labels(model),
-        chunk_size=cfg.fisher.chunk_size,
-        estimator=cfg.fisher.estimator,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    f = fisher_from_config(cfg, load_model(args.model))
     f.save(args.out)
     print(f"Fisher from {cfg.fisher.num_samples} samples written to {args.out} ({f.metadata['seconds']}s)")
     return 0

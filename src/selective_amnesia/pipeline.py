@@ -79,7 +79,14 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
         if same:
             log.info("reusing Fisher %s", path)
             return cached
-    fisher = estimate_fisher(
+    fisher = fisher_from_config(cfg, model)
+    fisher.save(path)
+    return fisher
+
+
+def fisher_from_config(cfg: RunConfig, model: Any) -> Fisher:
+    """Estimate the Fisher of ``model`` over all its classes with the ``fisher.*`` settings."""
+    return estimate_fisher(
         model,
         num_samples=cfg.fisher.num_samples,
         labels=model_labels(model),
@@ -88,8 +95,6 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
         seed=cfg.seed,
         progress=cfg.progress,
     )
-    fisher.save(path)
-    return fisher
 
 
 def stage_forget(cfg: RunConfig, base: Any, fisher: Fisher | None, out: Path) -> tuple[Any, dict[str, Any]]:
