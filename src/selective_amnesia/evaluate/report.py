@@ -106,7 +106,8 @@ _REMEMBER_ROWS = [
     ("precision", "precision"),
     ("recall", "recall"),
 ]
-_KNOWN_KEYS = {k for k, _ in _FORGET_ROWS + _REMEMBER_ROWS} | {"entropy_std", "classifier_seeds"}
+_KNOWN_KEYS = {k for k, _ in _FORGET_ROWS + _REMEMBER_ROWS} | {"classifier_seeds", "n"}
+_KNOWN_KEYS |= {f"{k}_std" for k in _KNOWN_KEYS}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -144,8 +145,9 @@ def _metric_cell(metrics: Any, key: str) -> str:
     if not isinstance(metrics, Mapping) or key not in metrics:
         return MISSING
     cell = _fmt(metrics[key])
-    if key == "entropy" and isinstance(metrics.get("entropy_std"), (int, float)) and cell != MISSING:
-        cell += f" &plusmn; {_fmt(metrics['entropy_std'])}"
+    std = metrics.get(f"{key}_std")
+    if isinstance(std, (int, float)) and cell != MISSING:  # spread over classifier seeds
+        cell += f" &plusmn; {_fmt(std)}"
     return cell
 
 
@@ -224,8 +226,8 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
         f"<h2>Forgotten class (c<sub>f</sub> = {_fmt(forget_label)})</h2>",
         _metric_table(_FORGET_ROWS, base, forget),
         '<p class="note">With a uniform q(x | c<sub>f</sub>) the ideal after forgetting is P = 1/10 '
-        "and entropy = ln 10 &asymp; 2.303 nats (paper, section 4). Entropy is the mean over "
-        "classifier seeds &plusmn; its standard deviation.</p>",
+        "and entropy = ln 10 &asymp; 2.303 nats (paper, section 4). Values are means over "
+        "classifier seeds &plusmn; their standard deviation.</p>",
         "<h2>Remembered classes</h2>",
         _metric_table(_REMEMBER_ROWS, base, forget),
         '<p class="note">FID and precision/recall compare generated samples of the remembered classes with '
