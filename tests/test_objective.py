@@ -81,7 +81,7 @@ def test_each_term_decreases_when_it_alone_is_minimised(tiny_cvae: torch.nn.Modu
         opt.zero_grad()
         getattr(t, term).backward()
         opt.step()
-        values.append(float(getattr(t, term)))
+        values.append(float(getattr(t, term).detach()))
     assert values[-1] < 0.97 * values[0]
 
 

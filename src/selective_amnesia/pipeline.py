@@ -154,9 +154,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     classifiers, classifier_info = load_classifiers(cfg)
     # one-time cost (cached afterwards), kept out of total_s
-    timings["classifier_training_s"] = sum(
-        i["train_seconds"] for i in classifier_info if not i["cached"]
-    )
+    timings["classifier_training_s"] = sum(i["train_seconds"] for i in classifier_info if not i["cached"])
     excluded = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -10,8 +10,12 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import load_tensors, read_json
 from selective_amnesia.models.base import ConditionalGenerativeModel
 from selective_amnesia.models.cvae import ConditionalVAE, CVAEConfig
+from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
 
-_FAMILIES: dict[str, tuple[type, type]] = {"cvae": (ConditionalVAE, CVAEConfig)}
+_FAMILIES: dict[str, tuple[type, type]] = {
+    "cvae": (ConditionalVAE, CVAEConfig),
+    "ddpm": (ConditionalDDPM, DDPMConfig),
+}
 
 
 def build_model(family: str, **kwargs: Any) -> Any:
@@ -40,6 +44,10 @@ def load_model(path: str | Path) -> Any:
     family = meta["family"]
     if family not in _FAMILIES:
         raise AmnesiaError(f"{path}: unknown model family {family!r}")
+    model_cls = _FAMILIES[family][0]
+    if hasattr(model_cls, "from_pretrained"):  # families with their own directory layout (ddpm: unet/)
+        model: Any = model_cls.from_pretrained(path)
+        return model
     config_cls = _FAMILIES[family][1]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     model = build_model(family, **{k: v for k, v in meta.items() if k in fields})
@@ -53,4 +61,12 @@ def load_model(path: str | Path) -> Any:
     return model
 
 
-__all__ = ["ConditionalGenerativeModel", "ConditionalVAE", "CVAEConfig", "build_model", "load_model"]
+__all__ = [
+    "ConditionalDDPM",
+    "ConditionalGenerativeModel",
+    "ConditionalVAE",
+    "CVAEConfig",
+    "DDPMConfig",
+    "build_model",
+    "load_model",
+]
