@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from selective_amnesia.errors import AmnesiaError
@@ -97,11 +98,16 @@ def _sample_batch(
     return x, cond, model.draw_noise(x, generator)
 
 
-def _squared_grads_loop(model: nn.Module, x: Tensor, cond: Tensor, noise: Tensor) -> dict[str, Tensor]:
+def _rows(noise: Any, index: slice | int) -> Any:
+    """Index the batch dimension of a noise tensor or of every tensor in a tuple of them (pytree)."""
+    return tree_map(lambda t: t[index], noise)
+
+
+def _squared_grads_loop(model: nn.Module, x: Tensor, cond: Tensor, noise: Any) -> dict[str, Tensor]:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     for i in range(x.shape[0]):
-        loss = model.nelbo(x[i : i + 1], cond[i : i + 1], noise=noise[i : i + 1]).sum()  # type: ignore[operator]
+        loss = model.nelbo(x[i : i + 1], cond[i : i + 1], noise=_rows(noise, slice(i, i + 1))).sum()  # type: ignore[operator]
         grads = torch.autograd.grad(loss, list(params.values()))
         for (n, _), g in zip(params.items(), grads, strict=True):
             acc[n] += g.double().pow(2)
@@ -115,17 +121,17 @@ class _Nelbo(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, noise: Any) -> Tensor:
         return self.model.nelbo(x, cond, noise=noise)  # type: ignore[operator]
 
 
-def _squared_grads_vmap(model: nn.Module, x: Tensor, cond: Tensor, noise: Tensor) -> dict[str, Tensor]:
+def _squared_grads_vmap(model: nn.Module, x: Tensor, cond: Tensor, noise: Any) -> dict[str, Tensor]:
     wrapper = _Nelbo(model)
     params = {n: p.detach() for n, p in wrapper.named_parameters() if p.requires_grad}
     buffers = dict(wrapper.named_buffers())
 
-    def one(p: dict[str, Tensor], xi: Tensor, ci: Tensor, ni: Tensor) -> Tensor:
-        return functional_call(wrapper, (p, buffers), (xi[None], ci[None], ni[None])).sum()
+    def one(p: dict[str, Tensor], xi: Tensor, ci: Tensor, ni: Any) -> Tensor:
+        return functional_call(wrapper, (p, buffers), (xi[None], ci[None], _rows(ni, None))).sum()
 
     grads = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, x, cond, noise)
     return {n.removeprefix("model."): g.double().pow(2).sum(0) for n, g in grads.items()}
@@ -213,7 +219,7 @@ def estimate_fisher(
             x, cond, noise = _sample_batch(model, label_t, block, generator)
             for lo in range(0, block, chunk_size):
                 sl = slice(lo, lo + chunk_size)
-                for name, sq in fn(model, x[sl], cond[sl], noise[sl]).items():
+                for name, sq in fn(model, x[sl], cond[sl], _rows(noise, sl)).items():
                     acc[name] += sq
             done += block
             bar.update(block)
