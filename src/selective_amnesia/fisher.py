@@ -98,8 +98,8 @@ def _sample_batch(
     return x, cond, model.draw_noise(x, generator)
 
 
-def _rows(noise: Any, index: slice | int) -> Any:
-    """Index the batch dimension of a noise tensor or of every tensor in a tuple of them (pytree)."""
+def _rows(noise: Any, index: slice | int | None) -> Any:
+    """Index the batch dimension of a noise tensor or of every tensor in a tuple (None adds one)."""
     return tree_map(lambda t: t[index], noise)
 
 
