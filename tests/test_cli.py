@@ -42,49 +42,31 @@ def test_run_writes_models_report_and_pictures(tiny_run: Path) -> None:
     assert saved["run_config"]["forget"]["forget_label"] == 0  # the resolved config travels with the model
 
 
+def _sample(model: Path, labels: str, out: Path) -> int:
+    args = [
+        "--model",
+        str(model),
+        "--labels",
+        labels,
+        "--num-per-label",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+    ]
+    return main(["sample", *args])
+
+
 def test_sample_writes_the_interchange_format(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.npz"
-    assert (
-        main(
-            [
-                "sample",
-                "--model",
-                str(tiny_run / "forget"),
-                "--labels",
-                "0,3",
-                "--num-per-label",
-                "5",
-                "--seed",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _sample(tiny_run / "forget", "0,3", out) == 0
     with np.load(out) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape == (10, 28, 28, 1)
         assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0] * 5 + [3] * 5
         first = z["images"].copy()
     # per-label seeding: label 3's images do not depend on what else was sampled
-    assert (
-        main(
-            [
-                "sample",
-                "--model",
-                str(tiny_run / "forget"),
-                "--labels",
-                "3",
-                "--num-per-label",
-                "5",
-                "--seed",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _sample(tiny_run / "forget", "3", out) == 0
     with np.load(out) as z:
         np.testing.assert_array_equal(z["images"], first[5:])
 
