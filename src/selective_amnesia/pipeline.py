@@ -56,6 +56,7 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     if _reusable(model_dir, key):
         log.info("reusing base model in %s", model_dir)
         return load_model(model_dir), {"source": str(model_dir), "reused": True, "seconds": 0.0}
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
     model = build_model(cfg.model.family, hidden_dims=cfg.model.hidden_dims, latent_dim=cfg.model.latent_dim)
     train = load_dataset(cfg.data.dataset, "train", cfg.data.root)
     history = pretrain(model, train, cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
