@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selective_amnesia.data.locate import find_dataset_dir
 from selective_amnesia.data.mnist import ImageDataset
 from selective_amnesia.data.safe_pickle import (
     NUMPY_ARRAY_GLOBALS,
@@ -51,16 +52,15 @@ _EXPECTED = (
 
 def find_cifar10_dir(root: str | Path) -> Path:
     """The directory holding the batch files: ``root/cifar-10-batches-py`` or ``root`` itself."""
-    root = Path(root).expanduser()
-    nested = root / CIFAR10_DIRNAME
-    if nested.is_dir():
-        return nested
-    if any((root / name).is_file() for names in CIFAR10_BATCHES.values() for name in names):
-        return root
-    hint = "" if root.is_dir() else " (no such directory)"
-    if (root / "cifar-10-python.tar.gz").is_file():
-        hint = f" (it has cifar-10-python.tar.gz: run `tar xzf cifar-10-python.tar.gz -C {root}`)"
-    raise AmnesiaError(f"CIFAR-10 not found in {root}{hint}: {_EXPECTED}")
+    markers = [name for names in CIFAR10_BATCHES.values() for name in names]
+    return find_dataset_dir(
+        root,
+        name="CIFAR-10",
+        subdir=CIFAR10_DIRNAME,
+        markers=markers,
+        archive="cifar-10-python.tar.gz",
+        expected=_EXPECTED,
+    )
 
 
 def _key(key: Any) -> Any:

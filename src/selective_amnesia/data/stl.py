@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selective_amnesia.data.locate import find_dataset_dir
 from selective_amnesia.data.mnist import ImageDataset
 from selective_amnesia.errors import AmnesiaError
 
@@ -41,25 +42,28 @@ _EXPECTED = (
 
 def find_stl10_dir(root: str | Path) -> Path:
     """The directory holding the .bin files: ``root/stl10_binary`` or ``root`` itself."""
-    root = Path(root).expanduser()
-    nested = root / STL10_DIRNAME
-    if nested.is_dir():
-        return nested
-    if any((root / f"{split}_{part}.bin").is_file() for split in ("train", "test") for part in "Xy"):
-        return root
-    hint = "" if root.is_dir() else " (no such directory)"
-    if (root / "stl10_binary.tar.gz").is_file():
-        hint = f" (it has stl10_binary.tar.gz: run `tar xzf stl10_binary.tar.gz -C {root}`)"
-    raise AmnesiaError(f"STL-10 not found in {root}{hint}: {_EXPECTED}")
+    markers = [f"{split}_{part}.bin" for split in ("train", "test") for part in "Xy"]
+    return find_dataset_dir(
+        root,
+        name="STL-10",
+        subdir=STL10_DIRNAME,
+        markers=markers,
+        archive="stl10_binary.tar.gz",
+        expected=_EXPECTED,
+    )
+
+
+def _read_bytes(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise AmnesiaError(f"cannot read STL-10 {what} {path}: {e.strerror or e}") from e
 
 
 def read_stl10_images(path: str | Path) -> np.ndarray:
     """An ``*_X.bin`` file as uint8 images (N, 3, 96, 96) in row-major (C, H, W) order."""
     path = Path(path)
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise AmnesiaError(f"cannot read STL-10 images {path}: {e.strerror or e}") from e
+    raw = _read_bytes(path, "images")
     if raw.size == 0 or raw.size % _IMAGE_BYTES:
         raise AmnesiaError(
             f"{path} is truncated or not STL-10: {raw.size} bytes is not a whole number of "
@@ -73,10 +77,7 @@ def read_stl10_images(path: str | Path) -> np.ndarray:
 def read_stl10_labels(path: str | Path) -> np.ndarray:
     """A ``*_y.bin`` file (uint8 labels 1..10) as int64 labels 0..9."""
     path = Path(path)
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise AmnesiaError(f"cannot read STL-10 labels {path}: {e.strerror or e}") from e
+    raw = _read_bytes(path, "labels")
     if raw.size and (raw.min() < 1 or raw.max() > len(STL10_CLASSES)):
         raise AmnesiaError(
             f"{path}: STL-10 labels must be 1..10, found {int(raw.min())}..{int(raw.max())} "
