@@ -140,27 +140,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from selective_amnesia.data import load_dataset
-    from selective_amnesia.evaluate.assess import assess_model
     from selective_amnesia.io import environment, write_json
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import load_classifiers, model_labels
+    from selective_amnesia.pipeline import checked_labels, evaluate_with_config, load_classifiers
 
     cfg = _config(args)
     model = load_model(args.model)
-    labels = model_labels(model)
-    if cfg.forget.forget_label not in labels:
-        raise AmnesiaError(f"forget.forget_label {cfg.forget.forget_label} is not a class of the model")
+    checked_labels(cfg, model)  # fail before training or loading classifiers
     classifiers, infos = load_classifiers(cfg)
     test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
-    metrics = assess_model(
-        model,
-        classifiers,
-        test,
-        forget_label=cfg.forget.forget_label,
-        labels=labels,
-        cfg=cfg.evaluate,
-        seed=cfg.seed + 1,
-    )
+    metrics = evaluate_with_config(cfg, model, classifiers, test)
     result = {
         "model": str(args.model),
         "metrics": metrics,

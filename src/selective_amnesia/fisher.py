@@ -20,6 +20,7 @@ the result does not depend on the estimator or the chunk size.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,8 +59,6 @@ class Fisher:
         meta: dict[str, Any] = {}
         for k, v in raw.items():
             try:
-                import json
-
                 meta[k] = json.loads(v)
             except ValueError:
                 meta[k] = v

@@ -40,6 +40,36 @@ def model_labels(model: Any) -> list[int]:
     return list(range(model.config.num_classes))
 
 
+def checked_labels(cfg: RunConfig, model: Any) -> list[int]:
+    """The model's classes, after checking that ``forget.forget_label`` is one of them."""
+    labels = model_labels(model)
+    if cfg.forget.forget_label not in labels:
+        raise AmnesiaError(
+            f"forget.forget_label {cfg.forget.forget_label} is not a class of the model {labels}"
+        )
+    return labels
+
+
+def evaluate_with_config(
+    cfg: RunConfig,
+    model: Any,
+    classifiers: list[MNISTClassifier],
+    test: Any,
+    real_feats: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """``assess_model`` with the ``forget``/``evaluate`` settings and the run's evaluation seed."""
+    return assess_model(
+        model,
+        classifiers,
+        test,
+        forget_label=cfg.forget.forget_label,
+        labels=checked_labels(cfg, model),
+        cfg=cfg.evaluate,
+        seed=cfg.seed + 1,
+        real_feats=real_feats,
+    )
+
+
 def _reusable(path: Path, key: str) -> bool:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -161,11 +191,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     base, base_info = stage_base(cfg, out / "base")
     timings["pretrain_s"] = time.perf_counter() - t
-    labels = model_labels(base)
-    if cfg.forget.forget_label not in labels:
-        raise AmnesiaError(
-            f"forget.forget_label {cfg.forget.forget_label} is not a class of the model {labels}"
-        )
+    labels = checked_labels(cfg, base)  # before the Fisher, which would be wasted otherwise
 
     t = time.perf_counter()
     fisher = stage_fisher(cfg, base, out) if cfg.forget.ewc_lambda > 0 else None
@@ -182,16 +208,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     remembered = [c for c in labels if c != cfg.forget.forget_label]
     real_feats = real_features(classifiers[0], test, remembered)
     for name, model in (("base", base), ("forget", forgotten)):
-        metrics[name] = assess_model(
-            model,
-            classifiers,
-            test,
-            forget_label=cfg.forget.forget_label,
-            labels=labels,
-            cfg=cfg.evaluate,
-            seed=cfg.seed + 1,
-            real_feats=real_feats,
-        )
+        metrics[name] = evaluate_with_config(cfg, model, classifiers, test, real_feats)
         grids[name] = sample_grid(model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2)
         save_png(grids[name], out / f"samples_{name}.png")
     save_png(side_by_side(grids["base"], grids["forget"]), out / "before_after.png")
