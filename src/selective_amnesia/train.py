@@ -40,12 +40,10 @@ class History:
         return {"steps": self.steps, "terms": self.terms, "seconds": self.seconds}
 
 
-def _check_finite(value: torch.Tensor, step: int, what: str) -> None:
-    if not math.isfinite(float(value.detach())):
-        raise AmnesiaError(
-            f"{what} diverged (loss {float(value.detach())}) at step {step}: "
-            "lower the learning rate or check the inputs"
-        )
+def _check_finite(values: dict[str, float], step: int, what: str, fix: str) -> None:
+    """Stop with a one-line error when a logged loss is NaN or infinite."""
+    if not all(math.isfinite(v) for v in values.values()):
+        raise AmnesiaError(f"{what} diverged at step {step} ({values}): {fix}")
 
 
 def pretrain(
@@ -66,8 +64,9 @@ def pretrain(
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == cfg.steps:
-            _check_finite(loss, step, "pretraining")
-            history.add(step, {"nelbo": float(loss.detach()) / cfg.batch_size})
+            values = {"nelbo": float(loss.detach()) / cfg.batch_size}
+            _check_finite(values, step, "pretraining", "lower pretrain.lr or check the data")
+            history.add(step, values)
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
@@ -139,11 +138,7 @@ def forget(
         opt.step()
         if step % cfg.log_every == 0 or step == cfg.steps:
             values = terms.as_floats()
-            if not all(math.isfinite(v) for v in values.values()):
-                raise AmnesiaError(
-                    f"forgetting diverged at step {step} ({values}): "
-                    "lower forget.lr or raise forget.ewc_lambda"
-                )
+            _check_finite(values, step, "forgetting", "lower forget.lr or raise forget.ewc_lambda")
             history.add(step, values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
     model.eval()
