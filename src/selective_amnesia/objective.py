@@ -75,11 +75,16 @@ def selective_amnesia_loss(
     reduction: str,
     objective: str = "surrogate",
     generator: torch.Generator | None = None,
+    forget_noise: Any = None,
+    replay_noise: Any = None,
 ) -> LossTerms:
     """Eq. 4 (``objective="surrogate"``; ``forget_x`` ~ q(x|c_f)) or Eq. 3 (``"naive"``; ``forget_x``
-    ~ p(x|theta*, c_f)). Terms with weight 0 are not computed."""
+    ~ p(x|theta*, c_f)). Terms with weight 0 are not computed. ``*_noise`` fix each term's NELBO noise
+    (the DDPM shares timesteps between the terms); otherwise it is drawn from ``generator``."""
     nelbo = model.nelbo
-    forget_term = reduce_nelbo(nelbo(forget_x, forget_c, generator=generator), reduction)  # (4a)
+    forget_term = reduce_nelbo(
+        nelbo(forget_x, forget_c, generator=generator, noise=forget_noise), reduction
+    )  # (4a)
     if objective == "naive":
         forget_term = -forget_term  # Eq. 3: minimise the likelihood (bound) of the concept itself
     elif objective != "surrogate":
@@ -90,7 +95,7 @@ def selective_amnesia_loss(
         if replay_x is None or replay_c is None:
             raise ValueError("replay_weight > 0 needs replay samples")
         replay_term = replay_weight * reduce_nelbo(
-            nelbo(replay_x, replay_c, generator=generator), reduction
+            nelbo(replay_x, replay_c, generator=generator, noise=replay_noise), reduction
         )  # (4b)
     ewc_term = zero
     if ewc_lambda > 0:

@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from selective_amnesia.config import RunConfig, to_dict
-from selective_amnesia.data import load_dataset
+from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.fisher import Fisher, estimate_fisher
+from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.io import environment, read_json, state_hash, write_json
-from selective_amnesia.models import build_model, load_model
-from selective_amnesia.sampling import sample_per_label
+from selective_amnesia.models import build_model_from_config, load_model
+from selective_amnesia.sampling import cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ def evaluate_with_config(
     classifiers: list[MNISTClassifier],
     test: Any,
     real_feats: torch.Tensor | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``assess_model`` with the ``forget``/``evaluate`` settings and the run's evaluation seed."""
+    """``assess_model`` with the ``forget``/``evaluate`` settings and the run's evaluation seed;
+    ``cache_dir`` keeps the samples so an interrupted evaluation resumes."""
     return assess_model(
         model,
         classifiers,
@@ -67,6 +70,8 @@ def evaluate_with_config(
         cfg=cfg.evaluate,
         seed=cfg.seed + 1,
         real_feats=real_feats,
+        cache_dir=cache_dir,
+        progress=cfg.progress,
     )
 
 
@@ -78,21 +83,62 @@ def _reusable(path: Path, key: str) -> bool:
     return isinstance(meta, dict) and meta.get("settings_hash") == key
 
 
+def load_model_data(cfg: RunConfig, split: str, model: Any) -> ImageDataset:
+    """The dataset at the model's resolution (``data.image_size``), checked against the model's shape."""
+    data = load_dataset(cfg.data.dataset, split, cfg.data.root, cfg.data.image_size)
+    shape = tuple(getattr(model, "image_shape", data.images.shape[1:]))
+    if tuple(data.images.shape[1:]) != shape:
+        raise AmnesiaError(
+            f"{cfg.data.dataset} images are {tuple(data.images.shape[1:])} after data.image_size="
+            f"{cfg.data.image_size} but the model takes {shape}: make them agree"
+        )
+    return data
+
+
+def _pretrain_settings(cfg: RunConfig) -> dict[str, Any]:
+    settings = to_dict(cfg.pretrain)
+    settings.pop("checkpoint_every")  # changes nothing in the result
+    return settings
+
+
 def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``."""
+    """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``.
+
+    Training resumes from ``model_dir/checkpoint`` when one with the same settings exists.
+    """
     if cfg.pretrain.model_path:
         return load_model(cfg.pretrain.model_path), {"source": cfg.pretrain.model_path, "seconds": 0.0}
-    key = settings_hash(cfg.seed, to_dict(cfg.data), to_dict(cfg.model), to_dict(cfg.pretrain))
+    key = settings_hash(cfg.seed, to_dict(cfg.data), to_dict(cfg.model), _pretrain_settings(cfg))
     if _reusable(model_dir, key):
         log.info("reusing base model in %s", model_dir)
-        return load_model(model_dir), {"source": str(model_dir), "reused": True, "seconds": 0.0}
+        seconds = read_json(model_dir / "config.json").get("pretrain_history", {}).get("seconds", 0.0)
+        return load_model(model_dir), {"source": str(model_dir), "reused": True, "seconds": seconds}
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
-    model = build_model(cfg.model.family, hidden_dims=cfg.model.hidden_dims, latent_dim=cfg.model.latent_dim)
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.root)
-    history = pretrain(model, train, cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
+    model = build_model_from_config(cfg.model)
+    train = load_model_data(cfg, "train", model)
+    history = pretrain(
+        model,
+        train,
+        cfg.pretrain,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        checkpoint_dir=model_dir / "checkpoint",
+        key=key,
+    )
     extra = {"settings_hash": key, "run_config": to_dict(cfg), "pretrain_history": history.to_dict()}
     model.save_pretrained(model_dir, extra=extra)
     return model, {"source": str(model_dir), "seconds": history.seconds}
+
+
+def _fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+    """What a stored Fisher must have been made with to be reused."""
+    f = cfg.fisher
+    settings = {"model_hash": state_hash(model.state_dict()), "num_samples": f.num_samples, "seed": cfg.seed}
+    if model.family == "ddpm":
+        settings["estimator"] = f.estimator
+        if f.estimator == "subsampled":
+            settings["timesteps_per_sample"] = f.timesteps_per_sample
+    return settings
 
 
 def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
@@ -102,12 +148,8 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
     path = out / "fisher.safetensors"
     if path.is_file():
         cached = Fisher.load(path, model)
-        same = (
-            cached.metadata.get("model_hash") == state_hash(model.state_dict())
-            and cached.metadata.get("num_samples") == cfg.fisher.num_samples
-            and cached.metadata.get("seed") == cfg.seed
-        )
-        if same:
+        wanted = _fisher_settings(cfg, model)
+        if all(cached.metadata.get(k) == v for k, v in wanted.items()):
             log.info("reusing Fisher %s", path)
             return cached
     fisher = fisher_from_config(cfg, model)
@@ -117,19 +159,92 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
 
 def fisher_from_config(cfg: RunConfig, model: Any) -> Fisher:
     """Estimate the Fisher of ``model`` over all its classes with the ``fisher.*`` settings."""
+    f = cfg.fisher
+    if model.family == "ddpm":
+        return estimate_diffusion_fisher(
+            model,
+            num_samples=f.num_samples,
+            labels=model_labels(model),
+            estimator=f.estimator,
+            timesteps_per_sample=f.timesteps_per_sample,
+            timestep_chunk=f.timestep_chunk,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
     return estimate_fisher(
         model,
-        num_samples=cfg.fisher.num_samples,
+        num_samples=f.num_samples,
         labels=model_labels(model),
-        chunk_size=cfg.fisher.chunk_size,
-        estimator=cfg.fisher.estimator,
+        chunk_size=f.chunk_size,
+        estimator=f.estimator,
         seed=cfg.seed,
         progress=cfg.progress,
     )
 
 
-def stage_forget(cfg: RunConfig, base: Any, fisher: Fisher | None, out: Path) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``out/forget``."""
+def stage_replay(cfg: RunConfig, base: Any, out: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stored replay set (``forget.replay=stored``): replay_per_class samples of each remembered
+    class from theta*, generated once into ``out/replay`` (one file per class, so it resumes)."""
+    if cfg.forget.replay != "stored" or cfg.forget.replay_weight == 0:
+        return None
+    remembered = [c for c in model_labels(base) if c != cfg.forget.forget_label]
+    images, labels = cached_samples(
+        base, remembered, cfg.forget.replay_per_class, cfg.seed + 3, out / "replay", progress=cfg.progress
+    )
+    return base.from_uint8(images), labels
+
+
+def surrogate_images(cfg: RunConfig, base: Any, out: Path) -> torch.Tensor | None:
+    """q(x|c_f)'s images for ``forget.surrogate`` "class" (theta*'s samples) or "folder"; else None."""
+    f = cfg.forget
+    if f.objective != "surrogate" or f.surrogate == "uniform":
+        return None
+    if f.surrogate == "class":
+        assert f.surrogate_label is not None  # checked by ForgetConfig
+        if f.surrogate_label not in model_labels(base):
+            raise AmnesiaError(f"forget.surrogate_label {f.surrogate_label} is not a class of the model")
+        images, _ = cached_samples(
+            base,
+            [f.surrogate_label],
+            f.replay_per_class,
+            cfg.seed + 4,
+            out / "surrogate",
+            progress=cfg.progress,
+        )
+        return base.from_uint8(images)
+    assert f.surrogate_path is not None
+    channels, size, _ = base.image_shape
+    folder = load_image_folder(f.surrogate_path, image_size=size, channels=channels)
+    return base.from_uint8(folder.images)
+
+
+def stage_forget(
+    cfg: RunConfig,
+    base: Any,
+    fisher: Fisher | None,
+    out: Path,
+    replay_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``out/forget``.
+
+    A finished ``out/forget`` made from the same settings is reused; an interrupted one resumes from
+    ``out/forget/checkpoint``.
+    """
+    target = out / "forget"
+    settings = to_dict(cfg.forget)
+    settings.pop("checkpoint_every")
+    settings.pop("log_every")
+    key = settings_hash(
+        cfg.seed,
+        settings,
+        state_hash(base.state_dict()),
+        fisher.metadata if fisher is not None else None,
+        state_hash({"x": replay_set[0], "c": replay_set[1]}) if replay_set is not None else None,
+    )
+    if _reusable(target, key):
+        log.info("reusing forgotten model in %s", target)
+        meta = read_json(target / "config.json")
+        return load_model(target), meta["history"]
     model = copy.deepcopy(base)  # theta* itself stays untouched: it is the replay source and the baseline
     history = forget(
         model,
@@ -138,10 +253,15 @@ def stage_forget(cfg: RunConfig, base: Any, fisher: Fisher | None, out: Path) ->
         labels=model_labels(model),
         seed=cfg.seed,
         progress=cfg.progress,
+        replay_set=replay_set,
+        surrogate_images=surrogate_images(cfg, base, out),
+        checkpoint_dir=target / "checkpoint",
+        key=key,
     )
     model.save_pretrained(
-        out / "forget",
+        target,
         extra={
+            "settings_hash": key,
             "run_config": to_dict(cfg),
             "history": history.to_dict(),
             "forget_label": cfg.forget.forget_label,
@@ -190,7 +310,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
 
     t = time.perf_counter()
     base, base_info = stage_base(cfg, out / "base")
-    timings["pretrain_s"] = time.perf_counter() - t
+    timings["pretrain_s"] = base_info["seconds"] if base_info.get("reused") else time.perf_counter() - t
     labels = checked_labels(cfg, base)  # before the Fisher, which would be wasted otherwise
 
     t = time.perf_counter()
@@ -198,23 +318,32 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     timings["fisher_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    forgotten, history = stage_forget(cfg, base, fisher, out)
+    replay_set = stage_replay(cfg, base, out)
+    timings["replay_generation_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    forgotten, history = stage_forget(cfg, base, fisher, out, replay_set)
     timings["forget_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
+    test = load_model_data(cfg, "test", base)
     metrics: dict[str, Any] = {}
     grids: dict[str, np.ndarray] = {}
     remembered = [c for c in labels if c != cfg.forget.forget_label]
     real_feats = real_features(classifiers[0], test, remembered)
     for name, model in (("base", base), ("forget", forgotten)):
-        metrics[name] = evaluate_with_config(cfg, model, classifiers, test, real_feats)
+        metrics[name] = evaluate_with_config(
+            cfg, model, classifiers, test, real_feats, out / "samples" / name
+        )
         grids[name] = sample_grid(model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2)
         save_png(grids[name], out / f"samples_{name}.png")
     save_png(side_by_side(grids["base"], grids["forget"]), out / "before_after.png")
     plot_losses(history["terms"], history["steps"], out / "losses.png")
     timings["evaluate_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0 - excluded
+    # the stages' own times: a base model trained by an earlier, interrupted call counts with its
+    # recorded training time, so total_s is the cost of the whole pipeline however it was run
+    timings["total_s"] = sum(v for k, v in timings.items() if k != "classifier_training_s")
+    timings["wall_s"] = time.perf_counter() - t0 - excluded
 
     report = {
         "title": f"Selective Amnesia: {cfg.name}, forgetting class {cfg.forget.forget_label}",

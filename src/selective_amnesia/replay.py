@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,10 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
+
+
+class Replay(Protocol):
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]: ...
 
 
 class GenerativeReplay:
@@ -28,3 +33,16 @@ class GenerativeReplay:
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cond = self.labels[torch.randint(len(self.labels), (n,), generator=generator)]
         return self.model.sample(cond, generator=generator), cond  # type: ignore[operator]
+
+
+class StoredReplay:
+    """Random mini-batches from a replay set generated once from theta* (the paper's DDPM: 500/class)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
+            raise ValueError("the replay set needs at least one image and one label per image")
+        self.images, self.labels = images, labels
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(self.images.shape[0], (n,), generator=generator)
+        return self.images[idx], self.labels[idx]

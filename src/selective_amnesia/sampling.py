@@ -1,18 +1,42 @@
-"""Sampling sets of images that depend only on (seed, label, count), never on batch size."""
+"""Sampling sets of images that depend only on (seed, label, count), never on batch size.
+
+Models that take one generator per image (``per_image_seeds``: the DDPM) get a generator seeded from
+(seed, label, index) for every image; the others draw each label's images from one generator in fixed
+blocks. ``cached_samples`` stores each label's set on disk, so a long evaluation or replay generation
+resumes where it stopped.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import load_tensors, save_tensors, state_hash
 
-BLOCK = 256  # images drawn per generator call; fixed so that a set does not depend on batching
+log = logging.getLogger(__name__)
+
+BLOCK = 256  # images drawn per model call; fixed so that a set does not depend on batching
 
 
 def label_generator(seed: int, label: int) -> torch.Generator:
     """The generator of one label's images: the set for a label is the same whatever else is sampled."""
     return torch.Generator().manual_seed(seed * 1_000_003 + label)
+
+
+def image_generators(seed: int, label: int, start: int, count: int) -> list[torch.Generator]:
+    """One generator per image, seeded from (seed, label, index): image i is the same in any batch."""
+    states = [
+        np.random.SeedSequence([seed, label, i]).generate_state(1, np.uint64)[0]
+        for i in range(start, start + count)
+    ]
+    return [torch.Generator().manual_seed(int(s)) for s in states]
 
 
 def check_labels(labels: list[int], num_classes: int) -> None:
@@ -25,18 +49,79 @@ def check_labels(labels: list[int], num_classes: int) -> None:
 
 @torch.no_grad()
 def sample_per_label(
-    model: object, labels: list[int], num_per_label: int, seed: int
+    model: Any,
+    labels: list[int],
+    num_per_label: int,
+    seed: int,
+    *,
+    batch_size: int = BLOCK,
+    progress: bool = False,
+    **sample_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """``num_per_label`` images of each label (model's float range) and their int64 labels."""
+    """``num_per_label`` images of each label (model's float range) and their int64 labels.
+
+    ``sample_kwargs`` go to ``model.sample`` (the DDPM's ``guidance_scale``, ``num_inference_steps``).
+    """
     if num_per_label < 1:
         raise AmnesiaError(f"num_per_label must be >= 1, got {num_per_label}")
-    check_labels(labels, model.config.num_classes)  # type: ignore[attr-defined]
+    if batch_size < 1:
+        raise AmnesiaError(f"batch size must be >= 1, got {batch_size}")
+    check_labels(labels, model.config.num_classes)
+    per_image = getattr(model, "per_image_seeds", False)
+    if not per_image:
+        batch_size = BLOCK  # one generator per label: the blocks must stay fixed
+    images, out_labels = [], []
+    bar = tqdm(total=num_per_label * len(labels), desc="sampling", unit="img", disable=not progress)
+    for label in labels:
+        gen = None if per_image else label_generator(seed, label)
+        for lo in range(0, num_per_label, batch_size):
+            n = min(batch_size, num_per_label - lo)
+            cond = torch.full((n,), label, dtype=torch.int64)
+            g: Any = image_generators(seed, label, lo, n) if per_image else gen
+            images.append(model.sample(cond, generator=g, **sample_kwargs).cpu())
+            out_labels.append(cond)
+            bar.update(n)
+    bar.close()
+    return torch.cat(images), torch.cat(out_labels)
+
+
+def cached_samples(
+    model: Any,
+    labels: list[int],
+    num_per_label: int,
+    seed: int,
+    cache_dir: Path | None,
+    *,
+    progress: bool = False,
+    **sample_kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """Like ``sample_per_label`` but as uint8, with each label's set kept in ``cache_dir`` (safetensors).
+
+    A stored set is reused only if it came from the same weights, seed, count and sampler settings.
+    """
+    key = {
+        "model_hash": state_hash(model.state_dict()),
+        "seed": seed,
+        "num": num_per_label,
+        "sample_kwargs": {k: v for k, v in sorted(sample_kwargs.items()) if v is not None},
+    }
     images, out_labels = [], []
     for label in labels:
-        gen = label_generator(seed, label)
-        for lo in range(0, num_per_label, BLOCK):
-            n = min(BLOCK, num_per_label - lo)
-            cond = torch.full((n,), label, dtype=torch.int64)
-            images.append(model.sample(cond, generator=gen))  # type: ignore[attr-defined]
-            out_labels.append(cond)
+        path = cache_dir / f"label_{label}.safetensors" if cache_dir is not None else None
+        x = None
+        if path is not None and path.is_file():
+            stored, meta = load_tensors(path)
+            if meta.get("key") == repr(key) and "images" in stored:
+                x = stored["images"]
+                log.info("reusing %d samples of label %d from %s", x.shape[0], label, path)
+        if x is None:
+            floats, _ = sample_per_label(
+                model, [label], num_per_label, seed, progress=progress, **sample_kwargs
+            )
+            x = model.to_uint8(floats)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_tensors(path, {"images": x.contiguous()}, {"key": repr(key), "label": str(label)})
+        images.append(x)
+        out_labels.append(torch.full((x.shape[0],), label, dtype=torch.int64))
     return torch.cat(images), torch.cat(out_labels)

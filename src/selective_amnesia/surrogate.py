@@ -13,7 +13,7 @@ class Surrogate(Protocol):
 
 
 class UniformNoise:
-    """Per-pixel Uniform[low, high] noise, fresh every call (the paper's MNIST choice: U[0, 1])."""
+    """Per-pixel Uniform[low, high] noise, fresh every call (the paper's choice: the model's pixel range)."""
 
     def __init__(self, shape: tuple[int, ...], low: float = 0.0, high: float = 1.0) -> None:
         if not high > low:
@@ -33,3 +33,15 @@ class ModelSamples:
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         cond = torch.full((n,), self.label, dtype=torch.int64)
         return self.model.sample(cond, generator=generator)  # type: ignore[attr-defined]
+
+
+class StoredImages:
+    """Random mini-batches of given images: q(x|c_f) as another class's samples or a user's image folder."""
+
+    def __init__(self, images: Tensor) -> None:
+        if images.shape[0] == 0:
+            raise ValueError("the surrogate needs at least one image")
+        self.images = images
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.images[torch.randint(self.images.shape[0], (n,), generator=generator)]

@@ -9,12 +9,13 @@ images of those classes on the first classifier's penultimate features.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from selective_amnesia.config import EvaluateConfig
-from selective_amnesia.data import ImageDataset
+from selective_amnesia.data import ImageDataset, resize_images
 from selective_amnesia.evaluate.classifier import MNISTClassifier
 from selective_amnesia.evaluate.metrics import (
     accuracy,
@@ -23,7 +24,14 @@ from selective_amnesia.evaluate.metrics import (
     frechet_distance,
     precision_recall,
 )
-from selective_amnesia.sampling import sample_per_label
+from selective_amnesia.sampling import cached_samples
+
+CLASSIFIER_SIZE = 28  # the judge's input; smaller (CPU-scale) samples are upsampled to it, as are real ones
+
+
+def for_classifier(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images at the model's size -> float [0, 1] at the classifier's input size."""
+    return resize_images(images, CLASSIFIER_SIZE).float() / 255
 
 
 def assess_model(
@@ -36,16 +44,19 @@ def assess_model(
     cfg: EvaluateConfig,
     seed: int,
     real_feats: torch.Tensor | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """All metrics of ``model`` as a flat dict (the report's per-model metrics).
 
-    ``real_feats`` (from ``real_features``) saves recomputing the reference features per model.
+    ``real_feats`` (from ``real_features``) saves recomputing the reference features per model;
+    ``cache_dir`` keeps the samples (uint8, what a user would save) so an interrupted evaluation resumes.
     """
     start = time.perf_counter()
     remembered = [c for c in labels if c != forget_label]
-    x_f, _ = sample_per_label(model, [forget_label], cfg.num_forget_samples, seed)
-    x_r, y_r = sample_per_label(model, remembered, cfg.num_per_class, seed)
-    x_f, x_r = model.to_uint8(x_f).float() / 255, model.to_uint8(x_r).float() / 255  # what a user would save
+    u_f, _ = cached_samples(model, [forget_label], cfg.num_forget_samples, seed, cache_dir, progress=progress)
+    u_r, y_r = cached_samples(model, remembered, cfg.num_per_class, seed, cache_dir, progress=progress)
+    x_f, x_r = for_classifier(u_f), for_classifier(u_r)
     per_seed = []
     fake_feats = torch.empty(0)
     for i, clf in enumerate(classifiers):
@@ -63,11 +74,19 @@ def assess_model(
     out["num_remembered_samples"] = int(x_r.shape[0])
     out["num_real_images"] = int(real_feats.shape[0])
     out["feature_extractor"] = "penultimate 50-d features of the first classifier seed"
+    if cfg.inception_fid:
+        from selective_amnesia.evaluate.inception import inception_fid
+
+        keep = torch.isin(real_test.labels, torch.tensor(remembered))
+        incep = inception_fid(real_test.images[keep], u_r, weights=cfg.inception_weights, progress=progress)
+        out["inception_fid"] = incep["inception_fid"]
+        out["inception_feature_extractor"] = incep["feature_extractor"]
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
 
 def real_features(classifier: MNISTClassifier, real_test: ImageDataset, labels: list[int]) -> torch.Tensor:
-    """Features of the real test images of ``labels``: the reference set of FID and precision/recall."""
+    """Features of the real test images of ``labels`` (at the model's size, brought to the classifier's
+    like the samples): the reference set of FID and precision/recall."""
     keep = torch.isin(real_test.labels, torch.tensor(labels))
-    return classifier.extract_features(real_test.as_float()[keep])
+    return classifier.extract_features(for_classifier(real_test.images[keep]))

@@ -33,6 +33,13 @@ def build_model(family: str, **kwargs: Any) -> Any:
         raise AmnesiaError(f"bad {family} model settings: {e}") from None
 
 
+def build_model_from_config(model_cfg: Any) -> Any:
+    """A fresh model from a run config's ``model`` section (``ModelConfig``)."""
+    if model_cfg.family == "ddpm":
+        return build_model("ddpm", **dataclasses.asdict(model_cfg.ddpm))
+    return build_model(model_cfg.family, hidden_dims=model_cfg.hidden_dims, latent_dim=model_cfg.latent_dim)
+
+
 def load_model(path: str | Path) -> Any:
     """Load a model directory written by ``save_pretrained``; bad directories raise ``AmnesiaError``."""
     path = Path(path)
@@ -68,5 +75,6 @@ __all__ = [
     "CVAEConfig",
     "DDPMConfig",
     "build_model",
+    "build_model_from_config",
     "load_model",
 ]

@@ -25,6 +25,7 @@ class ConditionalGenerativeModel(Protocol):
     """
 
     family: str
+    data_range: tuple[float, float]  # the pixel range of x in nelbo/sample: (0, 1) VAE, (-1, 1) DDPM
 
     def nelbo(
         self, x: Tensor, cond: Cond, *, generator: torch.Generator | None = None, noise: Any = None
@@ -35,6 +36,8 @@ class ConditionalGenerativeModel(Protocol):
     def sample(self, cond: Cond, *, generator: torch.Generator | None = None) -> Tensor: ...
 
     def to_uint8(self, x: Tensor) -> Tensor: ...
+
+    def from_uint8(self, x: Tensor) -> Tensor: ...
 
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None: ...
 

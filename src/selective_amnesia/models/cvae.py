@@ -45,6 +45,7 @@ class ConditionalVAE(nn.Module):
     """Satisfies ``ConditionalGenerativeModel``; images are in [0, 1], shape (B, C, H, W)."""
 
     family = "cvae"
+    data_range = (0.0, 1.0)
 
     def __init__(self, config: CVAEConfig | None = None) -> None:
         super().__init__()
@@ -119,6 +120,11 @@ class ConditionalVAE(nn.Module):
     @staticmethod
     def to_uint8(x: Tensor) -> Tensor:
         return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    @staticmethod
+    def from_uint8(x: Tensor) -> Tensor:
+        """uint8 [0, 255] -> float [0, 1], the model's pixel range."""
+        return x.float() / 255.0
 
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``model.safetensors`` then ``config.json`` (the config marks the directory complete)."""

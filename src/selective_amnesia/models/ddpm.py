@@ -125,6 +125,8 @@ class ConditionalDDPM(nn.Module):
     """
 
     family = "ddpm"
+    data_range = (-1.0, 1.0)
+    per_image_seeds = True  # sample() accepts one generator per image: a set does not depend on batching
 
     def __init__(self, config: DDPMConfig | None = None) -> None:
         super().__init__()
@@ -231,6 +233,25 @@ class ConditionalDDPM(nn.Module):
         drop = torch.rand(b, generator=generator, device=x.device)
         return DDPMNoise(t, eps, drop)
 
+    def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n timesteps in antithetic pairs (t, T-1-t), as the reference training code draws them."""
+        half = torch.randint(0, self.config.num_train_timesteps, (n // 2 + 1,), generator=generator)
+        return torch.cat([half, self.config.num_train_timesteps - 1 - half])[:n]
+
+    def paired_noise(
+        self, forget_x: Tensor, replay_x: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[DDPMNoise, DDPMNoise | None]:
+        """Noise for the forget and replay terms of one step: both use the same antithetic timesteps
+        (the reference forgetting code), each its own eps; no label-dropout draw (off while forgetting)."""
+        n = forget_x.shape[0] if replay_x is None else max(forget_x.shape[0], replay_x.shape[0])
+        t = self.antithetic_timesteps(n, generator).to(forget_x.device)
+        eps_f = torch.randn(forget_x.shape, generator=generator, dtype=forget_x.dtype).to(forget_x.device)
+        noise_f = DDPMNoise(t[: forget_x.shape[0]], eps_f)
+        if replay_x is None:
+            return noise_f, None
+        eps_r = torch.randn(replay_x.shape, generator=generator, dtype=replay_x.dtype).to(replay_x.device)
+        return noise_f, DDPMNoise(t[: replay_x.shape[0]], eps_r)
+
     def _dropout_active(self) -> bool:
         return self.training and self.class_dropout and self.config.class_dropout_prob > 0
 
@@ -312,17 +333,21 @@ class ConditionalDDPM(nn.Module):
         self,
         cond: Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
+        progress: bool = False,
     ) -> Tensor:
         """Classifier-free-guided samples in [-1, 1], shape (B, C, H, W).
 
         eps = eps(x_t, t, null) + w (eps(x_t, t, c) - eps(x_t, t, null)), w = ``guidance_scale``
         (config default); the conditional and null passes share one UNet call. The initial noise (and the
-        DDPM sampler's noise) come from ``generator``, which may live on the CPU whatever the device.
+        DDPM sampler's noise) come from ``generator``, which may live on the CPU whatever the device; a
+        list gives one generator per image (diffusers' convention), so an image does not depend on which
+        batch it was drawn in.
         """
         from diffusers.utils.torch_utils import randn_tensor
+        from tqdm.auto import tqdm
 
         self.check_labels(cond)
         w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -338,17 +363,23 @@ class ConditionalDDPM(nn.Module):
         x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
         x = x * scheduler.init_noise_sigma
         labels = torch.cat([cond, torch.full_like(cond, self.null_class)])
-        for t in scheduler.timesteps:
+        for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
             out = self.unet(torch.cat([x, x]), t, class_labels=labels).sample
             eps_c, eps_null = out.chunk(2)
             eps = eps_null + w * (eps_c - eps_null)
-            x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
+            # a generator list works at run time (the step draws its noise through randn_tensor)
+            x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]  # type: ignore[arg-type]
         return x.clamp(-1, 1)
 
     @staticmethod
     def to_uint8(x: Tensor) -> Tensor:
         """[-1, 1] -> uint8 [0, 255]."""
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    @staticmethod
+    def from_uint8(x: Tensor) -> Tensor:
+        """uint8 [0, 255] -> float [-1, 1], the model's pixel range."""
+        return x.float() / 127.5 - 1.0
 
     # ---- model directory -------------------------------------------------------------------------
 

@@ -1,0 +1,213 @@
+"""Diagonal Fisher of a class-conditional DDPM at theta* (paper Section 2.2 / Appendix, diffusion case).
+
+    F_i = E_{c, x ~ p(x|theta*, c), eps_{0..T-1}} [ (d/d theta_i  sum_t ||eps(x_t, t, c) - eps_t||^2)^2 ]
+
+The gradient of the whole sum over all T timesteps is squared per sample. Two estimators:
+
+- ``all_timesteps``: the paper's estimator, exactly: one backward pass through all T timesteps (one
+  fresh eps_t each) per sample; T UNet image evaluations per sample, checkpointed in chunks of
+  ``timestep_chunk`` so memory stays bounded.
+- ``subsampled``: unbiased (up to one small term) at K/T of the cost. Write g_t for the gradient at
+  timestep t, with mean m_t and variance v_t over eps. The paper's quantity is
+  E[(sum_t g_t)^2] = (sum_t m_t)^2 + sum_t v_t. Per sample we draw two independent stratified sets A, B
+  of K/2 timesteps (one t per stratum of width c = T/(K/2), fresh eps each) and take
+  S1 = grad sum_{t in A} loss_t, S2 likewise for B. Since A and B are independent,
+  E[c^2 S1 S2] = (sum_t m_t)^2, and E[(c/2)(S1 - S2)^2] = c Var(S1) = sum_t v_t + c * (the spread of
+  m_t within each stratum, summed over strata), so F_n = c^2 S1 S2 + (c/2)(S1 - S2)^2 overestimates
+  only by that spread term. F_n can be negative for one sample; the mean over samples is clamped at 0.
+
+Strata are the continuous intervals [i c, (i + 1) c) and t = floor(i c + u c), u ~ U[0, 1): when c is
+not an integer a boundary timestep is shared between two strata in proportion to its overlap, so every
+t keeps total weight exactly 1 with the single factor c (integer strata of unequal width would not).
+
+Randomness: images first (classes and ``model.sample`` from ``torch.Generator().manual_seed(seed)``,
+in blocks of ``SAMPLE_BLOCK``), so both estimators see the same samples; then the gradient noise from a
+CPU generator seeded ``seed + 1``, per sample in order: ``all_timesteps`` draws eps of shape
+(T, 1, C, H, W); ``subsampled`` draws u_A (K/2, float64), eps_A (K/2, C, H, W), u_B, eps_B.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.fisher import Fisher
+from selective_amnesia.io import state_hash
+from selective_amnesia.models.ddpm import ConditionalDDPM
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_ESTIMATORS = ("all_timesteps", "subsampled")
+SAMPLE_BLOCK = 64
+
+
+def _check_args(
+    model: ConditionalDDPM,
+    num_samples: int,
+    labels: list[int],
+    estimator: str,
+    timesteps_per_sample: int,
+    timestep_chunk: int,
+) -> None:
+    if estimator not in DIFFUSION_ESTIMATORS:
+        raise AmnesiaError(
+            f"unknown diffusion Fisher estimator {estimator!r}: choose one of {DIFFUSION_ESTIMATORS}"
+        )
+    if num_samples < 1:
+        raise AmnesiaError(f"fisher.num_samples must be >= 1, got {num_samples}")
+    if timestep_chunk < 1:
+        raise AmnesiaError(f"fisher.timestep_chunk must be >= 1, got {timestep_chunk}")
+    if len(labels) == 0:
+        raise AmnesiaError("the Fisher needs at least one class to sample")
+    n_cls = model.config.num_classes
+    bad = sorted({int(c) for c in labels if not 0 <= int(c) < n_cls})
+    if bad:
+        raise AmnesiaError(f"Fisher labels {bad} are not classes of this model (0..{n_cls - 1})")
+    n_t = model.config.num_train_timesteps
+    k = timesteps_per_sample
+    if estimator == "subsampled" and (k < 2 or k % 2 or k > n_t):
+        raise AmnesiaError(
+            f"fisher.timesteps_per_sample must be even and in [2, {n_t}] (num_train_timesteps), got {k}: "
+            "it is split into two independent halves"
+        )
+
+
+def _draw_samples(
+    model: ConditionalDDPM, labels: Tensor, num_samples: int, seed: int, progress: bool
+) -> tuple[Tensor, Tensor]:
+    """num_samples images with classes uniform over ``labels``, drawn in fixed blocks (seed-determined)."""
+    generator = torch.Generator().manual_seed(seed)
+    xs, cs = [], []
+    with tqdm(total=num_samples, desc="fisher samples", disable=not progress, unit="sample") as bar:
+        for lo in range(0, num_samples, SAMPLE_BLOCK):
+            n = min(SAMPLE_BLOCK, num_samples - lo)
+            cond = labels[torch.randint(len(labels), (n,), generator=generator)]
+            xs.append(model.sample(cond, generator=generator))
+            cs.append(cond)
+            bar.update(n)
+    return torch.cat(xs), torch.cat(cs)
+
+
+def _grads(loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    # a parameter the loss does not reach (e.g. an unused layer) has gradient zero, not None
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _stratified_timesteps(half: int, n_t: int, generator: torch.Generator) -> Tensor:
+    """One t per stratum [i c, (i + 1) c), c = n_t / half, as floor(c (i + u)) with u ~ U[0, 1)."""
+    u = torch.rand(half, generator=generator, dtype=torch.float64)
+    t = torch.floor((torch.arange(half, dtype=torch.float64) + u) * (n_t / half)).long()
+    return t.clamp_(0, n_t - 1)  # float rounding at the top edge
+
+
+def _set_gradient(
+    model: ConditionalDDPM,
+    x: Tensor,
+    cond: Tensor,
+    ts: Tensor,
+    eps: Tensor,
+    params: list[nn.Parameter],
+    chunk: int,
+) -> list[Tensor]:
+    """Gradient of sum_k eps_loss(x, cond, ts[k], eps[k]) for one sample; rows batched in chunks."""
+    total: list[Tensor] | None = None
+    for lo in range(0, ts.shape[0], chunk):
+        t = ts[lo : lo + chunk].to(x.device)
+        k = t.shape[0]
+        rows = x.expand(k, *x.shape[1:])
+        loss = model.eps_loss(rows, cond.expand(k), t, eps[lo : lo + chunk].to(x.device, x.dtype)).sum()
+        g = _grads(loss, params)
+        total = g if total is None else [a + b for a, b in zip(total, g, strict=True)]
+    assert total is not None
+    return total
+
+
+def estimate_diffusion_fisher(
+    model: ConditionalDDPM,
+    *,
+    num_samples: int,
+    labels: list[int],
+    estimator: str = "all_timesteps",
+    timesteps_per_sample: int = 16,
+    timestep_chunk: int = 250,
+    seed: int = 0,
+    progress: bool = True,
+) -> Fisher:
+    """Diagonal Fisher of ``sum_t ||eps(x_t, t, c) - eps_t||^2`` from the model's own samples.
+
+    ``labels`` are the classes c ~ p(c) to sample (all classes in the paper). ``timesteps_per_sample``
+    (K) is used by ``subsampled`` only; ``timestep_chunk`` bounds how many timesteps of one sample go
+    through the UNet at once. Bad arguments raise ``AmnesiaError``.
+    """
+    _check_args(model, num_samples, labels, estimator, timesteps_per_sample, timestep_chunk)
+    label_t = torch.as_tensor(labels, dtype=torch.int64)
+    n_t = model.config.num_train_timesteps
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if not params:
+        raise AmnesiaError("the model has no trainable parameters: nothing to estimate a Fisher for")
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    device = params[0].device
+
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher is of the deterministic network at theta*
+    start = time.perf_counter()
+    try:
+        x_all, c_all = _draw_samples(model, label_t, num_samples, seed, progress)
+        c_all = c_all.to(device)
+        noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
+        half = timesteps_per_sample // 2
+        width = n_t / max(half, 1)  # c, the stratum width (subsampled only)
+        with tqdm(
+            total=num_samples, desc=f"fisher ({estimator})", disable=not progress, unit="sample"
+        ) as bar:
+            for i in range(num_samples):
+                x, c = x_all[i : i + 1], c_all[i : i + 1]
+                if estimator == "all_timesteps":
+                    eps = torch.randn((n_t, *x.shape), generator=noise_gen, dtype=x.dtype)
+                    loss = model.nelbo_all_timesteps(x, c, eps=eps.to(device), chunk=timestep_chunk).sum()
+                    for a, g in zip(acc, _grads(loss, params), strict=True):
+                        a += g.double().pow(2)
+                else:
+                    sets = []
+                    for _ in range(2):  # A then B, independent
+                        ts = _stratified_timesteps(half, n_t, noise_gen)
+                        eps = torch.randn((half, *x.shape[1:]), generator=noise_gen, dtype=x.dtype)
+                        sets.append(_set_gradient(model, x, c, ts, eps, params, timestep_chunk))
+                    for a, s1, s2 in zip(acc, *sets, strict=True):
+                        s1d, s2d = s1.double(), s2.double()
+                        a += width**2 * s1d * s2d + (width / 2) * (s1d - s2d).pow(2)
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+
+    values: dict[str, Tensor] = {}
+    negative = 0
+    for (name, _), a in zip(named, acc, strict=True):
+        mean = a / num_samples
+        negative += int((mean < 0).sum())  # only possible for subsampled
+        values[name] = mean.clamp_min(0).to(torch.float32)
+    meta = {
+        "num_samples": num_samples,
+        "seed": seed,
+        "estimator": estimator,
+        "labels": label_t.tolist(),
+        "model_hash": state_hash(model.state_dict()),
+        "seconds": round(seconds, 3),
+        "num_train_timesteps": n_t,
+        "timestep_chunk": timestep_chunk,
+        "unet_image_evaluations": num_samples
+        * (n_t if estimator == "all_timesteps" else timesteps_per_sample),
+    }
+    if estimator == "subsampled":
+        meta["timesteps_per_sample"] = timesteps_per_sample
+        meta["negative_entries_clamped"] = negative
+    log.info("diffusion Fisher from %d samples (%s) in %.1fs", num_samples, estimator, seconds)
+    return Fisher(values, meta)
