@@ -120,17 +120,35 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from selective_amnesia.config import resolve_device
     from selective_amnesia.io import atomic_path
     from selective_amnesia.models import load_model
     from selective_amnesia.sampling import sample_per_label
 
-    model = load_model(args.model)
-    labels = _parse_labels(args.labels)
-    x, y = sample_per_label(model, labels, args.num_per_label, args.seed)
-    images = model.to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()  # N x H x W x C
     out = Path(args.out)
     if out.suffix != ".npz":
         raise AmnesiaError(f"--out must end in .npz, got {out}")
+    model = load_model(args.model).to(resolve_device(args.device))
+    labels = _parse_labels(args.labels)
+    options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
+    sampler_options = {k: v for k, v in options.items() if v is not None}
+    if sampler_options and model.family != "ddpm":
+        raise AmnesiaError(f"--guidance-scale and --steps apply to diffusion models, not {model.family}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise AmnesiaError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    steps_max = getattr(model.config, "num_train_timesteps", None)
+    if args.steps is not None and not 1 <= args.steps <= (steps_max or args.steps):
+        raise AmnesiaError(f"--steps must lie in [1, {steps_max}], got {args.steps}")
+    x, y = sample_per_label(
+        model,
+        labels,
+        args.num_per_label,
+        args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        **sampler_options,
+    )
+    images = model.to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()  # N x H x W x C
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images, labels=y.numpy().astype(np.int64))
@@ -139,16 +157,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from selective_amnesia.data import load_dataset
     from selective_amnesia.io import environment, write_json
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import checked_labels, evaluate_with_config, load_classifiers
+    from selective_amnesia.pipeline import (
+        checked_labels,
+        evaluate_with_config,
+        load_classifiers,
+        load_model_data,
+    )
 
     cfg = _config(args)
     model = load_model(args.model)
     checked_labels(cfg, model)  # fail before training or loading classifiers
     classifiers, infos = load_classifiers(cfg)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.root)
+    test = load_model_data(cfg, "test", model)
     metrics = evaluate_with_config(cfg, model, classifiers, test)
     result = {
         "model": str(args.model),
@@ -209,8 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 0,3")
     p.add_argument("--num-per-label", type=int, default=100, help="images per label")
-    p.add_argument("--seed", type=int, default=0, help="seed; a label's images depend only on it")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed; each image depends only on (seed, label, index)"
+    )
     p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="diffusion: guidance w (default: the model's)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the model's)")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="images per model call (does not change the images)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p = add("evaluate", "evaluate a model's forgetting and retention metrics into a JSON file", cmd_evaluate)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .json file")

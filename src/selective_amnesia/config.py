@@ -217,6 +217,7 @@ class RunConfig:
     name: str = "mnist_cvae"
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available); random draws stay on CPU
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -230,12 +231,27 @@ class RunConfig:
             0 <= self.forget.forget_label < 10,
             f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
         )
+        _check(
+            self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
+            f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}",
+        )
         allowed = DIFFUSION_FISHER if self.model.family == "ddpm" else VAE_FISHER
         _check(
             self.fisher.estimator in allowed,
             f"fisher.estimator {self.fisher.estimator!r} does not apply to model.family "
             f"{self.model.family}: use one of {allowed}",
         )
+
+
+def resolve_device(name: str) -> str:
+    """``device`` setting -> a torch device string; a clear error when CUDA is asked for but absent."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AmnesiaError(f"device={name} but this torch build sees no CUDA GPU: use device=cpu")
+    return name
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

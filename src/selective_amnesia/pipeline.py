@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selective_amnesia.config import RunConfig, to_dict
+from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import assess_model, real_features
@@ -106,15 +106,21 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
 
     Training resumes from ``model_dir/checkpoint`` when one with the same settings exists.
     """
+    device = resolve_device(cfg.device)
     if cfg.pretrain.model_path:
-        return load_model(cfg.pretrain.model_path), {"source": cfg.pretrain.model_path, "seconds": 0.0}
+        model = load_model(cfg.pretrain.model_path).to(device)
+        return model, {"source": cfg.pretrain.model_path, "seconds": 0.0}
     key = settings_hash(cfg.seed, to_dict(cfg.data), to_dict(cfg.model), _pretrain_settings(cfg))
     if _reusable(model_dir, key):
         log.info("reusing base model in %s", model_dir)
         seconds = read_json(model_dir / "config.json").get("pretrain_history", {}).get("seconds", 0.0)
-        return load_model(model_dir), {"source": str(model_dir), "reused": True, "seconds": seconds}
+        return load_model(model_dir).to(device), {
+            "source": str(model_dir),
+            "reused": True,
+            "seconds": seconds,
+        }
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
-    model = build_model_from_config(cfg.model)
+    model = build_model_from_config(cfg.model).to(device)
     train = load_model_data(cfg, "train", model)
     history = pretrain(
         model,
@@ -244,7 +250,7 @@ def stage_forget(
     if _reusable(target, key):
         log.info("reusing forgotten model in %s", target)
         meta = read_json(target / "config.json")
-        return load_model(target), meta["history"]
+        return load_model(target).to(next(base.parameters()).device), meta["history"]
     model = copy.deepcopy(base)  # theta* itself stays untouched: it is the replay source and the baseline
     history = forget(
         model,

@@ -148,6 +148,7 @@ def pretrain(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x_all, y_all = model.from_uint8(data.images), data.labels  # type: ignore[operator]
+    device = next(model.parameters()).device
     trainer = Trainer(
         model,
         lr=cfg.lr,
@@ -163,7 +164,8 @@ def pretrain(
     bar.update(0)
     for step in bar:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
-        loss = model.nelbo(x_all[idx], y_all[idx], generator=generator).sum()  # type: ignore[operator]
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        loss = model.nelbo(x, y, generator=generator).sum()  # type: ignore[operator]
         trainer.step(loss)
         if step % 100 == 0 or step == cfg.steps:
             values = {"nelbo": float(loss.detach()) / cfg.batch_size}
@@ -216,6 +218,7 @@ def forget(
     if cfg.forget_label not in labels:
         raise AmnesiaError(f"forget_label {cfg.forget_label} is not one of the model's classes {labels}")
     remembered = [c for c in labels if c != cfg.forget_label]
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     # theta* (frozen replay source and EWC anchor) before a checkpoint may overwrite the weights
@@ -228,7 +231,7 @@ def forget(
             )
         fisher.check_matches(model)
         theta_star = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ewc = EWCPenalty(fisher.values, theta_star)
+        ewc = EWCPenalty(fisher.values, theta_star).to(device)
     surrogate = make_surrogate(cfg, model, frozen, surrogate_images)
     replay: Replay
     if cfg.replay == "stored":
@@ -247,18 +250,19 @@ def forget(
         checkpoint_every=cfg.checkpoint_every,
         key=key,
     )
-    forget_c = torch.full((cfg.batch_size,), cfg.forget_label, dtype=torch.int64)
-    had_dropout = getattr(model, "class_dropout", None)
+    forget_c = torch.full((cfg.batch_size,), cfg.forget_label, dtype=torch.int64, device=device)
+    switch: Any = model  # the DDPM's class_dropout flag; other families have none
+    had_dropout = getattr(switch, "class_dropout", None)
     if had_dropout is not None:
-        model.class_dropout = False  # the reference forgetting code never drops the label
+        switch.class_dropout = False  # the reference forgetting code never drops the label
     model.train()
     bar = tqdm(range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress)
     try:
         for step in bar:
-            forget_x = surrogate.sample(cfg.batch_size, generator)
-            replay_x, replay_c = (
-                replay.sample(cfg.batch_size, generator) if cfg.replay_weight > 0 else (None, None)
-            )
+            forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
+            replay_x, replay_c = None, None
+            if cfg.replay_weight > 0:
+                replay_x, replay_c = (t.to(device) for t in replay.sample(cfg.batch_size, generator))
             noise_f, noise_r = (
                 model.paired_noise(forget_x, replay_x, generator)  # type: ignore[operator]
                 if hasattr(model, "paired_noise")
@@ -288,5 +292,5 @@ def forget(
             trainer.maybe_checkpoint(step, cfg.steps)
     finally:
         if had_dropout is not None:
-            model.class_dropout = had_dropout
+            switch.class_dropout = had_dropout
     return trainer.finish()

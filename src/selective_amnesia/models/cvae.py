@@ -81,9 +81,10 @@ class ConditionalVAE(nn.Module):
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The reparameterisation noise for one NELBO estimate per sample."""
+        device = generator.device if generator is not None else x.device  # CPU generator: any model device
         return torch.randn(
-            x.shape[0], self.config.latent_dim, generator=generator, device=x.device, dtype=x.dtype
-        )
+            x.shape[0], self.config.latent_dim, generator=generator, device=device, dtype=x.dtype
+        ).to(x.device)
 
     def nelbo(
         self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
@@ -106,13 +107,14 @@ class ConditionalVAE(nn.Module):
     def sample(self, cond: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Decoder means for z ~ N(0, I): images in [0, 1], shape (B, C, H, W)."""
         self.check_labels(cond)
+        weight = self.to_mu.weight
         z = torch.randn(
             cond.shape[0],
             self.config.latent_dim,
             generator=generator,
-            device=self.to_mu.weight.device,
-            dtype=self.to_mu.weight.dtype,
-        )
+            device=generator.device if generator is not None else weight.device,
+            dtype=weight.dtype,
+        ).to(weight.device)
         return torch.sigmoid(self.decode_logits(z, cond.to(self.to_mu.weight.device))).reshape(
             -1, *self.image_shape
         )

@@ -108,6 +108,11 @@ class DDPMConfig:
             raise ValueError("guidance_scale must be a finite number >= 0")
 
 
+def _draw_device(generator: torch.Generator | None, x: Tensor) -> torch.device:
+    """Draw where the generator lives (a CPU generator gives the same numbers for a model on any device)."""
+    return generator.device if generator is not None else x.device
+
+
 class DDPMNoise(NamedTuple):
     """The randomness of one L_simple estimate: a timestep and eps per sample, and the label-dropout draw."""
 
@@ -225,13 +230,11 @@ class ConditionalDDPM(nn.Module):
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
         """Timesteps uniform in [0, T), eps ~ N(0, I) like x, and the label-dropout draw, in that order."""
-        b = x.shape[0]
-        t = torch.randint(
-            0, self.config.num_train_timesteps, (b,), generator=generator, device=x.device, dtype=torch.int64
-        )
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        drop = torch.rand(b, generator=generator, device=x.device)
-        return DDPMNoise(t, eps, drop)
+        b, dev = x.shape[0], _draw_device(generator, x)
+        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=dev)
+        eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+        drop = torch.rand(b, generator=generator, device=dev)
+        return DDPMNoise(t.to(x.device), eps.to(x.device), drop.to(x.device))
 
     def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n timesteps in antithetic pairs (t, T-1-t), as the reference training code draws them."""
@@ -272,7 +275,8 @@ class ConditionalDDPM(nn.Module):
         drop = rest[0] if rest else None
         if self._dropout_active():
             if drop is None:
-                drop = torch.rand(x.shape[0], generator=generator, device=x.device)
+                drop = torch.rand(x.shape[0], generator=generator, device=_draw_device(generator, x))
+                drop = drop.to(x.device)
             cond = torch.where(drop < self.config.class_dropout_prob, self.null_class, cond)
         return self.eps_loss(x, cond, timesteps.to(x.device), eps)
 
@@ -315,10 +319,12 @@ class ConditionalDDPM(nn.Module):
             if eps is None:
                 e = torch.stack(
                     [
-                        torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                        torch.randn(
+                            x.shape, generator=generator, device=_draw_device(generator, x), dtype=x.dtype
+                        )
                         for _ in range(ts.shape[0])
                     ]
-                )
+                ).to(x.device)
             else:
                 e = eps[start : start + ts.shape[0]].to(device=x.device, dtype=x.dtype)
             if use_ckpt:
