@@ -328,3 +328,17 @@ def test_write_html_report(tmp_path: Path) -> None:
     # an empty report still renders
     write_html_report(tmp_path, {}, {})
     assert "Selective Amnesia report" in (tmp_path / "report.html").read_text()
+
+
+def test_classifier_takes_other_datasets_native_shapes() -> None:
+    from selective_amnesia.evaluate.classifier import FEATURE_DIM, MNISTClassifier
+
+    rgb = MNISTClassifier((3, 32, 32))
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    probs, feats = rgb.predict_proba_and_features(x)
+    assert probs.shape == (5, 10) and feats.shape == (5, FEATURE_DIM)
+    assert torch.allclose(probs.sum(1), torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        rgb.predict_proba(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="at least 28x28"):
+        MNISTClassifier((1, 16, 16))

@@ -26,12 +26,11 @@ from selective_amnesia.evaluate.metrics import (
 )
 from selective_amnesia.sampling import cached_samples
 
-CLASSIFIER_SIZE = 28  # the judge's input; smaller (CPU-scale) samples are upsampled to it, as are real ones
 
-
-def for_classifier(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images at the model's size -> float [0, 1] at the classifier's input size."""
-    return resize_images(images, CLASSIFIER_SIZE).float() / 255
+def for_classifier(images: torch.Tensor, classifier: MNISTClassifier) -> torch.Tensor:
+    """uint8 images at the model's size -> float [0, 1] at the classifier's input size (the dataset's
+    native size: CPU-scale samples are upsampled to it, and so are the real images they are compared to)."""
+    return resize_images(images, classifier.input_shape[-1]).float() / 255
 
 
 def assess_model(
@@ -56,7 +55,7 @@ def assess_model(
     remembered = [c for c in labels if c != forget_label]
     u_f, _ = cached_samples(model, [forget_label], cfg.num_forget_samples, seed, cache_dir, progress=progress)
     u_r, y_r = cached_samples(model, remembered, cfg.num_per_class, seed, cache_dir, progress=progress)
-    x_f, x_r = for_classifier(u_f), for_classifier(u_r)
+    x_f, x_r = for_classifier(u_f, classifiers[0]), for_classifier(u_r, classifiers[0])
     per_seed = []
     fake_feats = torch.empty(0)
     for i, clf in enumerate(classifiers):
@@ -89,4 +88,4 @@ def real_features(classifier: MNISTClassifier, real_test: ImageDataset, labels: 
     """Features of the real test images of ``labels`` (at the model's size, brought to the classifier's
     like the samples): the reference set of FID and precision/recall."""
     keep = torch.isin(real_test.labels, torch.tensor(labels))
-    return classifier.extract_features(for_classifier(real_test.images[keep]))
+    return classifier.extract_features(for_classifier(real_test.images[keep], classifier))

@@ -35,10 +35,13 @@ NUM_CLASSES = 10
 _CACHE_VERSION = 2
 
 
-def _as_unit_float(x: Tensor) -> Tensor:
+MNIST_SHAPE = (1, 28, 28)
+
+
+def _as_unit_float(x: Tensor, shape: tuple[int, int, int] = MNIST_SHAPE) -> Tensor:
     """Accept uint8 images in [0, 255] or float images in [0, 1]; return float32 in [0, 1]."""
-    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"expected images of shape (B, 1, 28, 28), got {tuple(x.shape)}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"expected images of shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x.float() / 255.0
     if not x.is_floating_point():
@@ -47,15 +50,21 @@ def _as_unit_float(x: Tensor) -> Tensor:
 
 
 class MNISTClassifier(nn.Module):
-    """The paper's small MNIST CNN, taking images in [0, 1] of shape (B, 1, 28, 28).
+    """The paper's small MNIST CNN, taking images in [0, 1] of shape (B, *input_shape).
 
     conv 5x5 (10) + BN -> maxpool 2 -> ReLU -> conv 5x5 (20) + BN -> channel dropout -> maxpool 2 -> ReLU
-    -> 320 -> 50 (ReLU; the feature layer) -> dropout -> 10.
+    -> 320 -> 50 (ReLU; the feature layer) -> dropout -> 10. For other datasets (``input_shape`` their
+    native (C, H, W)) an adaptive average pool brings the last map to 4x4; at 28x28 it is the identity,
+    so MNIST weights are unchanged. On CIFAR-10/STL-10 this is a weak judge (see docs/ddpm.md).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, input_shape: tuple[int, int, int] = MNIST_SHAPE) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        c, h, w = input_shape
+        if min(h, w) < 28:
+            raise ValueError(f"the classifier needs images of at least 28x28, got {h}x{w}")
+        self.input_shape = (int(c), int(h), int(w))
+        self.conv1 = nn.Conv2d(c, 10, kernel_size=5)
         self.bn1 = nn.BatchNorm2d(10)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.bn2 = nn.BatchNorm2d(20)
@@ -67,6 +76,7 @@ class MNISTClassifier(nn.Module):
     def _penultimate(self, x: Tensor) -> Tensor:
         x = F.relu(F.max_pool2d(self.bn1(self.conv1(x)), 2))
         x = F.relu(F.max_pool2d(self.conv2_drop(self.bn2(self.conv2(x))), 2))
+        x = F.adaptive_avg_pool2d(x, 4)
         return F.relu(self.fc1(torch.flatten(x, 1)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,7 +90,7 @@ class MNISTClassifier(nn.Module):
     def _batched(self, x: Tensor, batch_size: int, fn: Any) -> Tensor:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        x = _as_unit_float(x)
+        x = _as_unit_float(x, self.input_shape)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -169,7 +179,7 @@ def train_classifier(
     n = images.shape[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MNISTClassifier()
+        model = MNISTClassifier(tuple(images.shape[1:]))  # type: ignore[arg-type]
         opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.step_size, gamma=recipe.gamma)
         model.train()
@@ -240,10 +250,11 @@ def _load_cached(
         raise AmnesiaError(f"{path} has missing or invalid metadata ({e!r}); {fix}") from None
     if stored_recipe != asdict(recipe) or stored_seed != seed or stored_dataset != dataset_name:
         raise AmnesiaError(f"{path} was trained with a different recipe, seed or dataset; {fix}")
-    model = MNISTClassifier()
+    shape = tuple(meta.get("input_shape", MNIST_SHAPE))
     try:
+        model = MNISTClassifier(shape)
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise AmnesiaError(f"{path} does not hold MNISTClassifier weights ({e}); {fix}") from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise AmnesiaError(f"{path} holds non-finite weights; {fix}")
@@ -291,6 +302,7 @@ def load_or_train_classifier(
         "dataset": dataset_name,
         "recipe": asdict(recipe),
         "seed": seed,
+        "input_shape": list(model.input_shape),
         "test_accuracy": test_accuracy,
         "train_seconds": train_seconds,
         "environment": environment(),
