@@ -65,17 +65,8 @@ def main() -> None:
             }
             rows.append(row)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    summary: dict[str, Any] = {}
-    for estimator in args.estimators:
-        mine = [r for r in rows if r["estimator"] == estimator]
-        summary[estimator] = {
-            k: (
-                statistics.fmean(r[k] for r in mine),
-                statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0,
-            )
-            for k in mine[0]
-            if k not in ("estimator", "seed")
-        }
+            save(out, args, rows)  # after every run, so a cut-off batch keeps what it finished
+    summary = save(out, args, rows)
     print(f"\n| estimator | Fisher s | UNet image evals | {' | '.join(METRICS)} (forgotten model) |")
     print("|---|---|---|" + "---|" * len(METRICS))
     for estimator, s in summary.items():
@@ -85,22 +76,37 @@ def main() -> None:
             + " | ".join(cells)
             + " |"
         )
+
+
+def save(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation per estimator; written with the rows and the command."""
+    summary: dict[str, Any] = {}
+    for estimator in args.estimators:
+        mine = [r for r in rows if r["estimator"] == estimator]
+        if not mine:
+            continue
+        summary[estimator] = {
+            k: (
+                statistics.fmean(r[k] for r in mine),
+                statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0,
+            )
+            for k in mine[0]
+            if k not in ("estimator", "seed")
+        }
+    command = [f"--config {args.config}", f"--base {args.base}", f"--out {args.out}", "--seeds"]
+    command += [str(s) for s in args.seeds] + ["--estimators", *args.estimators, "--device", args.device]
     write_json(
         out / "fisher_compare.json",
         {
             "rows": rows,
             "summary": summary,
-            "command": "python benchmarks/fisher_compare.py "
-            + " ".join(
-                [f"--config {args.config}", f"--base {args.base}", f"--out {args.out}", "--seeds"]
-                + [str(s) for s in args.seeds]
-                + ["--estimators", *args.estimators, "--device", args.device, *args.overrides]
-            ),
+            "command": "python benchmarks/fisher_compare.py " + " ".join(command + args.overrides),
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch_threads": torch.get_num_threads(),
             "environment": environment(),
         },
     )
+    return summary
 
 
 if __name__ == "__main__":
