@@ -228,3 +228,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
 def test_loaded_model_matches_saved(ddpm_run: Path) -> None:
     model = load_model(ddpm_run / "forget")
     assert model.family == "ddpm" and not model.training
+
+
+def test_fisher_and_forget_commands_on_a_diffusion_model(ddpm_run: Path, tmp_path: Path) -> None:
+    fisher = tmp_path / "f.safetensors"
+    args = [str(TINY), "fisher.estimator=subsampled", "fisher.timesteps_per_sample=4"]
+    assert main(["fisher", "--model", str(ddpm_run / "base"), "--out", str(fisher), *args]) == 0
+    out = tmp_path / "forgotten"
+    forget_args = ["--model", str(ddpm_run / "base"), "--fisher", str(fisher), "--out", str(out)]
+    assert main(["forget", *forget_args, str(TINY), "forget.steps=3"]) == 0
+    assert len(list((out / "replay").glob("label_*.safetensors"))) == 9
+    assert load_model(out).family == "ddpm"

@@ -87,35 +87,30 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import fisher_from_config
 
+    from selective_amnesia.config import resolve_device
+
     cfg = _config(args)
-    f = fisher_from_config(cfg, load_model(args.model))
+    f = fisher_from_config(cfg, load_model(args.model).to(resolve_device(cfg.device)))
     f.save(args.out)
     print(f"Fisher from {cfg.fisher.num_samples} samples written to {args.out} ({f.metadata['seconds']}s)")
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from selective_amnesia.config import resolve_device
     from selective_amnesia.fisher import Fisher
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import model_labels
-    from selective_amnesia.train import forget
+    from selective_amnesia.pipeline import checked_labels, stage_forget, stage_replay
 
     cfg = _config(args)
-    model = load_model(args.model)
-    fisher = Fisher.load(args.fisher, model) if args.fisher else None
-    history = forget(
-        model, fisher, cfg.forget, labels=model_labels(model), seed=cfg.seed, progress=cfg.progress
-    )
-    model.save_pretrained(
-        args.out,
-        extra={
-            "run_config": to_dict(cfg),
-            "history": history.to_dict(),
-            "forget_label": cfg.forget.forget_label,
-            "base_model": str(args.model),
-        },
-    )
-    print(f"forgotten model written to {args.out} ({history.seconds:.1f}s)")
+    out = Path(args.out)
+    base = load_model(args.model).to(resolve_device(cfg.device))
+    checked_labels(cfg, base)
+    fisher = Fisher.load(args.fisher, base) if args.fisher else None
+    # a stored replay set (and class surrogate) are generated into the output directory and kept there
+    replay_set = stage_replay(cfg, base, out)
+    _, history = stage_forget(cfg, base, fisher, out, replay_set, target=out)
+    print(f"forgotten model written to {out} ({history['seconds']:.1f}s)")
     return 0
 
 

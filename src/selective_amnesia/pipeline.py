@@ -230,13 +230,14 @@ def stage_forget(
     fisher: Fisher | None,
     out: Path,
     replay_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+    target: Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``out/forget``.
+    """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``target`` (``out/forget``).
 
-    A finished ``out/forget`` made from the same settings is reused; an interrupted one resumes from
-    ``out/forget/checkpoint``.
+    A finished ``target`` made from the same settings is reused; an interrupted one resumes from
+    ``target/checkpoint``. A class surrogate's samples are kept in ``out/surrogate``.
     """
-    target = out / "forget"
+    target = target if target is not None else out / "forget"
     settings = to_dict(cfg.forget)
     settings.pop("checkpoint_every")
     settings.pop("log_every")
