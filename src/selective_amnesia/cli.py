@@ -84,10 +84,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
+    from selective_amnesia.config import resolve_device
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import fisher_from_config
-
-    from selective_amnesia.config import resolve_device
 
     cfg = _config(args)
     f = fisher_from_config(cfg, load_model(args.model).to(resolve_device(cfg.device)))

@@ -18,11 +18,11 @@ import yaml
 
 from selective_amnesia.data import DATASETS
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.fisher import ESTIMATORS as VAE_FISHER
+from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS as DIFFUSION_FISHER
 from selective_amnesia.models.ddpm import DDPMConfig
 
 FAMILIES = ("cvae", "ddpm")
-VAE_FISHER = ("batched", "vmap", "loop")
-DIFFUSION_FISHER = ("all_timesteps", "subsampled")
 
 
 def _check(cond: bool, msg: str) -> None:
