@@ -283,7 +283,13 @@ def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[s
     models, infos = [], []
     for seed in c.seeds:
         m, info = load_or_train_classifier(
-            recipe, Path(c.cache_dir), seed, cfg.data.dataset, cfg.data.root, progress=cfg.progress
+            recipe,
+            Path(c.cache_dir),
+            seed,
+            cfg.data.dataset,
+            cfg.data.root,
+            progress=cfg.progress,
+            image_size=cfg.data.image_size,
         )
         models.append(m)
         infos.append(info)

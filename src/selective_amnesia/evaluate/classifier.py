@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from selective_amnesia.data import ImageDataset, load_dataset
+from selective_amnesia.data import ImageDataset, load_dataset, resize_images
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, load_tensors, save_tensors
 
@@ -217,6 +217,15 @@ def train_classifier(
     return model
 
 
+def _judged_view(data: ImageDataset, image_size: int | None) -> ImageDataset:
+    """The images as a model trained at ``image_size`` sees them, brought back to the native size:
+    the judge of a CPU-scale model is trained on what that model could learn (docs/ddpm.md)."""
+    if image_size is None or image_size == data.images.shape[-1]:
+        return data
+    native = data.images.shape[-1]
+    return ImageDataset(resize_images(resize_images(data.images, image_size), native), data.labels)
+
+
 def classifier_accuracy(model: MNISTClassifier, data: ImageDataset, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     probs = model.predict_proba(data.images, batch_size=batch_size)
@@ -276,6 +285,7 @@ def load_or_train_classifier(
     dataset_name: str = "mnist",
     data_root: str | None = None,
     progress: bool = True,
+    image_size: int | None = None,
 ) -> tuple[MNISTClassifier, dict]:
     """Return the judge for (dataset, recipe, seed), training and caching it on first use.
 
@@ -284,22 +294,24 @@ def load_or_train_classifier(
     exists but is unreadable or inconsistent raises ``AmnesiaError`` rather than being silently replaced.
     Returns the model in eval mode and ``{"path", "test_accuracy", "train_seconds", "cached", "seed"}``.
     """
-    path = classifier_cache_path(Path(cache_dir), recipe, seed, dataset_name)
+    name = dataset_name if image_size is None else f"{dataset_name}-via{image_size}px"
+    path = classifier_cache_path(Path(cache_dir), recipe, seed, name)
     if path.exists():
-        model, info = _load_cached(path, recipe, seed, dataset_name)
+        model, info = _load_cached(path, recipe, seed, name)
         logger.info("loaded classifier %s (test accuracy %.4f)", path, info["test_accuracy"])
         return model, info
     logger.info("training classifier (seed %d) -> %s", seed, path)
-    train = load_dataset(dataset_name, "train", root=data_root)
+    train = _judged_view(load_dataset(dataset_name, "train", root=data_root), image_size)
     start = time.perf_counter()
     model = train_classifier(recipe, train, seed, progress=progress)
     train_seconds = time.perf_counter() - start
-    test_accuracy = classifier_accuracy(model, load_dataset(dataset_name, "test", root=data_root))
+    test = _judged_view(load_dataset(dataset_name, "test", root=data_root), image_size)
+    test_accuracy = classifier_accuracy(model, test)
     logger.info("classifier seed %d: test accuracy %.4f after %.1f s", seed, test_accuracy, train_seconds)
     metadata = {
         "format": "selective_amnesia.classifier",
         "cache_version": _CACHE_VERSION,
-        "dataset": dataset_name,
+        "dataset": name,
         "recipe": asdict(recipe),
         "seed": seed,
         "input_shape": list(model.input_shape),
