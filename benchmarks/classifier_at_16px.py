@@ -24,7 +24,8 @@ def main() -> None:
             probs = clf.predict_proba(for_classifier(small.images, clf))
             acc_small = float((probs.argmax(1) == small.labels).double().mean())
             print(
-                f"judge {judge}, seed {seed}: real test digits {acc_full:.4f} at 28 px, {acc_small:.4f} via 16 px"
+                f"judge {judge}, seed {seed}: real test digits {acc_full:.4f} at 28 px, "
+                f"{acc_small:.4f} via 16 px"
             )
 
 
