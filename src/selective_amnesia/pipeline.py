@@ -27,7 +27,7 @@ from selective_amnesia.fisher import Fisher, estimate_fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.io import environment, read_json, state_hash, write_json
 from selective_amnesia.models import build_model_from_config, load_model
-from selective_amnesia.sampling import cached_samples, sample_per_label
+from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,29 @@ def _pretrain_settings(cfg: RunConfig) -> dict[str, Any]:
     return settings
 
 
+def _model_settings(cfg: RunConfig) -> dict[str, Any]:
+    settings = to_dict(cfg.model)
+    for name in SAMPLER_DEFAULTS:
+        settings["ddpm"].pop(name)
+    return settings
+
+
+def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path) -> None:
+    """A reused diffusion base takes the config's sampler defaults (they do not change the weights);
+    its config.json is updated so that ``amnesia sample`` on the directory uses them too."""
+    if model.family != "ddpm":
+        return
+    wanted = {name: getattr(cfg.model.ddpm, name) for name in SAMPLER_DEFAULTS}
+    if all(getattr(model.config, k) == v for k, v in wanted.items()):
+        return
+    for k, v in wanted.items():
+        setattr(model.config, k, v)
+    meta = read_json(model_dir / "config.json")
+    meta.update(wanted)
+    write_json(model_dir / "config.json", meta)
+    log.info("base model sampler defaults set to %s", wanted)
+
+
 def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``.
 
@@ -110,15 +133,13 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     if cfg.pretrain.model_path:
         model = load_model(cfg.pretrain.model_path).to(device)
         return model, {"source": cfg.pretrain.model_path, "seconds": 0.0}
-    key = settings_hash(cfg.seed, to_dict(cfg.data), to_dict(cfg.model), _pretrain_settings(cfg))
+    key = settings_hash(cfg.seed, to_dict(cfg.data), _model_settings(cfg), _pretrain_settings(cfg))
     if _reusable(model_dir, key):
         log.info("reusing base model in %s", model_dir)
         seconds = read_json(model_dir / "config.json").get("pretrain_history", {}).get("seconds", 0.0)
-        return load_model(model_dir).to(device), {
-            "source": str(model_dir),
-            "reused": True,
-            "seconds": seconds,
-        }
+        model = load_model(model_dir).to(device)
+        _apply_sampler_defaults(cfg, model, model_dir)
+        return model, {"source": str(model_dir), "reused": True, "seconds": seconds}
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
     model = build_model_from_config(cfg.model).to(device)
     train = load_model_data(cfg, "train", model)
@@ -142,6 +163,7 @@ def _fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
     settings = {"model_hash": state_hash(model.state_dict()), "num_samples": f.num_samples, "seed": cfg.seed}
     if model.family == "ddpm":
         settings["estimator"] = f.estimator
+        settings["sampler"] = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}  # draws its samples
         if f.estimator == "subsampled":
             settings["timesteps_per_sample"] = f.timesteps_per_sample
     return settings

@@ -23,6 +23,7 @@ from selective_amnesia.io import load_tensors, save_tensors, state_hash
 log = logging.getLogger(__name__)
 
 BLOCK = 256  # images drawn per model call; fixed so that a set does not depend on batching
+SAMPLER_DEFAULTS = ("sampler", "num_inference_steps", "guidance_scale")  # model.config fields sample() uses
 
 
 def label_generator(seed: int, label: int) -> torch.Generator:
@@ -99,11 +100,14 @@ def cached_samples(
 
     A stored set is reused only if it came from the same weights, seed, count and sampler settings.
     """
+    # the effective sampler: the model's defaults (a diffusion model's config) overridden by sample_kwargs
+    defaults = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS if hasattr(model.config, k)}
+    sampler = defaults | {k: v for k, v in sample_kwargs.items() if v is not None}
     key = {
         "model_hash": state_hash(model.state_dict()),
         "seed": seed,
         "num": num_per_label,
-        "sample_kwargs": {k: v for k, v in sorted(sample_kwargs.items()) if v is not None},
+        "sampler": dict(sorted(sampler.items())),
     }
     images, out_labels = [], []
     for label in labels:

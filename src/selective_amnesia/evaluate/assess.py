@@ -53,8 +53,14 @@ def assess_model(
     """
     start = time.perf_counter()
     remembered = [c for c in labels if c != forget_label]
-    u_f, _ = cached_samples(model, [forget_label], cfg.num_forget_samples, seed, cache_dir, progress=progress)
-    u_r, y_r = cached_samples(model, remembered, cfg.num_per_class, seed, cache_dir, progress=progress)
+    sampler = {"guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps}
+    sampler = {k: v for k, v in sampler.items() if v is not None}
+    u_f, _ = cached_samples(
+        model, [forget_label], cfg.num_forget_samples, seed, cache_dir, progress=progress, **sampler
+    )
+    u_r, y_r = cached_samples(
+        model, remembered, cfg.num_per_class, seed, cache_dir, progress=progress, **sampler
+    )
     x_f, x_r = for_classifier(u_f, classifiers[0]), for_classifier(u_r, classifiers[0])
     per_seed = []
     fake_feats = torch.empty(0)
@@ -69,6 +75,7 @@ def assess_model(
         real_feats = real_features(classifiers[0], real_test, remembered)
     out["fid"] = frechet_distance(real_feats, fake_feats)
     out.update(precision_recall(real_feats, fake_feats, nearest_k=cfg.nearest_k))
+    out["sampler"] = sampler or "the model's defaults"
     out["num_forget_samples"] = int(x_f.shape[0])
     out["num_remembered_samples"] = int(x_r.shape[0])
     out["num_real_images"] = int(real_feats.shape[0])
