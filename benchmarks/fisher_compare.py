@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--estimators", nargs="+", default=["all_timesteps", "subsampled"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("overrides", nargs="*", help="extra key.sub=value config overrides")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="a key.sub=value override")
     args = ap.parse_args()
     out = Path(args.out)
     rows: list[dict[str, Any]] = []
