@@ -188,26 +188,18 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
 def fisher_from_config(cfg: RunConfig, model: Any) -> Fisher:
     """Estimate the Fisher of ``model`` over all its classes with the ``fisher.*`` settings."""
     f = cfg.fisher
+    common: dict[str, Any] = {
+        "num_samples": f.num_samples,
+        "labels": model_labels(model),
+        "estimator": f.estimator,
+        "seed": cfg.seed,
+        "progress": cfg.progress,
+    }
     if model.family == "ddpm":
         return estimate_diffusion_fisher(
-            model,
-            num_samples=f.num_samples,
-            labels=model_labels(model),
-            estimator=f.estimator,
-            timesteps_per_sample=f.timesteps_per_sample,
-            timestep_chunk=f.timestep_chunk,
-            seed=cfg.seed,
-            progress=cfg.progress,
+            model, timesteps_per_sample=f.timesteps_per_sample, timestep_chunk=f.timestep_chunk, **common
         )
-    return estimate_fisher(
-        model,
-        num_samples=f.num_samples,
-        labels=model_labels(model),
-        chunk_size=f.chunk_size,
-        estimator=f.estimator,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    return estimate_fisher(model, chunk_size=f.chunk_size, **common)
 
 
 def stage_replay(cfg: RunConfig, base: Any, out: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
