@@ -48,7 +48,7 @@ def main() -> None:
     base, forget = report["metrics"]["base"], report["metrics"]["forget"]
     result = {
         "command": "OMP_NUM_THREADS=1 amnesia run configs/ddpm_mnist.yaml --out runs/ddpm_mnist",
-        "machine": "2-core x86_64 CPU, no GPU, torch 2.13.0+cpu; one torch thread, a second job on the other core",
+        "machine": "2-core x86_64 CPU, torch 2.13.0+cpu; one torch thread, another job on the other core",
         "targets": targets(base, forget, report["timings"]["total_s"]),
         "timings_s": report["timings"],
         "metrics": {"base": base, "forget": forget},
