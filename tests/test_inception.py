@@ -7,6 +7,7 @@ images, 32x32) and features are shared through module-scoped fixtures.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,36 @@ def test_torchmetrics_fid_matches_frechet_distance_and_closed_form(
     closed_form = _fid_closed_form(fa, fn)
     assert fid_a_noise["inception_fid"] == pytest.approx(from_features, rel=1e-9)
     assert fid_a_noise["inception_fid"] == pytest.approx(closed_form, rel=1e-5)
+
+
+def test_assess_model_reports_inception_fid_with_its_sample_counts(weights: Path) -> None:
+    from selective_amnesia.config import EvaluateConfig
+    from selective_amnesia.data import ImageDataset
+    from selective_amnesia.evaluate.assess import assess_model
+    from selective_amnesia.evaluate.classifier import MNISTClassifier
+    from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    model = ConditionalDDPM(
+        DDPMConfig(
+            image_size=8,
+            channels=1,
+            num_classes=3,
+            block_out_channels=[8, 16],
+            attention_levels=[False, False],
+            layers_per_block=1,
+            norm_num_groups=4,
+            num_train_timesteps=10,
+            num_inference_steps=2,
+        )
+    ).eval()
+    real = ImageDataset(
+        torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 1, 2, 1])
+    )
+    cfg = EvaluateConfig(num_forget_samples=2, num_per_class=2, nearest_k=2, inception_fid=True)
+    out = assess_model(
+        model, [MNISTClassifier().eval()], real, forget_label=0, labels=[0, 1, 2], cfg=cfg, seed=0
+    )
+    assert math.isfinite(out["inception_fid"]) and out["inception_fid"] >= 0
+    assert (out["inception_num_real"], out["inception_num_fake"]) == (5, 4)
+    assert "Inception" in out["inception_feature_extractor"]

@@ -84,9 +84,13 @@ def assess_model(
         from selective_amnesia.evaluate.inception import inception_fid
 
         keep = torch.isin(real_test.labels, torch.tensor(remembered))
-        incep = inception_fid(real_test.images[keep], u_r, weights=cfg.inception_weights, progress=progress)
+        device = str(next(model.parameters()).device)  # Inception runs where the model runs
+        incep = inception_fid(
+            real_test.images[keep], u_r, weights=cfg.inception_weights, device=device, progress=progress
+        )
         out["inception_fid"] = incep["inception_fid"]
         out["inception_feature_extractor"] = incep["feature_extractor"]
+        out["inception_num_real"], out["inception_num_fake"] = incep["num_real"], incep["num_fake"]
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
