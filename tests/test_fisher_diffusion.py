@@ -122,7 +122,11 @@ def test_subsampled_is_deterministic_finite_and_matches_the_model(model: Conditi
     assert _mass(c) != _mass(a)
     m = a.metadata
     assert m["unet_image_evaluations"] == 4 * 4 and m["timesteps_per_sample"] == 4
-    assert m["num_train_timesteps"] == T and m["labels"] == LABELS and m["negative_entries_clamped"] >= 0
+    assert (
+        m["num_train_timesteps"] == T
+        and m["labels"] == LABELS
+        and m["negative_mean_part_entries_clamped"] >= 0
+    )
 
 
 def test_subsampled_total_mass_is_close_to_all_timesteps(model: ConditionalDDPM) -> None:
