@@ -26,9 +26,8 @@ def main() -> None:
     lx, ly = x[both].log(), y[both].log()
     corr = float(torch.corrcoef(torch.stack([lx, ly]))[0, 1])
     print(f"entries: {x.numel():,}; total mass other/reference: {float(y.sum() / x.sum()):.3f}")
-    print(
-        f"zero entries: reference {float((x == 0).double().mean()):.4f}, other {float((y == 0).double().mean()):.4f}"
-    )
+    zeros = [float((v == 0).double().mean()) for v in (x, y)]
+    print(f"zero entries: reference {zeros[0]:.4f}, other {zeros[1]:.4f}")
     print(f"correlation of log values where both > 0: {corr:.3f}")
     top = x >= x.quantile(0.99)
     print(
