@@ -19,6 +19,26 @@ def tiny_cvae() -> torch.nn.Module:
     return build_model("cvae", hidden_dims=[32, 16], latent_dim=3)
 
 
+def tiny_ddpm(num_train_timesteps: int = 10, num_classes: int = 3) -> torch.nn.Module:
+    """A ~10k-parameter class-conditional DDPM on 8x8 grayscale images, seeded."""
+    from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    config = DDPMConfig(
+        image_size=8,
+        channels=1,
+        num_classes=num_classes,
+        block_out_channels=[8, 16],
+        attention_levels=[False, False],
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_train_timesteps=num_train_timesteps,
+        num_inference_steps=2,
+        dropout=0.0,
+    )
+    return ConditionalDDPM(config)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One complete tiny ``amnesia run`` (about a minute on 2 cores), shared by the CLI tests."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_ddpm
 from torch import Tensor, nn
 
 from selective_amnesia.errors import AmnesiaError
@@ -20,20 +21,8 @@ T = 6
 
 
 def _tiny(dtype: torch.dtype = torch.float32) -> ConditionalDDPM:
-    torch.manual_seed(0)
-    config = DDPMConfig(
-        image_size=8,
-        channels=1,
-        num_classes=3,
-        block_out_channels=[8, 16],
-        attention_levels=[False, False],
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_train_timesteps=T,
-        num_inference_steps=2,
-        dropout=0.0,
-    )
-    return ConditionalDDPM(config).to(dtype)
+    model: ConditionalDDPM = tiny_ddpm(num_train_timesteps=T).to(dtype)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -216,26 +216,14 @@ def test_torchmetrics_fid_matches_frechet_distance_and_closed_form(
 
 
 def test_assess_model_reports_inception_fid_with_its_sample_counts(weights: Path) -> None:
+    from conftest import tiny_ddpm
+
     from selective_amnesia.config import EvaluateConfig
     from selective_amnesia.data import ImageDataset
     from selective_amnesia.evaluate.assess import assess_model
     from selective_amnesia.evaluate.classifier import MNISTClassifier
-    from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
 
-    torch.manual_seed(0)
-    model = ConditionalDDPM(
-        DDPMConfig(
-            image_size=8,
-            channels=1,
-            num_classes=3,
-            block_out_channels=[8, 16],
-            attention_levels=[False, False],
-            layers_per_block=1,
-            norm_num_groups=4,
-            num_train_timesteps=10,
-            num_inference_steps=2,
-        )
-    ).eval()
+    model = tiny_ddpm().eval()
     real = ImageDataset(
         torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 1, 2, 1])
     )
