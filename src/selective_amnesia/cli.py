@@ -161,7 +161,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
     cfg = _config(args)
-    model = load_model(args.model)
+    from selective_amnesia.config import resolve_device
+
+    model = load_model(args.model).to(resolve_device(cfg.device))
     checked_labels(cfg, model)  # fail before training or loading classifiers
     classifiers, infos = load_classifiers(cfg)
     test = load_model_data(cfg, "test", model)

@@ -161,7 +161,6 @@ def pretrain(
     )
     model.train()
     bar = tqdm(range(trainer.start_step, cfg.steps + 1), desc="pretrain", disable=not progress)
-    bar.update(0)
     for step in bar:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         x, y = x_all[idx].to(device), y_all[idx].to(device)
