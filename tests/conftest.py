@@ -49,3 +49,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = main(["run", str(TINY_CONFIG), "--out", str(out), f"classifier.cache_dir={cache}"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seconds-long MNIST text-to-image world (diffusers pipeline directory, MiniLM referenced)."""
+    from selective_amnesia.worlds.mnist_t2i import WorldConfig, build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, WorldConfig.tiny(), progress=False)
+    return out

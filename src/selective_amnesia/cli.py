@@ -57,6 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    if cfg.model.family == "text_to_image":
+        return _run_text_to_image(cfg, args.out)
     report = run_pipeline(cfg, args.out)
     b, f = report["metrics"]["base"], report["metrics"]["forget"]
     print(
@@ -69,6 +71,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"FID {b['fid']:.3f} -> {f['fid']:.3f}"
     )
     print(f"total {report['timings']['total_s']:.1f}s; report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _run_text_to_image(cfg: RunConfig, out: str) -> int:
+    from selective_amnesia.pipeline_t2i import run_text_to_image
+
+    report = run_text_to_image(cfg, out)
+    r = report["retention"]
+    moved = (
+        f"; replay prompts moved by {r['mean_abs_diff_mean']:.2f}/255 (SSIM {r['ssim_mean']:.3f})"
+        if r
+        else ""
+    )
+    print(f"forgot {report['forget_prompts']} -> {report['output']}{moved}")
+    print(f"total {report['timings']['total_s']:.1f}s; report: {Path(out) / 'report.json'}")
     return 0
 
 
@@ -103,6 +120,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out)
+    if cfg.model.family == "text_to_image" or (Path(args.model) / "model_index.json").is_file():
+        cfg.model.family, cfg.t2i.model = "text_to_image", args.model
+        if args.fisher:
+            cfg.fisher.path = args.fisher
+        return _run_text_to_image(cfg, args.out)
     base = load_model(args.model).to(resolve_device(cfg.device))
     checked_labels(cfg, base)
     fisher = Fisher.load(args.fisher, base) if args.fisher else None
@@ -123,6 +145,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix != ".npz":
         raise AmnesiaError(f"--out must end in .npz, got {out}")
     model = load_model(args.model).to(resolve_device(args.device))
+    if model.family == "text_to_image":
+        return _sample_prompts(model, args, out)
+    if args.prompt or args.prompts_file:
+        raise AmnesiaError(f"--prompt/--prompts-file apply to text-to-image models, not {model.family}")
+    if args.labels is None:
+        raise AmnesiaError("--labels is required for a class-conditional model: pass e.g. --labels 0,3")
     labels = _parse_labels(args.labels)
     options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
     sampler_options = {k: v for k, v in options.items() if v is not None}
@@ -147,6 +175,48 @@ def cmd_sample(args: argparse.Namespace) -> int:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images, labels=y.numpy().astype(np.int64))
     print(f"wrote {images.shape[0]} images {images.shape[1:]} to {out}")
+    return 0
+
+
+def _sample_prompts(model: Any, args: argparse.Namespace, out: Path) -> int:
+    """Text-to-image: --num-per-label images of each prompt; image i of a prompt depends only on
+    (seed, prompt, i). The .npz holds images, labels (index into prompts) and prompts."""
+    from selective_amnesia.io import atomic_path
+    from selective_amnesia.pipeline_t2i import prompt_latents, read_prompts
+
+    if args.labels is not None:
+        raise AmnesiaError("--labels applies to class-conditional models: pass --prompt or --prompts-file")
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    if not prompts:
+        raise AmnesiaError("this is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts-file")
+    if any(not p.strip() for p in prompts):
+        raise AmnesiaError("--prompt must not be empty")
+    if args.num_per_label < 1 or args.batch_size < 1:
+        raise AmnesiaError("--num-per-label and --batch-size must be >= 1")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise AmnesiaError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
+        raise AmnesiaError(f"--steps must lie in [1, {model.config.num_train_timesteps}], got {args.steps}")
+    prompts = list(dict.fromkeys(prompts))
+    z, ids = prompt_latents(
+        model,
+        prompts,
+        args.num_per_label,
+        args.seed,
+        None,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+    )
+    images = model.to_uint8(z).permute(0, 2, 3, 1).contiguous().numpy()
+    labels = np.array([prompts.index(model.prompts[i]) for i in ids.tolist()], dtype=np.int64)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images, labels=labels, prompts=np.array(prompts))
+    print(f"wrote {images.shape[0]} images {images.shape[1:]} of {len(prompts)} prompt(s) to {out}")
     return 0
 
 
@@ -225,8 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", "write samples as .npz (images uint8 N x H x W x C, labels int64)", cmd_sample, config=False
     )
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 0,3")
-    p.add_argument("--num-per-label", type=int, default=100, help="images per label")
+    p.add_argument(
+        "--labels", default=None, help="class-conditional models: comma-separated labels, e.g. 0,3"
+    )
+    p.add_argument("--prompt", action="append", help="text-to-image models: a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="text-to-image models: one prompt per line")
+    p.add_argument("--num-per-label", type=int, default=100, help="images per label or prompt")
     p.add_argument(
         "--seed", type=int, default=0, help="seed; each image depends only on (seed, label, index)"
     )

@@ -22,7 +22,8 @@ from selective_amnesia.fisher import ESTIMATORS as VAE_FISHER
 from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS as DIFFUSION_FISHER
 from selective_amnesia.models.ddpm import DDPMConfig
 
-FAMILIES = ("cvae", "ddpm")
+FAMILIES = ("cvae", "ddpm", "text_to_image")
+T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.trainable
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -214,6 +215,63 @@ class EvaluateConfig:
 
 
 @dataclass
+class TextToImageSection:
+    """Forgetting a concept in a diffusers text-to-image pipeline (``model.family: text_to_image``).
+
+    The concept is named by ``forget_prompts`` (drawn uniformly each step); q(x|c_f) is the original
+    pipeline's images of ``surrogate_prompt`` or the images in ``surrogate_path``; replay uses every
+    image of ``replay_per_prompt`` per line of ``replay_prompts`` (a text file; default: the list
+    shipped with the package). Generated sets are cached in the run directory.
+    """
+
+    model: str = ""  # a local diffusers StableDiffusionPipeline directory (theta*)
+    forget_prompts: list[str] = field(default_factory=list)
+    surrogate_prompt: str | None = None
+    surrogate_path: str | None = None
+    surrogate_count: int = 256
+    replay_prompts: str | None = None
+    replay_per_prompt: int = 4
+    train: str = "all"  # all | cross_attention | non_cross_attention | regex (train_patterns)
+    train_patterns: list[str] = field(default_factory=list)
+    lora_rank: int = 0  # > 0: train a peft LoRA adapter instead of the weights themselves
+    lora_alpha: float | None = None  # None = lora_rank (scaling 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    output: str = "pipeline"  # "pipeline" (a full diffusers directory) or "lora" (an adapter)
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (autocast; master weights stay float32)
+    gradient_checkpointing: bool = False
+    gradient_accumulation: int = 1
+    retention_per_prompt: int = 2  # images per replay prompt compared before/after (same seeds)
+
+    def __post_init__(self) -> None:
+        _check(self.surrogate_count >= 1, "t2i.surrogate_count must be >= 1")
+        _check(self.replay_per_prompt >= 1, "t2i.replay_per_prompt must be >= 1")
+        _check(self.train in T2I_TRAIN, f"t2i.train must be one of {T2I_TRAIN}, got {self.train!r}")
+        _check(self.train != "regex" or bool(self.train_patterns), "t2i.train=regex needs t2i.train_patterns")
+        _check(self.lora_rank >= 0, "t2i.lora_rank must be >= 0")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "t2i.lora_alpha must be > 0")
+        _check(self.output in ("pipeline", "lora"), "t2i.output must be pipeline or lora")
+        _check(self.output != "lora" or self.lora_rank > 0, "t2i.output=lora needs t2i.lora_rank > 0")
+        _check(self.mixed_precision in ("no", "bf16", "fp16"), "t2i.mixed_precision must be no, bf16 or fp16")
+        _check(self.gradient_accumulation >= 1, "t2i.gradient_accumulation must be >= 1")
+        _check(self.retention_per_prompt >= 0, "t2i.retention_per_prompt must be >= 0")
+        _check(
+            all(isinstance(p, str) and p.strip() for p in self.forget_prompts),
+            "t2i.forget_prompts must be non-empty strings",
+        )
+
+    def check_ready(self) -> None:
+        """What a run needs that the defaults cannot supply."""
+        _check(bool(self.model), "t2i.model: set it to a local diffusers pipeline directory")
+        _check(
+            bool(self.forget_prompts), "t2i.forget_prompts: name the concept to forget (a list of prompts)"
+        )
+        _check(
+            (self.surrogate_prompt is None) != (self.surrogate_path is None),
+            "set exactly one of t2i.surrogate_prompt (a prompt to remap to) or t2i.surrogate_path (images)",
+        )
+
+
+@dataclass
 class RunConfig:
     """A whole pipeline: base model, classifier, Fisher, forgetting, evaluation."""
 
@@ -228,6 +286,7 @@ class RunConfig:
     forget: ForgetConfig = field(default_factory=ForgetConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    t2i: TextToImageSection = field(default_factory=TextToImageSection)
 
     def __post_init__(self) -> None:
         _check(
@@ -238,7 +297,7 @@ class RunConfig:
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
             f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}",
         )
-        allowed = DIFFUSION_FISHER if self.model.family == "ddpm" else VAE_FISHER
+        allowed = VAE_FISHER if self.model.family == "cvae" else DIFFUSION_FISHER
         _check(
             self.fisher.estimator in allowed,
             f"fisher.estimator {self.fisher.estimator!r} does not apply to model.family "

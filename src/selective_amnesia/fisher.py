@@ -68,7 +68,8 @@ class Fisher:
         return fisher
 
     def check_matches(self, model: nn.Module, source: str = "Fisher") -> None:
-        params = dict(model.named_parameters())
+        """The Fisher must name exactly the model's trainable parameters, with their shapes."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         missing = sorted(set(params) - set(self.values))
         extra = sorted(set(self.values) - set(params))
         if missing or extra:

@@ -69,7 +69,7 @@ def selective_amnesia_loss(
     forget_c: Tensor,
     replay_x: Tensor | None,
     replay_c: Tensor | None,
-    ewc: EWCPenalty | None,
+    ewc: nn.Module | None,
     ewc_lambda: float,
     replay_weight: float,
     reduction: str,
@@ -103,3 +103,29 @@ def selective_amnesia_loss(
             raise ValueError("ewc_lambda > 0 needs a Fisher")
         ewc_term = ewc_lambda * ewc(dict(model.named_parameters()))  # (4c)
     return LossTerms(forget_term + replay_term + ewc_term, forget_term, replay_term, ewc_term)
+
+
+class LoraEWCPenalty(nn.Module):
+    """Eq. 4c on the *effective* weights of LoRA-adapted linear layers.
+
+    A LoRA layer computes with W = W* + s B A (W* frozen at theta*), so W - W* = s B A and the anchor is
+    sum_layers sum_ij F_ij (s (B A)_ij)^2, with F the Fisher of the base weight W*. ``layers`` maps each
+    base-weight name (the Fisher's key) to its (lora_A weight name, lora_B weight name, scaling s).
+    """
+
+    def __init__(self, fisher: Mapping[str, Tensor], layers: Mapping[str, tuple[str, str, float]]) -> None:
+        super().__init__()
+        missing = sorted(set(layers) - set(fisher))
+        if missing:
+            raise ValueError(f"the Fisher has no entry for the adapted weight(s) {missing[:3]}")
+        self.names = sorted(layers)
+        self.lora = [layers[n] for n in self.names]
+        for i, n in enumerate(self.names):
+            self.register_buffer(f"fisher_{i}", fisher[n].detach().clone())
+
+    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+        total = torch.zeros((), device=next(iter(params.values())).device)
+        for i, (a_name, b_name, scale) in enumerate(self.lora):
+            delta = scale * (params[b_name] @ params[a_name])  # (out, r) @ (r, in) = W - W*
+            total = total + (getattr(self, f"fisher_{i}") * delta.pow(2)).sum()
+        return total

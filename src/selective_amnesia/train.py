@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -72,6 +73,8 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=ema_decay)
         self.checkpoint_dir, self.checkpoint_every, self.key = checkpoint_dir, checkpoint_every, key
         self.history = History()
+        # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
+        self.scaler: Any = None
         self.start_step = 1
         self.elapsed = 0.0
         if checkpoint_dir is not None:
@@ -87,10 +90,25 @@ class Trainer:
 
     def step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
+        self.update()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients (call several times before ``update`` for gradient accumulation)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self) -> None:
+        """Clip, take the optimizer step, update the EMA, clear the gradients."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
 
@@ -206,6 +224,11 @@ def forget(
     surrogate_images: torch.Tensor | None = None,
     checkpoint_dir: Path | None = None,
     key: str = "",
+    forget_labels: list[int] | None = None,
+    surrogate: Surrogate | None = None,
+    ewc: nn.Module | None = None,
+    mixed_precision: str = "no",
+    accumulation: int = 1,
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``cfg.forget_label`` (paper Eq. 4).
 
@@ -213,25 +236,37 @@ def forget(
     draws fresh samples of theta* every step, or from ``replay_set`` (images in model range, labels)
     when ``cfg.replay`` is "stored". Diffusion models get the reference code's details: no label
     dropout, and both terms of a step share antithetic timesteps (``paired_noise``).
+
+    Text-to-image forgetting passes ``forget_labels`` (the indices of several forget prompts, drawn
+    uniformly per sample), a prepared ``surrogate`` and, for a LoRA adapter, its own ``ewc`` penalty
+    (on the effective weights); only parameters with ``requires_grad`` are trained and anchored.
+    ``mixed_precision`` ("bf16"/"fp16") runs the loss under autocast with float32 master weights;
+    ``accumulation`` > 1 sums the gradients of that many batches per optimizer step.
     """
-    if cfg.forget_label not in labels:
-        raise AmnesiaError(f"forget_label {cfg.forget_label} is not one of the model's classes {labels}")
-    remembered = [c for c in labels if c != cfg.forget_label]
+    if accumulation < 1:
+        raise AmnesiaError(f"gradient accumulation must be >= 1, got {accumulation}")
+    forget_labels = [cfg.forget_label] if forget_labels is None else list(forget_labels)
+    bad = [c for c in forget_labels if c not in labels]
+    if bad or not forget_labels:
+        raise AmnesiaError(
+            f"forget label(s) {bad or forget_labels} are not one of the model's classes {labels}"
+        )
+    remembered = [c for c in labels if c not in forget_labels]
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     # theta* (frozen replay source and EWC anchor) before a checkpoint may overwrite the weights
     frozen = frozen_copy(model)
-    ewc = None
-    if cfg.ewc_lambda > 0:
+    if cfg.ewc_lambda > 0 and ewc is None:
         if fisher is None:
             raise AmnesiaError(
                 "forget.ewc_lambda > 0 needs a Fisher: run `amnesia fisher` or set ewc_lambda=0"
             )
         fisher.check_matches(model)
-        theta_star = {n: p.detach().clone() for n, p in model.named_parameters()}
+        theta_star = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         ewc = EWCPenalty(fisher.values, theta_star).to(device)
-    surrogate = make_surrogate(cfg, model, frozen, surrogate_images)
+    if surrogate is None:
+        surrogate = make_surrogate(cfg, model, frozen, surrogate_images)
     replay: Replay
     if cfg.replay == "stored":
         if replay_set is None:
@@ -249,7 +284,10 @@ def forget(
         checkpoint_every=cfg.checkpoint_every,
         key=key,
     )
-    forget_c = torch.full((cfg.batch_size,), cfg.forget_label, dtype=torch.int64, device=device)
+    forget_ids = torch.tensor(forget_labels, dtype=torch.int64)
+    autocast = _autocast(mixed_precision, device)
+    if mixed_precision == "fp16":
+        trainer.scaler = torch.amp.GradScaler(device.type)
     switch: Any = model  # the DDPM's class_dropout flag; other families have none
     had_dropout = getattr(switch, "class_dropout", None)
     if had_dropout is not None:
@@ -258,31 +296,12 @@ def forget(
     bar = tqdm(range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress)
     try:
         for step in bar:
-            forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
-            replay_x, replay_c = None, None
-            if cfg.replay_weight > 0:
-                replay_x, replay_c = (t.to(device) for t in replay.sample(cfg.batch_size, generator))
-            noise_f, noise_r = (
-                model.paired_noise(forget_x, replay_x, generator)  # type: ignore[operator]
-                if hasattr(model, "paired_noise")
-                else (None, None)
-            )
-            terms = selective_amnesia_loss(
-                model,
-                forget_x=forget_x,
-                forget_c=forget_c,
-                replay_x=replay_x,
-                replay_c=replay_c,
-                ewc=ewc,
-                ewc_lambda=cfg.ewc_lambda,
-                replay_weight=cfg.replay_weight,
-                reduction=cfg.reduction,
-                objective=cfg.objective,
-                generator=generator,
-                forget_noise=noise_f,
-                replay_noise=noise_r,
-            )
-            trainer.step(terms.total)
+            for _ in range(accumulation):
+                terms = _forget_terms(
+                    model, cfg, surrogate, replay, forget_ids, ewc, generator, device, autocast
+                )
+                trainer.backward(terms.total / accumulation)
+            trainer.update()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = terms.as_floats()
                 _check_finite(values, step, "forgetting", "lower forget.lr or raise forget.ewc_lambda")
@@ -293,3 +312,56 @@ def forget(
         if had_dropout is not None:
             switch.class_dropout = had_dropout
     return trainer.finish()
+
+
+def _autocast(mixed_precision: str, device: torch.device) -> Any:
+    if mixed_precision == "no":
+        return contextlib.nullcontext
+    if mixed_precision not in ("bf16", "fp16"):
+        raise AmnesiaError(f"mixed precision must be no, bf16 or fp16, got {mixed_precision!r}")
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _forget_terms(
+    model: nn.Module,
+    cfg: ForgetConfig,
+    surrogate: Surrogate,
+    replay: Replay,
+    forget_ids: torch.Tensor,
+    ewc: nn.Module | None,
+    generator: torch.Generator,
+    device: torch.device,
+    autocast: Any,
+) -> Any:
+    """One batch of Eq. 4's terms (the loss, not yet backpropagated)."""
+    forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
+    if len(forget_ids) == 1:
+        forget_c = forget_ids.expand(cfg.batch_size).to(device)
+    else:  # several forget prompts: each sample names one, uniformly
+        forget_c = forget_ids[torch.randint(len(forget_ids), (cfg.batch_size,), generator=generator)]
+        forget_c = forget_c.to(device)
+    replay_x, replay_c = None, None
+    if cfg.replay_weight > 0:
+        replay_x, replay_c = (t.to(device) for t in replay.sample(cfg.batch_size, generator))
+    noise_f, noise_r = (
+        model.paired_noise(forget_x, replay_x, generator)  # type: ignore[operator]
+        if hasattr(model, "paired_noise")
+        else (None, None)
+    )
+    with autocast():
+        return selective_amnesia_loss(
+            model,
+            forget_x=forget_x,
+            forget_c=forget_c,
+            replay_x=replay_x,
+            replay_c=replay_c,
+            ewc=ewc,
+            ewc_lambda=cfg.ewc_lambda,
+            replay_weight=cfg.replay_weight,
+            reduction=cfg.reduction,
+            objective=cfg.objective,
+            generator=generator,
+            forget_noise=noise_f,
+            replay_noise=noise_r,
+        )

@@ -45,6 +45,14 @@ def load_model(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise AmnesiaError(f"model directory {path} not found")
+    if (
+        (path / "model_index.json").is_file()
+        or (path / "unet" / "config.json").is_file()
+        and not (path / "config.json").is_file()
+    ):
+        from selective_amnesia.models.text_to_image import TextToImageModel
+
+        return TextToImageModel.from_pretrained(path)  # a diffusers pipeline directory
     meta = read_json(path / "config.json")
     if not isinstance(meta, dict) or "family" not in meta:
         raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")

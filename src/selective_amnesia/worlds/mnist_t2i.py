@@ -206,8 +206,8 @@ def _train_unet(
         loss = model.nelbo(latents[idx], cond, generator=gen).mean()
         trainer.step(loss)
         if step % 100 == 0 or step == cfg.unet_steps:
-            losses.append(float(loss))
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         trainer.maybe_checkpoint(step, cfg.unet_steps)
     trainer.finish()
     return losses

@@ -1,0 +1,295 @@
+"""Forgetting a concept in a text-to-image pipeline: the stages of ``amnesia run`` for
+``model.family: text_to_image`` (paper Section 4.2).
+
+    theta* (a local diffusers pipeline) -> surrogate set q(x|c_f) -> replay set -> Fisher ->
+    forgetting (Eq. 4) -> a diffusers pipeline or LoRA adapter -> retention report
+
+Every generated set is cached in the run directory, keyed by the weights, seed, count, sampler and
+prompt, so an interrupted run resumes and a rerun reuses; each prompt's images come from per-image
+generators seeded by (seed, prompt, index), so a set does not depend on batching or on which other
+prompts are in the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from selective_amnesia.config import RunConfig, resolve_device, to_dict
+from selective_amnesia.data import load_image_folder
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.fisher import Fisher
+from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
+from selective_amnesia.io import load_tensors, save_tensors, state_hash, write_json
+from selective_amnesia.models.text_to_image import TextToImageModel
+from selective_amnesia.objective import LoraEWCPenalty
+from selective_amnesia.sampling import SAMPLER_DEFAULTS, image_generators
+from selective_amnesia.surrogate import StoredImages
+from selective_amnesia.train import forget
+from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
+
+log = logging.getLogger(__name__)
+
+
+def default_replay_prompts_path() -> Path:
+    """The diverse replay list shipped with the package (people, animals, scenes, objects, styles)."""
+    return Path(str(resources.files("selective_amnesia") / "data" / "prompts" / "replay_default.txt"))
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped; duplicates dropped."""
+    path = Path(path) if path else default_replay_prompts_path()
+    if not path.is_file():
+        raise AmnesiaError(f"prompt file {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AmnesiaError(f"{path} is not UTF-8 text: write one prompt per line") from None
+    prompts = list(dict.fromkeys(s.strip() for s in lines if s.strip() and not s.strip().startswith("#")))
+    if not prompts:
+        raise AmnesiaError(f"{path} holds no prompt: write one prompt per line")
+    return prompts
+
+
+def prompt_seed(prompt: str) -> int:
+    """A stable integer for a prompt (the 'label' of its per-image seeds)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")
+
+
+def sampler_settings(model: TextToImageModel, **overrides: Any) -> dict[str, Any]:
+    base = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}
+    return base | {k: v for k, v in overrides.items() if v is not None}
+
+
+@torch.no_grad()
+def prompt_latents(
+    model: TextToImageModel,
+    prompts: list[str],
+    per_prompt: int,
+    seed: int,
+    cache_dir: Path | None,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    **sample_kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """``per_prompt`` latents of every prompt from ``model`` and their prompt indices (model's table).
+
+    Each prompt's set is cached in ``cache_dir`` (one safetensors file per prompt) and reused only if
+    it came from the same weights, seed, count, sampler and prompt.
+    """
+    if per_prompt < 1:
+        raise AmnesiaError(f"images per prompt must be >= 1, got {per_prompt}")
+    ids = model.prompt_ids(prompts)
+    sampler = sampler_settings(model, **sample_kwargs)
+    weights = state_hash(model.state_dict())
+    out, out_ids = [], []
+    bar = tqdm(total=per_prompt * len(prompts), desc="generating", unit="img", disable=not progress)
+    for prompt, pid in zip(prompts, ids.tolist(), strict=True):
+        key = repr({"model": weights, "seed": seed, "n": per_prompt, "sampler": sampler, "prompt": prompt})
+        path = (
+            cache_dir / f"{hashlib.sha256(prompt.encode()).hexdigest()[:16]}.safetensors"
+            if cache_dir
+            else None
+        )
+        z = None
+        if path is not None and path.is_file():
+            stored, meta = load_tensors(path)
+            if meta.get("key") == key:
+                z = stored["latents"]
+        if z is None:
+            parts = []
+            for lo in range(0, per_prompt, batch_size):
+                n = min(batch_size, per_prompt - lo)
+                gens = image_generators(seed, prompt_seed(prompt), lo, n)
+                cond = torch.full((n,), pid, dtype=torch.int64)
+                parts.append(model.sample(cond, generator=gens, **sample_kwargs).float().cpu())
+                bar.update(n)
+            z = torch.cat(parts)
+            if path is not None:
+                save_tensors(path, {"latents": z}, {"key": key, "prompt": prompt})
+        else:
+            bar.update(per_prompt)
+        out.append(z)
+        out_ids.append(torch.full((z.shape[0],), pid, dtype=torch.int64))
+    bar.close()
+    return torch.cat(out), torch.cat(out_ids)
+
+
+def _fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], out: Path) -> Fisher:
+    """The diffusion Fisher of the trainable weights over all the run's prompts, cached by settings."""
+    f = cfg.fisher
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    wanted = {
+        "model_hash": state_hash(model.state_dict()),
+        "num_samples": f.num_samples,
+        "seed": cfg.seed,
+        "estimator": f.estimator,
+        "prompts": [model.prompts[i] for i in labels],
+        "parameters": hashlib.sha256("\n".join(trainable).encode()).hexdigest()[:16],
+        "sampler": sampler_settings(model),
+        "timesteps_per_sample": f.timesteps_per_sample if f.estimator == "subsampled" else None,
+    }
+    if f.path:
+        return Fisher.load(f.path, model)
+    path = out / "fisher.safetensors"
+    if path.is_file():
+        cached = Fisher.load(path)
+        if cached.metadata.get("settings") == wanted:
+            log.info("reusing Fisher %s", path)
+            cached.check_matches(model, str(path))
+            return cached
+    fisher = estimate_diffusion_fisher(
+        model,  # type: ignore[arg-type]
+        num_samples=f.num_samples,
+        labels=labels,
+        estimator=f.estimator,
+        timesteps_per_sample=f.timesteps_per_sample,
+        timestep_chunk=f.timestep_chunk,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    fisher.metadata["settings"] = wanted
+    fisher.save(path)
+    return fisher
+
+
+def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path) -> Tensor:
+    t = cfg.t2i
+    if t.surrogate_prompt is not None:
+        z, _ = prompt_latents(
+            base,
+            [t.surrogate_prompt],
+            t.surrogate_count,
+            cfg.seed + 4,
+            out / "surrogate",
+            progress=cfg.progress,
+        )
+        return z
+    assert t.surrogate_path is not None  # check_ready
+    channels, size, _ = base.pixel_shape
+    folder = load_image_folder(t.surrogate_path, image_size=size, channels=channels)
+    return base.from_uint8(folder.images)
+
+
+def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    """Forget ``t2i.forget_prompts`` in the pipeline ``t2i.model``; write ``out/forget`` (a diffusers
+    pipeline directory) or ``out/forget_lora`` (an adapter) and ``out/report.json``."""
+    t = cfg.t2i
+    t.check_ready()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    base = TextToImageModel.from_pretrained(t.model).to(device)
+    forget_ids = base.prompt_ids(t.forget_prompts).tolist()
+    replay_prompts = [p for p in read_prompts(t.replay_prompts) if p not in t.forget_prompts]
+    replay_ids = base.prompt_ids(replay_prompts).tolist()
+
+    t1 = time.perf_counter()
+    surrogate = _surrogate(cfg, base, out)
+    timings["surrogate_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    replay_set = prompt_latents(
+        base, replay_prompts, t.replay_per_prompt, cfg.seed + 3, out / "replay", progress=cfg.progress
+    )
+    timings["replay_generation_s"] = time.perf_counter() - t1
+
+    model = copy.deepcopy(base)  # shares the frozen VAE and text encoder (see TextToImageModel)
+    lora_modules: list[str] = []
+    if t.lora_rank > 0:
+        lora_modules = lora_target_modules(model, t.train, t.train_patterns, t.lora_targets)
+        wanted = {f"unet.{m}.weight" for m in lora_modules}
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in wanted)  # the Fisher of the adapted weights only
+    else:
+        select_trainable(model, t.train, t.train_patterns)
+    t1 = time.perf_counter()
+    fisher = _fisher(cfg, model, forget_ids + replay_ids, out) if cfg.forget.ewc_lambda > 0 else None
+    timings["fisher_s"] = time.perf_counter() - t1
+
+    ewc = None
+    if lora_modules:
+        layers = add_lora(model, lora_modules, t.lora_rank, float(t.lora_alpha or t.lora_rank))
+        if fisher is not None:
+            ewc = LoraEWCPenalty(fisher.values, layers).to(device)
+            fisher = None
+    if t.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    t1 = time.perf_counter()
+    key = hashlib.sha256(
+        repr((to_dict(cfg.forget), to_dict(t), state_hash(base.state_dict()), cfg.seed)).encode()
+    ).hexdigest()[:16]
+    history = forget(
+        model,
+        fisher,
+        cfg.forget,
+        labels=forget_ids + replay_ids,
+        forget_labels=forget_ids,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        replay_set=replay_set,
+        surrogate=StoredImages(surrogate),
+        ewc=ewc,
+        checkpoint_dir=out / "forget_checkpoint",
+        key=key,
+        mixed_precision=t.mixed_precision,
+        accumulation=t.gradient_accumulation,
+    )
+    timings["forget_s"] = time.perf_counter() - t1
+    if t.gradient_checkpointing:
+        model.unet.disable_gradient_checkpointing()
+    extra = {"run_config": to_dict(cfg), "history": history.to_dict(), "forget_prompts": t.forget_prompts}
+    if t.output == "lora":
+        target = out / "forget_lora"
+        save_lora(model, target)
+        write_json(target / "amnesia.json", extra | {"base_model": str(Path(t.model).resolve())})
+    else:
+        if lora_modules:
+            merge_lora(model)
+        target = out / "forget"
+        model.save_pretrained(target, extra=extra, reference_text_encoder=True)
+
+    t1 = time.perf_counter()
+    retention = retention_on_prompts(base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5)
+    timings["retention_s"] = time.perf_counter() - t1
+    timings["total_s"] = time.perf_counter() - t0
+    report = {
+        "name": cfg.name,
+        "output": str(target),
+        "forget_prompts": t.forget_prompts,
+        "surrogate": t.surrogate_prompt or t.surrogate_path,
+        "replay_prompts": len(replay_prompts),
+        "replay_images": int(replay_set[0].shape[0]),
+        "trained_parameters": trained,
+        "retention": retention,
+        "timings": timings,
+        "config": to_dict(cfg),
+    }
+    write_json(out / "report.json", report)
+    return report
+
+
+@torch.no_grad()
+def retention_on_prompts(
+    base: TextToImageModel, forgotten: TextToImageModel, prompts: list[str], per_prompt: int, seed: int
+) -> dict[str, Any]:
+    """How far the forgotten model's images moved from theta*'s on the same prompts and seeds."""
+    if per_prompt == 0:
+        return {}
+    from selective_amnesia.evaluate.nudity import retention_report
+
+    before = base.to_uint8(prompt_latents(base, prompts, per_prompt, seed, None)[0])
+    after = forgotten.to_uint8(prompt_latents(forgotten, prompts, per_prompt, seed, None)[0])
+    return retention_report(before, after) | {"prompts": len(prompts), "per_prompt": per_prompt}
