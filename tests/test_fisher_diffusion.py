@@ -218,3 +218,69 @@ def test_save_load_round_trip(model: ConditionalDDPM, tmp_path: Path) -> None:
     assert g.metadata == f.metadata
     assert all(torch.equal(v, g.values[k]) for k, v in f.values.items())
     assert math.isfinite(_mass(g))
+
+
+@pytest.mark.parametrize("estimator", ["all_timesteps", "subsampled"])
+def test_processes_share_the_samples_and_sum_to_the_one_process_fisher(
+    model: ConditionalDDPM, estimator: str
+) -> None:
+    """Two processes (simulated in turn): each takes every other sample; their summed parts equal the
+    one-process estimate, because both draw the same images and noise in the same order."""
+    kwargs: dict[str, Any] = dict(
+        num_samples=5, labels=[0, 1, 2], estimator=estimator, seed=4, progress=False
+    )
+    kwargs["timesteps_per_sample"] = 4
+    parts: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        parts.append(t.clone())
+        return t
+
+    estimate_diffusion_fisher(model, rank=1, world_size=2, reduce=keep, **kwargs)
+    other = iter(parts)
+    shared = estimate_diffusion_fisher(
+        model, rank=0, world_size=2, reduce=lambda t: t + next(other), **kwargs
+    )
+    alone = estimate_diffusion_fisher(model, **kwargs)
+    assert shared.metadata["processes"] == 2
+    for name, v in alone.values.items():
+        assert v.abs().sum() > 0
+        assert torch.allclose(shared.values[name], v, rtol=1e-5, atol=1e-12), name
+    with pytest.raises(AmnesiaError, match="reduce"):
+        estimate_diffusion_fisher(model, rank=0, world_size=2, **kwargs)
+
+
+def test_two_real_processes_write_the_one_process_fisher(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2` (as `accelerate launch` on GPUs): gloo sums the two halves."""
+    import os
+    import subprocess
+    import sys
+
+    from selective_amnesia.cli import main
+
+    model_dir = tmp_path / "ddpm"
+    tiny_ddpm(num_train_timesteps=10, num_classes=10).save_pretrained(model_dir)
+    config = Path(__file__).resolve().parents[1] / "configs" / "ddpm_mnist_tiny.yaml"
+    args = ["fisher", str(config), "--model", str(model_dir), "fisher.num_samples=4"]
+    assert main([*args, "--out", str(tmp_path / "one.safetensors")]) == 0
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "selective_amnesia.cli",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*torchrun, *args, "--out", str(tmp_path / "two.safetensors")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = Fisher.load(tmp_path / "one.safetensors"), Fisher.load(tmp_path / "two.safetensors")
+    assert two.metadata["processes"] == 2 and "processes" not in one.metadata
+    for name, v in one.values.items():
+        assert torch.allclose(two.values[name], v, rtol=1e-5), name

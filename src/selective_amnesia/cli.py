@@ -106,10 +106,26 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.pipeline import fisher_from_config
 
     cfg = _config(args)
-    f = fisher_from_config(cfg, load_model(args.model).to(resolve_device(cfg.device)))
+    model = load_model(args.model).to(resolve_device(cfg.device))
+    if model.family == "text_to_image":  # over the run's forget and replay prompts, selected weights
+        from selective_amnesia.pipeline_t2i import register_prompts, select_weights, t2i_fisher
+
+        forget_ids, _, replay_ids = register_prompts(cfg, model)
+        select_weights(cfg, model)
+        f = t2i_fisher(cfg, model, forget_ids + replay_ids, None)
+    else:
+        f = fisher_from_config(cfg, model)
+    if f.metadata.get("processes", 1) > 1 and not _main_process():
+        return 0  # every process holds the summed Fisher; the first one writes it
     f.save(args.out)
     print(f"Fisher from {cfg.fisher.num_samples} samples written to {args.out} ({f.metadata['seconds']}s)")
     return 0
+
+
+def _main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:

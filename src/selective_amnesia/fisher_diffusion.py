@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -140,13 +141,25 @@ def estimate_diffusion_fisher(
     timestep_chunk: int = 250,
     seed: int = 0,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Fisher:
     """Diagonal Fisher of ``sum_t ||eps(x_t, t, c) - eps_t||^2`` from the model's own samples.
 
     ``labels`` are the classes c ~ p(c) to sample (all classes in the paper). ``timesteps_per_sample``
     (K) is used by ``subsampled`` only; ``timestep_chunk`` bounds how many timesteps of one sample go
     through the UNet at once. Bad arguments raise ``AmnesiaError``.
+
+    Several processes share the work (``accelerate launch``): process ``rank`` of ``world_size`` takes
+    samples rank, rank + world_size, ... and ``reduce`` sums the per-process sums of squared gradients
+    (e.g. ``accelerate.utils.reduce(t, "sum")``). Every process draws the same images and noise in the
+    same order, so the result equals the one-process estimate up to the order of the summation.
     """
+    if not 0 <= rank < world_size:
+        raise AmnesiaError(f"process rank {rank} is not in [0, {world_size})")
+    if world_size > 1 and reduce is None:
+        raise AmnesiaError("several processes need a reduce function to sum their Fisher parts")
     _check_args(model, num_samples, labels, estimator, timesteps_per_sample, timestep_chunk)
     label_t = torch.as_tensor(labels, dtype=torch.int64)
     n_t = model.config.num_train_timesteps
@@ -155,7 +168,13 @@ def estimate_diffusion_fisher(
     if not params:
         raise AmnesiaError("the model has no trainable parameters: nothing to estimate a Fisher for")
     acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    var_acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]  # subsampled: the sum_t v_t part
+    # subsampled only: the sum_t v_t part (all_timesteps keeps scalars, not a second copy of the UNet)
+    var_acc = [
+        torch.zeros_like(p, dtype=torch.float64)
+        if estimator == "subsampled"
+        else torch.zeros((), dtype=torch.float64)
+        for p in params
+    ]
     device = params[0].device
 
     was_training = model.training
@@ -167,22 +186,27 @@ def estimate_diffusion_fisher(
         noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
         half = timesteps_per_sample // 2
         width = n_t / max(half, 1)  # c, the stratum width (subsampled only)
-        with tqdm(
-            total=num_samples, desc=f"fisher ({estimator})", disable=not progress, unit="sample"
-        ) as bar:
+        mine_total = len(range(rank, num_samples, world_size))
+        with tqdm(total=mine_total, desc=f"fisher ({estimator})", disable=not progress, unit="sample") as bar:
             for i in range(num_samples):
                 x, c = x_all[i : i + 1], c_all[i : i + 1]
+                mine = i % world_size == rank  # the noise of other processes' samples is drawn, not used
                 if estimator == "all_timesteps":
                     eps = torch.randn((n_t, *x.shape), generator=noise_gen, dtype=x.dtype)
+                    if not mine:
+                        continue
                     loss = model.nelbo_all_timesteps(x, c, eps=eps.to(device), chunk=timestep_chunk).sum()
                     for a, g in zip(acc, _grads(loss, params), strict=True):
                         a += g.double().pow(2)
                 else:
-                    sets = []
+                    draws = []
                     for _ in range(2):  # A then B, independent
                         ts = _stratified_timesteps(half, n_t, noise_gen)
                         eps = torch.randn((half, *x.shape[1:]), generator=noise_gen, dtype=x.dtype)
-                        sets.append(_set_gradient(model, x, c, ts, eps, params, timestep_chunk))
+                        draws.append((ts, eps))
+                    if not mine:
+                        continue
+                    sets = [_set_gradient(model, x, c, ts, eps, params, timestep_chunk) for ts, eps in draws]
                     for a, v, s1, s2 in zip(acc, var_acc, *sets, strict=True):
                         s1d, s2d = s1.double(), s2.double()
                         a += width**2 * s1d * s2d  # estimates (sum_t m_t)^2
@@ -190,6 +214,9 @@ def estimate_diffusion_fisher(
                 bar.update(1)
     finally:
         model.train(was_training)
+    if reduce is not None:
+        acc = [reduce(a) for a in acc]
+        var_acc = [reduce(v) for v in var_acc]
     seconds = time.perf_counter() - start
 
     values: dict[str, Tensor] = {}
@@ -199,7 +226,7 @@ def estimate_diffusion_fisher(
         negative += int((mean < 0).sum())  # only possible for subsampled's squared-mean part
         # positive part of the squared-mean estimate (it cannot be negative) plus the variance part: a
         # noisy negative estimate no longer zeroes a parameter's protection (it did for 6% at N = 50)
-        values[name] = (mean.clamp_min(0) + v / num_samples).to(torch.float32)
+        values[name] = (mean.clamp_min(0) + v.to(mean.device) / num_samples).to(torch.float32)
     meta = {
         "num_samples": num_samples,
         "seed": seed,
@@ -213,8 +240,28 @@ def estimate_diffusion_fisher(
         "unet_image_evaluations": num_samples
         * (n_t if estimator == "all_timesteps" else timesteps_per_sample),
     }
+    if world_size > 1:
+        meta["processes"] = world_size
     if estimator == "subsampled":
         meta["timesteps_per_sample"] = timesteps_per_sample
         meta["negative_mean_part_entries_clamped"] = negative
     log.info("diffusion Fisher from %d samples (%s) in %.1fs", num_samples, estimator, seconds)
     return Fisher(values, meta)
+
+
+def process_share() -> tuple[int, int, Callable[[Tensor], Tensor] | None]:
+    """(rank, world size, sum-reduce) of this process: several under ``accelerate launch``, else one."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    # joins the process group the launcher set up (gloo on a machine without CUDA: torchrun on CPUs)
+    state = PartialState(cpu=not torch.cuda.is_available())
+
+    def total(t: Tensor) -> Tensor:
+        return reduce(t.to(state.device), reduction="sum").to(t.device)
+
+    return state.process_index, state.num_processes, total

@@ -24,7 +24,7 @@ from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.fisher import Fisher, estimate_fisher
-from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
+from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
 from selective_amnesia.io import environment, read_json, state_hash, write_json
 from selective_amnesia.models import build_model_from_config, load_model
 from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
@@ -196,8 +196,16 @@ def fisher_from_config(cfg: RunConfig, model: Any) -> Fisher:
         "progress": cfg.progress,
     }
     if model.family == "ddpm":
+        rank, world, reduce = process_share()  # several processes under `accelerate launch`
+        common["progress"] = cfg.progress and rank == 0
         return estimate_diffusion_fisher(
-            model, timesteps_per_sample=f.timesteps_per_sample, timestep_chunk=f.timestep_chunk, **common
+            model,
+            timesteps_per_sample=f.timesteps_per_sample,
+            timestep_chunk=f.timestep_chunk,
+            rank=rank,
+            world_size=world,
+            reduce=reduce,
+            **common,
         )
     return estimate_fisher(model, chunk_size=f.chunk_size, **common)
 

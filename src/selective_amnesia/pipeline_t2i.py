@@ -28,7 +28,7 @@ from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
-from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
+from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
 from selective_amnesia.io import load_tensors, save_tensors, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import LoraEWCPenalty
@@ -125,8 +125,31 @@ def prompt_latents(
     return torch.cat(out), torch.cat(out_ids)
 
 
-def _fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], out: Path) -> Fisher:
-    """The diffusion Fisher of the trainable weights over all the run's prompts, cached by settings."""
+def register_prompts(cfg: RunConfig, model: TextToImageModel) -> tuple[list[int], list[str], list[int]]:
+    """The forget prompts' indices, the replay prompts (forget prompts removed) and their indices."""
+    t = cfg.t2i
+    forget_ids = model.prompt_ids(t.forget_prompts).tolist()
+    replay_prompts = [p for p in read_prompts(t.replay_prompts) if p not in t.forget_prompts]
+    return forget_ids, replay_prompts, model.prompt_ids(replay_prompts).tolist()
+
+
+def select_weights(cfg: RunConfig, model: TextToImageModel) -> list[str]:
+    """Mark the weights the Fisher and the fine-tune are about; with LoRA, return the adapted modules
+    (their base weights get the Fisher; the adapter is added after it is estimated)."""
+    t = cfg.t2i
+    if t.lora_rank == 0:
+        select_trainable(model, t.train, t.train_patterns)
+        return []
+    modules = lora_target_modules(model, t.train, t.train_patterns, t.lora_targets)
+    wanted = {f"unet.{m}.weight" for m in modules}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in wanted)
+    return modules
+
+
+def t2i_fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], path: Path | None) -> Fisher:
+    """The diffusion Fisher of the selected weights over ``labels`` (prompt indices), cached at ``path``
+    by its settings. Under ``accelerate launch`` the processes share the samples and sum their parts."""
     f = cfg.fisher
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     wanted = {
@@ -141,13 +164,13 @@ def _fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], out: Pat
     }
     if f.path:
         return Fisher.load(f.path, model)
-    path = out / "fisher.safetensors"
-    if path.is_file():
+    if path is not None and path.is_file():
         cached = Fisher.load(path)
         if cached.metadata.get("settings") == wanted:
             log.info("reusing Fisher %s", path)
             cached.check_matches(model, str(path))
             return cached
+    rank, world, reduce = process_share()
     fisher = estimate_diffusion_fisher(
         model,  # type: ignore[arg-type]
         num_samples=f.num_samples,
@@ -156,10 +179,14 @@ def _fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], out: Pat
         timesteps_per_sample=f.timesteps_per_sample,
         timestep_chunk=f.timestep_chunk,
         seed=cfg.seed,
-        progress=cfg.progress,
+        progress=cfg.progress and rank == 0,
+        rank=rank,
+        world_size=world,
+        reduce=reduce,
     )
     fisher.metadata["settings"] = wanted
-    fisher.save(path)
+    if path is not None and rank == 0:
+        fisher.save(path)
     return fisher
 
 
@@ -192,9 +219,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(t.model).to(device)
-    forget_ids = base.prompt_ids(t.forget_prompts).tolist()
-    replay_prompts = [p for p in read_prompts(t.replay_prompts) if p not in t.forget_prompts]
-    replay_ids = base.prompt_ids(replay_prompts).tolist()
+    forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
 
     t1 = time.perf_counter()
     surrogate = _surrogate(cfg, base, out)
@@ -206,16 +231,10 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     timings["replay_generation_s"] = time.perf_counter() - t1
 
     model = copy.deepcopy(base)  # shares the frozen VAE and text encoder (see TextToImageModel)
-    lora_modules: list[str] = []
-    if t.lora_rank > 0:
-        lora_modules = lora_target_modules(model, t.train, t.train_patterns, t.lora_targets)
-        wanted = {f"unet.{m}.weight" for m in lora_modules}
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in wanted)  # the Fisher of the adapted weights only
-    else:
-        select_trainable(model, t.train, t.train_patterns)
+    lora_modules = select_weights(cfg, model)
     t1 = time.perf_counter()
-    fisher = _fisher(cfg, model, forget_ids + replay_ids, out) if cfg.forget.ewc_lambda > 0 else None
+    labels = forget_ids + replay_ids
+    fisher = t2i_fisher(cfg, model, labels, out / "fisher.safetensors") if cfg.forget.ewc_lambda > 0 else None
     timings["fisher_s"] = time.perf_counter() - t1
 
     ewc = None
