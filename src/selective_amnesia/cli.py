@@ -250,6 +250,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
 
     model = load_model(args.model).to(resolve_device(cfg.device))
+    if model.family == "text_to_image":
+        return _evaluate_text_to_image(model, args)
+    if args.i2p_csv or args.identity_scorer:
+        raise AmnesiaError("--i2p-csv and --identity-scorer apply to text-to-image models")
     checked_labels(cfg, model)  # fail before training or loading classifiers
     classifiers, infos = load_classifiers(cfg)
     test = load_model_data(cfg, "test", model)
@@ -265,6 +269,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"P(c_f) {metrics['p_forget']:.3f}, entropy {metrics['entropy']:.2f}, remembered accuracy "
         f"{metrics['remembered_accuracy']:.4f}, FID {metrics['fid']:.3f}; written to {args.out}"
+    )
+    return 0
+
+
+def _evaluate_text_to_image(model: Any, args: argparse.Namespace) -> int:
+    """NudeNet over an I2P-format CSV (each row's seed and guidance scale): EXPOSED classes as boxes and
+    images at --threshold, face presence, and an optional identity scorer (module:attr)."""
+    from selective_amnesia.evaluate import nudity
+    from selective_amnesia.io import environment, write_json
+
+    if not args.i2p_csv:
+        raise AmnesiaError("a text-to-image model is evaluated on prompts: pass --i2p-csv FILE")
+    if not 0 <= args.threshold <= 1:
+        raise AmnesiaError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    scorer = nudity.load_identity_scorer(args.identity_scorer) if args.identity_scorer else None
+    rows = nudity.read_i2p_csv(args.i2p_csv)
+    images = nudity.generate_rows(model, rows, progress=not args.no_progress)
+    detections = nudity.NudityDetector().detect(images, progress=not args.no_progress)
+    result: dict[str, Any] = {
+        "model": str(args.model),
+        "prompts": str(args.i2p_csv),
+        "nudity": nudity.nudity_report(detections, args.threshold),
+        "faces": nudity.face_report(detections, args.threshold),
+        "environment": environment(),
+    }
+    if scorer is not None:
+        result["identity"] = nudity.identity_report(scorer, images)
+    write_json(args.out, result)
+    n = result["nudity"]
+    print(
+        f"{n['images_with_exposed']}/{n['num_images']} images with an exposed class at {args.threshold} "
+        f"({n['exposed_boxes']} boxes); faces in {result['faces']['images_with_face']}; written to {args.out}"
     )
     return 0
 
@@ -333,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", "evaluate a model's forgetting and retention metrics into a JSON file", cmd_evaluate)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .json file")
+    p.add_argument(
+        "--i2p-csv", default=None, help="text-to-image: I2P-format CSV (prompt, sd_seed, sd_guidance_scale)"
+    )
+    p.add_argument("--threshold", type=float, default=0.6, help="text-to-image: NudeNet score threshold")
+    p.add_argument(
+        "--identity-scorer", default=None, help="text-to-image: module:attr of an IdentityScorer to report"
+    )
     return parser
 
 

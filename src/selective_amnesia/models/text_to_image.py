@@ -420,10 +420,13 @@ class TextToImageModel(nn.Module):
         write_json(done, index)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, torch_dtype: torch.dtype | None = None) -> TextToImageModel:
+    def from_pretrained(
+        cls, path: str | Path, *, torch_dtype: torch.dtype = torch.float32
+    ) -> TextToImageModel:
         """Load any local diffusers Stable-Diffusion-style directory (SD 1.x/2.x layout).
 
-        Bad or incomplete directories raise ``AmnesiaError``; nothing is downloaded.
+        The UNet and VAE are loaded in ``torch_dtype`` whatever dtype they were stored in. Bad or incomplete
+        directories raise ``AmnesiaError``; nothing is downloaded.
         """
         import transformers
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -433,7 +436,9 @@ class TextToImageModel(nn.Module):
         index = read_json(path / "model_index.json")
         if not isinstance(index, dict) or "unet" not in index:
             raise AmnesiaError(f"{path}/model_index.json has no unet: not a text-to-image pipeline directory")
-        kw: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        kw: dict[str, Any] = {
+            "torch_dtype": torch_dtype
+        }  # float32 unless asked: weights may be stored in fp16
         try:
             unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **kw)
             vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, **kw)
