@@ -343,9 +343,16 @@ class TextToImageModel(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, images: Tensor, generator: torch.Generator | None = None, batch_size: int = 64
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        batch_size: int = 64,
+        *,
+        sample: bool = False,
     ) -> Tensor:
-        """Images in [-1, 1] -> latents ``latent_dist.sample() * scaling_factor`` (diffusers' training)."""
+        """Images in [-1, 1] -> latents times ``scaling_factor``: the posterior mean, or with ``sample``
+        a draw from it (diffusers' training script samples; for SD's VAE the two differ by ~1e-3 of the
+        latent scale, for a small VAE trained here they do not, see docs/text_to_image.md)."""
         if images.dim() != 4 or tuple(images.shape[1:]) != self.pixel_shape:
             raise AmnesiaError(
                 f"images must have shape (N, {', '.join(map(str, self.pixel_shape))}) for this model, "
@@ -355,8 +362,10 @@ class TextToImageModel(nn.Module):
         for lo in range(0, images.shape[0], batch_size):
             x = images[lo : lo + batch_size].to(self.vae.device, self.vae.dtype)
             dist = self.vae.encode(x).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
-            z = dist.mean + dist.std * noise.to(dist.mean.device)
+            z = dist.mean
+            if sample:
+                noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
+                z = z + dist.std * noise.to(dist.mean.device)
             out.append((z * self.scaling_factor).float().cpu())
         return torch.cat(out)
 
@@ -365,8 +374,8 @@ class TextToImageModel(nn.Module):
         return ((self.decode(x) + 1) * 127.5).round().to(torch.uint8)
 
     def from_uint8(self, x: Tensor) -> Tensor:
-        """uint8 images -> latents (seed 0 for the posterior draw, so the same images give the same x)."""
-        return self.encode(x.float() / 127.5 - 1.0, generator=torch.Generator().manual_seed(0))
+        """uint8 images -> latents (the posterior mean: the same images always give the same x)."""
+        return self.encode(x.float() / 127.5 - 1.0)
 
     # ---- pipeline directory ----------------------------------------------------------------------
 
