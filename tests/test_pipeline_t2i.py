@@ -90,3 +90,15 @@ def test_bad_t2i_settings(tiny_world: Path, tmp_path: Path) -> None:
     with pytest.raises(AmnesiaError, match="no prompt"):
         read_prompts(empty)
     assert len(read_prompts(None)) >= 50  # the shipped default list
+
+
+def test_bf16_checkpointing_and_accumulation_run(tiny_world: Path, tmp_path: Path) -> None:
+    extra = ("t2i.mixed_precision=bf16", "t2i.gradient_checkpointing=true", "t2i.gradient_accumulation=2")
+    report = run_text_to_image(_cfg(tiny_world, *extra), tmp_path)  # type: ignore[arg-type]
+    history = report["config"]["t2i"]
+    assert history["mixed_precision"] == "bf16"
+    after = TextToImageModel.from_pretrained(tmp_path / "forget")
+    base = TextToImageModel.from_pretrained(tiny_world)
+    moved = [not torch.equal(a, b) for a, b in zip(base.parameters(), after.parameters(), strict=True)]
+    assert any(moved) and all(torch.isfinite(p).all() for p in after.parameters())
+    assert not after.unet.is_gradient_checkpointing  # switched off again before saving
