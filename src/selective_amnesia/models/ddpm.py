@@ -121,7 +121,99 @@ class DDPMNoise(NamedTuple):
     drop: Tensor | None = None  # float (B,) uniform in [0, 1); label dropped where < class_dropout_prob
 
 
-class ConditionalDDPM(nn.Module):
+class EpsilonDiffusion(nn.Module):
+    """What the epsilon-prediction families share (class-conditional DDPM, latent text-to-image): the
+    reference code's antithetic timesteps, the paired noise of a forgetting step and the all-timestep
+    ELBO of the paper's Fisher. Subclasses provide ``config.num_train_timesteps``, ``eps_loss`` and the
+    input checks ``_check_images`` / ``_check_cond``."""
+
+    config: Any
+
+    def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _check_images(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_cond(cond: Tensor) -> None:
+        raise NotImplementedError
+
+    def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n timesteps in antithetic pairs (t, T-1-t), as the reference training code draws them."""
+        half = torch.randint(0, self.config.num_train_timesteps, (n // 2 + 1,), generator=generator)
+        return torch.cat([half, self.config.num_train_timesteps - 1 - half])[:n]
+
+    def paired_noise(
+        self, forget_x: Tensor, replay_x: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[DDPMNoise, DDPMNoise | None]:
+        """Noise for the forget and replay terms of one step: both use the same antithetic timesteps
+        (the reference forgetting code), each its own eps; no label-dropout draw (off while forgetting)."""
+        n = forget_x.shape[0] if replay_x is None else max(forget_x.shape[0], replay_x.shape[0])
+        t = self.antithetic_timesteps(n, generator).to(forget_x.device)
+        eps_f = torch.randn(forget_x.shape, generator=generator, dtype=forget_x.dtype).to(forget_x.device)
+        noise_f = DDPMNoise(t[: forget_x.shape[0]], eps_f)
+        if replay_x is None:
+            return noise_f, None
+        eps_r = torch.randn(replay_x.shape, generator=generator, dtype=replay_x.dtype).to(replay_x.device)
+        return noise_f, DDPMNoise(t[: replay_x.shape[0]], eps_r)
+
+    def nelbo_all_timesteps(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        eps: Tensor | None = None,
+        chunk: int = 50,
+        checkpoint: bool = True,
+    ) -> Tensor:
+        """sum_{t=0}^{T-1} ||eps(x_t, t, c) - eps_t||^2 per sample, shape (B,): the paper's ELBO(x|theta,c).
+
+        One fresh eps_t ~ N(0, I) per timestep, drawn from ``generator`` in order t = 0, 1, ... (so the
+        value does not depend on ``chunk``), or given as ``eps`` of shape (T, *x.shape). The UNet sees
+        ``chunk`` timesteps (chunk * B images) per call. When gradients are on and ``checkpoint`` is true,
+        each chunk is recomputed in backward, so memory stays bounded by one chunk. No label dropout.
+        """
+        self._check_images(x)
+        self._check_cond(cond)
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        n_t, b = self.config.num_train_timesteps, x.shape[0]
+        if eps is not None and tuple(eps.shape) != (n_t, *x.shape):
+            raise ValueError(f"eps must have shape {(n_t, *x.shape)}, got {tuple(eps.shape)}")
+
+        def chunk_loss(ts: Tensor, e: Tensor) -> Tensor:
+            k = ts.shape[0]
+            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+            cs = cond.unsqueeze(0).expand(k, b).reshape(k * b)
+            tt = ts.repeat_interleave(b)
+            return self.eps_loss(xs, cs, tt, e.reshape(k * b, *x.shape[1:])).view(k, b).sum(dim=0)
+
+        use_ckpt = checkpoint and torch.is_grad_enabled()
+        total = x.new_zeros(b)
+        for start in range(0, n_t, chunk):
+            ts = torch.arange(start, min(start + chunk, n_t), device=x.device)
+            if eps is None:
+                e = torch.stack(
+                    [
+                        torch.randn(
+                            x.shape, generator=generator, device=_draw_device(generator, x), dtype=x.dtype
+                        )
+                        for _ in range(ts.shape[0])
+                    ]
+                ).to(x.device)
+            else:
+                e = eps[start : start + ts.shape[0]].to(device=x.device, dtype=x.dtype)
+            if use_ckpt:
+                part = torch.utils.checkpoint.checkpoint(chunk_loss, ts, e, use_reentrant=False)
+            else:
+                part = chunk_loss(ts, e)
+            total = total + part
+        return total
+
+
+class ConditionalDDPM(EpsilonDiffusion):
     """Satisfies ``ConditionalGenerativeModel``; images are in [-1, 1], shape (B, C, H, W).
 
     ``nelbo`` is the paper's per-sample diffusion loss ||eps(x_t, t, c) - eps||^2 (summed over pixels)
@@ -236,25 +328,6 @@ class ConditionalDDPM(nn.Module):
         drop = torch.rand(b, generator=generator, device=dev)
         return DDPMNoise(t.to(x.device), eps.to(x.device), drop.to(x.device))
 
-    def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n timesteps in antithetic pairs (t, T-1-t), as the reference training code draws them."""
-        half = torch.randint(0, self.config.num_train_timesteps, (n // 2 + 1,), generator=generator)
-        return torch.cat([half, self.config.num_train_timesteps - 1 - half])[:n]
-
-    def paired_noise(
-        self, forget_x: Tensor, replay_x: Tensor | None, generator: torch.Generator | None = None
-    ) -> tuple[DDPMNoise, DDPMNoise | None]:
-        """Noise for the forget and replay terms of one step: both use the same antithetic timesteps
-        (the reference forgetting code), each its own eps; no label-dropout draw (off while forgetting)."""
-        n = forget_x.shape[0] if replay_x is None else max(forget_x.shape[0], replay_x.shape[0])
-        t = self.antithetic_timesteps(n, generator).to(forget_x.device)
-        eps_f = torch.randn(forget_x.shape, generator=generator, dtype=forget_x.dtype).to(forget_x.device)
-        noise_f = DDPMNoise(t[: forget_x.shape[0]], eps_f)
-        if replay_x is None:
-            return noise_f, None
-        eps_r = torch.randn(replay_x.shape, generator=generator, dtype=replay_x.dtype).to(replay_x.device)
-        return noise_f, DDPMNoise(t[: replay_x.shape[0]], eps_r)
-
     def _dropout_active(self) -> bool:
         return self.training and self.class_dropout and self.config.class_dropout_prob > 0
 
@@ -279,60 +352,6 @@ class ConditionalDDPM(nn.Module):
                 drop = drop.to(x.device)
             cond = torch.where(drop < self.config.class_dropout_prob, self.null_class, cond)
         return self.eps_loss(x, cond, timesteps.to(x.device), eps)
-
-    def nelbo_all_timesteps(
-        self,
-        x: Tensor,
-        cond: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        eps: Tensor | None = None,
-        chunk: int = 50,
-        checkpoint: bool = True,
-    ) -> Tensor:
-        """sum_{t=0}^{T-1} ||eps(x_t, t, c) - eps_t||^2 per sample, shape (B,): the paper's ELBO(x|theta,c).
-
-        One fresh eps_t ~ N(0, I) per timestep, drawn from ``generator`` in order t = 0, 1, ... (so the
-        value does not depend on ``chunk``), or given as ``eps`` of shape (T, *x.shape). The UNet sees
-        ``chunk`` timesteps (chunk * B images) per call. When gradients are on and ``checkpoint`` is true,
-        each chunk is recomputed in backward, so memory stays bounded by one chunk. No label dropout.
-        """
-        self._check_images(x)
-        self._check_cond(cond)
-        if chunk < 1:
-            raise ValueError("chunk must be >= 1")
-        n_t, b = self.config.num_train_timesteps, x.shape[0]
-        if eps is not None and tuple(eps.shape) != (n_t, *x.shape):
-            raise ValueError(f"eps must have shape {(n_t, *x.shape)}, got {tuple(eps.shape)}")
-
-        def chunk_loss(ts: Tensor, e: Tensor) -> Tensor:
-            k = ts.shape[0]
-            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-            cs = cond.unsqueeze(0).expand(k, b).reshape(k * b)
-            tt = ts.repeat_interleave(b)
-            return self.eps_loss(xs, cs, tt, e.reshape(k * b, *x.shape[1:])).view(k, b).sum(dim=0)
-
-        use_ckpt = checkpoint and torch.is_grad_enabled()
-        total = x.new_zeros(b)
-        for start in range(0, n_t, chunk):
-            ts = torch.arange(start, min(start + chunk, n_t), device=x.device)
-            if eps is None:
-                e = torch.stack(
-                    [
-                        torch.randn(
-                            x.shape, generator=generator, device=_draw_device(generator, x), dtype=x.dtype
-                        )
-                        for _ in range(ts.shape[0])
-                    ]
-                ).to(x.device)
-            else:
-                e = eps[start : start + ts.shape[0]].to(device=x.device, dtype=x.dtype)
-            if use_ckpt:
-                part = torch.utils.checkpoint.checkpoint(chunk_loss, ts, e, use_reentrant=False)
-            else:
-                part = chunk_loss(ts, e)
-            total = total + part
-        return total
 
     @torch.no_grad()
     def sample(

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.utils.checkpoint
-from torch import Tensor, nn
+from torch import Tensor
 
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, read_json, write_json
-from selective_amnesia.models.ddpm import SAMPLERS, DDPMNoise, _draw_device
+from selective_amnesia.models.ddpm import SAMPLERS, DDPMNoise, EpsilonDiffusion, _draw_device
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -90,7 +89,7 @@ def text_encoder_from_ref(ref: dict[str, Any]) -> Any:
     return cls.from_pretrained(Path(spec.origin).parent / str(ref["subdir"]))
 
 
-class TextToImageModel(nn.Module):
+class TextToImageModel(EpsilonDiffusion):
     """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents."""
 
     family = "text_to_image"
@@ -209,9 +208,17 @@ class TextToImageModel(nn.Module):
         table = torch.stack([self._embeds[p] for p in self.prompts])
         return table[cond.to(table.device)]
 
-    def check_labels(self, cond: Tensor) -> None:
+    @staticmethod
+    def _check_cond(cond: Tensor) -> None:
         if cond.dtype != torch.int64 or cond.dim() != 1:
             raise ValueError(f"cond must be int64 prompt indices (B,), got {cond.dtype} {tuple(cond.shape)}")
+
+    def _check_images(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"expected latents of shape (B, {self.image_shape}), got {tuple(x.shape)}")
+
+    def check_labels(self, cond: Tensor) -> None:
+        self._check_cond(cond)
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= len(self.prompts)):
             raise ValueError(f"prompt indices must lie in [0, {len(self.prompts)}): register prompts first")
 
@@ -232,22 +239,6 @@ class TextToImageModel(nn.Module):
         eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
         return DDPMNoise(t.to(x.device), eps.to(x.device))
 
-    def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        half = torch.randint(0, self.config.num_train_timesteps, (n // 2 + 1,), generator=generator)
-        return torch.cat([half, self.config.num_train_timesteps - 1 - half])[:n]
-
-    def paired_noise(
-        self, forget_x: Tensor, replay_x: Tensor | None, generator: torch.Generator | None = None
-    ) -> tuple[DDPMNoise, DDPMNoise | None]:
-        """Both terms of a forgetting step share antithetic timesteps, as in the reference SD code."""
-        n = forget_x.shape[0] if replay_x is None else max(forget_x.shape[0], replay_x.shape[0])
-        t = self.antithetic_timesteps(n, generator).to(forget_x.device)
-        eps_f = torch.randn(forget_x.shape, generator=generator, dtype=forget_x.dtype).to(forget_x.device)
-        if replay_x is None:
-            return DDPMNoise(t[: forget_x.shape[0]], eps_f), None
-        eps_r = torch.randn(replay_x.shape, generator=generator, dtype=replay_x.dtype).to(replay_x.device)
-        return DDPMNoise(t[: forget_x.shape[0]], eps_f), DDPMNoise(t[: replay_x.shape[0]], eps_r)
-
     def nelbo(
         self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
     ) -> Tensor:
@@ -256,38 +247,6 @@ class TextToImageModel(nn.Module):
             noise = self.draw_noise(x, generator)
         timesteps, eps, *_ = noise
         return self.eps_loss(x, cond, timesteps.to(x.device), eps)
-
-    def nelbo_all_timesteps(
-        self,
-        x: Tensor,
-        cond: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        eps: Tensor | None = None,
-        chunk: int = 50,
-        checkpoint: bool = True,
-    ) -> Tensor:
-        """sum_t ||eps(z_t, t, text) - eps_t||^2 over all T timesteps, (B,): the paper's Fisher ELBO."""
-        n_t, b = self.config.num_train_timesteps, x.shape[0]
-        if eps is None:
-            eps = torch.randn((n_t, *x.shape), generator=generator, dtype=x.dtype)
-
-        def chunk_loss(ts: Tensor, e: Tensor) -> Tensor:
-            k = ts.shape[0]
-            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-            cs = cond.unsqueeze(0).expand(k, b).reshape(k * b)
-            return self.eps_loss(xs, cs, ts.repeat_interleave(b), e.reshape(k * b, *x.shape[1:])).view(k, b)
-
-        total = x.new_zeros(b)
-        for lo in range(0, n_t, chunk):
-            ts = torch.arange(lo, min(lo + chunk, n_t), device=x.device)
-            e = eps[lo : lo + ts.shape[0]].to(device=x.device, dtype=x.dtype)
-            if checkpoint and torch.is_grad_enabled():
-                part = torch.utils.checkpoint.checkpoint(chunk_loss, ts, e, use_reentrant=False)
-            else:
-                part = chunk_loss(ts, e)
-            total = total + part.sum(dim=0)
-        return total
 
     # ---- sampling --------------------------------------------------------------------------------
 
