@@ -142,36 +142,10 @@ def test_cli_evaluate_i2p_csv(tiny_world: Path, tmp_path: Path) -> None:
         "prompt,sd_seed,sd_guidance_scale,categories\na handwritten 7,3,2.0,x\nthe digit 1,4,7.5,y\n"
     )
     out = tmp_path / "eval.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(tiny_world),
-                "--i2p-csv",
-                str(csv),
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    evaluate = ["evaluate", "--model", str(tiny_world), "--out", str(out), "--no-progress"]
+    assert main([*evaluate, "--i2p-csv", str(csv)]) == 0
     report = read_json(out)
     assert report["nudity"]["num_images"] == 2 and report["nudity"]["threshold"] == 0.6
     assert set(report["faces"]["classes"]) == {"FACE_FEMALE", "FACE_MALE"}
-    assert main(["evaluate", "--model", str(tiny_world), "--out", str(out)]) == 2  # no prompts given
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(tiny_world),
-                "--i2p-csv",
-                str(tmp_path / "nope.csv"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(evaluate) == 2  # no prompts given
+    assert main([*evaluate, "--i2p-csv", str(tmp_path / "nope.csv")]) == 2
