@@ -144,7 +144,7 @@ def build_components(cfg: WorldConfig) -> tuple[Any, Any]:
     return vae, unet
 
 
-def _train_vae(vae: nn.Module, images: torch.Tensor, cfg: WorldConfig, ckpt: Path, progress: bool) -> None:
+def _train_vae(vae: nn.Module, images: torch.Tensor, cfg: WorldConfig, ckpt: Path, progress: bool) -> float:
     """Reconstruction MSE + a small KL (no GAN or LPIPS at this size); images in [-1, 1]."""
     gen = torch.Generator().manual_seed(cfg.seed)
     trainer = Trainer(
@@ -169,7 +169,7 @@ def _train_vae(vae: nn.Module, images: torch.Tensor, cfg: WorldConfig, ckpt: Pat
         if step % 100 == 0:
             bar.set_postfix(loss=f"{float(loss):.4f}")
         trainer.maybe_checkpoint(step, cfg.vae_steps)
-    trainer.finish()
+    return trainer.finish().seconds  # training time summed over resumed runs
 
 
 def _train_unet(
@@ -179,7 +179,7 @@ def _train_unet(
     cfg: WorldConfig,
     ckpt: Path,
     progress: bool,
-) -> list[float]:
+) -> tuple[list[float], float]:
     """L_simple on cached latents; each image gets a random caption of its digit, "" with text_dropout."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     table = torch.stack([model.prompt_ids(captions(d)) for d in range(10)])  # (10, templates)
@@ -209,8 +209,7 @@ def _train_unet(
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         trainer.maybe_checkpoint(step, cfg.unet_steps)
-    trainer.finish()
-    return losses
+    return losses, trainer.finish().seconds  # (losses, training time summed over resumed runs)
 
 
 def build_world(
@@ -224,20 +223,20 @@ def build_world(
         return TextToImageModel.from_pretrained(out)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     data = load_dataset("mnist", "train", image_size=cfg.image_size)
     images = data.images[: cfg.train_images].float() / 127.5 - 1.0
     labels = data.labels[: cfg.train_images]
     vae, unet = build_components(cfg)
     vae_dir = out / "work" / "vae"
-    if (vae_dir / "config.json").is_file():
+    if (vae_dir / "config.json").is_file() and (vae_dir / "train.json").is_file():
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_dir)
+        timings["vae_s"] = read_json(vae_dir / "train.json")["seconds"]
     else:
-        _train_vae(vae, images, cfg, out / "work" / "vae_checkpoint", progress)
+        timings["vae_s"] = _train_vae(vae, images, cfg, out / "work" / "vae_checkpoint", progress)
         vae.save_pretrained(vae_dir)
-    timings["vae_s"] = time.perf_counter() - t0
+        write_json(vae_dir / "train.json", {"seconds": timings["vae_s"]})
     vae.eval()
     vae.requires_grad_(False)
     with torch.no_grad():  # SD's convention: scale latents to unit variance
@@ -265,9 +264,9 @@ def build_world(
     # of it), and training on draws made the UNet fit that noise (loss ~0.9 per entry at small t)
     latents = model.encode(images, batch_size=512)
     timings["encode_s"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    losses = _train_unet(model, latents, labels, cfg, out / "work" / "unet_checkpoint", progress)
-    timings["unet_s"] = time.perf_counter() - t2
+    losses, timings["unet_s"] = _train_unet(
+        model, latents, labels, cfg, out / "work" / "unet_checkpoint", progress
+    )
     model.eval()
     model.save_pretrained(out, extra={"world": "mnist_t2i"}, reference_text_encoder=True)
     shutil.rmtree(out / "work", ignore_errors=True)
