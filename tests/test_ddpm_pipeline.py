@@ -75,16 +75,16 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
     """Make the training step raise after ``calls`` optimizer steps, like a killed process."""
     from selective_amnesia import train
 
-    original = train.Trainer.step
+    original = train.Trainer.update  # every loop's optimizer step goes through it
     count = {"n": 0}
 
-    def step(self: train.Trainer, loss: torch.Tensor) -> None:
+    def update(self: train.Trainer) -> None:
         if count["n"] == calls:
             raise KeyboardInterrupt
         count["n"] += 1
-        original(self, loss)
+        original(self)
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.Trainer, "update", update)
 
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(

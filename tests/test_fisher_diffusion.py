@@ -282,5 +282,6 @@ def test_two_real_processes_write_the_one_process_fisher(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = Fisher.load(tmp_path / "one.safetensors"), Fisher.load(tmp_path / "two.safetensors")
     assert two.metadata["processes"] == 2 and "processes" not in one.metadata
-    for name, v in one.values.items():
-        assert torch.allclose(two.values[name], v, rtol=1e-5), name
+    scale = max(float(v.abs().max()) for v in one.values.values())
+    for name, v in one.values.items():  # summation order differs: tolerance relative to the Fisher's scale
+        assert torch.allclose(two.values[name], v, rtol=1e-5, atol=1e-7 * scale), name

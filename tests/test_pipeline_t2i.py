@@ -102,3 +102,17 @@ def test_bf16_checkpointing_and_accumulation_run(tiny_world: Path, tmp_path: Pat
     moved = [not torch.equal(a, b) for a, b in zip(base.parameters(), after.parameters(), strict=True)]
     assert any(moved) and all(torch.isfinite(p).all() for p in after.parameters())
     assert not after.unet.is_gradient_checkpointing  # switched off again before saving
+
+
+def test_a_stock_sd_layout_pipeline_forgets_and_reloads(tiny_sd: Path, tmp_path: Path) -> None:
+    """The SD-1.x layout (CLIP, RGB, PNDM config written by diffusers itself), not just the world's."""
+    from diffusers import StableDiffusionPipeline
+
+    model = TextToImageModel.from_pretrained(tiny_sd)
+    assert model.pixel_shape == (3, 16, 16) and model.tokenizer.model_max_length == 24
+    cfg = _cfg(tiny_sd, "t2i.forget_prompts=[brad pitt]", "t2i.surrogate_prompt=a middle aged man")
+    report = run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert report["replay_prompts"] >= 50  # the config's MNIST prompt file is replaced below? no: it is kept
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "forget")  # the text encoder was copied
+    image = pipe("a photo of brad pitt", num_inference_steps=2, output_type="pt").images  # type: ignore[operator]
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
