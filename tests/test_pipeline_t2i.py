@@ -110,9 +110,14 @@ def test_a_stock_sd_layout_pipeline_forgets_and_reloads(tiny_sd: Path, tmp_path:
 
     model = TextToImageModel.from_pretrained(tiny_sd)
     assert model.pixel_shape == (3, 16, 16) and model.tokenizer.model_max_length == 24
-    cfg = _cfg(tiny_sd, "t2i.forget_prompts=[brad pitt]", "t2i.surrogate_prompt=a middle aged man")
-    report = run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
-    assert report["replay_prompts"] >= 50  # the config's MNIST prompt file is replaced below? no: it is kept
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "forget")  # the text encoder was copied
+    prompts = tmp_path / "replay.txt"
+    prompts.write_text(
+        "a dog on a beach\n# a comment\n\na red car\nbrad pitt\n"
+    )  # the forget prompt is dropped
+    extra = ("t2i.forget_prompts=[brad pitt]", "t2i.surrogate_prompt=a middle aged man")
+    cfg = _cfg(tiny_sd, *extra, f"t2i.replay_prompts={prompts}")
+    report = run_text_to_image(cfg, tmp_path / "run")  # type: ignore[arg-type]
+    assert report["replay_prompts"] == 2 and report["replay_images"] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "forget")  # text encoder copied
     image = pipe("a photo of brad pitt", num_inference_steps=2, output_type="pt").images  # type: ignore[operator]
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
