@@ -32,7 +32,7 @@ from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, proces
 from selective_amnesia.io import load_tensors, save_tensors, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import LoraEWCPenalty
-from selective_amnesia.sampling import SAMPLER_DEFAULTS, image_generators
+from selective_amnesia.sampling import effective_sampler, image_generators
 from selective_amnesia.surrogate import StoredImages
 from selective_amnesia.train import forget
 from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
@@ -65,11 +65,6 @@ def prompt_seed(prompt: str) -> int:
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")
 
 
-def sampler_settings(model: TextToImageModel, **overrides: Any) -> dict[str, Any]:
-    base = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}
-    return base | {k: v for k, v in overrides.items() if v is not None}
-
-
 @torch.no_grad()
 def prompt_latents(
     model: TextToImageModel,
@@ -90,8 +85,8 @@ def prompt_latents(
     if per_prompt < 1:
         raise AmnesiaError(f"images per prompt must be >= 1, got {per_prompt}")
     ids = model.prompt_ids(prompts)
-    sampler = sampler_settings(model, **sample_kwargs)
-    weights = state_hash(model.state_dict())
+    sampler = effective_sampler(model, **sample_kwargs)
+    weights = state_hash(model.state_dict()) if cache_dir else ""  # hashing a UNet is not free
     out, out_ids = [], []
     bar = tqdm(total=per_prompt * len(prompts), desc="generating", unit="img", disable=not progress)
     for prompt, pid in zip(prompts, ids.tolist(), strict=True):
@@ -151,6 +146,8 @@ def t2i_fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], path:
     """The diffusion Fisher of the selected weights over ``labels`` (prompt indices), cached at ``path``
     by its settings. Under ``accelerate launch`` the processes share the samples and sum their parts."""
     f = cfg.fisher
+    if f.path:
+        return Fisher.load(f.path, model)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     wanted = {
         "model_hash": state_hash(model.state_dict()),
@@ -159,11 +156,9 @@ def t2i_fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], path:
         "estimator": f.estimator,
         "prompts": [model.prompts[i] for i in labels],
         "parameters": hashlib.sha256("\n".join(trainable).encode()).hexdigest()[:16],
-        "sampler": sampler_settings(model),
+        "sampler": effective_sampler(model),
         "timesteps_per_sample": f.timesteps_per_sample if f.estimator == "subsampled" else None,
     }
-    if f.path:
-        return Fisher.load(f.path, model)
     if path is not None and path.is_file():
         cached = Fisher.load(path)
         if cached.metadata.get("settings") == wanted:
@@ -254,7 +249,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         model,
         fisher,
         cfg.forget,
-        labels=forget_ids + replay_ids,
+        labels=labels,
         forget_labels=forget_ids,
         seed=cfg.seed,
         progress=cfg.progress,

@@ -40,6 +40,13 @@ def image_generators(seed: int, label: int, start: int, count: int) -> list[torc
     return [torch.Generator().manual_seed(int(s)) for s in states]
 
 
+def effective_sampler(model: Any, **overrides: Any) -> dict[str, Any]:
+    """The sampler settings ``model.sample`` will use: the model's defaults (a diffusion model's config)
+    overridden by the non-None ``overrides``; part of every generated set's cache key."""
+    defaults = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS if hasattr(model.config, k)}
+    return defaults | {k: v for k, v in overrides.items() if v is not None}
+
+
 def check_labels(labels: list[int], num_classes: int) -> None:
     bad = [c for c in labels if not 0 <= c < num_classes]
     if bad:
@@ -100,9 +107,7 @@ def cached_samples(
 
     A stored set is reused only if it came from the same weights, seed, count and sampler settings.
     """
-    # the effective sampler: the model's defaults (a diffusion model's config) overridden by sample_kwargs
-    defaults = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS if hasattr(model.config, k)}
-    sampler = defaults | {k: v for k, v in sample_kwargs.items() if v is not None}
+    sampler = effective_sampler(model, **sample_kwargs)
     key = {
         "model_hash": state_hash(model.state_dict()),
         "seed": seed,
