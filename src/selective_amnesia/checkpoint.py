@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import atomic_path, load_tensors, read_json, save_tensors
 
-__all__ = ["load_training_state", "remove_training_state", "save_training_state"]
+__all__ = ["load_state", "load_training_state", "remove_training_state", "save_state", "save_training_state"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,6 @@ def save_training_state(
     holding tensors, lists of tensors and JSON scalars works). ``extra`` must be JSON-serialisable;
     ``key`` identifies the settings the state belongs to (``load_training_state`` ignores other keys).
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise AmnesiaError(f"checkpoint path {path} exists and is not a directory; move it away")
-
     tensors: dict[str, torch.Tensor] = {}
     for name, t in _unshare(model.state_dict()).items():
         tensors[f"model.{name}"] = t
@@ -85,39 +82,94 @@ def save_training_state(
             tensors[f"rng.cuda.{i}"] = s
             n_cuda += 1
 
-    checkpoint_id = secrets.token_hex(4)
-    tensors_name = f"{_TENSORS_PREFIX}{step:08d}-{checkpoint_id}{_TENSORS_SUFFIX}"
     state = {
-        "format": FORMAT,
-        "version": VERSION,
-        "key": key,
         "step": int(step),
-        "checkpoint_id": checkpoint_id,
-        "tensors_file": tensors_name,
         "model_keys": sorted(k[len("model.") :] for k in tensors if k.startswith("model.")),
         "optimizer": optim_json,
         "ema": ema_json,
         "cuda_rng_devices": n_cuda,
         "extra": extra if extra is not None else {},
     }
-    # Serialise before touching the disk so a non-JSON ``extra`` fails without leaving files behind.
+    save_state(path, tensors, state, key=key)
+    log.info("saved training state at step %d to %s", step, path)
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], *, key: str = "") -> None:
+    """Atomically replace the checkpoint in directory ``path`` with ``tensors`` and the JSON ``state``.
+
+    The generic commit protocol (module docstring) that every resumable stage uses: training, the
+    Fisher's partial sums, generated image blocks.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AmnesiaError(f"checkpoint path {path} exists and is not a directory; move it away")
+    step = int(state.get("step", 0))
+    checkpoint_id = secrets.token_hex(4)
+    tensors_name = f"{_TENSORS_PREFIX}{step:08d}-{checkpoint_id}{_TENSORS_SUFFIX}"
+    marker = {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": key,
+        "checkpoint_id": checkpoint_id,
+        "tensors_file": tensors_name,
+        **state,
+    }
+    # Serialise before touching the disk so a non-JSON state fails without leaving files behind.
     try:
-        text = json.dumps(state, indent=1) + "\n"
+        text = json.dumps(marker, indent=1) + "\n"
     except (TypeError, ValueError) as e:
-        raise TypeError(f"training state is not JSON-serialisable ({e}); check `extra`") from None
+        raise TypeError(f"checkpoint state is not JSON-serialisable ({e}); check `extra`") from None
 
     path.mkdir(parents=True, exist_ok=True)
     tensors_path = path / tensors_name
-    save_tensors(tensors_path, tensors, {"checkpoint_id": checkpoint_id, "step": str(int(step))})
+    save_tensors(tensors_path, tensors, {"checkpoint_id": checkpoint_id, "step": str(step)})
     _fsync(tensors_path)  # the data must be on disk before the marker that points at it
+    faults.point("checkpoint.tensors_written")
     with atomic_path(path / MARKER) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
     _fsync_dir(path)
+    faults.point("checkpoint.committed")
     _remove_stale(path, keep=tensors_name)
-    log.info("saved training state at step %d to %s", step, path)
+
+
+def load_state(path: Path, *, key: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and JSON state of the checkpoint in ``path``; ``None`` when there is none, it is
+    incomplete, or it was saved for another ``key``/format. A damaged one raises ``AmnesiaError``."""
+    path = Path(path)
+    marker = path / MARKER
+    if not path.exists():
+        log.info("no checkpoint at %s; starting from scratch", path)
+        return None
+    if not path.is_dir():
+        raise AmnesiaError(f"checkpoint path {path} is not a directory; move it away")
+    if not marker.is_file():
+        log.info("ignoring incomplete checkpoint in %s (no %s); starting from scratch", path, MARKER)
+        return None
+    state = _read_marker(marker)
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        log.info(
+            "ignoring checkpoint in %s: format %r version %r, expected %r version %d",
+            path,
+            state.get("format"),
+            state.get("version"),
+            FORMAT,
+            VERSION,
+        )
+        return None
+    if state.get("key") != key:
+        log.info("ignoring checkpoint in %s: saved for settings %r, not %r", path, state.get("key"), key)
+        return None
+    try:
+        tensors_path = path / str(state["tensors_file"])
+        tensors, meta = _read_tensors(tensors_path, path)
+        if meta.get("checkpoint_id") != state["checkpoint_id"]:
+            raise _damaged(path, f"{tensors_path.name} belongs to a different save than {MARKER}")
+    except (KeyError, TypeError) as e:
+        raise _damaged(path, f"missing or malformed entry {e}") from None
+    return tensors, state
 
 
 def load_training_state(
@@ -136,36 +188,11 @@ def load_training_state(
     checkpoint raises ``AmnesiaError``; nothing is modified unless every file reads back correctly.
     """
     path = Path(path)
-    marker = path / MARKER
-    if not path.exists():
-        log.info("no training state at %s; starting from scratch", path)
+    loaded = load_state(path, key=key)
+    if loaded is None:
         return None
-    if not path.is_dir():
-        raise AmnesiaError(f"checkpoint path {path} is not a directory; move it away")
-    if not marker.is_file():
-        log.info("ignoring incomplete training state in %s (no %s); starting from scratch", path, MARKER)
-        return None
-
-    state = _read_marker(marker)
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        log.info(
-            "ignoring training state in %s: format %r version %r, expected %r version %d",
-            path,
-            state.get("format"),
-            state.get("version"),
-            FORMAT,
-            VERSION,
-        )
-        return None
-    if state.get("key") != key:
-        log.info("ignoring training state in %s: saved for settings %r, not %r", path, state.get("key"), key)
-        return None
-
+    tensors, state = loaded
     try:
-        tensors_path = path / str(state["tensors_file"])
-        tensors, meta = _read_tensors(tensors_path, path)
-        if meta.get("checkpoint_id") != state["checkpoint_id"]:
-            raise _damaged(path, f"{tensors_path.name} belongs to a different save than {MARKER}")
         model_state = {k: tensors[f"model.{k}"] for k in state["model_keys"]}
         opt_state = {
             "state": {int(pid): _join(s, tensors) for pid, s in state["optimizer"]["state"].items()},

@@ -33,6 +33,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from selective_amnesia import faults
+from selective_amnesia.checkpoint import load_state, remove_training_state, save_state
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import load_tensors, save_tensors, state_hash
 
@@ -186,11 +188,17 @@ def estimate_fisher(
     estimator: str = "batched",
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> Fisher:
     """Estimate the diagonal Fisher at the model's current weights from its own samples.
 
     ``labels`` are the classes c ~ p(c) to sample (all classes in the paper). The result is the same
     for any ``chunk_size`` and either estimator, up to float rounding.
+
+    With ``checkpoint_dir`` the partial sums and the sampler's RNG state are saved there every
+    ``checkpoint_every`` samples (at block boundaries); a later call with the same settings resumes and
+    gives the bitwise-identical result. The directory is removed when the estimate is complete.
     """
     if estimator not in ESTIMATORS:
         raise AmnesiaError(f"unknown Fisher estimator {estimator!r}: choose one of {ESTIMATORS}")
@@ -211,9 +219,13 @@ def estimate_fisher(
     acc = {
         n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if p.requires_grad
     }
-    start = time.perf_counter()
-    done = 0
+    model_hash = state_hash(model.state_dict())
+    key = repr((model_hash, num_samples, label_t.tolist(), estimator, chunk_size, seed, SAMPLE_BLOCK))
+    partial = PartialSums(checkpoint_dir, checkpoint_every, key)
+    done, elapsed = partial.resume(acc, generator)
+    start = time.perf_counter() - elapsed
     with tqdm(total=num_samples, desc=f"fisher ({estimator})", disable=not progress, unit="sample") as bar:
+        bar.update(done)
         while done < num_samples:
             block = min(SAMPLE_BLOCK, num_samples - done)
             x, cond, noise = _sample_batch(model, label_t, block, generator)
@@ -223,6 +235,9 @@ def estimate_fisher(
                     acc[name] += sq
             done += block
             bar.update(block)
+            faults.point("fisher.block")
+            if done < num_samples:
+                partial.maybe_save(done, acc, generator, seconds=time.perf_counter() - start)
     model.train(was_training)
     values = {n: (a / num_samples).to(torch.float32) for n, a in acc.items()}
     meta = {
@@ -230,8 +245,62 @@ def estimate_fisher(
         "seed": seed,
         "estimator": estimator,
         "labels": label_t.tolist(),
-        "model_hash": state_hash(model.state_dict()),
+        "model_hash": model_hash,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    partial.remove()
     log.info("Fisher from %d samples (%s) in %.1fs", num_samples, estimator, meta["seconds"])
     return Fisher(values, meta)
+
+
+class PartialSums:
+    """Periodic checkpoints of a Fisher estimate in progress: float64 accumulators, the samples done,
+    RNG states and any extra tensors, under the settings ``key`` (another key starts over)."""
+
+    def __init__(self, directory: Path | None, every: int, key: str) -> None:
+        self.directory, self.every, self.key = directory, every, key
+        self.last = 0
+        self.extra: dict[str, Tensor] = {}
+
+    def resume(self, acc: dict[str, Tensor], *generators: torch.Generator) -> tuple[int, float]:
+        """Load a matching checkpoint into ``acc`` and the generators: (samples done, seconds spent)."""
+        if self.directory is None:
+            return 0, 0.0
+        loaded = load_state(self.directory, key=self.key)
+        if loaded is None:
+            return 0, 0.0
+        tensors, state = loaded
+        try:
+            for name, a in acc.items():
+                a.copy_(tensors[f"acc.{name}"])
+            for i, g in enumerate(generators):
+                g.set_state(tensors[f"rng.{i}"])
+            self.extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+            done, seconds = int(state["step"]), float(state["seconds"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise AmnesiaError(
+                f"Fisher checkpoint in {self.directory} does not fit ({e}); delete that directory"
+            ) from None
+        log.info("resuming the Fisher from %s after %d samples", self.directory, done)
+        self.last = done
+        return done, seconds
+
+    def maybe_save(
+        self, done: int, acc: dict[str, Tensor], *generators: torch.Generator, seconds: float = 0.0
+    ) -> None:
+        if self.directory is None or not self.every or done - self.last < self.every:
+            return
+        self.save(done, acc, *generators, seconds=seconds)
+
+    def save(self, done: int, acc: dict[str, Tensor], *generators: torch.Generator, seconds: float) -> None:
+        if self.directory is None:
+            return
+        tensors = {f"acc.{n}": a for n, a in acc.items()}
+        tensors.update({f"rng.{i}": g.get_state() for i, g in enumerate(generators)})
+        tensors.update({f"extra.{k}": v for k, v in self.extra.items()})
+        save_state(self.directory, tensors, {"step": done, "seconds": seconds}, key=self.key)
+        self.last = done
+
+    def remove(self) -> None:
+        if self.directory is not None:
+            remove_training_state(self.directory)

@@ -32,13 +32,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
+from selective_amnesia.fisher import Fisher, PartialSums
 from selective_amnesia.io import state_hash
 from selective_amnesia.models.ddpm import ConditionalDDPM
 from selective_amnesia.sampling import SAMPLER_DEFAULTS
@@ -81,18 +83,32 @@ def _check_args(
 
 
 def _draw_samples(
-    model: ConditionalDDPM, labels: Tensor, num_samples: int, seed: int, progress: bool
+    model: ConditionalDDPM,
+    labels: Tensor,
+    num_samples: int,
+    generator: torch.Generator,
+    partial: PartialSums,
+    checkpoint: Callable[[], None],
+    progress: bool,
 ) -> tuple[Tensor, Tensor]:
-    """num_samples images with classes uniform over ``labels``, drawn in fixed blocks (seed-determined)."""
-    generator = torch.Generator().manual_seed(seed)
-    xs, cs = [], []
+    """num_samples images with classes uniform over ``labels``, drawn in fixed blocks (seed-determined).
+
+    Blocks already drawn by an interrupted call are in ``partial.extra``; each new block is checkpointed.
+    """
+    xs = [partial.extra["x"]] if "x" in partial.extra else []
+    cs = [partial.extra["c"]] if "c" in partial.extra else []
+    drawn = sum(len(c) for c in cs)
     with tqdm(total=num_samples, desc="fisher samples", disable=not progress, unit="sample") as bar:
-        for lo in range(0, num_samples, SAMPLE_BLOCK):
+        bar.update(drawn)
+        for lo in range(drawn, num_samples, SAMPLE_BLOCK):
             n = min(SAMPLE_BLOCK, num_samples - lo)
             cond = labels[torch.randint(len(labels), (n,), generator=generator)]
-            xs.append(model.sample(cond, generator=generator))
+            xs.append(model.sample(cond, generator=generator).cpu())
             cs.append(cond)
             bar.update(n)
+            faults.point("fisher.draw_block")
+            partial.extra = {"x": torch.cat(xs), "c": torch.cat(cs)}
+            checkpoint()
     return torch.cat(xs), torch.cat(cs)
 
 
@@ -144,6 +160,8 @@ def estimate_diffusion_fisher(
     rank: int = 0,
     world_size: int = 1,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> Fisher:
     """Diagonal Fisher of ``sum_t ||eps(x_t, t, c) - eps_t||^2`` from the model's own samples.
 
@@ -155,6 +173,10 @@ def estimate_diffusion_fisher(
     samples rank, rank + world_size, ... and ``reduce`` sums the per-process sums of squared gradients
     (e.g. ``accelerate.utils.reduce(t, "sum")``). Every process draws the same images and noise in the
     same order, so the result equals the one-process estimate up to the order of the summation.
+
+    With ``checkpoint_dir`` (one per process) the drawn images, the partial sums and the RNG states are
+    saved after every image block and every ``checkpoint_every`` samples; a later call with the same
+    settings resumes and gives the bitwise-identical result. The directory is removed at the end.
     """
     if not 0 <= rank < world_size:
         raise AmnesiaError(f"process rank {rank} is not in [0, {world_size})")
@@ -176,48 +198,70 @@ def estimate_diffusion_fisher(
         for p in params
     ]
     device = params[0].device
+    sample_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
+    sampler = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}
+    model_hash = state_hash(model.state_dict())
+    key = repr(
+        (model_hash, num_samples, label_t.tolist(), estimator, timesteps_per_sample, timestep_chunk)
+        + (seed, n_t, rank, world_size, sampler, SAMPLE_BLOCK)
+    )
+    accs = {f"mean.{n}": a for (n, _), a in zip(named, acc, strict=True)}
+    accs |= {f"var.{n}": v for (n, _), v in zip(named, var_acc, strict=True)}
+    partial = PartialSums(checkpoint_dir, checkpoint_every, key)
+    done, elapsed = partial.resume(accs, sample_gen, noise_gen)
+    start = time.perf_counter() - elapsed
+
+    def save(i: int) -> None:
+        partial.save(i, accs, sample_gen, noise_gen, seconds=time.perf_counter() - start)
 
     was_training = model.training
     model.eval()  # no dropout: the Fisher is of the deterministic network at theta*
-    start = time.perf_counter()
     try:
-        x_all, c_all = _draw_samples(model, label_t, num_samples, seed, progress)
-        c_all = c_all.to(device)
-        noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
+        x_all, c_all = _draw_samples(
+            model, label_t, num_samples, sample_gen, partial, lambda: save(0), progress
+        )
+        x_all, c_all = x_all.to(device), c_all.to(device)
         half = timesteps_per_sample // 2
         width = n_t / max(half, 1)  # c, the stratum width (subsampled only)
         mine_total = len(range(rank, num_samples, world_size))
         with tqdm(total=mine_total, desc=f"fisher ({estimator})", disable=not progress, unit="sample") as bar:
-            for i in range(num_samples):
+            bar.update(len(range(rank, done, world_size)))
+            for i in range(done, num_samples):
                 x, c = x_all[i : i + 1], c_all[i : i + 1]
                 mine = i % world_size == rank  # the noise of other processes' samples is drawn, not used
                 if estimator == "all_timesteps":
                     eps = torch.randn((n_t, *x.shape), generator=noise_gen, dtype=x.dtype)
-                    if not mine:
-                        continue
-                    loss = model.nelbo_all_timesteps(x, c, eps=eps.to(device), chunk=timestep_chunk).sum()
-                    for a, g in zip(acc, _grads(loss, params), strict=True):
-                        a += g.double().pow(2)
+                    if mine:
+                        loss = model.nelbo_all_timesteps(x, c, eps=eps.to(device), chunk=timestep_chunk).sum()
+                        for a, g in zip(acc, _grads(loss, params), strict=True):
+                            a += g.double().pow(2)
                 else:
                     draws = []
                     for _ in range(2):  # A then B, independent
                         ts = _stratified_timesteps(half, n_t, noise_gen)
                         eps = torch.randn((half, *x.shape[1:]), generator=noise_gen, dtype=x.dtype)
                         draws.append((ts, eps))
-                    if not mine:
-                        continue
-                    sets = [_set_gradient(model, x, c, ts, eps, params, timestep_chunk) for ts, eps in draws]
-                    for a, v, s1, s2 in zip(acc, var_acc, *sets, strict=True):
-                        s1d, s2d = s1.double(), s2.double()
-                        a += width**2 * s1d * s2d  # estimates (sum_t m_t)^2
-                        v += (width / 2) * (s1d - s2d).pow(2)  # estimates sum_t v_t, never negative
-                bar.update(1)
+                    if mine:
+                        sets = [
+                            _set_gradient(model, x, c, ts, eps, params, timestep_chunk) for ts, eps in draws
+                        ]
+                        for a, v, s1, s2 in zip(acc, var_acc, *sets, strict=True):
+                            s1d, s2d = s1.double(), s2.double()
+                            a += width**2 * s1d * s2d  # estimates (sum_t m_t)^2
+                            v += (width / 2) * (s1d - s2d).pow(2)  # estimates sum_t v_t, never negative
+                if mine:
+                    bar.update(1)
+                faults.point("fisher.sample")
+                if i + 1 < num_samples and checkpoint_every and i + 1 - partial.last >= checkpoint_every:
+                    save(i + 1)
     finally:
         model.train(was_training)
     if reduce is not None:
         acc = [reduce(a) for a in acc]
         var_acc = [reduce(v) for v in var_acc]
     seconds = time.perf_counter() - start
+    partial.remove()
 
     values: dict[str, Tensor] = {}
     negative = 0
@@ -232,11 +276,11 @@ def estimate_diffusion_fisher(
         "seed": seed,
         "estimator": estimator,
         "labels": label_t.tolist(),
-        "model_hash": state_hash(model.state_dict()),
+        "model_hash": model_hash,
         "seconds": round(seconds, 3),
         "num_train_timesteps": n_t,
         "timestep_chunk": timestep_chunk,
-        "sampler": {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS},  # the samples' sampler
+        "sampler": sampler,  # the samples' sampler
         "unet_image_evaluations": num_samples
         * (n_t if estimator == "all_timesteps" else timesteps_per_sample),
     }

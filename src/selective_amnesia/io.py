@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 
 
@@ -31,10 +32,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        faults.point("io.before_rename")  # the data is written, not yet visible under its name
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where the resumable work towards the output file ``out`` is kept until ``out`` is written."""
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
 
 
 def write_json(path: str | Path, obj: Any) -> None:

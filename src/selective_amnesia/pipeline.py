@@ -25,7 +25,7 @@ from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassif
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.fisher import Fisher, estimate_fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
-from selective_amnesia.io import environment, read_json, state_hash, write_json
+from selective_amnesia.io import environment, partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models import build_model_from_config, load_model
 from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
@@ -180,13 +180,14 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
         if all(cached.metadata.get(k) == v for k, v in wanted.items()):
             log.info("reusing Fisher %s", path)
             return cached
-    fisher = fisher_from_config(cfg, model)
+    fisher = fisher_from_config(cfg, model, partial_dir(path))
     fisher.save(path)
     return fisher
 
 
-def fisher_from_config(cfg: RunConfig, model: Any) -> Fisher:
-    """Estimate the Fisher of ``model`` over all its classes with the ``fisher.*`` settings."""
+def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None = None) -> Fisher:
+    """Estimate the Fisher of ``model`` over all its classes with the ``fisher.*`` settings;
+    ``checkpoint_dir`` keeps its progress so an interrupted estimate resumes."""
     f = cfg.fisher
     common: dict[str, Any] = {
         "num_samples": f.num_samples,
@@ -194,10 +195,14 @@ def fisher_from_config(cfg: RunConfig, model: Any) -> Fisher:
         "estimator": f.estimator,
         "seed": cfg.seed,
         "progress": cfg.progress,
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_every": f.checkpoint_every,
     }
     if model.family == "ddpm":
         rank, world, reduce = process_share()  # several processes under `accelerate launch`
         common["progress"] = cfg.progress and rank == 0
+        if checkpoint_dir is not None and world > 1:
+            common["checkpoint_dir"] = checkpoint_dir / f"rank{rank}"
         return estimate_diffusion_fisher(
             model,
             timesteps_per_sample=f.timesteps_per_sample,

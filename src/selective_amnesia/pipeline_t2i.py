@@ -29,10 +29,10 @@ from selective_amnesia.data import load_image_folder
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
-from selective_amnesia.io import load_tensors, save_tensors, state_hash, write_json
+from selective_amnesia.io import partial_dir, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import LoraEWCPenalty
-from selective_amnesia.sampling import effective_sampler, image_generators
+from selective_amnesia.sampling import blockwise, effective_sampler, image_generators
 from selective_amnesia.surrogate import StoredImages
 from selective_amnesia.train import forget
 from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
@@ -96,24 +96,16 @@ def prompt_latents(
             if cache_dir
             else None
         )
-        z = None
-        if path is not None and path.is_file():
-            stored, meta = load_tensors(path)
-            if meta.get("key") == key:
-                z = stored["latents"]
-        if z is None:
-            parts = []
-            for lo in range(0, per_prompt, batch_size):
-                n = min(batch_size, per_prompt - lo)
-                gens = image_generators(seed, prompt_seed(prompt), lo, n)
-                cond = torch.full((n,), pid, dtype=torch.int64)
-                parts.append(model.sample(cond, generator=gens, **sample_kwargs).float().cpu())
-                bar.update(n)
-            z = torch.cat(parts)
-            if path is not None:
-                save_tensors(path, {"latents": z}, {"key": key, "prompt": prompt})
-        else:
-            bar.update(per_prompt)
+
+        def make(lo: int, n: int, prompt: str = prompt, pid: int = pid) -> Tensor:
+            gens = image_generators(seed, prompt_seed(prompt), lo, n)
+            cond = torch.full((n,), pid, dtype=torch.int64)
+            z = model.sample(cond, generator=gens, **sample_kwargs).float().cpu()
+            bar.update(n)
+            return z
+
+        # each finished batch is kept while the set is made, so an interrupted set resumes
+        z = blockwise(path, key, per_prompt, batch_size, make, "latents")
         out.append(z)
         out_ids.append(torch.full((z.shape[0],), pid, dtype=torch.int64))
     bar.close()
@@ -142,9 +134,16 @@ def select_weights(cfg: RunConfig, model: TextToImageModel) -> list[str]:
     return modules
 
 
-def t2i_fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], path: Path | None) -> Fisher:
+def t2i_fisher(
+    cfg: RunConfig,
+    model: TextToImageModel,
+    labels: list[int],
+    path: Path | None,
+    partial: Path | None = None,
+) -> Fisher:
     """The diffusion Fisher of the selected weights over ``labels`` (prompt indices), cached at ``path``
-    by its settings. Under ``accelerate launch`` the processes share the samples and sum their parts."""
+    by its settings; ``partial`` keeps the progress of an estimate so an interrupted one resumes.
+    Under ``accelerate launch`` the processes share the samples and sum their parts."""
     f = cfg.fisher
     if f.path:
         return Fisher.load(f.path, model)
@@ -178,6 +177,8 @@ def t2i_fisher(cfg: RunConfig, model: TextToImageModel, labels: list[int], path:
         rank=rank,
         world_size=world,
         reduce=reduce,
+        checkpoint_dir=None if partial is None else (partial / f"rank{rank}" if world > 1 else partial),
+        checkpoint_every=f.checkpoint_every,
     )
     fisher.metadata["settings"] = wanted
     if path is not None and rank == 0:
@@ -229,7 +230,10 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     lora_modules = select_weights(cfg, model)
     t1 = time.perf_counter()
     labels = forget_ids + replay_ids
-    fisher = t2i_fisher(cfg, model, labels, out / "fisher.safetensors") if cfg.forget.ewc_lambda > 0 else None
+    fisher = None
+    if cfg.forget.ewc_lambda > 0:
+        path = out / "fisher.safetensors"
+        fisher = t2i_fisher(cfg, model, labels, path, partial_dir(path))
     timings["fisher_s"] = time.perf_counter() - t1
 
     ewc = None

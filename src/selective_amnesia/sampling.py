@@ -9,6 +9,8 @@ resumes where it stopped.
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors, save_tensors, state_hash
+from selective_amnesia.io import load_tensors, partial_dir, save_tensors, state_hash
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +87,57 @@ def sample_per_label(
         gen = None if per_image else label_generator(seed, label)
         for lo in range(0, num_per_label, batch_size):
             n = min(batch_size, num_per_label - lo)
-            cond = torch.full((n,), label, dtype=torch.int64)
-            g: Any = image_generators(seed, label, lo, n) if per_image else gen
-            images.append(model.sample(cond, generator=g, **sample_kwargs).cpu())
-            out_labels.append(cond)
+            images.append(_sample_block(model, label, lo, n, seed, gen, sample_kwargs))
+            out_labels.append(torch.full((n,), label, dtype=torch.int64))
             bar.update(n)
     bar.close()
     return torch.cat(images), torch.cat(out_labels)
+
+
+def _sample_block(
+    model: Any, label: int, lo: int, n: int, seed: int, gen: Any, sample_kwargs: dict[str, Any]
+) -> Tensor:
+    """Images lo..lo+n of a label: per-image generators, or the label's one generator ``gen``."""
+    cond = torch.full((n,), label, dtype=torch.int64)
+    g: Any = image_generators(seed, label, lo, n) if gen is None else gen
+    return model.sample(cond, generator=g, **sample_kwargs).cpu()
+
+
+def blockwise(
+    path: Path | None, key: str, total: int, block: int, make: Callable[[int, int], Tensor], name: str
+) -> Tensor:
+    """``make(lo, n)`` for the blocks of ``total`` items, concatenated and stored at ``path`` under ``key``.
+
+    A stored set with the same key is returned as is. While the set is being made, each finished block
+    is kept in ``<path>.partial/`` so an interrupted call resumes at the first missing block.
+    """
+    if path is not None and path.is_file():
+        stored, meta = load_tensors(path)
+        if meta.get("key") == key and name in stored:
+            log.info("reusing %s from %s", name, path)
+            return stored[name]
+    parts_dir = partial_dir(path) if path is not None else None
+    parts = []
+    for lo in range(0, total, block):
+        n = min(block, total - lo)
+        part_path = parts_dir / f"{lo:09d}.safetensors" if parts_dir is not None else None
+        part = None
+        if part_path is not None and part_path.is_file():
+            stored, meta = load_tensors(part_path)
+            if meta.get("key") == key and meta.get("n") == str(n) and name in stored:
+                part = stored[name]
+        if part is None:
+            part = make(lo, n)
+            if part_path is not None and lo + n < total:
+                save_tensors(part_path, {name: part.contiguous()}, {"key": key, "n": str(n)})
+            faults.point("sampling.block")
+        parts.append(part)
+    result = torch.cat(parts)
+    if path is not None:
+        save_tensors(path, {name: result.contiguous()}, {"key": key})
+        if parts_dir is not None and parts_dir.is_dir():
+            shutil.rmtree(parts_dir)
+    return result
 
 
 def cached_samples(
@@ -106,7 +153,11 @@ def cached_samples(
     """Like ``sample_per_label`` but as uint8, with each label's set kept in ``cache_dir`` (safetensors).
 
     A stored set is reused only if it came from the same weights, seed, count and sampler settings.
+    Models with per-image seeds (diffusion) keep every finished block, so an interrupted set resumes.
     """
+    if num_per_label < 1:
+        raise AmnesiaError(f"num_per_label must be >= 1, got {num_per_label}")
+    check_labels(labels, model.config.num_classes)
     sampler = effective_sampler(model, **sample_kwargs)
     key = {
         "model_hash": state_hash(model.state_dict()),
@@ -114,23 +165,24 @@ def cached_samples(
         "num": num_per_label,
         "sampler": dict(sorted(sampler.items())),
     }
+    per_image = getattr(model, "per_image_seeds", False)
     images, out_labels = [], []
+    bar = tqdm(total=num_per_label * len(labels), desc="sampling", unit="img", disable=not progress)
     for label in labels:
         path = cache_dir / f"label_{label}.safetensors" if cache_dir is not None else None
-        x = None
-        if path is not None and path.is_file():
-            stored, meta = load_tensors(path)
-            if meta.get("key") == repr(key) and "images" in stored:
-                x = stored["images"]
-                log.info("reusing %d samples of label %d from %s", x.shape[0], label, path)
-        if x is None:
-            floats, _ = sample_per_label(
-                model, [label], num_per_label, seed, progress=progress, **sample_kwargs
-            )
-            x = model.to_uint8(floats)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_tensors(path, {"images": x.contiguous()}, {"key": repr(key), "label": str(label)})
+        gen = None if per_image else label_generator(seed, label)
+
+        def make(lo: int, n: int, label: int = label, gen: Any = gen) -> Tensor:
+            xs = []
+            for start in range(lo, lo + n, BLOCK):  # the blocks sample_per_label draws
+                k = min(BLOCK, lo + n - start)
+                xs.append(model.to_uint8(_sample_block(model, label, start, k, seed, gen, sample_kwargs)))
+                bar.update(k)
+            return torch.cat(xs)
+
+        # one generator per label (the VAE, fast) runs its blocks in order in one go
+        x = blockwise(path, repr(key), num_per_label, BLOCK if per_image else num_per_label, make, "images")
         images.append(x)
         out_labels.append(torch.full((x.shape[0],), label, dtype=torch.int64))
+    bar.close()
     return torch.cat(images), torch.cat(out_labels)
