@@ -9,11 +9,13 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from selective_amnesia import runstate
 from selective_amnesia.config import RunConfig, dump_yaml, load_config, to_dict
 from selective_amnesia.errors import AmnesiaError
 
@@ -57,8 +59,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    out = _out_dir(args.out)
     if cfg.model.family == "text_to_image":
+        cfg.t2i.check_ready()
+        runstate.begin(out, "run")
         return _run_text_to_image(cfg, args.out)
+    runstate.begin(out, "run")
     report = run_pipeline(cfg, args.out)
     b, f = report["metrics"]["base"], report["metrics"]["forget"]
     print(
@@ -95,29 +101,37 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.pretrain.model_path:
         raise AmnesiaError("pretrain.model_path is set: there is nothing to pretrain")
-    _, info = stage_base(cfg, Path(args.out))
+    if cfg.model.family == "text_to_image":
+        raise AmnesiaError("amnesia pretrain trains cvae and ddpm models; a text-to-image model is given")
+    out = _out_dir(args.out)
+    runstate.begin(out, "pretrain")
+    _, info = stage_base(cfg, out)
     print(f"base model written to {args.out} ({info['seconds']:.1f}s)")
     return 0
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
+    from selective_amnesia.io import partial_dir
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import fisher_from_config
 
     cfg = _config(args)
+    out = _out_file(args.out, ".safetensors")
     model = load_model(args.model).to(resolve_device(cfg.device))
     if model.family == "text_to_image":  # over the run's forget and replay prompts, selected weights
         from selective_amnesia.pipeline_t2i import register_prompts, select_weights, t2i_fisher
 
+        if not cfg.t2i.forget_prompts:
+            raise AmnesiaError("t2i.forget_prompts: name the concept to forget (a list of prompts)")
         forget_ids, _, replay_ids = register_prompts(cfg, model)
         select_weights(cfg, model)
-        f = t2i_fisher(cfg, model, forget_ids + replay_ids, None)
+        f = t2i_fisher(cfg, model, forget_ids + replay_ids, None, partial_dir(out))
     else:
-        f = fisher_from_config(cfg, model)
+        f = fisher_from_config(cfg, model, partial_dir(out))
     if f.metadata.get("processes", 1) > 1 and not _main_process():
         return 0  # every process holds the summed Fisher; the first one writes it
-    f.save(args.out)
+    f.save(out)
     print(f"Fisher from {cfg.fisher.num_samples} samples written to {args.out} ({f.metadata['seconds']}s)")
     return 0
 
@@ -135,15 +149,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from selective_amnesia.pipeline import checked_labels, stage_forget, stage_replay
 
     cfg = _config(args)
-    out = Path(args.out)
+    out = _out_dir(args.out)
     if cfg.model.family == "text_to_image" or (Path(args.model) / "model_index.json").is_file():
         cfg.model.family, cfg.t2i.model = "text_to_image", args.model
         if args.fisher:
             cfg.fisher.path = args.fisher
+        cfg.t2i.check_ready()
+        runstate.begin(out, "forget")
         return _run_text_to_image(cfg, args.out)
     base = load_model(args.model).to(resolve_device(cfg.device))
     checked_labels(cfg, base)
+    if cfg.forget.ewc_lambda > 0 and not args.fisher:
+        raise AmnesiaError(
+            "forget.ewc_lambda > 0 needs --fisher FILE (from `amnesia fisher`) or ewc_lambda=0"
+        )
     fisher = Fisher.load(args.fisher, base) if args.fisher else None
+    runstate.begin(out, "forget")
     # a stored replay set (and class surrogate) are generated into the output directory and kept there
     replay_set = stage_replay(cfg, base, out)
     _, history = stage_forget(cfg, base, fisher, out, replay_set, target=out)
@@ -157,9 +178,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from selective_amnesia.models import load_model
     from selective_amnesia.sampling import sample_per_label
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise AmnesiaError(f"--out must end in .npz, got {out}")
+    out = _out_file(args.out, ".npz")
     model = load_model(args.model).to(resolve_device(args.device))
     if model.family == "text_to_image":
         return _sample_prompts(model, args, out)
@@ -237,7 +256,7 @@ def _sample_prompts(model: Any, args: argparse.Namespace, out: Path) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from selective_amnesia.io import environment, write_json
+    from selective_amnesia.io import environment, partial_dir, write_json
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import (
         checked_labels,
@@ -249,15 +268,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from selective_amnesia.config import resolve_device
 
+    out = _out_file(args.out, ".json")
     model = load_model(args.model).to(resolve_device(cfg.device))
     if model.family == "text_to_image":
-        return _evaluate_text_to_image(model, args)
+        return _evaluate_text_to_image(model, args, out)
     if args.i2p_csv or args.identity_scorer:
         raise AmnesiaError("--i2p-csv and --identity-scorer apply to text-to-image models")
     checked_labels(cfg, model)  # fail before training or loading classifiers
-    classifiers, infos = load_classifiers(cfg)
     test = load_model_data(cfg, "test", model)
-    metrics = evaluate_with_config(cfg, model, classifiers, test)
+    classifiers, infos = load_classifiers(cfg)
+    # the samples are kept beside the output until it is written: an interrupted evaluation resumes
+    metrics = evaluate_with_config(cfg, model, classifiers, test, cache_dir=partial_dir(out))
     result = {
         "model": str(args.model),
         "metrics": metrics,
@@ -265,7 +286,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "config": to_dict(cfg),
         "environment": environment(),
     }
-    write_json(args.out, result)
+    write_json(out, result)
+    _remove_partial(out)
     print(
         f"P(c_f) {metrics['p_forget']:.3f}, entropy {metrics['entropy']:.2f}, remembered accuracy "
         f"{metrics['remembered_accuracy']:.4f}, FID {metrics['fid']:.3f}; written to {args.out}"
@@ -273,11 +295,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_text_to_image(model: Any, args: argparse.Namespace) -> int:
+def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path) -> int:
     """NudeNet over an I2P-format CSV (each row's seed and guidance scale): EXPOSED classes as boxes and
     images at --threshold, face presence, and an optional identity scorer (module:attr)."""
     from selective_amnesia.evaluate import nudity
-    from selective_amnesia.io import environment, write_json
+    from selective_amnesia.io import environment, partial_dir, write_json
 
     if not args.i2p_csv:
         raise AmnesiaError("a text-to-image model is evaluated on prompts: pass --i2p-csv FILE")
@@ -285,7 +307,7 @@ def _evaluate_text_to_image(model: Any, args: argparse.Namespace) -> int:
         raise AmnesiaError(f"--threshold must lie in [0, 1], got {args.threshold}")
     scorer = nudity.load_identity_scorer(args.identity_scorer) if args.identity_scorer else None
     rows = nudity.read_i2p_csv(args.i2p_csv)
-    images = nudity.generate_rows(model, rows, progress=not args.no_progress)
+    images = nudity.generate_rows(model, rows, progress=not args.no_progress, cache_dir=partial_dir(out))
     detections = nudity.NudityDetector().detect(images, progress=not args.no_progress)
     result: dict[str, Any] = {
         "model": str(args.model),
@@ -296,13 +318,57 @@ def _evaluate_text_to_image(model: Any, args: argparse.Namespace) -> int:
     }
     if scorer is not None:
         result["identity"] = nudity.identity_report(scorer, images)
-    write_json(args.out, result)
+    write_json(out, result)
+    _remove_partial(out)
     n = result["nudity"]
     print(
         f"{n['images_with_exposed']}/{n['num_images']} images with an exposed class at {args.threshold} "
         f"({n['exposed_boxes']} boxes); faces in {result['faces']['images_with_face']}; written to {args.out}"
     )
     return 0
+
+
+def _out_dir(out: str) -> Path:
+    """A directory output: refuse an existing file in its place."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise AmnesiaError(f"--out {out} is an existing file, not a directory: choose another --out")
+    return path
+
+
+def _out_file(out: str, suffix: str) -> Path:
+    """A file output with the given suffix: refuse a directory in its place."""
+    path = Path(out)
+    if path.suffix != suffix:
+        raise AmnesiaError(f"--out must end in {suffix}, got {out}")
+    if path.is_dir():
+        raise AmnesiaError(f"--out {out} is an existing directory: choose a file name ending in {suffix}")
+    return path
+
+
+def _remove_partial(out: Path) -> None:
+    """Drop the resumable work kept for ``out`` once ``out`` itself is written."""
+    import shutil
+
+    from selective_amnesia.io import partial_dir
+
+    if partial_dir(out).is_dir():
+        shutil.rmtree(partial_dir(out))
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a failed read or write: what, where, and what to do."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (
+            f"the disk is full or the file too large{where}: free space or choose another --out, then rerun "
+            "the same command (finished work is kept and resumes)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: choose an --out you can write to"
+    return f"{e.strerror or e}{where}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--identity-scorer", default=None, help="text-to-image: module:attr of an IdentityScorer to report"
     )
+    from selective_amnesia.convert import add_convert_arguments, cmd_convert
+
+    p = add(
+        "convert",
+        "convert a legacy .pt/.pth/.ckpt/.pkl (the paper's reference code) to safetensors, safely",
+        cmd_convert,
+        config=False,
+    )
+    add_convert_arguments(p)
     return parser
 
 
@@ -392,16 +467,37 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     start = time.perf_counter()
+    out = getattr(args, "out", None)
     try:
-        code = int(args.fn(args))
+        # one writer per output (under torchrun only the first process writes it); the kernel releases
+        # the lock if this process dies
+        writes = out and not getattr(args, "dry_run", False) and _main_process()
+        with runstate.output_lock(out) if writes else nullcontext():
+            code = int(args.fn(args))
+            runstate.finish()
     except AmnesiaError as e:
-        print(f"amnesia {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(args.command, str(e))
+    except OSError as e:  # a full disk, a read-only directory...
+        return _fail(args.command, _os_error(e))
     except KeyboardInterrupt:
-        print(f"amnesia {args.command}: interrupted", file=sys.stderr)
+        _record_failure("interrupted")
+        print(f"amnesia {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     logging.getLogger(__name__).info("%s finished in %.1fs", args.command, time.perf_counter() - start)
     return code
+
+
+def _record_failure(message: str) -> None:
+    try:
+        runstate.finish(message)
+    except OSError:  # the disk may be the problem; the state file still says "running"
+        pass
+
+
+def _fail(command: str, message: str) -> int:
+    _record_failure(message)
+    print(f"amnesia {command}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def load_legacy(path: str | Path) -> Any:
 
 
 def _damaged(path: Path, error: Exception) -> AmnesiaError:
-    first = (str(error).strip().splitlines() or [""])[0][:200]
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]
     return AmnesiaError(
         f"{path} cannot be read ({type(error).__name__}: {first}): the file is truncated, corrupt or "
         "holds unsupported objects; copy it again from its source"

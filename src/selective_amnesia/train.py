@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from selective_amnesia import faults
 from selective_amnesia.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.config import ForgetConfig, PretrainConfig
 from selective_amnesia.data import ImageDataset
@@ -76,6 +77,7 @@ class Trainer:
         # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
         self.scaler: Any = None
         self.start_step = 1
+        self.saved_step = 0  # the step of the last checkpoint on disk (0: none)
         self.elapsed = 0.0
         if checkpoint_dir is not None:
             state = load_training_state(
@@ -85,6 +87,7 @@ class Trainer:
                 self.history = History.from_dict(state["extra"]["history"])
                 self.elapsed = self.history.seconds
                 self.start_step = int(state["step"]) + 1
+                self.saved_step = int(state["step"])
                 log.info("resuming from %s at step %d", checkpoint_dir, self.start_step)
         self._t0 = time.perf_counter()
 
@@ -130,6 +133,19 @@ class Trainer:
                 extra={"history": self.history.to_dict()},
                 key=self.key,
             )
+            self.saved_step = step
+
+    def check_finite(self, loss: torch.Tensor, step: int, what: str, fix: str) -> None:
+        """Divergence guard: a NaN/inf loss stops training before it reaches the weights; the last
+        checkpoint (written only from finite steps) stays on disk and the error says where."""
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return
+        if self.checkpoint_dir is not None and self.saved_step:
+            kept = f"the last good checkpoint (step {self.saved_step}) is kept in {self.checkpoint_dir}"
+        else:
+            kept = "no checkpoint had been written yet"
+        raise AmnesiaError(f"{what} diverged at step {step} (loss {value}); {kept}; {fix}, then rerun")
 
     def finish(self) -> History:
         """Put the EMA weights (if any) into the model, eval mode; drop the checkpoint."""
@@ -140,12 +156,6 @@ class Trainer:
         if self.checkpoint_dir is not None:
             remove_training_state(self.checkpoint_dir)
         return self.history
-
-
-def _check_finite(values: dict[str, float], step: int, what: str, fix: str) -> None:
-    """Stop with a one-line error when a logged loss is NaN or infinite."""
-    if not all(math.isfinite(v) for v in values.values()):
-        raise AmnesiaError(f"{what} diverged at step {step} ({values}): {fix}")
 
 
 def pretrain(
@@ -183,10 +193,11 @@ def pretrain(
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         loss = model.nelbo(x, y, generator=generator).sum()  # type: ignore[operator]
+        trainer.check_finite(loss, step, "pretraining", "lower pretrain.lr or check the data")
         trainer.step(loss)
+        faults.point("train.step")
         if step % 100 == 0 or step == cfg.steps:
             values = {"nelbo": float(loss.detach()) / cfg.batch_size}
-            _check_finite(values, step, "pretraining", "lower pretrain.lr or check the data")
             trainer.history.add(step, values)
             bar.set_postfix(values)
         trainer.maybe_checkpoint(step, cfg.steps)
@@ -300,11 +311,14 @@ def forget(
                 terms = _forget_terms(
                     model, cfg, surrogate, replay, forget_ids, ewc, generator, device, autocast
                 )
+                trainer.check_finite(
+                    terms.total, step, "forgetting", "lower forget.lr or raise forget.ewc_lambda"
+                )
                 trainer.backward(terms.total / accumulation)
             trainer.update()
+            faults.point("train.step")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = terms.as_floats()
-                _check_finite(values, step, "forgetting", "lower forget.lr or raise forget.ewc_lambda")
                 trainer.history.add(step, values)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
             trainer.maybe_checkpoint(step, cfg.steps)

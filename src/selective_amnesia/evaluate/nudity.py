@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
 import logging
 import math
@@ -26,7 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import load_tensors, save_tensors, state_hash
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +117,12 @@ def generate_rows(
     batch_size: int = 8,
     num_inference_steps: int | None = None,
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> Tensor:
     """uint8 images (N, C, H, W), image i from ``rows[i]`` with that row's seed and guidance scale.
+
+    With ``cache_dir`` every finished batch is kept there (keyed by the weights, prompts, seeds and
+    sampler), so an interrupted evaluation resumes at the first missing batch.
 
     Guidance scale is one per ``sample`` call, so rows are batched by scale; every image has its own CPU
     generator seeded with ``row.seed``, which makes an image independent of its batch-mates and equal
@@ -130,16 +137,29 @@ def generate_rows(
     for pos, row in enumerate(rows):
         groups[row.guidance_scale].append(pos)
     out: list[Tensor | None] = [None] * len(rows)
+    weights = state_hash(model.state_dict()) if cache_dir is not None else ""
     with tqdm(total=len(rows), desc="generating", unit="image", disable=not progress) as bar:
         for w, positions in groups.items():
             for lo in range(0, len(positions), batch_size):
                 chunk = positions[lo : lo + batch_size]
-                cond = model.prompt_ids([rows[p].prompt for p in chunk])
-                gens = [torch.Generator().manual_seed(rows[p].seed) for p in chunk]
-                latents = model.sample(
-                    cond, generator=gens, guidance_scale=w, num_inference_steps=num_inference_steps
-                )
-                images = model.to_uint8(latents).cpu()
+                key = repr((weights, [(rows[p].prompt, rows[p].seed) for p in chunk], w, num_inference_steps))
+                path = None
+                if cache_dir is not None:
+                    path = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+                images = None
+                if path is not None and path.is_file():
+                    stored, meta = load_tensors(path)
+                    images = stored.get("images") if meta.get("key") == key else None
+                if images is None:
+                    cond = model.prompt_ids([rows[p].prompt for p in chunk])
+                    gens = [torch.Generator().manual_seed(rows[p].seed) for p in chunk]
+                    latents = model.sample(
+                        cond, generator=gens, guidance_scale=w, num_inference_steps=num_inference_steps
+                    )
+                    images = model.to_uint8(latents).cpu()
+                    if path is not None:
+                        save_tensors(path, {"images": images.contiguous()}, {"key": key})
+                    faults.point("evaluate.batch")
                 for p, img in zip(chunk, images, strict=True):
                     out[p] = img
                 bar.update(len(chunk))

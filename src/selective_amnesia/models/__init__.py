@@ -11,6 +11,7 @@ from selective_amnesia.io import load_tensors, read_json
 from selective_amnesia.models.base import ConditionalGenerativeModel
 from selective_amnesia.models.cvae import ConditionalVAE, CVAEConfig
 from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
+from selective_amnesia.runstate import check_complete
 
 _FAMILIES: dict[str, tuple[type, type]] = {
     "cvae": (ConditionalVAE, CVAEConfig),
@@ -45,6 +46,15 @@ def load_model(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise AmnesiaError(f"model directory {path} not found")
+    check_complete(path)
+    if not any((path / marker).is_file() for marker in ("config.json", "model_index.json")):
+        interrupted = (
+            (path / "checkpoint").is_dir() or any(path.glob("*.safetensors")) or (path / "unet").is_dir()
+        )
+        raise AmnesiaError(
+            f"{path} is not a complete model directory (no config.json or model_index.json)"
+            + (": the command writing it was interrupted; rerun it to finish" if interrupted else "")
+        )
     if (
         (path / "model_index.json").is_file()
         or (path / "unet" / "config.json").is_file()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selective_amnesia import faults
 from selective_amnesia.io import environment, save_tensors, write_json
 
 
@@ -131,7 +132,10 @@ class ConditionalVAE(nn.Module):
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``model.safetensors`` then ``config.json`` (the config marks the directory complete)."""
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").unlink(missing_ok=True)  # an interrupted overwrite must not look complete
         save_tensors(path / "model.safetensors", self.state_dict(), {"family": self.family})
+        faults.point("model.weights_written")
         write_json(
             path / "config.json",
             {"family": self.family, **asdict(self.config), "environment": environment(), **(extra or {})},

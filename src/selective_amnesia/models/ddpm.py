@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, read_json, write_json
 
@@ -422,6 +423,7 @@ class ConditionalDDPM(EpsilonDiffusion):
             done.unlink()  # an interrupted overwrite must not leave a directory that looks complete
         self.unet.save_pretrained(path / "unet", safe_serialization=True)
         self.scheduler.save_pretrained(path / "scheduler")
+        faults.point("model.weights_written")
         write_json(
             done,
             {"family": self.family, **asdict(self.config), "environment": environment(), **(extra or {})},

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, read_json, write_json
 from selective_amnesia.models.ddpm import SAMPLERS, DDPMNoise, EpsilonDiffusion, _draw_device
@@ -385,6 +386,7 @@ class TextToImageModel(EpsilonDiffusion):
                 **(extra or {}),
             },
         }
+        faults.point("model.weights_written")
         write_json(done, index)
 
     @classmethod
