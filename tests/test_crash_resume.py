@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG, tiny_ddpm
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import load_tensors, read_json
 from selective_amnesia.models import load_model
-
-from conftest import TINY_CONFIG, tiny_ddpm
 
 AMNESIA = Path(sys.executable).parent / "amnesia"
 KILLED = -signal.SIGKILL
@@ -78,7 +77,8 @@ def check_artifacts(root: Path) -> int:
 def crash_and_resume(args: list[str], root: Path, points: list[str]) -> None:
     for spec in points:
         r = amnesia(args, kill=spec)
-        assert r.returncode == KILLED, f"kill point {spec} not reached: exit {r.returncode}\n{r.stderr[-2000:]}"
+        why = f"kill point {spec} not reached: exit {r.returncode}\n{r.stderr[-2000:]}"
+        assert r.returncode == KILLED, why
         check_artifacts(root)
     r = amnesia(args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -213,7 +213,8 @@ def test_diffusion_forget_with_stored_replay_resumes_after_sigkill(tmp_path: Pat
         crashed / "f" / "unet" / "diffusion_pytorch_model.safetensors",
     )
     for label in (0, 2):
-        same_tensors(ref / "f" / "replay" / f"label_{label}.safetensors", crashed / "f" / "replay" / f"label_{label}.safetensors")
+        name = f"label_{label}.safetensors"
+        same_tensors(ref / "f" / "replay" / name, crashed / "f" / "replay" / name)
 
 
 def test_evaluate_resumes_after_sigkill(tmp_path: Path, cvae_model: Path) -> None:

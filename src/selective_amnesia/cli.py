@@ -471,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # one writer per output (under torchrun only the first process writes it); the kernel releases
         # the lock if this process dies
-        writes = out and not getattr(args, "dry_run", False) and _main_process()
-        with runstate.output_lock(out) if writes else nullcontext():
+        writes = out is not None and not getattr(args, "dry_run", False) and _main_process()
+        with runstate.output_lock(out) if out is not None and writes else nullcontext():
             code = int(args.fn(args))
             runstate.finish()
     except AmnesiaError as e:
