@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -179,6 +180,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from selective_amnesia.sampling import sample_per_label
 
     out = _out_file(args.out, ".npz")
+    if args.seed < 0:
+        raise AmnesiaError(f"--seed must be >= 0, got {args.seed}")
+    if args.num_per_label < 1 or args.batch_size < 1:
+        raise AmnesiaError("--num-per-label and --batch-size must be >= 1")
+    if args.guidance_scale is not None and not (
+        math.isfinite(args.guidance_scale) and args.guidance_scale >= 0
+    ):
+        raise AmnesiaError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
     model = load_model(args.model).to(resolve_device(args.device))
     if model.family == "text_to_image":
         return _sample_prompts(model, args, out)
@@ -191,8 +200,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampler_options = {k: v for k, v in options.items() if v is not None}
     if sampler_options and model.family != "ddpm":
         raise AmnesiaError(f"--guidance-scale and --steps apply to diffusion models, not {model.family}")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise AmnesiaError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     steps_max = getattr(model.config, "num_train_timesteps", None)
     if args.steps is not None and not 1 <= args.steps <= (steps_max or args.steps):
         raise AmnesiaError(f"--steps must lie in [1, {steps_max}], got {args.steps}")
@@ -228,10 +235,6 @@ def _sample_prompts(model: Any, args: argparse.Namespace, out: Path) -> int:
         raise AmnesiaError("this is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts-file")
     if any(not p.strip() for p in prompts):
         raise AmnesiaError("--prompt must not be empty")
-    if args.num_per_label < 1 or args.batch_size < 1:
-        raise AmnesiaError("--num-per-label and --batch-size must be >= 1")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise AmnesiaError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
         raise AmnesiaError(f"--steps must lie in [1, {model.config.num_train_timesteps}], got {args.steps}")
     prompts = list(dict.fromkeys(prompts))
@@ -303,7 +306,7 @@ def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path) -> 
 
     if not args.i2p_csv:
         raise AmnesiaError("a text-to-image model is evaluated on prompts: pass --i2p-csv FILE")
-    if not 0 <= args.threshold <= 1:
+    if not 0 <= args.threshold <= 1:  # False for NaN too
         raise AmnesiaError(f"--threshold must lie in [0, 1], got {args.threshold}")
     scorer = nudity.load_identity_scorer(args.identity_scorer) if args.identity_scorer else None
     rows = nudity.read_i2p_csv(args.i2p_csv)
@@ -371,19 +374,27 @@ def _os_error(e: OSError) -> str:
     return f"{e.strerror or e}{where}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's error style: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amnesia",
         formatter_class=fmt,
         description="Make a trained conditional generative model forget a concept (Selective Amnesia).",
         epilog="Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, help_: str, fn: Any, *, config: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt)
+        assert isinstance(p, _Parser)
         p.set_defaults(fn=fn)
         if config:
             p.add_argument(

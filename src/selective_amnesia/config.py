@@ -8,6 +8,8 @@ defaults are the fast MNIST conditional-VAE pipeline that ``amnesia run`` uses w
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,6 +193,11 @@ class ClassifierConfig:
         )
         _check(self.lr > 0 and 0 < self.gamma <= 1, "classifier.lr must be > 0 and gamma in (0, 1]")
         _check(len(self.seeds) >= 1, "classifier.seeds needs at least one seed")
+        _check(all(seed >= 0 for seed in self.seeds), "classifier.seeds must be >= 0")
+        _check(
+            self.max_train_images is None or self.max_train_images >= 1,
+            "classifier.max_train_images must be >= 1",
+        )
 
 
 @dataclass
@@ -210,6 +217,13 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_forget_samples >= 1 and self.num_per_class >= 2, "evaluate sample counts too small")
+        _check(
+            self.guidance_scale is None or self.guidance_scale >= 0, "evaluate.guidance_scale must be >= 0"
+        )
+        _check(
+            self.num_inference_steps is None or self.num_inference_steps >= 1,
+            "evaluate.num_inference_steps must be >= 1",
+        )
         _check(
             self.nearest_k >= 1 and self.grid_per_class >= 1,
             "evaluate.nearest_k and grid_per_class must be >= 1",
@@ -291,12 +305,17 @@ class RunConfig:
     t2i: TextToImageSection = field(default_factory=TextToImageSection)
 
     def __post_init__(self) -> None:
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(
             0 <= self.forget.forget_label < 10,
             f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
         )
         _check(
-            self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
+            self.forget.surrogate_label is None or 0 <= self.forget.surrogate_label < 10,
+            f"forget.surrogate_label must be a class in 0..9, got {self.forget.surrogate_label}",
+        )
+        _check(
+            self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device) is not None,
             f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}",
         )
         allowed = VAE_FISHER if self.model.family == "cvae" else DIFFUSION_FISHER
@@ -311,6 +330,8 @@ def resolve_device(name: str) -> str:
     """``device`` setting -> a torch device string; a clear error when CUDA is asked for but absent."""
     import torch
 
+    if not (name in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", name)):
+        raise AmnesiaError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -351,14 +372,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise AmnesiaError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise AmnesiaError(f"{key}: expected a number, got {value!r}")
+        if number is None or not math.isfinite(number):  # no setting means anything at NaN or inf
+            raise AmnesiaError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -371,7 +395,7 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         raise AmnesiaError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise AmnesiaError(f"unknown config key {where}{unknown[0]}; known keys: {', '.join(sorted(fields))}")
@@ -405,9 +429,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise AmnesiaError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise AmnesiaError(f"{p} is not a UTF-8 text file: pass a YAML config") from None
         except yaml.YAMLError as e:
-            raise AmnesiaError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            first = (str(e).strip().splitlines() or ["?"])[0]
+            raise AmnesiaError(f"{p} is not valid YAML ({first}): fix the file") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise AmnesiaError(f"{p} must contain a mapping of config sections")
         data = loaded or {}

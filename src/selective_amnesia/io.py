@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -65,7 +66,14 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        try:
+            save_file(contiguous, str(tmp), metadata=meta)
+        except SafetensorError as e:  # an I/O failure (full disk...) surfaces as OSError with its errno
+            found = re.search(r"os error (\d+)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
