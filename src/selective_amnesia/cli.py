@@ -188,9 +188,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         math.isfinite(args.guidance_scale) and args.guidance_scale >= 0
     ):
         raise AmnesiaError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    prompts = _prompts(args)  # checked before a (possibly large) model is loaded
     model = load_model(args.model).to(resolve_device(args.device))
     if model.family == "text_to_image":
-        return _sample_prompts(model, args, out)
+        return _sample_prompts(model, args, out, prompts)
     if args.prompt or args.prompts_file:
         raise AmnesiaError(f"--prompt/--prompts-file apply to text-to-image models, not {model.family}")
     if args.labels is None:
@@ -220,21 +221,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_prompts(model: Any, args: argparse.Namespace, out: Path) -> int:
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt and --prompts-file, in order (empty when neither is given)."""
+    from selective_amnesia.pipeline_t2i import read_prompts
+
+    prompts = list(args.prompt or [])
+    if any(not p.strip() for p in prompts):
+        raise AmnesiaError("--prompt must not be empty")
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    return prompts
+
+
+def _sample_prompts(model: Any, args: argparse.Namespace, out: Path, prompts: list[str]) -> int:
     """Text-to-image: --num-per-label images of each prompt; image i of a prompt depends only on
     (seed, prompt, i). The .npz holds images, labels (index into prompts) and prompts."""
     from selective_amnesia.io import atomic_path
-    from selective_amnesia.pipeline_t2i import prompt_latents, read_prompts
+    from selective_amnesia.pipeline_t2i import prompt_latents
 
     if args.labels is not None:
         raise AmnesiaError("--labels applies to class-conditional models: pass --prompt or --prompts-file")
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += read_prompts(args.prompts_file)
     if not prompts:
         raise AmnesiaError("this is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts-file")
-    if any(not p.strip() for p in prompts):
-        raise AmnesiaError("--prompt must not be empty")
     if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
         raise AmnesiaError(f"--steps must lie in [1, {model.config.num_train_timesteps}], got {args.steps}")
     prompts = list(dict.fromkeys(prompts))
@@ -272,9 +280,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
 
     out = _out_file(args.out, ".json")
+    rows = None
+    if args.i2p_csv:  # checked before a (possibly large) model is loaded
+        from selective_amnesia.evaluate.nudity import read_i2p_csv
+
+        rows = read_i2p_csv(args.i2p_csv)
     model = load_model(args.model).to(resolve_device(cfg.device))
     if model.family == "text_to_image":
-        return _evaluate_text_to_image(model, args, out)
+        return _evaluate_text_to_image(model, args, out, rows)
     if args.i2p_csv or args.identity_scorer:
         raise AmnesiaError("--i2p-csv and --identity-scorer apply to text-to-image models")
     checked_labels(cfg, model)  # fail before training or loading classifiers
@@ -298,18 +311,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path) -> int:
+def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path, rows: Any) -> int:
     """NudeNet over an I2P-format CSV (each row's seed and guidance scale): EXPOSED classes as boxes and
     images at --threshold, face presence, and an optional identity scorer (module:attr)."""
     from selective_amnesia.evaluate import nudity
     from selective_amnesia.io import environment, partial_dir, write_json
 
-    if not args.i2p_csv:
+    if rows is None:
         raise AmnesiaError("a text-to-image model is evaluated on prompts: pass --i2p-csv FILE")
     if not 0 <= args.threshold <= 1:  # False for NaN too
         raise AmnesiaError(f"--threshold must lie in [0, 1], got {args.threshold}")
     scorer = nudity.load_identity_scorer(args.identity_scorer) if args.identity_scorer else None
-    rows = nudity.read_i2p_csv(args.i2p_csv)
     images = nudity.generate_rows(model, rows, progress=not args.no_progress, cache_dir=partial_dir(out))
     detections = nudity.NudityDetector().detect(images, progress=not args.no_progress)
     result: dict[str, Any] = {

@@ -67,7 +67,7 @@ def load_model(path: str | Path) -> Any:
     if not isinstance(meta, dict) or "family" not in meta:
         raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")
     family = meta["family"]
-    if family not in _FAMILIES:
+    if not isinstance(family, str) or family not in _FAMILIES:
         raise AmnesiaError(f"{path}: unknown model family {family!r}")
     model_cls = _FAMILIES[family][0]
     if hasattr(model_cls, "from_pretrained"):  # families with their own directory layout (ddpm: unet/)

@@ -401,7 +401,11 @@ class TextToImageModel(EpsilonDiffusion):
         import transformers
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+        from diffusers.utils import logging as diffusers_logging
 
+        # the libraries' per-file loading bars would interleave with our own progress and error lines
+        transformers.utils.logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
         path = Path(path)
         index = read_json(path / "model_index.json")
         if not isinstance(index, dict) or "unet" not in index:
