@@ -23,7 +23,8 @@ run: $(STAMP)
 	$(BIN)/amnesia run --out runs/mnist_cvae
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	# two workers: the crash tests run real processes one core each
+	$(BIN)/python -m pytest -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 from selective_amnesia.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, no oversubscription
+    torch.set_num_threads(1)
 TINY_CONFIG = REPO / "configs" / "mnist_cvae_tiny.yaml"
 
 

@@ -51,7 +51,7 @@ def test_overrides_are_typed_and_nested() -> None:
     "override, message",
     [
         (["forget.ewc_lambda=-1"], "ewc_lambda must be >= 0"),
-        (["forget.lr=fast"], "forget.lr: expected a number"),
+        (["forget.lr=fast"], "forget.lr: expected a finite number"),
         (["forget.replay_weight=-0.5"], "replay_weight must be >= 0"),
         (["forget.steps=0"], "steps"),
         (["forget.lamda=3"], "unknown config key forget.lamda"),

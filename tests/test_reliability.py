@@ -1,0 +1,134 @@
+"""One writer per output, run state, the divergence guard and the resumable Fisher (in process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIG
+
+from selective_amnesia import runstate
+from selective_amnesia.checkpoint import load_training_state
+from selective_amnesia.cli import main
+from selective_amnesia.config import ForgetConfig
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.fisher import estimate_fisher
+from selective_amnesia.io import read_json
+from selective_amnesia.train import forget
+
+
+def test_a_second_writer_of_the_same_out_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    with runstate.output_lock(out):
+        code = main(["pretrain", str(TINY_CONFIG), "--out", str(out), "--no-progress"])
+        assert code == 2
+        assert "is being written by amnesia (pid" in capsys.readouterr().err
+        assert not out.exists()  # refused before anything was written
+    assert not runstate.lock_path(out.absolute()).exists()  # released and removed
+
+
+def test_a_running_process_holds_its_lock_and_a_killed_one_does_not(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    amnesia = Path(sys.executable).parent / "amnesia"
+    args = ["pretrain", str(TINY_CONFIG), "pretrain.steps=100000", "--out", str(out), "--no-progress"]
+    first = subprocess.Popen([str(amnesia), *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / runstate.STATE_FILE).is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run([str(amnesia), *args], env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "is being written by amnesia" in second.stderr, second.stderr
+        assert read_json(out / runstate.STATE_FILE)["status"] == "running"
+    finally:
+        first.kill()
+        first.wait()
+    # SIGKILL released the lock: the same command may run (here: refused for another reason, not the lock)
+    third = subprocess.run(
+        [str(amnesia), *args[:-3], "pretrain.steps=-1", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert third.returncode == 2 and "pretrain.steps must be >= 1" in third.stderr, third.stderr
+
+
+def test_readers_refuse_a_directory_whose_run_failed(tmp_path: Path, tiny_cvae: torch.nn.Module) -> None:
+    model_dir = tmp_path / "m"
+    tiny_cvae.save_pretrained(model_dir)  # type: ignore[operator]
+    runstate.begin(model_dir, "forget")
+    runstate.finish("forgetting diverged")
+    from selective_amnesia.models import load_model
+
+    with pytest.raises(AmnesiaError, match="not a complete output .its last `amnesia forget` failed"):
+        load_model(model_dir)
+    runstate.begin(model_dir, "forget")
+    runstate.finish()
+    load_model(model_dir)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(
+    tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import selective_amnesia.train as train
+
+    real = train._forget_terms
+    calls = {"n": 0}
+
+    def poisoned(*args: object, **kwargs: object) -> object:
+        terms = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 7:  # step 7: the loss turns NaN
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(train, "_forget_terms", poisoned)
+    cfg = ForgetConfig(forget_label=0, ewc_lambda=0, steps=10, batch_size=4, checkpoint_every=3, log_every=1)
+    ckpt = tmp_path / "checkpoint"
+    with pytest.raises(AmnesiaError) as err:
+        forget(tiny_cvae, None, cfg, labels=list(range(10)), seed=0, progress=False, checkpoint_dir=ckpt)
+    message = str(err.value)
+    assert (
+        "diverged at step 7" in message
+        and "last good checkpoint (step 6)" in message
+        and str(ckpt) in message
+    )
+    assert all(torch.isfinite(p).all() for p in tiny_cvae.parameters())  # the NaN never reached the weights
+    opt = torch.optim.Adam(tiny_cvae.parameters())
+    state = load_training_state(ckpt, model=tiny_cvae, optimizer=opt, generator=torch.Generator())
+    assert state is not None and state["step"] == 6
+
+
+def test_an_interrupted_fisher_resumes_to_the_same_values(
+    tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import selective_amnesia.fisher as fisher_mod
+
+    kwargs = {"num_samples": 700, "labels": list(range(10)), "progress": False, "checkpoint_every": 256}
+    reference = estimate_fisher(tiny_cvae, **kwargs)  # type: ignore[arg-type]
+    real = fisher_mod._sample_batch
+    calls = {"n": 0}
+
+    def stop_at_third_block(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fisher_mod, "_sample_batch", stop_at_third_block)
+    partial = tmp_path / "f.partial"
+    with pytest.raises(KeyboardInterrupt):
+        estimate_fisher(tiny_cvae, checkpoint_dir=partial, **kwargs)  # type: ignore[arg-type]
+    assert read_json(partial / "state.json")["step"] == 512
+    monkeypatch.setattr(fisher_mod, "_sample_batch", real)
+    resumed = estimate_fisher(tiny_cvae, checkpoint_dir=partial, **kwargs)  # type: ignore[arg-type]
+    assert not partial.exists()
+    for name, v in reference.values.items():
+        assert torch.equal(resumed.values[name], v), name
