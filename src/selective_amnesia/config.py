@@ -102,11 +102,22 @@ class FisherConfig:
     timesteps_per_sample: int = 16  # DDPM "subsampled" only
     timestep_chunk: int = 250  # DDPM: timesteps per UNet call (bounds memory)
     path: str | None = None  # reuse a saved Fisher instead of estimating one
-    checkpoint_every: int = 100  # samples between resumable checkpoints (0 = none; block boundaries)
+    # samples between resumable checkpoints (0 = none); None = by family: none for the VAE (its whole
+    # Fisher takes seconds, a checkpoint would double that), every 10 samples for diffusion models
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "fisher.num_samples must be >= 1")
-        _check(self.checkpoint_every >= 0, "fisher.checkpoint_every must be >= 0")
+        _check(
+            self.checkpoint_every is None or self.checkpoint_every >= 0,
+            "fisher.checkpoint_every must be >= 0",
+        )
+
+    def checkpoint_interval(self, family: str) -> int:
+        """``checkpoint_every`` with the family default applied."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return 0 if family == "cvae" else 10
         _check(self.chunk_size >= 1 and self.timestep_chunk >= 1, "fisher chunk sizes must be >= 1")
         _check(
             self.estimator in VAE_FISHER + DIFFUSION_FISHER,

@@ -196,7 +196,7 @@ def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None =
         "seed": cfg.seed,
         "progress": cfg.progress,
         "checkpoint_dir": checkpoint_dir,
-        "checkpoint_every": f.checkpoint_every,
+        "checkpoint_every": f.checkpoint_interval(model.family),
     }
     if model.family == "ddpm":
         rank, world, reduce = process_share()  # several processes under `accelerate launch`

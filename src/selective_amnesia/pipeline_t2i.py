@@ -178,7 +178,7 @@ def t2i_fisher(
         world_size=world,
         reduce=reduce,
         checkpoint_dir=None if partial is None else (partial / f"rank{rank}" if world > 1 else partial),
-        checkpoint_every=f.checkpoint_every,
+        checkpoint_every=f.checkpoint_interval(model.family),
     )
     fisher.metadata["settings"] = wanted
     if path is not None and rank == 0:
