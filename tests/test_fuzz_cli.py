@@ -435,3 +435,27 @@ def test_malformed_text_to_image_inputs_fail_cleanly(
     }[kind]
     out = {"sample": "out.npz", "evaluate": "out.json", "run": "out_dir"}[kind]
     fails_cleanly([*argv, "--out", str(work / out), "--no-progress"], work)
+
+
+@SETTINGS
+@given(
+    files=st.lists(st.binary(max_size=64), max_size=3),
+    good=st.integers(0, 2),
+    suffix=st.sampled_from([".png", ".jpg"]),
+)
+def test_broken_surrogate_image_folders_fail_cleanly(
+    work: Path, files: list[bytes], good: int, suffix: str
+) -> None:
+    """Unreadable image files (with or without good ones beside them), or a folder without images."""
+    from PIL import Image
+
+    folder = work / "scratch" / "images"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(good if files else 0):
+        Image.new("L", (9 + i, 30)).save(folder / f"good{i}.png")
+    for i, content in enumerate(files):
+        (folder / f"bad{i}{suffix}").write_bytes(content)
+    argv = ["forget", "--model", str(work / "model"), "--fisher", str(work / "fisher.safetensors")]
+    argv += ["--out", str(work / "out_dir"), "--no-progress", "forget.surrogate=folder"]
+    fails_cleanly([*argv, f"forget.surrogate_path={folder}"], work)

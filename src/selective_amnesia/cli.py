@@ -54,18 +54,17 @@ def _parse_labels(text: str) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selective_amnesia.pipeline import run_pipeline
+    from selective_amnesia.pipeline import check_inputs, run_pipeline
 
     cfg = _config(args)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
     out = _out_dir(args.out)
-    if cfg.model.family == "text_to_image":
-        cfg.t2i.check_ready()
-        runstate.begin(out, "run")
-        return _run_text_to_image(cfg, args.out)
+    check_inputs(cfg)
     runstate.begin(out, "run")
+    if cfg.model.family == "text_to_image":
+        return _run_text_to_image(cfg, args.out)
     report = run_pipeline(cfg, args.out)
     b, f = report["metrics"]["base"], report["metrics"]["forget"]
     print(
@@ -147,7 +146,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
     from selective_amnesia.fisher import Fisher
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import checked_labels, stage_forget, stage_replay
+    from selective_amnesia.pipeline import check_inputs, checked_labels, stage_forget, stage_replay
 
     cfg = _config(args)
     out = _out_dir(args.out)
@@ -155,7 +154,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         cfg.model.family, cfg.t2i.model = "text_to_image", args.model
         if args.fisher:
             cfg.fisher.path = args.fisher
-        cfg.t2i.check_ready()
+        check_inputs(cfg)
         runstate.begin(out, "forget")
         return _run_text_to_image(cfg, args.out)
     base = load_model(args.model).to(resolve_device(cfg.device))
@@ -165,6 +164,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "forget.ewc_lambda > 0 needs --fisher FILE (from `amnesia fisher`) or ewc_lambda=0"
         )
     fisher = Fisher.load(args.fisher, base) if args.fisher else None
+    check_inputs(cfg)
     runstate.begin(out, "forget")
     # a stored replay set (and class surrogate) are generated into the output directory and kept there
     replay_set = stage_replay(cfg, base, out)

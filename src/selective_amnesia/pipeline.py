@@ -25,7 +25,7 @@ from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassif
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.fisher import Fisher, estimate_fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
-from selective_amnesia.io import environment, partial_dir, read_json, state_hash, write_json
+from selective_amnesia.io import environment, load_tensors, partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models import build_model_from_config, load_model
 from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
@@ -81,6 +81,29 @@ def _reusable(path: Path, key: str) -> bool:
         return False
     meta = read_json(cfg_file)
     return isinstance(meta, dict) and meta.get("settings_hash") == key
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Read every file and folder the config names, before anything is written: bad input must fail
+    before a command marks its output directory as running."""
+    f, t = cfg.forget, cfg.t2i
+    folder = f.surrogate_path if f.objective == "surrogate" and f.surrogate == "folder" else None
+    if cfg.model.family == "text_to_image":
+        from selective_amnesia.pipeline_t2i import read_prompts
+
+        t.check_ready()
+        if not (Path(t.model) / "model_index.json").is_file():
+            raise AmnesiaError(
+                f"t2i.model {t.model} is not a diffusers pipeline directory (no model_index.json)"
+            )
+        read_prompts(t.replay_prompts)
+        folder = t.surrogate_path
+    elif cfg.pretrain.model_path:
+        load_model(cfg.pretrain.model_path)
+    if folder:
+        load_image_folder(folder, image_size=4)  # every image opens (they are resized later anyway)
+    if cfg.fisher.path:
+        load_tensors(cfg.fisher.path)
 
 
 def load_model_data(cfg: RunConfig, split: str, model: Any) -> ImageDataset:
