@@ -180,8 +180,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from selective_amnesia.sampling import sample_per_label
 
     out = _out_file(args.out, ".npz")
-    if args.seed < 0:
-        raise AmnesiaError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**32:
+        raise AmnesiaError(f"--seed must lie in [0, 2**32), got {args.seed}")
     if args.num_per_label < 1 or args.batch_size < 1:
         raise AmnesiaError("--num-per-label and --batch-size must be >= 1")
     if args.guidance_scale is not None and not (

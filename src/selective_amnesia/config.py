@@ -316,7 +316,7 @@ class RunConfig:
     t2i: TextToImageSection = field(default_factory=TextToImageSection)
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed}")
         _check(
             0 <= self.forget.forget_label < 10,
             f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",

@@ -48,9 +48,7 @@ def load_model(path: str | Path) -> Any:
         raise AmnesiaError(f"model directory {path} not found")
     check_complete(path)
     if not any((path / marker).is_file() for marker in ("config.json", "model_index.json")):
-        interrupted = (
-            (path / "checkpoint").is_dir() or any(path.glob("*.safetensors")) or (path / "unet").is_dir()
-        )
+        interrupted = (path / "checkpoint").is_dir()  # a training run wrote here and did not finish
         raise AmnesiaError(
             f"{path} is not a complete model directory (no config.json or model_index.json)"
             + (": the command writing it was interrupted; rerun it to finish" if interrupted else "")
