@@ -157,3 +157,84 @@ def test_a_model_directory_cannot_point_the_text_encoder_anywhere(
     (model_dir / TEXT_ENCODER_REF).write_text(json.dumps(ref))
     with pytest.raises(AmnesiaError):
         load_model(model_dir)
+
+
+def test_rerunning_finished_commands_reuses_them(tmp_path: Path) -> None:
+    """A finished output rerun with the same settings is reused and stays complete (not refused)."""
+    base, forgotten = tmp_path / "base", tmp_path / "forgotten"
+    tiny = [str(TINY_CONFIG), "pretrain.steps=5", "forget.steps=3", "forget.ewc_lambda=0", "--no-progress"]
+    for _ in range(2):
+        assert main(["pretrain", *tiny, "--out", str(base)]) == 0
+        assert main(["forget", *tiny, "--model", str(base), "--out", str(forgotten)]) == 0
+        for d in (base, forgotten):
+            assert read_json(d / runstate.STATE_FILE)["status"] == "complete"
+    assert main(["sample", "--model", str(forgotten), "--labels", "1", "--out", str(tmp_path / "s.npz")]) == 0
+
+
+def test_outputs_of_the_wrong_kind_are_refused_untouched(tmp_path: Path, tiny_cvae: torch.nn.Module) -> None:
+    model_dir = tmp_path / "m"
+    tiny_cvae.save_pretrained(model_dir)  # type: ignore[operator]
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"name": "a run"}')
+    (run_dir / "report.json").write_text("{}")
+    cases = [
+        ["run", str(TINY_CONFIG), "--out", str(model_dir)],  # a run would overwrite the model's config.json
+        ["pretrain", str(TINY_CONFIG), "--out", str(run_dir)],  # a model would overwrite the run's
+        [
+            "forget",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(model_dir),
+            "forget.ewc_lambda=0",
+        ],  # its own input
+        ["pretrain", str(TINY_CONFIG), "--out", str(model_dir), "data.dataset=cifar10"],  # no CIFAR-10 here
+    ]
+    for argv in cases:
+        assert main([*argv, "--no-progress"]) == 2, argv
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert (run_dir / "config.json").read_text() == '{"name": "a run"}'
+
+
+def test_a_symlink_to_an_output_being_written_is_refused(tmp_path: Path) -> None:
+    out, link = tmp_path / "out", tmp_path / "link"
+    out.mkdir()
+    link.symlink_to(out)
+    with runstate.output_lock(out):
+        assert main(["pretrain", str(TINY_CONFIG), "--out", str(link), "--no-progress"]) == 2
+
+
+def test_a_finite_loss_with_infinite_gradients_stops_before_the_update(
+    tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import selective_amnesia.train as train
+
+    real = train._forget_terms
+    calls = {"n": 0}
+
+    def blow_up_gradients(*args: object, **kwargs: object) -> object:
+        terms = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 5:  # the loss stays finite; a hook makes one gradient infinite
+            x = next(tiny_cvae.parameters()).sum()
+            x.register_hook(lambda g: g + float("inf"))
+            terms.total = terms.total + 0 * x
+        return terms
+
+    monkeypatch.setattr(train, "_forget_terms", blow_up_gradients)
+    before = [p.detach().clone() for p in tiny_cvae.parameters()]
+    cfg = ForgetConfig(forget_label=0, ewc_lambda=0, steps=8, batch_size=4, checkpoint_every=2, log_every=1)
+    with pytest.raises(AmnesiaError, match="diverged at step 5 .gradient norm is not finite.*step 4"):
+        forget(
+            tiny_cvae,
+            None,
+            cfg,
+            labels=list(range(10)),
+            seed=0,
+            progress=False,
+            checkpoint_dir=tmp_path / "c",
+        )
+    assert all(torch.isfinite(p).all() for p in tiny_cvae.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, tiny_cvae.parameters(), strict=True))

@@ -60,8 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    out = _out_dir(args.out)
-    check_inputs(cfg)
+    out = _out_dir(args.out, "run")
+    check_inputs(cfg, ("train", "test"))
     runstate.begin(out, "run")
     if cfg.model.family == "text_to_image":
         return _run_text_to_image(cfg, args.out)
@@ -96,14 +96,15 @@ def _run_text_to_image(cfg: RunConfig, out: str) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from selective_amnesia.pipeline import stage_base
+    from selective_amnesia.pipeline import check_inputs, stage_base
 
     cfg = _config(args)
     if cfg.pretrain.model_path:
         raise AmnesiaError("pretrain.model_path is set: there is nothing to pretrain")
     if cfg.model.family == "text_to_image":
         raise AmnesiaError("amnesia pretrain trains cvae and ddpm models; a text-to-image model is given")
-    out = _out_dir(args.out)
+    out = _out_dir(args.out, "model")
+    check_inputs(cfg, ("train",))
     runstate.begin(out, "pretrain")
     _, info = stage_base(cfg, out)
     print(f"base model written to {args.out} ({info['seconds']:.1f}s)")
@@ -149,8 +150,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from selective_amnesia.pipeline import check_inputs, checked_labels, stage_forget, stage_replay
 
     cfg = _config(args)
-    out = _out_dir(args.out)
-    if cfg.model.family == "text_to_image" or (Path(args.model) / "model_index.json").is_file():
+    text_to_image = cfg.model.family == "text_to_image" or (Path(args.model) / "model_index.json").is_file()
+    # text-to-image forgetting writes a run directory (out/forget, the caches, report.json)
+    out = _out_dir(args.out, "run" if text_to_image else "model")
+    if out.resolve() == Path(args.model).resolve():
+        raise AmnesiaError("--out is the --model directory: write the forgotten model somewhere else")
+    if text_to_image:
         cfg.model.family, cfg.t2i.model = "text_to_image", args.model
         if args.fisher:
             cfg.fisher.path = args.fisher
@@ -180,10 +185,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from selective_amnesia.sampling import sample_per_label
 
     out = _out_file(args.out, ".npz")
-    if not 0 <= args.seed < 2**32:
-        raise AmnesiaError(f"--seed must lie in [0, 2**32), got {args.seed}")
-    if args.num_per_label < 1 or args.batch_size < 1:
-        raise AmnesiaError("--num-per-label and --batch-size must be >= 1")
+    if not 0 <= args.seed < 2**31:
+        raise AmnesiaError(f"--seed must lie in [0, 2**31), got {args.seed}")
+    if not (1 <= args.num_per_label < 2**31 and 1 <= args.batch_size < 2**31):
+        raise AmnesiaError("--num-per-label and --batch-size must be >= 1 (and < 2**31)")
     if args.guidance_scale is not None and not (
         math.isfinite(args.guidance_scale) and args.guidance_scale >= 0
     ):
@@ -343,11 +348,29 @@ def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path, row
     return 0
 
 
-def _out_dir(out: str) -> Path:
-    """A directory output: refuse an existing file in its place."""
+def _out_dir(out: str, kind: str) -> Path:
+    """A directory output of ``kind`` "run" or "model": refuse a file in its place, and a directory
+    of the other kind (a run's config.json would overwrite a model's, and the reverse)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise AmnesiaError(f"--out {out} is an existing file, not a directory: choose another --out")
+    config = path / "config.json"
+    holds_model = (path / "model_index.json").is_file()
+    if config.is_file():
+        from selective_amnesia.io import read_json
+
+        try:
+            meta = read_json(config)
+        except AmnesiaError:
+            meta = None
+        holds_model = holds_model or (isinstance(meta, dict) and "family" in meta)
+        holds_run = not holds_model
+    else:
+        holds_run = (path / "report.json").is_file()
+    if kind == "run" and holds_model:
+        raise AmnesiaError(f"--out {out} holds a model: give `amnesia run` its own run directory")
+    if kind == "model" and holds_run:
+        raise AmnesiaError(f"--out {out} is a run directory: write the model to a directory of its own")
     return path
 
 
@@ -496,14 +519,21 @@ def main(argv: list[str] | None = None) -> int:
         # the lock if this process dies
         writes = out is not None and not getattr(args, "dry_run", False) and _main_process()
         with runstate.output_lock(out) if out is not None and writes else nullcontext():
-            code = int(args.fn(args))
+            try:
+                code = int(args.fn(args))
+            except BaseException as e:  # recorded while this process still holds the lock
+                _record_failure(_message(e))
+                raise
             runstate.finish()
     except AmnesiaError as e:
         return _fail(args.command, str(e))
     except OSError as e:  # a full disk, a read-only directory...
         return _fail(args.command, _os_error(e))
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        return _fail(args.command, "out of memory: lower the batch size or sample counts, or use a GPU")
     except KeyboardInterrupt:
-        _record_failure("interrupted")
         print(f"amnesia {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     logging.getLogger(__name__).info("%s finished in %.1fs", args.command, time.perf_counter() - start)
@@ -517,8 +547,23 @@ def _record_failure(message: str) -> None:
         pass
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _message(e: BaseException) -> str:
+    """What ``amnesia_run.json`` records for an error."""
+    if isinstance(e, AmnesiaError):
+        return str(e)
+    if isinstance(e, OSError):
+        return _os_error(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(e).__name__}: {e}"
+
+
 def _fail(command: str, message: str) -> int:
-    _record_failure(message)
     print(f"amnesia {command}: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 

@@ -112,12 +112,6 @@ class FisherConfig:
             self.checkpoint_every is None or self.checkpoint_every >= 0,
             "fisher.checkpoint_every must be >= 0",
         )
-
-    def checkpoint_interval(self, family: str) -> int:
-        """``checkpoint_every`` with the family default applied."""
-        if self.checkpoint_every is not None:
-            return self.checkpoint_every
-        return 0 if family == "cvae" else 10
         _check(self.chunk_size >= 1 and self.timestep_chunk >= 1, "fisher chunk sizes must be >= 1")
         _check(
             self.estimator in VAE_FISHER + DIFFUSION_FISHER,
@@ -127,6 +121,12 @@ class FisherConfig:
             self.timesteps_per_sample >= 2 and self.timesteps_per_sample % 2 == 0,
             "fisher.timesteps_per_sample must be an even number >= 2",
         )
+
+    def checkpoint_interval(self, family: str) -> int:
+        """``checkpoint_every`` with the family default applied."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return 0 if family == "cvae" else 10
 
 
 @dataclass
@@ -316,7 +316,7 @@ class RunConfig:
     t2i: TextToImageSection = field(default_factory=TextToImageSection)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(
             0 <= self.forget.forget_label < 10,
             f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
@@ -380,6 +380,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise AmnesiaError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**31:  # no count, size or seed here is meaningful that large
+                raise AmnesiaError(f"{key}: {value} is out of range (|value| < 2**31)")
             return value
         raise AmnesiaError(f"{key}: expected an integer, got {value!r}")
     if tp is float:

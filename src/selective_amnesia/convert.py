@@ -464,6 +464,9 @@ def reference_vae_config(tensors: Mapping[str, Tensor]) -> Any:
     """Our ``CVAEConfig`` for a reference VAE state dict (names checked), read from its weight shapes."""
     from selective_amnesia.models.cvae import CVAEConfig
 
+    bad = [n for n, t in tensors.items() if t.dim() != (2 if n.endswith(".weight") else 1)]
+    if bad:
+        raise AmnesiaError(f"reference VAE tensor {bad[0]} has the wrong number of dimensions: not a VAE")
     h1, in1 = tensors["fc1.weight"].shape
     h2 = tensors["fc2.weight"].shape[0]
     z = tensors["fc31.weight"].shape[0]

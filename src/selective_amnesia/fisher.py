@@ -220,7 +220,9 @@ def estimate_fisher(
         n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if p.requires_grad
     }
     model_hash = state_hash(model.state_dict())
-    key = repr((model_hash, num_samples, label_t.tolist(), estimator, chunk_size, seed, SAMPLE_BLOCK))
+    key = repr(
+        (model_hash, num_samples, label_t.tolist(), sorted(acc), estimator, chunk_size, seed, SAMPLE_BLOCK)
+    )
     partial = PartialSums(checkpoint_dir, checkpoint_every, key)
     done, elapsed = partial.resume(acc, generator)
     start = time.perf_counter() - elapsed

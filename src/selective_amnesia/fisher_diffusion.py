@@ -202,9 +202,13 @@ def estimate_diffusion_fisher(
     noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
     sampler = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}
     model_hash = state_hash(model.state_dict())
+    # what the labels mean (a text-to-image model's prompt table: index 0 is whatever prompt came first)
+    # and which weights are estimated belong in the key too
+    table = getattr(model, "prompts", None)
+    meaning = [table[i] for i in label_t.tolist()] if isinstance(table, list) else None
     key = repr(
-        (model_hash, num_samples, label_t.tolist(), estimator, timesteps_per_sample, timestep_chunk)
-        + (seed, n_t, rank, world_size, sampler, SAMPLE_BLOCK)
+        (model_hash, num_samples, label_t.tolist(), meaning, [n for n, _ in named], estimator)
+        + (timesteps_per_sample, timestep_chunk, seed, n_t, rank, world_size, sampler, SAMPLE_BLOCK)
     )
     accs = {f"mean.{n}": a for (n, _), a in zip(named, acc, strict=True)}
     accs |= {f"var.{n}": v for (n, _), v in zip(named, var_acc, strict=True)}

@@ -83,9 +83,9 @@ def _reusable(path: Path, key: str) -> bool:
     return isinstance(meta, dict) and meta.get("settings_hash") == key
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Read every file and folder the config names, before anything is written: bad input must fail
-    before a command marks its output directory as running."""
+def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
+    """Read every file and folder the config names (and the dataset ``splits`` it will use), before
+    anything is written: bad input must fail before a command marks its output directory as running."""
     f, t = cfg.forget, cfg.t2i
     folder = f.surrogate_path if f.objective == "surrogate" and f.surrogate == "folder" else None
     if cfg.model.family == "text_to_image":
@@ -100,6 +100,9 @@ def check_inputs(cfg: RunConfig) -> None:
         folder = t.surrogate_path
     elif cfg.pretrain.model_path:
         load_model(cfg.pretrain.model_path)
+    if cfg.model.family != "text_to_image":
+        for split in splits:  # a missing or damaged dataset is bad input too
+            load_dataset(cfg.data.dataset, split, cfg.data.root, cfg.data.image_size)
     if folder:
         load_image_folder(folder, image_size=4)  # every image opens (they are resized later anyway)
     if cfg.fisher.path:
@@ -160,7 +163,7 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     if _reusable(model_dir, key):
         log.info("reusing base model in %s", model_dir)
         seconds = read_json(model_dir / "config.json").get("pretrain_history", {}).get("seconds", 0.0)
-        model = load_model(model_dir).to(device)
+        model = load_model(model_dir, check_state=False).to(device)  # we are its writer
         _apply_sampler_defaults(cfg, model, model_dir)
         return model, {"source": str(model_dir), "reused": True, "seconds": seconds}
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
@@ -301,7 +304,8 @@ def stage_forget(
     if _reusable(target, key):
         log.info("reusing forgotten model in %s", target)
         meta = read_json(target / "config.json")
-        return load_model(target).to(next(base.parameters()).device), meta["history"]
+        reused = load_model(target, check_state=False)  # we are its writer
+        return reused.to(next(base.parameters()).device), meta["history"]
     model = copy.deepcopy(base)  # theta* itself stays untouched: it is the replay source and the baseline
     history = forget(
         model,

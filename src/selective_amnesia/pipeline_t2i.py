@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from selective_amnesia import faults
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
 from selective_amnesia.errors import AmnesiaError
@@ -237,6 +239,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     timings["fisher_s"] = time.perf_counter() - t1
 
     ewc = None
+    ewc_meta = fisher.metadata if fisher is not None else None
     if lora_modules:
         layers = add_lora(model, lora_modules, t.lora_rank, float(t.lora_alpha or t.lora_rank))
         if fisher is not None:
@@ -246,8 +249,13 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         model.unet.enable_gradient_checkpointing()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t1 = time.perf_counter()
+    # everything the fine-tune depends on: settings, theta*, the Fisher and the two image sets (whose
+    # files may change without any setting changing)
+    sets = state_hash({"replay": replay_set[0], "replay_ids": replay_set[1], "surrogate": surrogate})
     key = hashlib.sha256(
-        repr((to_dict(cfg.forget), to_dict(t), state_hash(base.state_dict()), cfg.seed)).encode()
+        repr(
+            (to_dict(cfg.forget), to_dict(t), state_hash(base.state_dict()), cfg.seed, ewc_meta, sets)
+        ).encode()
     ).hexdigest()[:16]
     history = forget(
         model,
@@ -271,8 +279,19 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     extra = {"run_config": to_dict(cfg), "history": history.to_dict(), "forget_prompts": t.forget_prompts}
     if t.output == "lora":
         target = out / "forget_lora"
-        save_lora(model, target)
-        write_json(target / "amnesia.json", extra | {"base_model": str(Path(t.model).resolve())})
+        # diffusers writes the adapter in place: write it to a fresh directory and swap it in, so a
+        # reader of forget_lora sees the old adapter or the new one, never half of one
+        staging = out / ".forget_lora.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_lora(model, staging)
+        write_json(staging / "amnesia.json", extra | {"base_model": str(Path(t.model).resolve())})
+        faults.point("model.weights_written")
+        old = out / ".forget_lora.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         if lora_modules:
             merge_lora(model)

@@ -38,7 +38,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
     """Hold the write lock of ``out`` for the duration of the block, or raise ``AmnesiaError``."""
     import fcntl
 
-    out = Path(out).absolute()
+    out = Path(out).resolve()  # one lock for every path (symlinks, ..) that names the same output
     lock = lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -93,11 +93,12 @@ def finish(error: str | None = None) -> None:
     """Record how the command that called ``begin`` ended (no-op if none did)."""
     if not _active:
         return
-    state = dict(_active["state"], status="failed" if error else "complete", finished=_now())
+    path, state = _active["path"], dict(_active["state"], finished=_now())
+    _active.clear()
+    state["status"] = "failed" if error else "complete"
     if error:
         state["error"] = error
-    write_json(_active["path"], state)
-    _active.clear()
+    write_json(path, state)
 
 
 def check_complete(path: str | Path) -> None:

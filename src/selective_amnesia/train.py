@@ -74,6 +74,7 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=ema_decay)
         self.checkpoint_dir, self.checkpoint_every, self.key = checkpoint_dir, checkpoint_every, key
         self.history = History()
+        self.what, self.fix = "training", "lower the learning rate"  # set by check_finite's callers
         # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
         self.scaler: Any = None
         self.start_step = 1
@@ -91,19 +92,27 @@ class Trainer:
                 log.info("resuming from %s at step %d", checkpoint_dir, self.start_step)
         self._t0 = time.perf_counter()
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, step: int = 0) -> None:
         self.opt.zero_grad(set_to_none=True)
         self.backward(loss)
-        self.update()
+        self.update(step)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients (call several times before ``update`` for gradient accumulation)."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def update(self) -> None:
-        """Clip, take the optimizer step, update the EMA, clear the gradients."""
+    def update(self, step: int = 0) -> None:
+        """Clip, take the optimizer step, update the EMA, clear the gradients.
+
+        Without loss scaling a non-finite gradient (a finite loss can still have one) stops training
+        before it reaches the weights; with fp16 loss scaling the scaler skips such steps itself.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                self._diverged(step, "gradient norm is not finite")
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if self.scaler is not None:
@@ -122,6 +131,8 @@ class Trainer:
         if self.checkpoint_dir is None or not self.checkpoint_every or step == last:
             return
         if step % self.checkpoint_every == 0:
+            if not all(torch.isfinite(p).all() for p in self.params):  # never checkpoint a bad state
+                self._diverged(step, "weights are not finite")
             self.history.seconds = self.seconds()
             save_training_state(
                 self.checkpoint_dir,
@@ -139,13 +150,17 @@ class Trainer:
         """Divergence guard: a NaN/inf loss stops training before it reaches the weights; the last
         checkpoint (written only from finite steps) stays on disk and the error says where."""
         value = float(loss.detach())
-        if math.isfinite(value):
-            return
+        if not math.isfinite(value):
+            self.what, self.fix = what, fix
+            self._diverged(step, f"loss {value}")
+        self.what, self.fix = what, fix
+
+    def _diverged(self, step: int, why: str) -> None:
         if self.checkpoint_dir is not None and self.saved_step:
             kept = f"the last good checkpoint (step {self.saved_step}) is kept in {self.checkpoint_dir}"
         else:
             kept = "no checkpoint had been written yet"
-        raise AmnesiaError(f"{what} diverged at step {step} (loss {value}); {kept}; {fix}, then rerun")
+        raise AmnesiaError(f"{self.what} diverged at step {step} ({why}); {kept}; {self.fix}, then rerun")
 
     def finish(self) -> History:
         """Put the EMA weights (if any) into the model, eval mode; drop the checkpoint."""
@@ -194,7 +209,7 @@ def pretrain(
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         loss = model.nelbo(x, y, generator=generator).sum()  # type: ignore[operator]
         trainer.check_finite(loss, step, "pretraining", "lower pretrain.lr or check the data")
-        trainer.step(loss)
+        trainer.step(loss, step)
         faults.point("train.step")
         if step % 100 == 0 or step == cfg.steps:
             values = {"nelbo": float(loss.detach()) / cfg.batch_size}
@@ -315,7 +330,7 @@ def forget(
                     terms.total, step, "forgetting", "lower forget.lr or raise forget.ewc_lambda"
                 )
                 trainer.backward(terms.total / accumulation)
-            trainer.update()
+            trainer.update(step)
             faults.point("train.step")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = terms.as_floats()

@@ -41,12 +41,16 @@ def build_model_from_config(model_cfg: Any) -> Any:
     return build_model(model_cfg.family, hidden_dims=model_cfg.hidden_dims, latent_dim=model_cfg.latent_dim)
 
 
-def load_model(path: str | Path) -> Any:
-    """Load a model directory written by ``save_pretrained``; bad directories raise ``AmnesiaError``."""
+def load_model(path: str | Path, *, check_state: bool = True) -> Any:
+    """Load a model directory written by ``save_pretrained``; bad directories raise ``AmnesiaError``.
+
+    ``check_state=False`` skips the ``amnesia_run.json`` check, for the command that is itself writing
+    the directory and reuses a finished model it matched by settings hash."""
     path = Path(path)
     if not path.is_dir():
         raise AmnesiaError(f"model directory {path} not found")
-    check_complete(path)
+    if check_state:
+        check_complete(path)
     if not any((path / marker).is_file() for marker in ("config.json", "model_index.json")):
         interrupted = (path / "checkpoint").is_dir()  # a training run wrote here and did not finish
         raise AmnesiaError(

@@ -165,7 +165,7 @@ def _train_vae(vae: nn.Module, images: torch.Tensor, cfg: WorldConfig, ckpt: Pat
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
         rec = vae.decode(z).sample  # type: ignore[operator]
         loss = (rec - x).pow(2).mean() + cfg.vae_kl_weight * dist.kl().mean()
-        trainer.step(loss)
+        trainer.step(loss, step)
         if step % 100 == 0:
             bar.set_postfix(loss=f"{float(loss):.4f}")
         trainer.maybe_checkpoint(step, cfg.vae_steps)
@@ -204,7 +204,7 @@ def _train_unet(
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.text_dropout
         cond = torch.where(drop, null, cond)
         loss = model.nelbo(latents[idx], cond, generator=gen).mean()
-        trainer.step(loss)
+        trainer.step(loss, step)
         if step % 100 == 0 or step == cfg.unet_steps:
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
