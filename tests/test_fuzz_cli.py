@@ -51,6 +51,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(TINY_CONFIG, root / "config.yaml")
     (root / "out_dir").mkdir()
     (root / "out_dir" / "keep.txt").write_text("an earlier run\n")
+    # a finished earlier run: a command that marked it running (or failed) on bad input would show here
+    (root / "out_dir" / "amnesia_run.json").write_text('{"status": "complete", "command": "run"}\n')
     (root / "out.npz").write_bytes(b"earlier samples")
     (root / "out.json").write_text('{"earlier": true}\n')
     (root / "out.safetensors").write_bytes(b"earlier fisher")
@@ -157,6 +159,20 @@ def _command(work: Path, name: str) -> list[str]:
 
 
 CONFIG_COMMANDS = st.sampled_from(["run", "pretrain", "fisher", "forget", "evaluate"])
+
+
+@pytest.mark.parametrize("command", ["run", "pretrain", "fisher", "forget", "evaluate"])
+def test_every_numeric_field_rejects_out_of_range_values(work: Path, command: str) -> None:
+    """Exhaustive, not sampled: every numeric config field, with a negative, a non-finite and a huge value."""
+    for key in NUMERIC:
+        tp = dict(LEAVES)[key]
+        is_list = key in LISTS
+        is_int = tp is int or int in typing.get_args(tp)
+        # -1 for everything; NaN for floats (not an integer at all: the wrong-type cases cover that);
+        # 2**40 for integers (no count, size or seed is meaningful that large; a huge float can be valid)
+        for value in ("-1", "nan" if not is_int else "-5", str(2**40) if is_int else "-0.5"):
+            text = f"[{value}]" if is_list else value
+            fails_cleanly([*_command(work, command), "--no-progress", f"{key}={text}"], work)
 
 
 @SETTINGS

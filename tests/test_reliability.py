@@ -238,3 +238,42 @@ def test_a_finite_loss_with_infinite_gradients_stops_before_the_update(
         )
     assert all(torch.isfinite(p).all() for p in tiny_cvae.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny_cvae.parameters(), strict=True))
+
+
+def test_a_fisher_checkpoint_is_not_resumed_for_other_prompts(
+    tmp_path: Path, tiny_world: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt indices are positions in a table: the checkpoint key must hold the prompts themselves."""
+    from selective_amnesia import faults
+    from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
+    from selective_amnesia.models.text_to_image import TextToImageModel
+
+    def fisher(prompt: str, checkpoint_dir: Path | None) -> dict[str, torch.Tensor]:
+        model = TextToImageModel.from_pretrained(tiny_world)
+        labels = model.prompt_ids([prompt]).tolist()  # [0] whatever the prompt
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.unet.conv_out.weight.requires_grad_(True)
+        kw = {"num_samples": 3, "estimator": "subsampled", "timesteps_per_sample": 2, "progress": False}
+        f = estimate_diffusion_fisher(
+            model, labels=labels, checkpoint_dir=checkpoint_dir, checkpoint_every=1, **kw
+        )
+        return f.values
+
+    seen = {"n": 0}
+
+    def stop_at_second_sample(name: str) -> None:
+        if name == "fisher.sample":
+            seen["n"] += 1
+            if seen["n"] == 2:
+                raise KeyboardInterrupt
+
+    partial = tmp_path / "partial"
+    monkeypatch.setattr(faults, "point", stop_at_second_sample)
+    with pytest.raises(KeyboardInterrupt):
+        fisher("a handwritten 7", partial)
+    monkeypatch.undo()
+    assert read_json(partial / "state.json")["step"] == 1
+    other = fisher("a handwritten 1", partial)  # same index 0, another prompt: must start over
+    fresh = fisher("a handwritten 1", None)
+    assert all(torch.equal(other[k], fresh[k]) for k in fresh)
