@@ -78,11 +78,11 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
     original = train.Trainer.update  # every loop's optimizer step goes through it
     count = {"n": 0}
 
-    def update(self: train.Trainer) -> None:
+    def update(self: train.Trainer, step: int = 0) -> None:
         if count["n"] == calls:
             raise KeyboardInterrupt
         count["n"] += 1
-        original(self)
+        original(self, step)
 
     monkeypatch.setattr(train.Trainer, "update", update)
 
