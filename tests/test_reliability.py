@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,22 +76,30 @@ def test_readers_refuse_a_directory_whose_run_failed(tmp_path: Path, tiny_cvae: 
     load_model(model_dir)
 
 
-def test_divergence_keeps_the_last_good_checkpoint(
-    tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _change_step(monkeypatch: pytest.MonkeyPatch, step: int, change: Callable[[Any], None]) -> None:
+    """Apply ``change`` to the loss terms of forgetting step ``step`` (one batch per step)."""
     import selective_amnesia.train as train
 
     real = train._forget_terms
     calls = {"n": 0}
 
-    def poisoned(*args: object, **kwargs: object) -> object:
-        terms = real(*args, **kwargs)  # type: ignore[arg-type]
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        terms = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 7:  # step 7: the loss turns NaN
-            terms.total = terms.total * float("nan")
+        if calls["n"] == step:
+            change(terms)
         return terms
 
-    monkeypatch.setattr(train, "_forget_terms", poisoned)
+    monkeypatch.setattr(train, "_forget_terms", patched)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(
+    tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def poison(terms: Any) -> None:  # step 7: the loss turns NaN
+        terms.total = terms.total * float("nan")
+
+    _change_step(monkeypatch, 7, poison)
     cfg = ForgetConfig(forget_label=0, ewc_lambda=0, steps=10, batch_size=4, checkpoint_every=3, log_every=1)
     ckpt = tmp_path / "checkpoint"
     with pytest.raises(AmnesiaError) as err:
@@ -209,21 +219,12 @@ def test_a_symlink_to_an_output_being_written_is_refused(tmp_path: Path) -> None
 def test_a_finite_loss_with_infinite_gradients_stops_before_the_update(
     tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import selective_amnesia.train as train
+    def blow_up_gradients(terms: Any) -> None:  # the loss stays finite; a hook makes a gradient infinite
+        x = next(tiny_cvae.parameters()).sum()
+        x.register_hook(lambda g: g + float("inf"))
+        terms.total = terms.total + 0 * x
 
-    real = train._forget_terms
-    calls = {"n": 0}
-
-    def blow_up_gradients(*args: object, **kwargs: object) -> object:
-        terms = real(*args, **kwargs)  # type: ignore[arg-type]
-        calls["n"] += 1
-        if calls["n"] == 5:  # the loss stays finite; a hook makes one gradient infinite
-            x = next(tiny_cvae.parameters()).sum()
-            x.register_hook(lambda g: g + float("inf"))
-            terms.total = terms.total + 0 * x
-        return terms
-
-    monkeypatch.setattr(train, "_forget_terms", blow_up_gradients)
+    _change_step(monkeypatch, 5, blow_up_gradients)
     before = [p.detach().clone() for p in tiny_cvae.parameters()]
     cfg = ForgetConfig(forget_label=0, ewc_lambda=0, steps=8, batch_size=4, checkpoint_every=2, log_every=1)
     with pytest.raises(AmnesiaError, match="diverged at step 5 .gradient norm is not finite.*step 4"):
