@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # one writer per output (under torchrun only the first process writes it); the kernel releases
         # the lock if this process dies
-        writes = out is not None and not getattr(args, "dry_run", False) and _main_process()
+        writes = not getattr(args, "dry_run", False) and _main_process()
         with runstate.output_lock(out) if out is not None and writes else nullcontext():
             try:
                 code = int(args.fn(args))

@@ -290,12 +290,11 @@ class PartialSums:
     def maybe_save(
         self, done: int, acc: dict[str, Tensor], *generators: torch.Generator, seconds: float = 0.0
     ) -> None:
-        if self.directory is None or not self.every or done - self.last < self.every:
-            return
-        self.save(done, acc, *generators, seconds=seconds)
+        if done - self.last >= self.every:
+            self.save(done, acc, *generators, seconds=seconds)
 
     def save(self, done: int, acc: dict[str, Tensor], *generators: torch.Generator, seconds: float) -> None:
-        if self.directory is None:
+        if self.directory is None or not self.every:  # every = 0: no checkpoints at all
             return
         tensors = {f"acc.{n}": a for n, a in acc.items()}
         tensors.update({f"rng.{i}": g.get_state() for i, g in enumerate(generators)})

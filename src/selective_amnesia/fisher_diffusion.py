@@ -216,9 +216,8 @@ def estimate_diffusion_fisher(
     done, elapsed = partial.resume(accs, sample_gen, noise_gen)
     start = time.perf_counter() - elapsed
 
-    def save(i: int) -> None:
-        if checkpoint_every:  # 0: no checkpoints at all
-            partial.save(i, accs, sample_gen, noise_gen, seconds=time.perf_counter() - start)
+    def save(i: int) -> None:  # every image block; every checkpoint_every samples of gradients
+        partial.save(i, accs, sample_gen, noise_gen, seconds=time.perf_counter() - start)
 
     was_training = model.training
     model.eval()  # no dropout: the Fisher is of the deterministic network at theta*
@@ -258,7 +257,7 @@ def estimate_diffusion_fisher(
                 if mine:
                     bar.update(1)
                 faults.point("fisher.sample")
-                if i + 1 < num_samples and checkpoint_every and i + 1 - partial.last >= checkpoint_every:
+                if i + 1 < num_samples and i + 1 - partial.last >= checkpoint_every:
                     save(i + 1)
     finally:
         model.train(was_training)

@@ -11,7 +11,7 @@ import os
 import platform
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,23 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as e:
         raise AmnesiaError(f"{path} is not a readable safetensors file ({e}); recreate it") from None
+
+
+def cached_tensor(
+    path: Path | None, key: str, name: str, make: Callable[[], torch.Tensor], *, save: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """The tensor ``name`` stored at ``path`` under ``key``, else ``make()`` (stored there when ``save``).
+
+    Returns the tensor and whether it was made now. A file saved under another key is replaced.
+    """
+    if path is not None and path.is_file():
+        stored, meta = load_tensors(path)
+        if meta.get("key") == key and name in stored:
+            return stored[name], False
+    tensor = make()
+    if path is not None and save:
+        save_tensors(path, {name: tensor.contiguous()}, {"key": key})
+    return tensor, True
 
 
 def state_hash(state: Mapping[str, torch.Tensor]) -> str:

@@ -98,9 +98,9 @@ def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
             )
         read_prompts(t.replay_prompts)
         folder = t.surrogate_path
-    elif cfg.pretrain.model_path:
-        load_model(cfg.pretrain.model_path)
-    if cfg.model.family != "text_to_image":
+    else:
+        if cfg.pretrain.model_path:
+            load_model(cfg.pretrain.model_path)
         for split in splits:  # a missing or damaged dataset is bad input too
             load_dataset(cfg.data.dataset, split, cfg.data.root, cfg.data.image_size)
     if folder:

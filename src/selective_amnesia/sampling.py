@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors, partial_dir, save_tensors, state_hash
+from selective_amnesia.io import cached_tensor, partial_dir, state_hash
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +112,27 @@ def blockwise(
     A stored set with the same key is returned as is. While the set is being made, each finished block
     is kept in ``<path>.partial/`` so an interrupted call resumes at the first missing block.
     """
-    if path is not None and path.is_file():
-        stored, meta = load_tensors(path)
-        if meta.get("key") == key and name in stored:
-            log.info("reusing %s from %s", name, path)
-            return stored[name]
     parts_dir = partial_dir(path) if path is not None else None
-    parts = []
-    for lo in range(0, total, block):
-        n = min(block, total - lo)
-        part_path = parts_dir / f"{lo:09d}.safetensors" if parts_dir is not None else None
-        part = None
-        if part_path is not None and part_path.is_file():
-            stored, meta = load_tensors(part_path)
-            if meta.get("key") == key and meta.get("n") == str(n) and name in stored:
-                part = stored[name]
-        if part is None:
-            part = make(lo, n)
-            if part_path is not None and lo + n < total:
-                save_tensors(part_path, {name: part.contiguous()}, {"key": key, "n": str(n)})
-            faults.point("sampling.block")
-        parts.append(part)
-    result = torch.cat(parts)
-    if path is not None:
-        save_tensors(path, {name: result.contiguous()}, {"key": key})
-        if parts_dir is not None and parts_dir.is_dir():
-            shutil.rmtree(parts_dir)
+
+    def build() -> Tensor:
+        parts = []
+        for lo in range(0, total, block):
+            n = min(block, total - lo)
+            part_path = parts_dir / f"{lo:09d}.safetensors" if parts_dir is not None else None
+            # the last block is not kept on its own: the whole set is saved right after it
+            part, made = cached_tensor(
+                part_path, f"{key} n={n}", name, partial(make, lo, n), save=lo + n < total
+            )
+            if made:
+                faults.point("sampling.block")
+            parts.append(part)
+        return torch.cat(parts)
+
+    result, made = cached_tensor(path, key, name, build)
+    if not made:
+        log.info("reusing %s from %s", name, path)
+    if parts_dir is not None and parts_dir.is_dir():
+        shutil.rmtree(parts_dir)
     return result
 
 

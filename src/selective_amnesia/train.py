@@ -63,8 +63,11 @@ class Trainer:
         checkpoint_dir: Path | None,
         checkpoint_every: int,
         key: str,
+        what: str = "training",
+        fix: str = "lower the learning rate",
     ) -> None:
         self.model, self.generator, self.grad_clip = model, generator, grad_clip
+        self.what, self.fix = what, fix  # the divergence error's subject and advice
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=lr)
         self.ema: Any = None
@@ -74,7 +77,6 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=ema_decay)
         self.checkpoint_dir, self.checkpoint_every, self.key = checkpoint_dir, checkpoint_every, key
         self.history = History()
-        self.what, self.fix = "training", "lower the learning rate"  # set by check_finite's callers
         # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
         self.scaler: Any = None
         self.start_step = 1
@@ -146,14 +148,12 @@ class Trainer:
             )
             self.saved_step = step
 
-    def check_finite(self, loss: torch.Tensor, step: int, what: str, fix: str) -> None:
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
         """Divergence guard: a NaN/inf loss stops training before it reaches the weights; the last
         checkpoint (written only from finite steps) stays on disk and the error says where."""
         value = float(loss.detach())
         if not math.isfinite(value):
-            self.what, self.fix = what, fix
             self._diverged(step, f"loss {value}")
-        self.what, self.fix = what, fix
 
     def _diverged(self, step: int, why: str) -> None:
         if self.checkpoint_dir is not None and self.saved_step:
@@ -201,6 +201,8 @@ def pretrain(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every,
         key=key,
+        what="pretraining",
+        fix="lower pretrain.lr or check the data",
     )
     model.train()
     bar = tqdm(range(trainer.start_step, cfg.steps + 1), desc="pretrain", disable=not progress)
@@ -208,7 +210,7 @@ def pretrain(
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         loss = model.nelbo(x, y, generator=generator).sum()  # type: ignore[operator]
-        trainer.check_finite(loss, step, "pretraining", "lower pretrain.lr or check the data")
+        trainer.check_finite(loss, step)
         trainer.step(loss, step)
         faults.point("train.step")
         if step % 100 == 0 or step == cfg.steps:
@@ -309,6 +311,8 @@ def forget(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every,
         key=key,
+        what="forgetting",
+        fix="lower forget.lr or raise forget.ewc_lambda",
     )
     forget_ids = torch.tensor(forget_labels, dtype=torch.int64)
     autocast = _autocast(mixed_precision, device)
@@ -326,9 +330,7 @@ def forget(
                 terms = _forget_terms(
                     model, cfg, surrogate, replay, forget_ids, ewc, generator, device, autocast
                 )
-                trainer.check_finite(
-                    terms.total, step, "forgetting", "lower forget.lr or raise forget.ewc_lambda"
-                )
+                trainer.check_finite(terms.total, step)
                 trainer.backward(terms.total / accumulation)
             trainer.update(step)
             faults.point("train.step")

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors, save_tensors, state_hash
+from selective_amnesia.io import cached_tensor, state_hash
 
 logger = logging.getLogger(__name__)
 
@@ -146,19 +146,17 @@ def generate_rows(
                 path = None
                 if cache_dir is not None:
                     path = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-                images = None
-                if path is not None and path.is_file():
-                    stored, meta = load_tensors(path)
-                    images = stored.get("images") if meta.get("key") == key else None
-                if images is None:
+
+                def make(chunk: list[int] = chunk, w: float = w) -> Tensor:
                     cond = model.prompt_ids([rows[p].prompt for p in chunk])
                     gens = [torch.Generator().manual_seed(rows[p].seed) for p in chunk]
                     latents = model.sample(
                         cond, generator=gens, guidance_scale=w, num_inference_steps=num_inference_steps
                     )
-                    images = model.to_uint8(latents).cpu()
-                    if path is not None:
-                        save_tensors(path, {"images": images.contiguous()}, {"key": key})
+                    return model.to_uint8(latents).cpu()
+
+                images, made = cached_tensor(path, key, "images", make)
+                if made:
                     faults.point("evaluate.batch")
                 for p, img in zip(chunk, images, strict=True):
                     out[p] = img
