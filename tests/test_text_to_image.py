@@ -49,7 +49,8 @@ def test_loss_is_diffusers_latent_eps_mse(tiny_world: Path) -> None:
     noisy = sched.add_noise(x, eps, t)
     text = model.encode_prompts(["a handwritten 3", "the number one"])
     pred = model.unet(noisy, t, encoder_hidden_states=text).sample
-    assert torch.allclose(ours, (pred - eps).pow(2).flatten(1).sum(1), rtol=1e-5)
+    # per-sample mean over latent entries, as the reference's p_losses (.mean([1, 2, 3]))
+    assert torch.allclose(ours, (pred - eps).pow(2).mean(dim=(1, 2, 3)), rtol=1e-5)
     assert ours.shape == (2,) and not torch.allclose(ours[0], ours[1])
     # the frozen parts are outside the parameters: only the UNet trains, and theta* copies share them
     assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"unet"}

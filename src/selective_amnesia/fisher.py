@@ -79,6 +79,14 @@ class Fisher:
                 f"{source} does not match the model (missing {missing[:3]}, unexpected {extra[:3]}): "
                 "estimate it again with `amnesia fisher` on this model"
             )
+        # a Fisher of another per-sample loss scale (entries summed vs averaged) gives lambda another meaning;
+        # Fishers written before the key existed were of the summed loss
+        want, got = getattr(model, "loss_entries", None), self.metadata.get("loss_entries", "sum")
+        if want is not None and got != want:
+            raise AmnesiaError(
+                f"{source} was estimated with the loss's {got} over entries, this model uses their {want} "
+                "(the reference's scale): estimate it again with `amnesia fisher`"
+            )
         for name, p in params.items():
             v = self.values[name]
             if v.shape != p.shape:

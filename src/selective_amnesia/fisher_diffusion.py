@@ -283,6 +283,7 @@ def estimate_diffusion_fisher(
         "model_hash": model_hash,
         "seconds": round(seconds, 3),
         "num_train_timesteps": n_t,
+        "loss_entries": getattr(model, "loss_entries", "sum"),
         "timestep_chunk": timestep_chunk,
         "sampler": sampler,  # the samples' sampler
         "unet_image_evaluations": num_samples

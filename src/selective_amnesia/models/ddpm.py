@@ -129,6 +129,8 @@ class EpsilonDiffusion(nn.Module):
     input checks ``_check_images`` / ``_check_cond``."""
 
     config: Any
+    # how the per-sample loss reduces over entries ("sum" or "mean"); it sets the scale of lambda
+    loss_entries = "sum"
 
     def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
         raise NotImplementedError
@@ -223,6 +225,7 @@ class ConditionalDDPM(EpsilonDiffusion):
     """
 
     family = "ddpm"
+    loss_entries = "sum"  # over pixels, as the reference DDPM code (``losses.py``) sums them
     data_range = (-1.0, 1.0)
     per_image_seeds = True  # sample() accepts one generator per image: a set does not depend on batching
 

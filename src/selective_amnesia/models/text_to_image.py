@@ -6,7 +6,9 @@ with its tokenizer (both frozen), and the noise schedule. Nothing of theirs is r
 
 The model works in *latent* space, like diffusers' ``train_text_to_image.py``: ``x`` in ``nelbo`` is
 ``vae.encode(image).latent_dist.sample() * scaling_factor``, and the loss is that script's
-||eps(z_t, t, text) - eps||^2 (summed per sample here; the objective applies the reduction). Generated
+||eps(z_t, t, text) - eps||^2, *averaged* over latent entries per sample as the paper's reference code
+does (``p_losses``: ``.mean([1, 2, 3])``, in forgetting and in the Fisher), so the reference's lambda means
+the same thing here; the objective reduces over the batch. Generated
 replay and surrogate sets are latents straight from the sampler, so the VAE runs only at the edges:
 ``from_uint8`` encodes images, ``to_uint8`` decodes latents.
 
@@ -109,6 +111,9 @@ class TextToImageModel(EpsilonDiffusion):
     """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents."""
 
     family = "text_to_image"
+    # how eps_loss reduces over latent entries; recorded in every Fisher (a Fisher of the summed loss is
+    # 16,384x larger per gradient at SD's 4x64x64 latents and would make lambda mean something else)
+    loss_entries = "mean"
     per_image_seeds = True
     data_range = (-1.0, 1.0)  # of decoded images
 
@@ -241,13 +246,13 @@ class TextToImageModel(EpsilonDiffusion):
     # ---- the loss --------------------------------------------------------------------------------
 
     def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
-        """||eps(z_t, t, text) - eps||^2 summed over latent entries, shape (B,)."""
+        """||eps(z_t, t, text) - eps||^2 averaged over latent entries (the reference's), shape (B,)."""
         s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
         s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
         z_t = s * x + s1 * eps
         text = self._cond_embeds(cond).to(x.dtype)
         pred = self.unet(z_t, timesteps, encoder_hidden_states=text).sample
-        return (pred.float() - eps.float()).pow(2).flatten(1).sum(dim=1)
+        return (pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
         b, dev = x.shape[0], _draw_device(generator, x)
