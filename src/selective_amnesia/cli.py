@@ -497,6 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
         config=False,
     )
     add_convert_arguments(p)
+    from selective_amnesia.worlds.tiny_sd import add_world_arguments, cmd_world
+
+    p = add(
+        "world",
+        "build a small world to try things on (tiny-sd: a random SD pipeline)",
+        cmd_world,
+        config=False,
+    )
+    add_world_arguments(p)
     return parser
 
 

@@ -27,7 +27,8 @@ from selective_amnesia.io import cached_tensor, partial_dir, state_hash
 log = logging.getLogger(__name__)
 
 BLOCK = 256  # images drawn per model call; fixed so that a set does not depend on batching
-SAMPLER_DEFAULTS = ("sampler", "num_inference_steps", "guidance_scale")  # model.config fields sample() uses
+# model.config fields sample() uses (the last two: the DDPM's guidance convention and DDIM eta)
+SAMPLER_DEFAULTS = ("sampler", "num_inference_steps", "guidance_scale", "guidance_convention", "eta")
 
 
 def label_generator(seed: int, label: int) -> torch.Generator:
