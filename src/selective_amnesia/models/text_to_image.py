@@ -1,22 +1,25 @@
 """Stable-Diffusion-style latent text-to-image models through diffusers components (paper Section 4.2).
 
-``TextToImageModel`` wraps what a diffusers ``StableDiffusionPipeline`` directory holds: a
-``UNet2DConditionModel`` (the only trained part), an ``AutoencoderKL`` and a transformers text encoder
-with its tokenizer (both frozen), and the noise schedule. Nothing of theirs is reimplemented.
+``TextToImageModel`` wraps what a diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) or
+``StableDiffusionXLPipeline`` (SDXL) directory holds: a ``UNet2DConditionModel`` (the only trained part),
+an ``AutoencoderKL``, the text encoder(s) with their tokenizer(s) (frozen; how they condition the UNet is
+a ``TextConditioning`` of ``models/conditioning.py``, one per pipeline class), and the noise schedule.
+Nothing of theirs is reimplemented.
 
 The model works in *latent* space, like diffusers' ``train_text_to_image.py``: ``x`` in ``nelbo`` is
 ``vae.encode(image).latent_dist.sample() * scaling_factor``, and the loss is that script's
-||eps(z_t, t, text) - eps||^2, *averaged* over latent entries per sample as the paper's reference code
-does (``p_losses``: ``.mean([1, 2, 3])``, in forgetting and in the Fisher), so the reference's lambda means
-the same thing here; the objective reduces over the batch. Generated
+||model(z_t, t, text) - target||^2 with the target the scheduler's ``prediction_type`` names (eps, or
+v = sqrt(abar_t) eps - sqrt(1 - abar_t) x for SD 2.x's 768-v models), *averaged* over latent entries per
+sample as the paper's reference code does (``p_losses``: ``.mean([1, 2, 3])``, in forgetting and in the
+Fisher), so the reference's lambda means the same thing here; the objective reduces over the batch. Generated
 replay and surrogate sets are latents straight from the sampler, so the VAE runs only at the edges:
 ``from_uint8`` encodes images, ``to_uint8`` decodes latents.
 
 Conditions are prompts. To fit the one contract (``cond`` is an int64 tensor) the model keeps a prompt
 table: ``prompt_ids(["a photo of ..."])`` registers prompts and returns their indices, and the text
 embeddings of every registered prompt are computed once and cached (the frozen encoder never runs in
-the training loop). Prompt ``""`` is the unconditional input of classifier-free guidance, as in the
-stock pipeline.
+the training loop). The unconditional input of classifier-free guidance is what the stock pipeline uses
+without a negative prompt: the embedding of ``""``, or zeros for SDXL's ``force_zeros_for_empty_prompt``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ from torch import Tensor
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, read_json, write_json
+from selective_amnesia.models.conditioning import (
+    PIPELINE_CLASSES,
+    ClipConditioning,
+    DualClipConditioning,
+    Embeds,
+    TextConditioning,
+    unet_kwargs,
+)
 from selective_amnesia.models.ddpm import SAMPLERS, DDPMNoise, EpsilonDiffusion, _draw_device
 
 if TYPE_CHECKING:
@@ -41,6 +52,8 @@ if TYPE_CHECKING:
 META_KEY = "_selective_amnesia"
 # a text encoder referenced from an installed package instead of copied (the MiniLM wheel, 90 MB)
 TEXT_ENCODER_REF = "text_encoder_ref.json"
+# what the UNet is trained to predict (the scheduler's prediction_type); "sample" (x0) is not supported
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -66,14 +79,25 @@ class _Frozen:
     """The frozen components, outside the module tree: ``parameters()``/``state_dict()`` are the UNet's
     alone, and a deep copy of the model (theta* for replay) shares them instead of copying gigabytes."""
 
-    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any) -> None:
-        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
-        for m in (vae, text_encoder):
-            m.requires_grad_(False)
-            m.eval()
+    def __init__(self, vae: Any, conditioning: TextConditioning) -> None:
+        self.vae, self.conditioning = vae, conditioning
+        vae.requires_grad_(False)
+        vae.eval()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Frozen:
         return self
+
+
+def _stack(items: list[Embeds]) -> Embeds:
+    return {k: torch.stack([e[k] for e in items]) for k in items[0]}
+
+
+def _cat(a: Embeds, b: Embeds) -> Embeds:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _embeds_to(e: Embeds, device: torch.device | str, dtype: torch.dtype | None = None) -> Embeds:
+    return {k: v.to(device, dtype) for k, v in e.items()}
 
 
 def text_encoder_from_ref(ref: dict[str, Any]) -> Any:
@@ -108,7 +132,11 @@ def _text_encoder_class(name: str) -> Any:
 
 
 class TextToImageModel(EpsilonDiffusion):
-    """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents."""
+    """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents.
+
+    SD 1.x/2.x: ``TextToImageModel(unet, vae, text_encoder, tokenizer, scheduler_config)``; SDXL: also
+    ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2``.
+    """
 
     family = "text_to_image"
     # how eps_loss reduces over latent entries; recorded in every Fisher (a Fisher of the summed loss is
@@ -125,19 +153,39 @@ class TextToImageModel(EpsilonDiffusion):
         tokenizer: Any,
         scheduler_config: dict[str, Any],
         config: TextToImageConfig | None = None,
+        *,
+        text_encoder_2: Any = None,
+        tokenizer_2: Any = None,
+        force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         super().__init__()
         from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
         self.unet = unet
-        self.frozen = _Frozen(vae, text_encoder, tokenizer)
+        conditioning: TextConditioning
+        if text_encoder_2 is None:
+            conditioning = ClipConditioning({"text_encoder": (text_encoder, tokenizer)})
+        else:
+            unet_cfg: Any = unet.config  # images are made at the UNet sample size, as in the stock pipeline
+            size = int(unet_cfg.sample_size) * int(2 ** (len(vae.config.block_out_channels) - 1))
+            conditioning = DualClipConditioning(
+                {"text_encoder": (text_encoder, tokenizer), "text_encoder_2": (text_encoder_2, tokenizer_2)},
+                (size, size),
+                force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            )
+        conditioning.check_unet(unet)
+        if getattr(vae.config, "latents_mean", None) is not None:
+            raise AmnesiaError(
+                "this VAE normalises latents with latents_mean/latents_std, which is not supported"
+            )
+        self.frozen = _Frozen(vae, conditioning)
         # training noise: DDPM with the pipeline's betas (SD ships a PNDM config; the schedule is the same)
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        if self.scheduler.config.prediction_type != "epsilon":
+        self.prediction_type = str(self.scheduler.config.prediction_type)
+        if self.prediction_type not in PREDICTION_TYPES:
             raise AmnesiaError(
-                f"only epsilon-prediction models are supported, this one predicts "
-                f"{self.scheduler.config.prediction_type!r}"
+                f"the scheduler's prediction_type is {self.prediction_type!r}; supported: {PREDICTION_TYPES}"
             )
         n_t = int(self.scheduler.config.num_train_timesteps)
         self.config = config or TextToImageConfig(num_train_timesteps=n_t)
@@ -148,8 +196,8 @@ class TextToImageModel(EpsilonDiffusion):
         self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_abar", (1 - abar).sqrt().float(), persistent=False)
         self.prompts: list[str] = []
-        self._embeds: dict[str, Tensor] = {}
-        self.null_embed = self.encode_prompts([""])[0]
+        self._embeds: dict[str, Embeds] = {}  # prompt -> its conditioning, no batch dimension
+        self.null_embeds: Embeds = conditioning.unconditional()
 
     # ---- components ------------------------------------------------------------------------------
 
@@ -158,12 +206,17 @@ class TextToImageModel(EpsilonDiffusion):
         return self.frozen.vae
 
     @property
+    def conditioning(self) -> TextConditioning:
+        return self.frozen.conditioning
+
+    @property
     def text_encoder(self) -> Any:
-        return self.frozen.text_encoder
+        """The first (for SD 1.x/2.x the only) text encoder."""
+        return self.conditioning.encoders["text_encoder"][0]
 
     @property
     def tokenizer(self) -> Any:
-        return self.frozen.tokenizer
+        return self.conditioning.encoders["text_encoder"][1]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -189,30 +242,22 @@ class TextToImageModel(EpsilonDiffusion):
         super().to(*args, **kwargs)
         device = next(self.unet.parameters()).device
         self.vae.to(device)
-        self.text_encoder.to(device)
-        self._embeds = {k: v.to(device) for k, v in self._embeds.items()}
-        self.null_embed = self.null_embed.to(device)
+        self.conditioning.to(device)
+        self._embeds = {p: _embeds_to(e, device) for p, e in self._embeds.items()}
+        self.null_embeds = _embeds_to(self.null_embeds, device)
         return self
 
     # ---- prompts ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Text embeddings (P, L, D) as the stock pipeline computes them (max-length padding, no mask)."""
+    def encode_prompts(self, prompts: list[str]) -> Embeds:
+        """The UNet conditioning of ``prompts``, stacked (P, ...), as the stock pipeline computes it; each
+        prompt is encoded once and cached."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if missing:
-            tok = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            device = next(self.text_encoder.parameters()).device
-            out = self.text_encoder(tok.input_ids.to(device))[0].float()
-            for p, e in zip(missing, out, strict=True):
-                self._embeds[p] = e
-        return torch.stack([self._embeds[p] for p in prompts])
+            out = self.conditioning.encode(missing)
+            for i, p in enumerate(missing):
+                self._embeds[p] = {k: v[i] for k, v in out.items()}
+        return _stack([self._embeds[p] for p in prompts])
 
     def prompt_ids(self, prompts: list[str]) -> Tensor:
         """Register ``prompts`` in the prompt table (if new) and return their indices, int64 (P,)."""
@@ -225,9 +270,11 @@ class TextToImageModel(EpsilonDiffusion):
         self.config.num_classes = len(self.prompts)
         return torch.tensor([self.prompts.index(p) for p in prompts], dtype=torch.int64)
 
-    def _cond_embeds(self, cond: Tensor) -> Tensor:
-        table = torch.stack([self._embeds[p] for p in self.prompts])
-        return table[cond.to(table.device)]
+    def _cond_embeds(self, cond: Tensor) -> Embeds:
+        # stack only the prompts in the batch: SDXL's are 77 x 2048 floats each
+        used, inverse = torch.unique(cond.cpu(), return_inverse=True)
+        table = _stack([self._embeds[self.prompts[i]] for i in used.tolist()])
+        return {k: v[inverse.to(v.device)] for k, v in table.items()}
 
     @staticmethod
     def _check_cond(cond: Tensor) -> None:
@@ -246,13 +293,17 @@ class TextToImageModel(EpsilonDiffusion):
     # ---- the loss --------------------------------------------------------------------------------
 
     def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
-        """||eps(z_t, t, text) - eps||^2 averaged over latent entries (the reference's), shape (B,)."""
+        """The denoising loss ||model(z_t, t, text) - target||^2 averaged over latent entries (the
+        reference's), shape (B,), with z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps. The target is eps, or
+        for v-prediction v = sqrt(abar_t) eps - sqrt(1 - abar_t) x (``DDPMScheduler.get_velocity``).
+        The name is the one ``EpsilonDiffusion.nelbo_all_timesteps`` and the Fisher call."""
         s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
         s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
         z_t = s * x + s1 * eps
-        text = self._cond_embeds(cond).to(x.dtype)
-        pred = self.unet(z_t, timesteps, encoder_hidden_states=text).sample
-        return (pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)
+        target = eps if self.prediction_type == "epsilon" else s * eps - s1 * x
+        text = _embeds_to(self._cond_embeds(cond), x.device, x.dtype)
+        pred = self.unet(z_t, timesteps, **unet_kwargs(text)).sample
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
         b, dev = x.shape[0], _draw_device(generator, x)
@@ -263,7 +314,8 @@ class TextToImageModel(EpsilonDiffusion):
     def nelbo(
         self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
     ) -> Tensor:
-        """Per-sample latent eps-MSE at one random timestep (diffusers' text-to-image loss), (B,)."""
+        """Per-sample latent denoising loss (``eps_loss``) at one random timestep (diffusers'
+        text-to-image loss), (B,)."""
         if noise is None:
             noise = self.draw_noise(x, generator)
         timesteps, eps, *_ = noise
@@ -289,8 +341,9 @@ class TextToImageModel(EpsilonDiffusion):
         num_inference_steps: int | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """Latents (B, C, h, w) for prompt indices ``cond``, with classifier-free guidance as in the stock
-        pipeline: eps = eps("") + w (eps(text) - eps("")). Decode with ``to_uint8`` or ``decode``."""
+        """Latents (B, C, h, w) for prompt indices ``cond``, with classifier-free guidance on the model
+        output (eps or v) as in the stock pipeline: out = out(null) + w (out(text) - out(null)), the
+        scheduler turning it into the next latents. Decode with ``to_uint8`` or ``decode``."""
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
@@ -304,12 +357,14 @@ class TextToImageModel(EpsilonDiffusion):
         b = cond.shape[0]
         x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
         x = x * scheduler.init_noise_sigma
-        text = torch.cat([self.null_embed.expand(b, -1, -1), self._cond_embeds(cond)]).to(device, dtype)
+        text = self._cond_embeds(cond)
+        null = {k: v.expand(b, *v.shape[1:]) for k, v in self.null_embeds.items()}
+        kwargs = unet_kwargs(_embeds_to(_cat(null, text), device, dtype))
         for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
             inp = scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_null, eps_c = self.unet(inp, t, encoder_hidden_states=text).sample.chunk(2)
-            eps = eps_null + w * (eps_c - eps_null)
-            x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
+            out_null, out_c = self.unet(inp, t, **kwargs).sample.chunk(2)
+            out = out_null + w * (out_c - out_null)
+            x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
         return x
 
     @torch.no_grad()
@@ -364,9 +419,10 @@ class TextToImageModel(EpsilonDiffusion):
     ) -> None:
         """Write a stock diffusers pipeline directory; ``model_index.json`` is written last.
 
-        ``StableDiffusionPipeline.from_pretrained(path)`` loads it. With ``reference_text_encoder`` the
-        text encoder is not copied when it came from an installed package (the small world's MiniLM):
-        ``text_encoder_ref.json`` names it, and stock loading passes ``text_encoder=`` explicitly.
+        ``StableDiffusionPipeline.from_pretrained(path)`` (``StableDiffusionXLPipeline`` for SDXL) loads
+        it. With ``reference_text_encoder`` the text encoder is not copied when it came from an installed
+        package (the small world's MiniLM): ``text_encoder_ref.json`` names it, and stock loading passes
+        ``text_encoder=`` explicitly.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -375,27 +431,32 @@ class TextToImageModel(EpsilonDiffusion):
             done.unlink()  # an interrupted overwrite must not look complete
         self.unet.save_pretrained(path / "unet", safe_serialization=True)
         self.vae.save_pretrained(path / "vae", safe_serialization=True)
-        self.tokenizer.save_pretrained(path / "tokenizer")
-        ref = getattr(self.text_encoder, "_amnesia_ref", None)
-        if reference_text_encoder and ref is not None:
-            write_json(path / TEXT_ENCODER_REF, ref)
-        else:
-            self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        components: dict[str, Any] = {}
+        for name, (encoder, tokenizer) in self.conditioning.encoders.items():
+            tok_name = TextConditioning.tokenizer_name(name)
+            tokenizer.save_pretrained(path / tok_name)
+            components[tok_name] = ["transformers", type(tokenizer).__name__]
+            components[name] = ["transformers", type(encoder).__name__]
+            ref = getattr(encoder, "_amnesia_ref", None)
+            if reference_text_encoder and ref is not None:
+                write_json(path / TEXT_ENCODER_REF, ref)
+            else:
+                encoder.save_pretrained(path / name, safe_serialization=True)
         from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
+        # the scheduler config keeps prediction_type (and the betas) whatever scheduler it came from
         DDIMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
         import diffusers
 
-        tok_cls = type(self.tokenizer).__name__
+        sd_only = {"requires_safety_checker": False, "safety_checker": [None, None]}
         index = {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": self.conditioning.pipeline_class,
             "_diffusers_version": diffusers.__version__,
             "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
+            **(sd_only if isinstance(self.conditioning, ClipConditioning) else {}),
+            **self.conditioning.index_entries(),
             "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", type(self.text_encoder).__name__],
-            "tokenizer": ["transformers", tok_cls],
+            **components,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
             META_KEY: {
@@ -413,7 +474,8 @@ class TextToImageModel(EpsilonDiffusion):
     def from_pretrained(
         cls, path: str | Path, *, torch_dtype: torch.dtype = torch.float32
     ) -> TextToImageModel:
-        """Load any local diffusers Stable-Diffusion-style directory (SD 1.x/2.x layout).
+        """Load a local diffusers ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v-prediction) or
+        ``StableDiffusionXLPipeline`` directory, told apart by ``model_index.json``'s ``_class_name``.
 
         The UNet and VAE are loaded in ``torch_dtype`` whatever dtype they were stored in. Bad or incomplete
         directories raise ``AmnesiaError``; nothing is downloaded.
@@ -430,20 +492,35 @@ class TextToImageModel(EpsilonDiffusion):
         index = read_json(path / "model_index.json")
         if not isinstance(index, dict) or "unet" not in index:
             raise AmnesiaError(f"{path}/model_index.json has no unet: not a text-to-image pipeline directory")
+        class_name = index.get("_class_name", ClipConditioning.pipeline_class)
+        if class_name not in PIPELINE_CLASSES:
+            raise AmnesiaError(
+                f"{path}: pipeline class {class_name!r} is not supported; "
+                f"supported: {sorted(PIPELINE_CLASSES)}"
+            )
+        dual = PIPELINE_CLASSES[class_name] is DualClipConditioning
+        force_zeros = index.get("force_zeros_for_empty_prompt", True)
+        if not isinstance(force_zeros, bool):
+            raise AmnesiaError(f"{path}/model_index.json: force_zeros_for_empty_prompt must be true or false")
         kw: dict[str, Any] = {
             "torch_dtype": torch_dtype
         }  # float32 unless asked: weights may be stored in fp16
         try:
             unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **kw)
             vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, **kw)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
-            if (path / TEXT_ENCODER_REF).is_file():
-                ref = read_json(path / TEXT_ENCODER_REF)
-                text_encoder = text_encoder_from_ref(ref)
-                text_encoder._amnesia_ref = ref
-            else:
-                te_cls = _text_encoder_class(str(index["text_encoder"][1]))
-                text_encoder = te_cls.from_pretrained(path / "text_encoder", use_safetensors=True)
+            encoders = []
+            for name in ("text_encoder", "text_encoder_2") if dual else ("text_encoder",):
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    path / TextConditioning.tokenizer_name(name)
+                )
+                if name == "text_encoder" and (path / TEXT_ENCODER_REF).is_file():
+                    ref = read_json(path / TEXT_ENCODER_REF)
+                    text_encoder = text_encoder_from_ref(ref)
+                    text_encoder._amnesia_ref = ref
+                else:
+                    te_cls = _text_encoder_class(str(index[name][1]))
+                    text_encoder = te_cls.from_pretrained(path / name, use_safetensors=True)
+                encoders += [text_encoder, tokenizer]
             sched = read_json(path / "scheduler" / "scheduler_config.json")
         except AmnesiaError:
             raise
@@ -459,6 +536,16 @@ class TextToImageModel(EpsilonDiffusion):
             )
         except (TypeError, ValueError) as e:
             raise AmnesiaError(f"{path}: bad sampler settings in model_index.json: {e}") from None
-        model = cls(unet, vae, text_encoder, tokenizer, dict(sched), config)
+        second = {"text_encoder_2": encoders[2], "tokenizer_2": encoders[3]} if dual else {}
+        model = cls(
+            unet,
+            vae,
+            encoders[0],
+            encoders[1],
+            dict(sched),
+            config,
+            force_zeros_for_empty_prompt=force_zeros,
+            **second,
+        )
         model.eval()
         return model
