@@ -26,6 +26,8 @@ from selective_amnesia.models.ddpm import DDPMConfig
 
 FAMILIES = ("cvae", "ddpm", "text_to_image")
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.trainable
+OPTIMIZERS = ("adam", "adamw", "adamw8bit")
+ANCHOR_DTYPES = ("float32", "bfloat16")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -150,7 +152,18 @@ class ForgetConfig:
     steps: int = 1500
     batch_size: int = 256  # per term
     lr: float = 1e-3
-    ema_decay: float = 0.0  # > 0: the saved model is an EMA of the fine-tuned weights
+    # "adam" (the reference's VAE and DDPM), "adamw" (its Stable Diffusion code: torch's AdamW, whose default
+    # weight decay is 0.01) or "adamw8bit" (bitsandbytes, to fit a 24 GB GPU)
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # clip the global gradient norm (the reference DDPM clips at 1.0)
+    # > 0: the saved model is an EMA of the fine-tuned weights. Its decay is constant from theta* on, as the
+    # reference's EMAHelper; ema_warmup=true uses diffusers' warm-up (decay 0 at step 1: theta* is dropped)
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
+    # storage of F and theta* for the EWC anchor: "bfloat16" halves their memory (SD: 3.4 -> 1.7 GB) at the
+    # cost of rounding theta* to 8 mantissa bits (docs/sd_memory_plan.md)
+    anchor_dtype: str = "float32"
     checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
     log_every: int = 25
 
@@ -175,6 +188,16 @@ class ForgetConfig:
         _check(self.replay in ("fresh", "stored"), "forget.replay must be fresh or stored")
         _check(self.replay_per_class >= 1, "forget.replay_per_class must be >= 1")
         _check(0 <= self.ema_decay < 1, "forget.ema_decay must lie in [0, 1)")
+        _check(
+            self.optimizer in OPTIMIZERS,
+            f"forget.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+        )
+        _check(self.weight_decay >= 0, "forget.weight_decay must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "forget.grad_clip must be > 0 (or null: none)")
+        _check(
+            self.anchor_dtype in ANCHOR_DTYPES,
+            f"forget.anchor_dtype must be one of {ANCHOR_DTYPES}, got {self.anchor_dtype!r}",
+        )
         _check(self.checkpoint_every >= 0, "forget.checkpoint_every must be >= 0")
         _check(self.ewc_lambda >= 0, f"forget.ewc_lambda must be >= 0, got {self.ewc_lambda}")
         _check(self.replay_weight >= 0, f"forget.replay_weight must be >= 0, got {self.replay_weight}")

@@ -43,7 +43,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher, PartialSums
 from selective_amnesia.io import state_hash
 from selective_amnesia.models.ddpm import ConditionalDDPM
-from selective_amnesia.sampling import SAMPLER_DEFAULTS
+from selective_amnesia.sampling import effective_sampler
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def estimate_diffusion_fisher(
     device = params[0].device
     sample_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
-    sampler = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}
+    sampler = effective_sampler(model)
     model_hash = state_hash(model.state_dict())
     # what the labels mean (a text-to-image model's prompt table: index 0 is whatever prompt came first)
     # and which weights are estimated belong in the key too

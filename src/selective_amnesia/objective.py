@@ -29,24 +29,61 @@ def reduce_nelbo(per_sample: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
-class EWCPenalty(nn.Module):
-    """sum_i F_i (theta_i - theta*_i)^2 over the named parameters (Eq. 4c without lambda)."""
+class _Anchor(torch.autograd.Function):
+    """sum_i F_i (theta_i - theta*_i)^2 with the gradient 2 F (theta - theta*) written directly.
 
-    def __init__(self, fisher: Mapping[str, Tensor], theta_star: Mapping[str, Tensor]) -> None:
+    Autograd through ``(theta - theta*)^2`` would keep a float32 copy of every difference until backward
+    (3.4 GB for SD's UNet); this node keeps nothing but references to the parameters and computes each
+    parameter's term, then its gradient, one at a time (docs/sd_memory_plan.md).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, penalty: EWCPenalty, *params: Tensor) -> Tensor:
+        ctx.penalty = penalty
+        ctx.save_for_backward(*params)
+        total = torch.zeros((), device=params[0].device, dtype=torch.float32)
+        for p, f, star in zip(params, penalty.fishers(), penalty.anchors(), strict=True):
+            total += (f.float() * (p.detach().float() - star.float()).pow(2)).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        penalty: EWCPenalty = ctx.penalty
+        grads = [
+            (2 * grad * f.float() * (p.detach().float() - star.float())).to(p.dtype)
+            for p, f, star in zip(ctx.saved_tensors, penalty.fishers(), penalty.anchors(), strict=True)
+        ]
+        return (None, *grads)
+
+
+class EWCPenalty(nn.Module):
+    """sum_i F_i (theta_i - theta*_i)^2 over the named parameters (Eq. 4c without lambda).
+
+    F and theta* are stored in ``dtype`` (float32, or bfloat16 to halve their memory); the sum and the
+    gradient are computed in float32.
+    """
+
+    def __init__(
+        self, fisher: Mapping[str, Tensor], theta_star: Mapping[str, Tensor], dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if set(fisher) != set(theta_star):
             raise ValueError("Fisher and theta* must name the same parameters")
         self.names = sorted(fisher)
         for i, n in enumerate(self.names):
-            self.register_buffer(f"fisher_{i}", fisher[n].detach().clone())
-            self.register_buffer(f"theta_star_{i}", theta_star[n].detach().clone())
+            f, star = fisher[n].detach(), theta_star[n].detach()
+            self.register_buffer(f"fisher_{i}", f.to(dtype or f.dtype, copy=True))
+            self.register_buffer(f"theta_star_{i}", star.to(dtype or star.dtype, copy=True))
+
+    def fishers(self) -> list[Tensor]:
+        return [getattr(self, f"fisher_{i}") for i in range(len(self.names))]
+
+    def anchors(self) -> list[Tensor]:
+        return [getattr(self, f"theta_star_{i}") for i in range(len(self.names))]
 
     def forward(self, params: Mapping[str, Tensor]) -> Tensor:
-        total = torch.zeros((), device=next(iter(params.values())).device)
-        for i, n in enumerate(self.names):
-            f, star = getattr(self, f"fisher_{i}"), getattr(self, f"theta_star_{i}")
-            total = total + (f * (params[n] - star).pow(2)).sum()
-        return total
+        out: Tensor = _Anchor.apply(self, *(params[n] for n in self.names))
+        return out
 
 
 @dataclass

@@ -48,9 +48,46 @@ class History:
         return cls(list(d["steps"]), {k: list(v) for k, v in d["terms"].items()}, float(d["seconds"]))
 
 
+def make_optimizer(
+    params: list[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """Adam, AdamW, or bitsandbytes' 8-bit AdamW (a quarter of Adam's state memory: 2 bytes a weight)."""
+    # fused kernels on CUDA (one launch for all weights); the CPU keeps the default, bitwise-stable path
+    fused = True if params and params[0].is_cuda else None
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise AmnesiaError(
+                "optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)"
+            ) from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise AmnesiaError(f"optimizer must be adam, adamw or adamw8bit, got {name!r}")
+
+
+def make_ema(params: list[nn.Parameter], decay: float, *, warmup: bool) -> Any:
+    """diffusers' ``EMAModel``; without ``warmup`` its decay is ``decay`` from the first step, as the
+    reference's ``EMAHelper`` (diffusers ramps it up from 0, so step 1 replaces theta* entirely)."""
+    from diffusers.training_utils import EMAModel
+
+    if warmup:
+        return EMAModel(params, decay=decay)
+
+    class ConstantDecayEMA(EMAModel):
+        def get_decay(self, optimization_step: int = 0) -> float:
+            return float(self.decay)
+
+    return ConstantDecayEMA(params, decay=decay)
+
+
 class Trainer:
-    """What the two loops share: Adam, optional EMA (diffusers ``EMAModel``) and gradient clipping,
-    resumable checkpoints in ``checkpoint_dir`` (keyed by the settings hash ``key``), and the history."""
+    """What the two loops share: the optimizer, optional EMA (diffusers ``EMAModel``) and gradient
+    clipping, resumable checkpoints in ``checkpoint_dir`` (keyed by the settings hash ``key``), and the
+    history."""
 
     def __init__(
         self,
@@ -65,16 +102,15 @@ class Trainer:
         key: str,
         what: str = "training",
         fix: str = "lower the learning rate",
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        ema_warmup: bool = True,
     ) -> None:
         self.model, self.generator, self.grad_clip = model, generator, grad_clip
         self.what, self.fix = what, fix  # the divergence error's subject and advice
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=lr)
-        self.ema: Any = None
-        if ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.params, decay=ema_decay)
+        self.opt = make_optimizer(self.params, optimizer, lr, weight_decay)
+        self.ema: Any = make_ema(self.params, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
         self.checkpoint_dir, self.checkpoint_every, self.key = checkpoint_dir, checkpoint_every, key
         self.history = History()
         # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
@@ -291,8 +327,9 @@ def forget(
                 "forget.ewc_lambda > 0 needs a Fisher: run `amnesia fisher` or set ewc_lambda=0"
             )
         fisher.check_matches(model)
-        theta_star = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        ewc = EWCPenalty(fisher.values, theta_star).to(device)
+        theta_star = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else torch.float32
+        ewc = EWCPenalty(fisher.values, theta_star, dtype=dtype).to(device)
     if surrogate is None:
         surrogate = make_surrogate(cfg, model, frozen, surrogate_images)
     replay: Replay
@@ -306,7 +343,10 @@ def forget(
         model,
         lr=cfg.lr,
         ema_decay=cfg.ema_decay,
-        grad_clip=None,
+        ema_warmup=cfg.ema_warmup,
+        grad_clip=cfg.grad_clip,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
         generator=generator,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every,

@@ -1,9 +1,10 @@
 """Which UNet weights a text-to-image forgetting run trains: a named subset, or a LoRA adapter.
 
 Choices (``t2i.train``): ``all``; ``cross_attention`` (the ``attn2`` blocks, where the text enters);
-``non_cross_attention`` (everything else: the paper's choice for nudity, a concept not tied to one
-word); ``regex`` (``t2i.train_patterns``, matched with ``re.search`` against parameter names, as
-peft's ``target_modules``). A LoRA adapter (peft, the way diffusers' LoRA training script adds it)
+``non_cross_attention`` (the reference's ``noxattn``, the paper's choice for nudity, a concept not tied to
+one word: everything but cross-attention, the time embedding and the output layers); ``regex``
+(``t2i.train_patterns``, matched with ``re.search`` against parameter names, as peft's
+``target_modules``). A LoRA adapter (peft, the way diffusers' LoRA training script adds it)
 trains low-rank updates of the selected linear layers instead, and its EWC anchor is on the effective
 weights (``LoraEWCPenalty``).
 """
@@ -22,14 +23,18 @@ TRAIN_CHOICES = ("all", "cross_attention", "non_cross_attention", "regex")
 ADAPTER = "default"  # peft's adapter name
 
 
+# what the reference's ``noxattn`` leaves frozen besides cross-attention (``attn2``): its ``out.*`` and
+# ``time_embed.*``, which diffusers names ``conv_norm_out``/``conv_out`` and ``time_embedding``
+NOXATTN_FROZEN = re.compile(r"\.attn2\.|(^|\.)(conv_norm_out|conv_out|time_embedding)\.")
+
+
 def _wanted(name: str, train: str, patterns: list[str]) -> bool:
-    cross = ".attn2." in name
     if train == "all":
         return True
     if train == "cross_attention":
-        return cross
+        return ".attn2." in name
     if train == "non_cross_attention":
-        return not cross
+        return NOXATTN_FROZEN.search(name) is None
     return any(re.search(p, name) for p in patterns)
 
 

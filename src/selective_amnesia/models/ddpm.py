@@ -32,6 +32,17 @@ if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' la
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLERS = ("ddim", "ddpm")
+GUIDANCE_CONVENTIONS = ("diffusers", "reference")
+
+
+def guide(eps_c: Tensor, eps_null: Tensor, w: float, convention: str = "diffusers") -> Tensor:
+    """Classifier-free guidance. "diffusers": eps_null + w (eps_c - eps_null) (the stock pipelines);
+    "reference": (1 + w) eps_c - w eps_null (the paper's DDPM code), i.e. diffusers' w + 1."""
+    if convention == "reference":
+        w = w + 1.0
+    elif convention != "diffusers":
+        raise ValueError(f"guidance_convention must be one of {GUIDANCE_CONVENTIONS}, got {convention!r}")
+    return eps_null + w * (eps_c - eps_null)
 
 
 @dataclass
@@ -41,7 +52,9 @@ class DDPMConfig:
     ``attention_levels[i]`` says whether down block i (and its mirror up block) has self-attention;
     the defaults are Ho et al.'s CIFAR10 UNet (attention at 16x16, one head: ``attention_head_dim=None``
     means one head per block). ``class_dropout_prob`` is the classifier-free-guidance label dropout used
-    in training; ``guidance_scale`` is w in eps = eps_null + w (eps_c - eps_null).
+    in training; ``guidance_scale`` is w in eps = eps_null + w (eps_c - eps_null) under the "diffusers"
+    ``guidance_convention``, or in eps = (1 + w) eps_c - w eps_null under the paper code's "reference" one.
+    ``eta`` is DDIM's noise scale (0: deterministic; the reference samples with 1 over 1000 steps).
     """
 
     image_size: int = 32
@@ -61,6 +74,8 @@ class DDPMConfig:
     sampler: str = "ddim"
     num_inference_steps: int = 100
     guidance_scale: float = 2.0
+    guidance_convention: str = "diffusers"
+    eta: float = 0.0
 
     def __post_init__(self) -> None:
         self.block_out_channels = [int(c) for c in self.block_out_channels]
@@ -107,6 +122,12 @@ class DDPMConfig:
             raise ValueError("num_inference_steps must lie in [1, num_train_timesteps]")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError("guidance_scale must be a finite number >= 0")
+        if self.guidance_convention not in GUIDANCE_CONVENTIONS:
+            raise ValueError(
+                f"guidance_convention must be one of {GUIDANCE_CONVENTIONS}, got {self.guidance_convention!r}"
+            )
+        if not 0 <= self.eta <= 1:
+            raise ValueError("eta must lie in [0, 1]")
 
 
 def _draw_device(generator: torch.Generator | None, x: Tensor) -> torch.device:
@@ -370,7 +391,9 @@ class ConditionalDDPM(EpsilonDiffusion):
         """Classifier-free-guided samples in [-1, 1], shape (B, C, H, W).
 
         eps = eps(x_t, t, null) + w (eps(x_t, t, c) - eps(x_t, t, null)), w = ``guidance_scale``
-        (config default); the conditional and null passes share one UNet call. The initial noise (and the
+        (config default), or the reference's (1 + w) eps(x_t, t, c) - w eps(x_t, t, null) when
+        ``config.guidance_convention`` is "reference"; the conditional and null passes share one UNet call.
+        The DDIM sampler uses ``config.eta``. The initial noise (and the
         DDPM sampler's noise) come from ``generator``, which may live on the CPU whatever the device; a
         list gives one generator per image (diffusers' convention), so an image does not depend on which
         batch it was drawn in.
@@ -392,12 +415,13 @@ class ConditionalDDPM(EpsilonDiffusion):
         x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
         x = x * scheduler.init_noise_sigma
         labels = torch.cat([cond, torch.full_like(cond, self.null_class)])
+        step_kw = {"eta": self.config.eta} if self.config.eta and self.config.sampler == "ddim" else {}
         for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
             out = self.unet(torch.cat([x, x]), t, class_labels=labels).sample
             eps_c, eps_null = out.chunk(2)
-            eps = eps_null + w * (eps_c - eps_null)
+            eps = guide(eps_c, eps_null, w, self.config.guidance_convention)
             # a generator list works at run time (the step draws its noise through randn_tensor)
-            x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]  # type: ignore[arg-type]
+            x = scheduler.step(eps, t, x, generator=generator, return_dict=False, **step_kw)[0]  # type: ignore[arg-type]
         return x.clamp(-1, 1)
 
     @staticmethod
