@@ -203,10 +203,13 @@ def _train_unet(
         cond = table[labels[idx], which]
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.text_dropout
         cond = torch.where(drop, null, cond)
-        loss = model.nelbo(latents[idx], cond, generator=gen).mean()
+        # the world was built on the loss summed over latent entries (before the adapter averaged them as
+        # the reference does); with gradient clipping at 1 the scale matters, so it stays: same world
+        entries = latents[0].numel()
+        loss = model.nelbo(latents[idx], cond, generator=gen).mean() * entries
         trainer.step(loss, step)
         if step % 100 == 0 or step == cfg.unet_steps:
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # summed over entries, as in the committed world logs
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         trainer.maybe_checkpoint(step, cfg.unet_steps)
     return losses, trainer.finish().seconds  # (losses, training time summed over resumed runs)
