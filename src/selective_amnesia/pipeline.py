@@ -19,6 +19,7 @@ import torch
 
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
+from selective_amnesia.distributed import current_share, remove_if_empty
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
@@ -134,9 +135,9 @@ def _model_settings(cfg: RunConfig) -> dict[str, Any]:
     return settings
 
 
-def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path) -> None:
+def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path, *, write: bool = True) -> None:
     """A reused diffusion base takes the config's sampler defaults (they do not change the weights);
-    its config.json is updated so that ``amnesia sample`` on the directory uses them too."""
+    its config.json is updated (when ``write``) so that ``amnesia sample`` on the directory uses them too."""
     if model.family != "ddpm":
         return
     wanted = {name: getattr(cfg.model.ddpm, name) for name in SAMPLER_DEFAULTS}
@@ -144,6 +145,8 @@ def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path) -> None
         return
     for k, v in wanted.items():
         setattr(model.config, k, v)
+    if not write:
+        return
     meta = read_json(model_dir / "config.json")
     meta.update(wanted)
     write_json(model_dir / "config.json", meta)
@@ -153,19 +156,27 @@ def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path) -> None
 def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``.
 
-    Training resumes from ``model_dir/checkpoint`` when one with the same settings exists.
+    Training resumes from ``model_dir/checkpoint`` when one with the same settings exists. With several
+    processes, process 0 trains and writes it while the others wait, then they load it.
     """
-    device = resolve_device(cfg.device)
+    share = current_share(resolve_device(cfg.device))
+    device = share.device or resolve_device(cfg.device)
     if cfg.pretrain.model_path:
         model = load_model(cfg.pretrain.model_path).to(device)
         return model, {"source": cfg.pretrain.model_path, "seconds": 0.0}
     key = settings_hash(cfg.seed, to_dict(cfg.data), _model_settings(cfg), _pretrain_settings(cfg))
-    if _reusable(model_dir, key):
+    # every process decides before process 0 may write (agree is a collective)
+    if share.agree([_reusable(model_dir, key)])[0]:
         log.info("reusing base model in %s", model_dir)
         seconds = read_json(model_dir / "config.json").get("pretrain_history", {}).get("seconds", 0.0)
         model = load_model(model_dir, check_state=False).to(device)  # we are its writer
-        _apply_sampler_defaults(cfg, model, model_dir)
+        _apply_sampler_defaults(cfg, model, model_dir, write=share.main)
         return model, {"source": str(model_dir), "reused": True, "seconds": seconds}
+    if not share.main:
+        share.barrier()  # process 0 trains theta* alone
+        model = load_model(model_dir, check_state=False).to(device)
+        seconds = read_json(model_dir / "config.json")["pretrain_history"]["seconds"]
+        return model, {"source": str(model_dir), "seconds": seconds}
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
     model = build_model_from_config(cfg.model).to(device)
     train = load_model_data(cfg, "train", model)
@@ -180,6 +191,7 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     )
     extra = {"settings_hash": key, "run_config": to_dict(cfg), "pretrain_history": history.to_dict()}
     model.save_pretrained(model_dir, extra=extra)
+    share.barrier()
     return model, {"source": str(model_dir), "seconds": history.seconds}
 
 
@@ -199,15 +211,21 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
     """The Fisher at theta*: ``fisher.path``, a matching ``out/fisher.safetensors``, or estimated now."""
     if cfg.fisher.path:
         return Fisher.load(cfg.fisher.path, model)
+    share = current_share(resolve_device(cfg.device))
     path = out / "fisher.safetensors"
-    if path.is_file():
-        cached = Fisher.load(path, model)
-        wanted = _fisher_settings(cfg, model)
-        if all(cached.metadata.get(k) == v for k, v in wanted.items()):
-            log.info("reusing Fisher %s", path)
-            return cached
-    fisher = fisher_from_config(cfg, model, partial_dir(path))
-    fisher.save(path)
+    cached = Fisher.load(path, model) if path.is_file() else None
+    wanted = _fisher_settings(cfg, model)
+    fits = cached is not None and all(cached.metadata.get(k) == v for k, v in wanted.items())
+    if share.agree([fits])[0]:  # every process decides before process 0 may write
+        assert cached is not None
+        log.info("reusing Fisher %s", path)
+        return cached
+    # the diffusion Fisher is shared by the processes (each keeps its own checkpoint folder); the
+    # VAE's, seconds long, is estimated by each, checkpointed by process 0 only
+    shared = model.family == "ddpm"
+    fisher = fisher_from_config(cfg, model, partial_dir(path) if shared or share.main else None)
+    if share.main:
+        fisher.save(path)
     return fisher
 
 
@@ -229,7 +247,7 @@ def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None =
         common["progress"] = cfg.progress and rank == 0
         if checkpoint_dir is not None and world > 1:
             common["checkpoint_dir"] = checkpoint_dir / f"rank{rank}"
-        return estimate_diffusion_fisher(
+        fisher = estimate_diffusion_fisher(
             model,
             timesteps_per_sample=f.timesteps_per_sample,
             timestep_chunk=f.timestep_chunk,
@@ -238,17 +256,28 @@ def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None =
             reduce=reduce,
             **common,
         )
+        if checkpoint_dir is not None and world > 1:
+            remove_if_empty(checkpoint_dir)  # each process removed its own folder; the last one out, this
+        return fisher
     return estimate_fisher(model, chunk_size=f.chunk_size, **common)
 
 
 def stage_replay(cfg: RunConfig, base: Any, out: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The stored replay set (``forget.replay=stored``): replay_per_class samples of each remembered
-    class from theta*, generated once into ``out/replay`` (one file per class, so it resumes)."""
+    class from theta*, generated once into ``out/replay`` (one file per class, so it resumes); several
+    processes share its blocks."""
     if cfg.forget.replay != "stored" or cfg.forget.replay_weight == 0:
         return None
+    share = current_share(resolve_device(cfg.device))
     remembered = [c for c in model_labels(base) if c != cfg.forget.forget_label]
     images, labels = cached_samples(
-        base, remembered, cfg.forget.replay_per_class, cfg.seed + 3, out / "replay", progress=cfg.progress
+        base,
+        remembered,
+        cfg.forget.replay_per_class,
+        cfg.seed + 3,
+        out / "replay",
+        progress=cfg.progress and share.main,
+        share=share,
     )
     return base.from_uint8(images), labels
 
@@ -262,13 +291,15 @@ def surrogate_images(cfg: RunConfig, base: Any, out: Path) -> torch.Tensor | Non
         assert f.surrogate_label is not None  # checked by ForgetConfig
         if f.surrogate_label not in model_labels(base):
             raise AmnesiaError(f"forget.surrogate_label {f.surrogate_label} is not a class of the model")
+        share = current_share(resolve_device(cfg.device))
         images, _ = cached_samples(
             base,
             [f.surrogate_label],
             f.replay_per_class,
             cfg.seed + 4,
             out / "surrogate",
-            progress=cfg.progress,
+            progress=cfg.progress and share.main,
+            share=share,
         )
         return base.from_uint8(images)
     assert f.surrogate_path is not None
@@ -288,8 +319,10 @@ def stage_forget(
     """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``target`` (``out/forget``).
 
     A finished ``target`` made from the same settings is reused; an interrupted one resumes from
-    ``target/checkpoint``. A class surrogate's samples are kept in ``out/surrogate``.
+    ``target/checkpoint``. A class surrogate's samples are kept in ``out/surrogate``. Several processes
+    share each step's batch; process 0 writes the model.
     """
+    share = current_share(resolve_device(cfg.device))
     target = target if target is not None else out / "forget"
     settings = to_dict(cfg.forget)
     settings.pop("checkpoint_every")
@@ -301,7 +334,7 @@ def stage_forget(
         fisher.metadata if fisher is not None else None,
         state_hash({"x": replay_set[0], "c": replay_set[1]}) if replay_set is not None else None,
     )
-    if _reusable(target, key):
+    if share.agree([_reusable(target, key)])[0]:
         log.info("reusing forgotten model in %s", target)
         meta = read_json(target / "config.json")
         reused = load_model(target, check_state=False)  # we are its writer
@@ -318,16 +351,19 @@ def stage_forget(
         surrogate_images=surrogate_images(cfg, base, out),
         checkpoint_dir=target / "checkpoint",
         key=key,
+        share=share,
     )
-    model.save_pretrained(
-        target,
-        extra={
-            "settings_hash": key,
-            "run_config": to_dict(cfg),
-            "history": history.to_dict(),
-            "forget_label": cfg.forget.forget_label,
-        },
-    )
+    if share.main:
+        model.save_pretrained(
+            target,
+            extra={
+                "settings_hash": key,
+                "run_config": to_dict(cfg),
+                "history": history.to_dict(),
+                "forget_label": cfg.forget.forget_label,
+            },
+        )
+    share.barrier()
     return model, history.to_dict()
 
 
@@ -362,15 +398,22 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 12) -> np.ndarr
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
-    """Base model, classifiers, Fisher, forgetting, evaluation and report, in ``out``."""
+    """Base model, classifiers, Fisher, forgetting, evaluation and report, in ``out``.
+
+    Under ``accelerate launch``/``torchrun`` the processes share the Fisher, the generated sets and
+    each forgetting step's batch (``selective_amnesia.distributed``); process 0 alone trains a missing
+    base model, evaluates and writes the report, which the others read back and return.
+    """
+    share = current_share(resolve_device(cfg.device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", to_dict(cfg))
+    if share.main:
+        write_json(out / "config.json", to_dict(cfg))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    classifiers, classifier_info = load_classifiers(cfg)
+    classifiers, classifier_info = load_classifiers(cfg) if share.main else ([], [])
     # one-time cost (cached afterwards), kept out of total_s
     timings["classifier_training_s"] = sum(i["train_seconds"] for i in classifier_info if not i["cached"])
     excluded = time.perf_counter() - t
@@ -391,6 +434,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     forgotten, history = stage_forget(cfg, base, fisher, out, replay_set)
     timings["forget_s"] = time.perf_counter() - t
+    if not share.main:
+        share.barrier()  # process 0 evaluates and writes the report
+        return read_json(out / "report.json")
 
     t = time.perf_counter()
     test = load_model_data(cfg, "test", base)
@@ -435,4 +481,5 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             "Loss terms over forgetting steps": "losses.png",
         },
     )
+    share.barrier()
     return report

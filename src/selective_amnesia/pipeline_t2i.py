@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
+from selective_amnesia.distributed import Share, current_share, remove_if_empty
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
-from selective_amnesia.io import partial_dir, state_hash, write_json
+from selective_amnesia.io import partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import LoraEWCPenalty
-from selective_amnesia.sampling import blockwise, effective_sampler, image_generators
+from selective_amnesia.sampling import BlockSet, blockwise_sets, effective_sampler, image_generators
 from selective_amnesia.surrogate import StoredImages
 from selective_amnesia.train import forget
 from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
@@ -77,20 +78,22 @@ def prompt_latents(
     *,
     batch_size: int = 64,
     progress: bool = False,
+    share: Share | None = None,
     **sample_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """``per_prompt`` latents of every prompt from ``model`` and their prompt indices (model's table).
 
     Each prompt's set is cached in ``cache_dir`` (one safetensors file per prompt) and reused only if
-    it came from the same weights, seed, count, sampler and prompt.
+    it came from the same weights, seed, count, sampler and prompt. With several processes (``share``)
+    the batches are split among them and every process gets the whole set (``blockwise_sets``).
     """
     if per_prompt < 1:
         raise AmnesiaError(f"images per prompt must be >= 1, got {per_prompt}")
     ids = model.prompt_ids(prompts)
     sampler = effective_sampler(model, **sample_kwargs)
     weights = state_hash(model.state_dict()) if cache_dir else ""  # hashing a UNet is not free
-    out, out_ids = [], []
     bar = tqdm(total=per_prompt * len(prompts), desc="generating", unit="img", disable=not progress)
+    sets = []
     for prompt, pid in zip(prompts, ids.tolist(), strict=True):
         key = repr({"model": weights, "seed": seed, "n": per_prompt, "sampler": sampler, "prompt": prompt})
         path = (
@@ -107,10 +110,12 @@ def prompt_latents(
             return z
 
         # each finished batch is kept while the set is made, so an interrupted set resumes
-        z = blockwise(path, key, per_prompt, batch_size, make, "latents")
-        out.append(z)
-        out_ids.append(torch.full((z.shape[0],), pid, dtype=torch.int64))
+        sets.append(BlockSet(path, key, per_prompt, batch_size, make, "latents"))
+    out = blockwise_sets(sets, share)
     bar.close()
+    out_ids = [
+        torch.full((z.shape[0],), pid, dtype=torch.int64) for z, pid in zip(out, ids.tolist(), strict=True)
+    ]
     return torch.cat(out), torch.cat(out_ids)
 
 
@@ -183,12 +188,14 @@ def t2i_fisher(
         checkpoint_every=f.checkpoint_interval(model.family),
     )
     fisher.metadata["settings"] = wanted
+    if partial is not None and world > 1:
+        remove_if_empty(partial)  # the processes' own folders are gone; the last one out removes it
     if path is not None and rank == 0:
         fisher.save(path)
     return fisher
 
 
-def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path) -> Tensor:
+def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path, share: Share | None = None) -> Tensor:
     t = cfg.t2i
     if t.surrogate_prompt is not None:
         z, _ = prompt_latents(
@@ -197,7 +204,8 @@ def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path) -> Tensor:
             t.surrogate_count,
             cfg.seed + 4,
             out / "surrogate",
-            progress=cfg.progress,
+            progress=cfg.progress and (share is None or share.main),
+            share=share,
         )
         return z
     assert t.surrogate_path is not None  # check_ready
@@ -208,23 +216,34 @@ def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path) -> Tensor:
 
 def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """Forget ``t2i.forget_prompts`` in the pipeline ``t2i.model``; write ``out/forget`` (a diffusers
-    pipeline directory) or ``out/forget_lora`` (an adapter) and ``out/report.json``."""
+    pipeline directory) or ``out/forget_lora`` (an adapter) and ``out/report.json``.
+
+    Under ``accelerate launch``/``torchrun`` the processes share the generated sets, the Fisher and each
+    forgetting step's batch (``selective_amnesia.distributed``); process 0 writes the outputs and the
+    report, which the others read back and return."""
     t = cfg.t2i
     t.check_ready()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    share = current_share(resolve_device(cfg.device))
+    device = share.device or resolve_device(cfg.device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(t.model).to(device)
     forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
 
     t1 = time.perf_counter()
-    surrogate = _surrogate(cfg, base, out)
+    surrogate = _surrogate(cfg, base, out, share)
     timings["surrogate_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     replay_set = prompt_latents(
-        base, replay_prompts, t.replay_per_prompt, cfg.seed + 3, out / "replay", progress=cfg.progress
+        base,
+        replay_prompts,
+        t.replay_per_prompt,
+        cfg.seed + 3,
+        out / "replay",
+        progress=cfg.progress and share.main,
+        share=share,
     )
     timings["replay_generation_s"] = time.perf_counter() - t1
 
@@ -272,10 +291,14 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         key=key,
         mixed_precision=t.mixed_precision,
         accumulation=t.gradient_accumulation,
+        share=share,
     )
     timings["forget_s"] = time.perf_counter() - t1
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
+    if not share.main:  # every process holds the same forgotten weights; process 0 writes them
+        share.barrier()
+        return read_json(out / "report.json")
     extra = {"run_config": to_dict(cfg), "history": history.to_dict(), "forget_prompts": t.forget_prompts}
     if t.output == "lora":
         target = out / "forget_lora"
@@ -315,6 +338,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "config": to_dict(cfg),
     }
     write_json(out / "report.json", report)
+    share.barrier()
     return report
 
 

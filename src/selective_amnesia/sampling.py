@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
+from selective_amnesia.distributed import Share
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import cached_tensor, partial_dir, state_hash
+from selective_amnesia.io import cached_tensor, load_tensors, partial_dir, save_tensors, state_hash
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,10 @@ def _sample_block(
     return model.sample(cond, generator=g, **sample_kwargs).cpu()
 
 
+def _part_path(parts_dir: Path, lo: int) -> Path:
+    return parts_dir / f"{lo:09d}.safetensors"
+
+
 def blockwise(
     path: Path | None, key: str, total: int, block: int, make: Callable[[int, int], Tensor], name: str
 ) -> Tensor:
@@ -119,7 +125,7 @@ def blockwise(
         parts = []
         for lo in range(0, total, block):
             n = min(block, total - lo)
-            part_path = parts_dir / f"{lo:09d}.safetensors" if parts_dir is not None else None
+            part_path = _part_path(parts_dir, lo) if parts_dir is not None else None
             # the last block is not kept on its own: the whole set is saved right after it
             part, made = cached_tensor(
                 part_path, f"{key} n={n}", name, partial(make, lo, n), save=lo + n < total
@@ -137,6 +143,86 @@ def blockwise(
     return result
 
 
+@dataclass
+class BlockSet:
+    """The arguments of one ``blockwise`` call, for ``blockwise_sets``."""
+
+    path: Path | None
+    key: str
+    total: int
+    block: int
+    make: Callable[[int, int], Tensor]
+    name: str
+
+
+def _stored(s: BlockSet) -> Tensor | None:
+    if s.path is None or not s.path.is_file():
+        return None
+    stored, meta = load_tensors(s.path)
+    return stored[s.name] if meta.get("key") == s.key and s.name in stored else None
+
+
+def _missing(lo: int, n: int) -> Tensor:
+    raise AmnesiaError(f"block {lo}..{lo + n} of a shared set is missing: another process failed to write it")
+
+
+def blockwise_sets(sets: list[BlockSet], share: Share | None = None) -> list[Tensor]:
+    """``blockwise`` for each set, in order; with several processes (``share``) the blocks are shared.
+
+    Shared: the blocks of all the sets, counted together, go round-robin to the processes; each writes
+    its finished blocks into the sets' ``.partial`` folders (which also makes them resumable), all wait,
+    then every process reads every block, so each gets the one-process result. Process 0 then stores
+    the whole sets and removes the blocks. A set without a path is made by every process in full.
+    """
+    if share is None or not share.several:
+        return [blockwise(s.path, s.key, s.total, s.block, s.make, s.name) for s in sets]
+    stored = [_stored(s) for s in sets]
+    have = share.agree([t is not None or s.path is None for t, s in zip(stored, sets, strict=True)])
+    todo = [s for s, h in zip(sets, have, strict=True) if not h]
+    index = 0  # blocks counted across sets, so small sets spread over the processes too
+    for s in todo:
+        assert s.path is not None
+        for lo in range(0, s.total, s.block):
+            if share.owns(index):
+                n = min(s.block, s.total - lo)
+                made = cached_tensor(
+                    _part_path(partial_dir(s.path), lo), f"{s.key} n={n}", s.name, partial(s.make, lo, n)
+                )[1]
+                if made:
+                    faults.point("sampling.block")
+            index += 1
+    share.barrier()  # every block is on disk
+    results = []
+    for s, t, h in zip(sets, stored, have, strict=True):
+        if s.path is None:
+            t = blockwise(None, s.key, s.total, s.block, s.make, s.name)
+        elif h:
+            assert t is not None
+            log.info("reusing %s from %s", s.name, s.path)
+        else:
+            parts = []
+            for lo in range(0, s.total, s.block):
+                n = min(s.block, s.total - lo)
+                key = f"{s.key} n={n}"
+                parts.append(
+                    cached_tensor(_part_path(partial_dir(s.path), lo), key, s.name, partial(_missing, lo, n))[
+                        0
+                    ]
+                )
+            t = torch.cat(parts)
+        results.append(t)
+    share.barrier()  # every process has read the blocks
+    if share.main:
+        for s, t, h in zip(sets, results, have, strict=True):
+            if s.path is None:
+                continue
+            if not h:
+                save_tensors(s.path, {s.name: t.contiguous()}, {"key": s.key})
+            if partial_dir(s.path).is_dir():
+                shutil.rmtree(partial_dir(s.path))
+    return results
+
+
 def cached_samples(
     model: Any,
     labels: list[int],
@@ -145,12 +231,14 @@ def cached_samples(
     cache_dir: Path | None,
     *,
     progress: bool = False,
+    share: Share | None = None,
     **sample_kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """Like ``sample_per_label`` but as uint8, with each label's set kept in ``cache_dir`` (safetensors).
 
     A stored set is reused only if it came from the same weights, seed, count and sampler settings.
     Models with per-image seeds (diffusion) keep every finished block, so an interrupted set resumes.
+    With several processes (``share``) the blocks are split among them (``blockwise_sets``).
     """
     if num_per_label < 1:
         raise AmnesiaError(f"num_per_label must be >= 1, got {num_per_label}")
@@ -163,8 +251,8 @@ def cached_samples(
         "sampler": dict(sorted(sampler.items())),
     }
     per_image = getattr(model, "per_image_seeds", False)
-    images, out_labels = [], []
     bar = tqdm(total=num_per_label * len(labels), desc="sampling", unit="img", disable=not progress)
+    sets = []
     for label in labels:
         path = cache_dir / f"label_{label}.safetensors" if cache_dir is not None else None
         gen = None if per_image else label_generator(seed, label)
@@ -178,8 +266,12 @@ def cached_samples(
             return torch.cat(xs)
 
         # one generator per label (the VAE, fast) runs its blocks in order in one go
-        x = blockwise(path, repr(key), num_per_label, BLOCK if per_image else num_per_label, make, "images")
-        images.append(x)
-        out_labels.append(torch.full((x.shape[0],), label, dtype=torch.int64))
+        sets.append(
+            BlockSet(path, repr(key), num_per_label, BLOCK if per_image else num_per_label, make, "images")
+        )
+    images = blockwise_sets(sets, share)
     bar.close()
+    out_labels = [
+        torch.full((x.shape[0],), label, dtype=torch.int64) for x, label in zip(images, labels, strict=True)
+    ]
     return torch.cat(images), torch.cat(out_labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from selective_amnesia import faults
 from selective_amnesia.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.config import ForgetConfig, PretrainConfig
 from selective_amnesia.data import ImageDataset
+from selective_amnesia.distributed import Share, split_batch
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
 from selective_amnesia.objective import EWCPenalty, selective_amnesia_loss
@@ -293,6 +295,7 @@ def forget(
     ewc: nn.Module | None = None,
     mixed_precision: str = "no",
     accumulation: int = 1,
+    share: Share | None = None,
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``cfg.forget_label`` (paper Eq. 4).
 
@@ -306,9 +309,15 @@ def forget(
     (on the effective weights); only parameters with ``requires_grad`` are trained and anchored.
     ``mixed_precision`` ("bf16"/"fp16") runs the loss under autocast with float32 master weights;
     ``accumulation`` > 1 sums the gradients of that many batches per optimizer step.
+
+    ``share`` (several processes, ``selective_amnesia.distributed``): every process draws each whole
+    batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the
+    one-process weights up to float rounding; process 0 writes the checkpoints.
     """
     if accumulation < 1:
         raise AmnesiaError(f"gradient accumulation must be >= 1, got {accumulation}")
+    share = share if share is not None else Share()
+    part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
     forget_labels = [cfg.forget_label] if forget_labels is None else list(forget_labels)
     bad = [c for c in forget_labels if c not in labels]
     if bad or not forget_labels:
@@ -354,6 +363,8 @@ def forget(
         what="forgetting",
         fix="lower forget.lr or raise forget.ewc_lambda",
     )
+    if not share.main:  # process 0 writes (and at the end removes) the checkpoint all resumed from
+        trainer.checkpoint_dir = None
     forget_ids = torch.tensor(forget_labels, dtype=torch.int64)
     autocast = _autocast(mixed_precision, device)
     if mixed_precision == "fp16":
@@ -363,25 +374,46 @@ def forget(
     if had_dropout is not None:
         switch.class_dropout = False  # the reference forgetting code never drops the label
     model.train()
-    bar = tqdm(range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress)
+    # DDP for several processes, made after every process loaded the checkpoint
+    wrapped = share.wrap(model, all_used=ewc is not None and cfg.ewc_lambda > 0)
+    bar = tqdm(
+        range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress or not share.main
+    )
     try:
         for step in bar:
-            for _ in range(accumulation):
-                terms = _forget_terms(
-                    model, cfg, surrogate, replay, forget_ids, ewc, generator, device, autocast
-                )
-                trainer.check_finite(terms.total, step)
-                trainer.backward(terms.total / accumulation)
+            for i in range(accumulation):
+                # DDP averages the gradients in a step's last backward only
+                with share.no_sync(wrapped, skip=i + 1 < accumulation):
+                    terms = _forget_terms(
+                        model,
+                        cfg,
+                        surrogate,
+                        replay,
+                        forget_ids,
+                        ewc,
+                        generator,
+                        device,
+                        autocast,
+                        wrapped=wrapped,
+                        part=part,
+                    )
+                    # summed over the processes: a NaN in any one stops them all
+                    trainer.check_finite(share.reduce(terms.total.detach()), step)
+                    trainer.backward(terms.total / accumulation)
             trainer.update(step)
             faults.point("train.step")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = terms.as_floats()
+                if share.several:  # the whole batch's terms: each process's slice scaled to it, averaged
+                    mean = share.reduce(torch.tensor(list(values.values()), dtype=torch.float64), "mean")
+                    values = dict(zip(values, mean.tolist(), strict=True))
                 trainer.history.add(step, values)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
             trainer.maybe_checkpoint(step, cfg.steps)
     finally:
         if had_dropout is not None:
             switch.class_dropout = had_dropout
+        share.release()
     return trainer.finish()
 
 
@@ -404,8 +436,16 @@ def _forget_terms(
     generator: torch.Generator,
     device: torch.device,
     autocast: Any,
+    *,
+    wrapped: nn.Module | None = None,
+    part: slice | None = None,
 ) -> Any:
-    """One batch of Eq. 4's terms (the loss, not yet backpropagated)."""
+    """One batch of Eq. 4's terms (the loss, not yet backpropagated).
+
+    With ``wrapped`` (``Share.wrap(model)``) the loss is computed inside its forward: DDP's, with several
+    processes. With ``part`` the whole batch and its noise are drawn, and the loss is that of the rows
+    ``part`` (this process's slice), scaled so that DDP's average over the processes is the whole batch's.
+    """
     forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
     if len(forget_ids) == 1:
         forget_c = forget_ids.expand(cfg.batch_size).to(device)
@@ -420,19 +460,42 @@ def _forget_terms(
         if hasattr(model, "paired_noise")
         else (None, None)
     )
-    with autocast():
-        return selective_amnesia_loss(
-            model,
-            forget_x=forget_x,
-            forget_c=forget_c,
-            replay_x=replay_x,
-            replay_c=replay_c,
-            ewc=ewc,
-            ewc_lambda=cfg.ewc_lambda,
-            replay_weight=cfg.replay_weight,
-            reduction=cfg.reduction,
-            objective=cfg.objective,
-            generator=generator,
-            forget_noise=noise_f,
-            replay_noise=noise_r,
+    if part is not None:
+        (forget_x, forget_c, replay_x, replay_c), (noise_f, noise_r) = split_batch(
+            model, part, generator, device, (forget_x, forget_c, replay_x, replay_c), (noise_f, noise_r)
         )
+        slices = cfg.batch_size // (part.stop - part.start)  # the number of processes
+    found: list[Any] = []
+
+    def compute(m: nn.Module) -> tuple[torch.Tensor]:
+        with autocast():
+            terms = selective_amnesia_loss(
+                m,
+                forget_x=forget_x,
+                forget_c=forget_c,
+                replay_x=replay_x,
+                replay_c=replay_c,
+                ewc=ewc,
+                ewc_lambda=cfg.ewc_lambda,
+                replay_weight=cfg.replay_weight,
+                reduction=cfg.reduction,
+                objective=cfg.objective,
+                generator=generator,
+                forget_noise=noise_f,
+                replay_noise=noise_r,
+            )
+        if part is not None and cfg.reduction == "sum":
+            # a slice's sum times the number of slices averages (DDP) to the whole batch's sum; the EWC
+            # term is whole in every process, so its average counts it once
+            extra = (slices - 1) * (terms.forget + terms.replay)
+            terms = dataclasses.replace(
+                terms, total=terms.total + extra, forget=terms.forget * slices, replay=terms.replay * slices
+            )
+        found.append(terms)
+        return (terms.total,)  # DDP finds the used weights from the outputs: total reaches them all
+
+    if wrapped is None:
+        compute(model)
+    else:
+        wrapped(compute)
+    return found[0]
