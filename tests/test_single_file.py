@@ -163,3 +163,41 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest
         "--config only applies",
     )
     assert main(["convert", str(sd1), "--to", "single-file", "--out", str(single), "--force"]) == 0
+
+
+def test_real_sd1_block_structure_gets_the_names_of_real_checkpoints() -> None:
+    # SD 1.x's four UNet and VAE levels (narrow): diffusers' detector must call the export "v1"
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from selective_amnesia.convert import SDComponents, check_single_file, pipeline_to_ldm
+    from selective_amnesia.worlds.tiny_sd import clip_text_encoder
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, attention_head_dim=8
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    )
+    parts = SDComponents(
+        "StableDiffusionPipeline", unet, vae, [clip_text_encoder(hidden=32, act="quick_gelu", pad_id=49407)]
+    )
+    ckpt = pipeline_to_ldm(parts)
+    check_single_file(ckpt, parts)
+    assert infer_diffusers_model_type(ckpt) == "v1"
+    real = [
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight",
+        "model.diffusion_model.input_blocks.9.0.op.weight",
+        "model.diffusion_model.output_blocks.2.1.conv.weight",
+        "model.diffusion_model.output_blocks.8.2.conv.weight",
+        "model.diffusion_model.output_blocks.11.1.proj_out.weight",
+        "first_stage_model.decoder.up.3.upsample.conv.weight",
+        "first_stage_model.encoder.down.0.downsample.conv.weight",
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
+    ]
+    assert all(k in ckpt for k in real)

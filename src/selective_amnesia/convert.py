@@ -776,7 +776,7 @@ def open_clip_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 @dataclass
-class _Pipeline:
+class SDComponents:
     """What a diffusers SD directory holds, read without pickle (safetensors weights only)."""
 
     kind: str  # a SINGLE_FILE_PIPELINES entry
@@ -836,15 +836,15 @@ def _text_encoder_names(kind: str) -> list[str]:
     return ["text_encoder", "text_encoder_2"] if kind == "StableDiffusionXLPipeline" else ["text_encoder"]
 
 
-def _load_pipeline(directory: Path) -> _Pipeline:
+def _load_pipeline(directory: Path) -> SDComponents:
     index = _read_pipeline_index(directory, "the source")
     kind = str(index["_class_name"])
     text = [_component(directory, index, name) for name in _text_encoder_names(kind)]
     unet, vae = _component(directory, index, "unet"), _component(directory, index, "vae")
-    return _Pipeline(kind, unet, vae, text)
+    return SDComponents(kind, unet, vae, text)
 
 
-def pipeline_to_ldm(pipe: _Pipeline) -> dict[str, Tensor]:
+def pipeline_to_ldm(pipe: SDComponents) -> dict[str, Tensor]:
     """The single-file state dict of a loaded SD 1.x/2.x/XL pipeline (UNet, VAE, text encoder(s))."""
     out = {LDM_UNET + k: v for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
     out.update({LDM_VAE + k: v for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items()})
@@ -863,7 +863,7 @@ def pipeline_to_ldm(pipe: _Pipeline) -> dict[str, Tensor]:
 
 
 def _diffusers_reading(
-    ckpt: Mapping[str, Tensor], pipe: _Pipeline
+    ckpt: Mapping[str, Tensor], pipe: SDComponents
 ) -> list[tuple[str, dict[str, Tensor], Any]]:
     """What diffusers' own single-file converters make of ``ckpt``, per component, next to the model."""
     from diffusers.loaders import single_file_utils as sfu
@@ -892,7 +892,7 @@ def _diffusers_reading(
     return got
 
 
-def check_single_file(ckpt: Mapping[str, Tensor], pipe: _Pipeline) -> None:
+def check_single_file(ckpt: Mapping[str, Tensor], pipe: SDComponents) -> None:
     """Raise unless diffusers' converters turn ``ckpt`` back into exactly the pipeline's weights."""
     for name, converted, model in _diffusers_reading(ckpt, pipe):
         expected = model.state_dict()
@@ -1125,6 +1125,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 __all__ = [
     "REFERENCE_VAE_NAMES",
     "Converted",
+    "SDComponents",
     "add_convert_arguments",
     "cmd_convert",
     "check_single_file",

@@ -135,7 +135,8 @@ def _write_slow_tokenizer_files(directory: Path) -> None:
 # ----------------------------------------------------------------------------------------- components
 
 
-def _text_encoder(*, hidden: int, act: str, pad_id: int, projection: bool = False) -> Any:
+def clip_text_encoder(*, hidden: int, act: str, pad_id: int, projection: bool = False) -> Any:
+    """A 2-layer CLIP text tower with CLIP's vocabulary and 77 positions, ``hidden`` wide."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -233,8 +234,8 @@ def build_pipeline(variant: str) -> Any:
         raise AmnesiaError(f"unknown tiny-sd variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     if variant == "sdxl":
         # the two encoders must differ in width: the single-file loader tells them apart by it
-        text_encoder = _text_encoder(hidden=TEXT_WIDTH, act="quick_gelu", pad_id=CLIP_EOS)
-        text_encoder_2 = _text_encoder(hidden=2 * TEXT_WIDTH, act="gelu", pad_id=0, projection=True)
+        text_encoder = clip_text_encoder(hidden=TEXT_WIDTH, act="quick_gelu", pad_id=CLIP_EOS)
+        text_encoder_2 = clip_text_encoder(hidden=2 * TEXT_WIDTH, act="gelu", pad_id=0, projection=True)
         unet = _unet(variant, 3 * TEXT_WIDTH, pooled_dim=text_encoder_2.config.projection_dim)
         return StableDiffusionXLPipeline(
             vae=_vae(0.13025, force_upcast=True),
@@ -253,7 +254,7 @@ def build_pipeline(variant: str) -> Any:
             force_zeros_for_empty_prompt=True,
         )
     v = variant == "sd2-v"
-    text_encoder = _text_encoder(
+    text_encoder = clip_text_encoder(
         hidden=TEXT_WIDTH, act="gelu" if v else "quick_gelu", pad_id=0 if v else CLIP_EOS
     )
     scheduler = (
@@ -355,6 +356,7 @@ __all__ = [
     "build_pipeline",
     "build_tiny_sd",
     "clip_bpe_path",
+    "clip_text_encoder",
     "clip_tokenizer",
     "clip_vocabulary",
 ]
