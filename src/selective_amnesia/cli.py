@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,10 +39,15 @@ def _split_positionals(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
+    """The command's config, loaded once (``main`` loads it first, to check outputs against its paths)."""
+    cached = getattr(args, "loaded_config", None)
+    if cached is not None:
+        return cached
     path, overrides = _split_positionals(args.config_and_overrides)
     if args.no_progress:
         overrides.append("progress=false")
-    return load_config(path, overrides)
+    args.loaded_config = load_config(path, overrides)
+    return args.loaded_config
 
 
 def _parse_labels(text: str) -> list[int]:
@@ -209,6 +216,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     steps_max = getattr(model.config, "num_train_timesteps", None)
     if args.steps is not None and not 1 <= args.steps <= (steps_max or args.steps):
         raise AmnesiaError(f"--steps must lie in [1, {steps_max}], got {args.steps}")
+    steps = args.steps or getattr(model.config, "num_inference_steps", 1)
+    _check_sample_work(len(labels) * args.num_per_label, steps, math.prod(model.image_shape), args.force)
     x, y = sample_per_label(
         model,
         labels,
@@ -224,6 +233,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
             np.savez(fh, images=images, labels=y.numpy().astype(np.int64))
     print(f"wrote {images.shape[0]} images {images.shape[1:]} to {out}")
     return 0
+
+
+# past these a `sample` request is refused without --force: minutes to days of work, likely a typo
+MAX_SAMPLE_IMAGES = 10**6
+MAX_SAMPLE_EVALUATIONS = 10**8  # images x sampler steps
+
+
+def _check_sample_work(images: int, steps: int, values_per_image: int, force: bool) -> None:
+    """Refuse a request whose images cannot fit in memory (float32 and their uint8 copy), and, unless
+    ``force``, one of absurd size; before anything is drawn."""
+    from selective_amnesia.io import free_memory, gib
+
+    need, free = images * values_per_image * 5, free_memory()
+    if free is not None and need > free:
+        raise AmnesiaError(
+            f"{images:,} images need {gib(need)} of memory, more than the {gib(free)} free: "
+            "lower --num-per-label or sample in several runs"
+        )
+    if not force and (images > MAX_SAMPLE_IMAGES or images * steps > MAX_SAMPLE_EVALUATIONS):
+        raise AmnesiaError(
+            f"{images:,} images x {steps} sampler steps = {images * steps:,} model evaluations, more than "
+            f"{MAX_SAMPLE_IMAGES:,} images or {MAX_SAMPLE_EVALUATIONS:,} evaluations: lower "
+            "--num-per-label, or pass --force to run it anyway"
+        )
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -251,6 +284,9 @@ def _sample_prompts(model: Any, args: argparse.Namespace, out: Path, prompts: li
     if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
         raise AmnesiaError(f"--steps must lie in [1, {model.config.num_train_timesteps}], got {args.steps}")
     prompts = list(dict.fromkeys(prompts))
+    c, h, w = model.image_shape  # latents; the VAE decodes them to RGB at 8x per side
+    steps = args.steps or model.config.num_inference_steps
+    _check_sample_work(len(prompts) * args.num_per_label, steps, c * h * w + 3 * 64 * h * w, args.force)
     z, ids = prompt_latents(
         model,
         prompts,
@@ -478,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--force", action="store_true", help="draw more than 10**6 images or 10**8 model evaluations"
+    )
     p = add("evaluate", "evaluate a model's forgetting and retention metrics into a JSON file", cmd_evaluate)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .json file")
@@ -523,10 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     out = getattr(args, "out", None)
+    previous = _handle_sigterm()
     try:
         # one writer per output (under torchrun only the first process writes it); the kernel releases
         # the lock if this process dies
         writes = not getattr(args, "dry_run", False) and _main_process()
+        if out is not None and writes:  # before the lock: taking it creates the lock file's folder
+            _check_output(args)
         with runstate.output_lock(out) if out is not None and writes else nullcontext():
             try:
                 code = int(args.fn(args))
@@ -542,11 +584,81 @@ def main(argv: list[str] | None = None) -> int:
         if not _out_of_memory(e):
             raise
         return _fail(args.command, "out of memory: lower the batch size or sample counts, or use a GPU")
-    except KeyboardInterrupt:
-        print(f"amnesia {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"amnesia {args.command}: {how}; rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     logging.getLogger(__name__).info("%s finished in %.1fs", args.command, time.perf_counter() - start)
     return code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as SIGINT: the run is recorded as failed and its lock released."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated
+
+
+def _handle_sigterm() -> Any:
+    """Install the SIGTERM handler; returns the one to restore (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an --out that would write into, or over, something the command reads, or through a
+    symlink that leads elsewhere; before anything (even the lock file) is created."""
+    import os
+
+    out = Path(args.out)
+    for p in (out, *out.parents):  # a dangling link anywhere on the way: mkdir would create its target
+        if p.is_symlink() and not p.exists():
+            raise AmnesiaError(
+                f"--out {out}: {p} is a symlink to {os.readlink(p)}, which does not exist: remove the link "
+                "or choose another --out"
+            )
+    if out.is_symlink():
+        target, home = out.resolve(), out.parent.resolve()
+        if not target.is_relative_to(home):
+            raise AmnesiaError(
+                f"--out {out} is a symlink to {target}, outside {home}: name {target} itself, or choose "
+                "another --out"
+            )
+    resolved = out.resolve()
+    for flag, path in _inputs(args):
+        source = Path(path).resolve()
+        if resolved == source or resolved.is_relative_to(source):
+            where = "is" if resolved == source else "lies inside"
+            raise AmnesiaError(
+                f"--out {out} {where} {flag} {path}, which this command reads: write somewhere else"
+            )
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(option, path) of every file and folder the command reads: models, runs, Fishers, configs, prompts."""
+    found = [
+        (f"--{k.replace('_', '-')}", getattr(args, k, None)) for k in ("model", "fisher", "prompts_file")
+    ]
+    found += [("--i2p-csv", getattr(args, "i2p_csv", None)), ("the source", getattr(args, "source", None))]
+    if hasattr(args, "config_and_overrides"):
+        path, _ = _split_positionals(args.config_and_overrides)
+        found.append(("the config", path))
+        cfg = _config(args)
+        found += [
+            ("pretrain.model_path", cfg.pretrain.model_path),
+            ("fisher.path", cfg.fisher.path),
+            ("forget.surrogate_path", cfg.forget.surrogate_path),
+            ("t2i.model", cfg.t2i.model or None),
+            ("t2i.replay_prompts", cfg.t2i.replay_prompts),
+            ("t2i.surrogate_path", cfg.t2i.surrogate_path),
+        ]
+    return [(flag, str(path)) for flag, path in found if isinstance(path, str) and path]
 
 
 def _record_failure(message: str) -> None:
@@ -567,12 +679,17 @@ def _message(e: BaseException) -> str:
         return str(e)
     if isinstance(e, OSError):
         return _os_error(e)
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     return f"{type(e).__name__}: {e}"
 
 
 def _fail(command: str, message: str) -> int:
+    message = " ".join(message.split())  # one line, whatever a message quotes
+    if len(message) > 2000:
+        message = message[:2000] + "..."
     print(f"amnesia {command}: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 

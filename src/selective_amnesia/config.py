@@ -22,6 +22,7 @@ from selective_amnesia.data import DATASETS
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import ESTIMATORS as VAE_FISHER
 from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS as DIFFUSION_FISHER
+from selective_amnesia.io import check_model_size, parse_yaml, read_bytes_limited, short
 from selective_amnesia.models.ddpm import DDPMConfig
 
 FAMILIES = ("cvae", "ddpm", "text_to_image")
@@ -377,6 +378,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+MAX_STRING = 4096  # a path, a prompt, a regex
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -391,22 +395,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except AmnesiaError:
                 pass
-        raise AmnesiaError(f"{key}: expected {tp}, got {value!r}")
+        raise AmnesiaError(f"{key}: expected {tp}, got {short(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise AmnesiaError(f"{key}: expected a list, got {value!r}")
+            raise AmnesiaError(f"{key}: expected a list, got {short(value)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise AmnesiaError(f"{key}: expected true/false, got {value!r}")
+        raise AmnesiaError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if abs(value) >= 2**31:  # no count, size or seed here is meaningful that large
-                raise AmnesiaError(f"{key}: {value} is out of range (|value| < 2**31)")
+                raise AmnesiaError(f"{key}: {short(value)} is out of range (|value| < 2**31)")
             return value
-        raise AmnesiaError(f"{key}: expected an integer, got {value!r}")
+        raise AmnesiaError(f"{key}: expected an integer, got {short(value)}")
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -417,24 +421,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if number is None or not math.isfinite(number):  # no setting means anything at NaN or inf
-            raise AmnesiaError(f"{key}: expected a finite number, got {value!r}")
+            raise AmnesiaError(f"{key}: expected a finite number, got {short(value)}")
         return number
     if tp is str:
+        if isinstance(value, str) and len(value) > MAX_STRING:  # messages quote settings: keep them short
+            raise AmnesiaError(f"{key}: a string of {len(value):,} characters, more than {MAX_STRING:,}")
         if isinstance(value, str):
             return value
-        raise AmnesiaError(f"{key}: expected a string, got {value!r}")
+        raise AmnesiaError(f"{key}: expected a string, got {short(value)}")
     raise AmnesiaError(f"{key}: unsupported type {tp}")
 
 
 def _build(cls: Any, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise AmnesiaError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise AmnesiaError(f"{prefix or 'config'}: expected a mapping, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise AmnesiaError(f"unknown config key {where}{unknown[0]}; known keys: {', '.join(sorted(fields))}")
+        name = short(unknown[0]) if len(unknown[0]) > 60 else unknown[0]
+        raise AmnesiaError(f"unknown config key {where}{name}; known keys: {', '.join(sorted(fields))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -448,10 +455,10 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item or item.startswith("="):
-        raise AmnesiaError(f"override {item!r} must look like key.sub=value")
+        raise AmnesiaError(f"override {short(item)} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+    try:  # the same limits as a config file: an override is untrusted text too
+        value = parse_yaml(raw, f"override {short(key)}") if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -465,7 +472,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise AmnesiaError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = parse_yaml(read_bytes_limited(p).decode("utf-8"), str(p))
         except UnicodeDecodeError:
             raise AmnesiaError(f"{p} is not a UTF-8 text file: pass a YAML config") from None
         except yaml.YAMLError as e:
@@ -480,10 +487,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for k in keys[:-1]:
             child = node.setdefault(k, {})
             if not isinstance(child, dict):
-                raise AmnesiaError(f"override {item!r}: {k} is not a section")
+                raise AmnesiaError(f"override {short(item)}: {short(k)} is not a section")
             node = child
         node[keys[-1]] = value
-    return _build(RunConfig, data, "")
+    cfg: RunConfig = _build(RunConfig, data, "")
+    _check_model_size(cfg.model)
+    return cfg
+
+
+def _check_model_size(model: ModelConfig) -> None:
+    """The model a run would build: its size is checked against bounds and free memory before pretrain
+    allocates it."""
+    if model.family == "cvae":
+        fields = {"hidden_dims": model.hidden_dims, "latent_dim": model.latent_dim}
+        check_model_size("cvae", fields, "model.hidden_dims/latent_dim")
+    elif model.family == "ddpm":
+        check_model_size("ddpm", dataclasses.asdict(model.ddpm), "model.ddpm")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -20,7 +20,6 @@ the result does not depend on the estimator or the chunk size.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,11 +35,12 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.checkpoint import load_state, remove_training_state, save_state
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors, save_tensors, state_hash
+from selective_amnesia.io import InvalidJSON, load_tensors, parse_json, save_tensors, short, state_hash
 
 log = logging.getLogger(__name__)
 
 ESTIMATORS = ("batched", "vmap", "loop")
+FISHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SAMPLE_BLOCK = 256
 
 
@@ -60,10 +60,16 @@ class Fisher:
         values, raw = load_tensors(path)
         meta: dict[str, Any] = {}
         for k, v in raw.items():
-            try:
-                meta[k] = json.loads(v)
-            except ValueError:
-                meta[k] = v
+            try:  # metadata is untrusted JSON: the guarded parser (depth, size, integer limits)
+                meta[k] = parse_json(v, f"{path} metadata {short(k)}")
+            except InvalidJSON:
+                meta[k] = v  # a plain string
+        bad = [f"{n} ({t.dtype})" for n, t in values.items() if t.dtype not in FISHER_DTYPES]
+        if bad:  # an integer Fisher wraps, a bool one means nothing, float8 has no isfinite
+            raise AmnesiaError(
+                f"{path}: {bad[0]} is not a float16/bfloat16/float32/float64 tensor: estimate the Fisher "
+                "again with `amnesia fisher`"
+            )
         fisher = cls(values, meta)
         if model is not None:
             fisher.check_matches(model, source=str(path))
@@ -89,6 +95,8 @@ class Fisher:
             )
         for name, p in params.items():
             v = self.values[name]
+            if v.dtype not in FISHER_DTYPES:
+                raise AmnesiaError(f"{source}: {name} is {v.dtype}, not floating point; re-estimate it")
             if v.shape != p.shape:
                 raise AmnesiaError(
                     f"{source} does not match the model ({name} has shape {tuple(v.shape)}, the model "

@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,11 +42,17 @@ def output_lock(out: str | Path) -> Iterator[None]:
     out = Path(out).resolve()  # one lock for every path (symlinks, ..) that names the same output
     lock = lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
+    tries = 0
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            tries += 1
+            if tries < 5:  # another writer's check of nested locks holds this one for microseconds
+                os.close(fd)
+                time.sleep(0.02)
+                continue
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise AmnesiaError(
@@ -61,12 +68,57 @@ def output_lock(out: str | Path) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"amnesia (pid {os.getpid()})\n".encode())
+        # one writer per tree: taken first, then checked, so of two racing writers at least one sees
+        # the other (both may be refused; neither writes into the other's tree)
+        nested = _locked_relative(out, lock)
+        if nested is not None:
+            where, holder = nested
+            raise AmnesiaError(
+                f"{where} is being written by {holder}, and {out} "
+                f"{'lies inside it' if out.is_relative_to(where) else 'contains it'}: wait for it to "
+                "finish or choose another --out"
+            )
         yield
     finally:
         try:
             os.unlink(lock)
         finally:
             os.close(fd)
+
+
+def _holder(lock: Path) -> str | None:
+    """Who holds the lock file ``lock`` ("amnesia (pid N)"), or None when nobody does."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only if no one holds it exclusively
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # drops the shared lock too
+    return None
+
+
+def _locked_relative(out: Path, own: Path) -> tuple[Path, str] | None:
+    """A locked output that contains ``out`` or lies inside it (``own`` is this process's lock file)."""
+    for parent in out.parents:  # outputs containing out: their lock sits beside them
+        if parent.parent == parent:
+            break
+        holder = _holder(lock_path(parent))
+        if holder is not None:
+            return parent, holder
+    if out.is_dir():  # outputs inside out: a lock file anywhere in its tree
+        for root, _dirs, files in os.walk(out):
+            for name in files:
+                if name.startswith(".") and name.endswith(".lock") and Path(root, name) != own:
+                    holder = _holder(Path(root, name))
+                    if holder is not None:
+                        return Path(root, name[1 : -len(".lock")]), holder
+    return None
 
 
 def _now() -> str:

@@ -33,6 +33,15 @@ class CVAEConfig:
             raise ValueError("hidden_dims must be a non-empty list of positive widths")
 
 
+def num_parameters(config: CVAEConfig) -> int:
+    """The parameter count of ``ConditionalVAE(config)``, computed without building it."""
+    x_dim = config.channels * config.image_size**2
+    h = list(config.hidden_dims)
+    chains = [[x_dim + config.num_classes, *h], [config.latent_dim + config.num_classes, *reversed(h), x_dim]]
+    linear = sum(a * b + b for dims in chains for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return linear + 2 * (h[-1] * config.latent_dim + config.latent_dim)  # to_mu, to_logvar
+
+
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):

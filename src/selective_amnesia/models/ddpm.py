@@ -130,6 +130,25 @@ class DDPMConfig:
             raise ValueError("eta must lie in [0, 1]")
 
 
+def _unet_kwargs(c: DDPMConfig) -> dict[str, Any]:
+    """``UNet2DModel`` arguments of a config: the class enters through num_classes + 1 embeddings."""
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)]
+    return {
+        "sample_size": c.image_size,
+        "in_channels": c.channels,
+        "out_channels": c.channels,
+        "down_block_types": tuple(down),
+        "up_block_types": tuple(up),
+        "block_out_channels": tuple(c.block_out_channels),
+        "layers_per_block": c.layers_per_block,
+        "attention_head_dim": c.attention_head_dim,
+        "dropout": c.dropout,
+        "norm_num_groups": c.norm_num_groups,
+        "num_class_embeds": c.num_classes + 1,
+    }
+
+
 def _draw_device(generator: torch.Generator | None, x: Tensor) -> torch.device:
     """Draw where the generator lives (a CPU generator gives the same numbers for a model on any device)."""
     return generator.device if generator is not None else x.device
@@ -256,22 +275,7 @@ class ConditionalDDPM(EpsilonDiffusion):
         from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
         self.config = config or DDPMConfig()
-        c = self.config
-        down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels]
-        up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)]
-        self.unet: UNet2DModel = UNet2DModel(
-            sample_size=c.image_size,
-            in_channels=c.channels,
-            out_channels=c.channels,
-            down_block_types=tuple(down),
-            up_block_types=tuple(up),
-            block_out_channels=tuple(c.block_out_channels),
-            layers_per_block=c.layers_per_block,
-            attention_head_dim=c.attention_head_dim,
-            dropout=c.dropout,
-            norm_num_groups=c.norm_num_groups,
-            num_class_embeds=c.num_classes + 1,
-        )
+        self.unet: UNet2DModel = UNet2DModel(**_unet_kwargs(self.config))
         self.scheduler: DDPMScheduler = DDPMScheduler(**self._schedule_kwargs())
         # eq. (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps): the scheduler's abar_t, kept as a buffer so
         # it follows .to(device) and the loss is plain tensor indexing (vmap/grad friendly)
@@ -491,3 +495,22 @@ class ConditionalDDPM(EpsilonDiffusion):
             raise AmnesiaError(f"{path}: UNet weights do not match config.json ({detail})") from None
         model.eval()
         return model
+
+
+# bounds on the UNet's structure: counting its weights builds it (on the meta device, nothing allocated),
+# which loops once per block and layer
+MAX_LEVELS, MAX_LAYERS_PER_BLOCK = 8, 32
+
+
+def unet_parameters(config: DDPMConfig) -> int:
+    """The number of values in ``ConditionalDDPM(config)``'s UNet state dict, without allocating it."""
+    from diffusers.models.unets.unet_2d import UNet2DModel
+
+    if len(config.block_out_channels) > MAX_LEVELS or config.layers_per_block > MAX_LAYERS_PER_BLOCK:
+        raise AmnesiaError(
+            f"a UNet of {len(config.block_out_channels)} levels of {config.layers_per_block} layers: at most "
+            f"{MAX_LEVELS} levels of {MAX_LAYERS_PER_BLOCK} layers are supported"
+        )
+    with torch.device("meta"):
+        unet = UNet2DModel(**_unet_kwargs(config))
+    return sum(t.numel() for t in unet.state_dict().values())
