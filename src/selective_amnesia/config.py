@@ -292,8 +292,21 @@ class TextToImageSection:
     gradient_checkpointing: bool = False
     gradient_accumulation: int = 1
     retention_per_prompt: int = 2  # images per replay prompt compared before/after (same seeds)
+    # how the generated sets (surrogate, replay, retention) are sampled, saved as the output's default;
+    # None: the pipeline's own (its model_index.json, else DDIM, 50 steps, guidance 7.5)
+    sampler: str | None = None  # "ddim" or "ddpm"
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
+        _check(
+            self.sampler in (None, "ddim", "ddpm"), f"t2i.sampler must be ddim or ddpm, got {self.sampler!r}"
+        )
+        _check(
+            self.num_inference_steps is None or self.num_inference_steps >= 1,
+            "t2i.num_inference_steps must be >= 1",
+        )
+        _check(self.guidance_scale is None or self.guidance_scale >= 0, "t2i.guidance_scale must be >= 0")
         _check(self.surrogate_count >= 1, "t2i.surrogate_count must be >= 1")
         _check(self.replay_per_prompt >= 1, "t2i.replay_per_prompt must be >= 1")
         _check(self.train in T2I_TRAIN, f"t2i.train must be one of {T2I_TRAIN}, got {self.train!r}")

@@ -230,6 +230,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(t.model).to(device)
+    base.set_sampler(t.sampler, t.num_inference_steps, t.guidance_scale)  # None: the pipeline's own
     forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
 
     t1 = time.perf_counter()

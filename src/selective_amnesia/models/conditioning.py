@@ -95,6 +95,9 @@ class ClipConditioning(TextConditioning):
 
     pipeline_class = "StableDiffusionPipeline"
 
+    def index_entries(self) -> dict[str, Any]:
+        return {"requires_safety_checker": False, "safety_checker": [None, None]}
+
     def _encode(self, prompts: list[str]) -> Embeds:
         encoder, tokenizer = self.encoders["text_encoder"]
         ids = self._tokens(tokenizer, prompts, next(encoder.parameters()).device)
@@ -125,11 +128,7 @@ class DualClipConditioning(TextConditioning):
         self.time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
 
     def index_entries(self) -> dict[str, Any]:
-        return {
-            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
-            "image_encoder": [None, None],
-            "feature_extractor": [None, None],
-        }
+        return {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
 
     def check_unet(self, unet: Any) -> None:
         cfg = unet.config

@@ -24,6 +24,7 @@ without a negative prompt: the embedding of ``""``, or zeros for SDXL's ``force_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,26 @@ class TextToImageModel(EpsilonDiffusion):
 
     # ---- sampling --------------------------------------------------------------------------------
 
+    def set_sampler(
+        self,
+        sampler: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        """Change the sampling defaults given (not None): what ``sample`` uses and ``save_pretrained``
+        stores."""
+        given = {
+            "sampler": sampler,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+        }
+        try:
+            self.config = dataclasses.replace(
+                self.config, **{k: v for k, v in given.items() if v is not None}
+            )
+        except ValueError as e:
+            raise AmnesiaError(f"bad sampler settings: {e}") from None
+
     def sampling_scheduler(self, sampler: str | None = None) -> Any:
         from diffusers.schedulers.scheduling_ddim import DDIMScheduler
         from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -448,12 +469,11 @@ class TextToImageModel(EpsilonDiffusion):
         DDIMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
         import diffusers
 
-        sd_only = {"requires_safety_checker": False, "safety_checker": [None, None]}
         index = {
             "_class_name": self.conditioning.pipeline_class,
             "_diffusers_version": diffusers.__version__,
             "feature_extractor": [None, None],
-            **(sd_only if isinstance(self.conditioning, ClipConditioning) else {}),
+            "image_encoder": [None, None],
             **self.conditioning.index_entries(),
             "scheduler": ["diffusers", "DDIMScheduler"],
             **components,
