@@ -64,7 +64,9 @@ def load_model(path: str | Path, *, check_state: bool = True) -> Any:
     ):
         from selective_amnesia.models.text_to_image import TextToImageModel
 
-        return TextToImageModel.from_pretrained(path)  # a diffusers pipeline directory
+        # a diffusers pipeline directory: from_pretrained picks SD 1.x/2.x or SDXL conditioning by
+        # model_index.json's _class_name (there, so that pipeline_t2i's direct call gets it too)
+        return TextToImageModel.from_pretrained(path)
     meta = read_json(path / "config.json")
     if not isinstance(meta, dict) or "family" not in meta:
         raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")
