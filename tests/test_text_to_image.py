@@ -88,7 +88,9 @@ def test_lora_ewc_merge_and_stock_loading(tiny_world: Path, tmp_path: Path) -> N
     params = dict(model.named_parameters())
     fisher = {k: torch.rand(params[k.replace(".weight", ".base_layer.weight")].shape) for k in layers}
     penalty = LoraEWCPenalty(fisher, layers)(params)
-    brute = sum((fisher[k] * (s * (params[b] @ params[a])).pow(2)).sum() for k, (a, b, s) in layers.items())
+    brute = torch.stack(
+        [(fisher[k] * (s * (params[b] @ params[a])).pow(2)).sum() for k, (a, b, s) in layers.items()]
+    ).sum()
     assert penalty > 0 and torch.allclose(penalty, brute)
 
     gen = [torch.Generator().manual_seed(1)]
