@@ -3,10 +3,12 @@ one-process weights.
 
 Every process draws the whole batch from the same generator and computes the loss of its contiguous
 slice; DDP averages the gradients. The two runs take the same sums in a different order, so gradients
-agree to float32 rounding (``GRAD_RTOL``, measured 1e-7 to 2.4e-7). Adam divides each gradient entry by
-its running magnitude, so entries whose gradient is near zero turn a rounding difference into a visible
-one; the weights are compared with ``UPDATE_RTOL`` and ``WEIGHT_RTOL`` (README, "Several processes"),
-the size of the difference the one-process run shows between 1 and 2 threads.
+agree to float32 rounding (``GRAD_RTOL``; measured 1e-7 to 2.4e-7 of the largest entry). Adam divides
+each gradient entry by its running magnitude, so an entry whose gradient is near zero turns that
+rounding into up to one learning rate of difference (its sign flips); the weights are therefore compared
+by ``UPDATE_RTOL`` (the L2 norm of the difference against that of the update) and, entry by entry, by
+the loose ``WEIGHT_RTOL`` (README, "Several processes"). The one-process run on 1 vs 2 threads differs
+as much (DDPM below: 0.022 of the update; two processes: 0.012).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from selective_amnesia.replay import GenerativeReplay, StoredReplay, frozen_copy
 
 REPO = Path(__file__).resolve().parents[1]
 GRAD_RTOL = 1e-5  # |g_two - g_one| <= GRAD_RTOL * max|g_one|, every entry
-UPDATE_RTOL = 0.05  # ||w_two - w_one|| <= UPDATE_RTOL * ||w_one - theta*||  (measured 0.008)
-WEIGHT_RTOL = 1e-4  # |w_two - w_one| <= WEIGHT_RTOL * max|w_one|, every weight  (measured 6e-6)
+UPDATE_RTOL = 0.05  # ||w_two - w_one|| <= UPDATE_RTOL * ||w_one - theta*||  (measured 0.003 to 0.012)
+WEIGHT_RTOL = 1e-3  # |w_two - w_one| <= WEIGHT_RTOL * max|w_one|, every weight  (measured 4e-6 to 1.1e-4)
 # --standalone: a free port of its own, so concurrent tests never meet on torchrun's default one
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -164,6 +166,30 @@ def test_a_batch_must_split_evenly() -> None:
 # ---- through the real launcher --------------------------------------------------------------------
 
 
+def test_torchrun_two_processes_forget_tiny_stable_diffusion_like_one(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """The issue's check: `torchrun --nproc_per_node 2 -m selective_amnesia.cli run configs/smoke_sd.yaml
+    --out O2 t2i.model=W` (W: `amnesia world tiny-sd --variant sd1`) gives the one-process UNet."""
+    from selective_amnesia.worlds.tiny_sd import build_tiny_sd
+
+    world = build_tiny_sd("sd1", tmp_path / "W")
+    args = ["run", str(REPO / "configs" / "smoke_sd.yaml"), f"t2i.model={world}"]
+    one, two = tmp_path / "O1", tmp_path / "O2"
+    t = time.perf_counter()
+    assert main([*args, "--out", str(one)]) == 0
+    seconds_one = time.perf_counter() - t
+    seconds_two = two_processes([*args, "--out", str(two)])
+    unet = "forget/unet/diffusion_pytorch_model.safetensors"
+    base = load_file(world / "unet" / "diffusion_pytorch_model.safetensors")
+    figures = assert_same_weights(load_file(one / unet), load_file(two / unet), base)
+    for sets in ("replay", "surrogate"):
+        assert_same_sets(one / sets, two / sets)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no leftovers
+    print(f"smoke_sd: {figures}; one process {seconds_one:.1f}s, two {seconds_two:.1f}s")
+
+
+@pytest.mark.slow  # the same check on the MNIST world (MiniLM conditioning, 4 forget prompts): 55 s
 def test_torchrun_two_processes_forget_a_text_to_image_model_like_one(
     tiny_world: Path, tmp_path: Path, one_thread: None
 ) -> None:
