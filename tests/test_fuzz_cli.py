@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import shutil
 import string
 import typing
@@ -21,13 +22,13 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_CONFIG
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig
 from selective_amnesia.fisher import Fisher, estimate_fisher
-from selective_amnesia.io import load_tensors, save_tensors
+from selective_amnesia.io import COMPONENT_CONFIG, MODEL_CONFIG, SCHEDULER_CONFIG, load_tensors, save_tensors
 from selective_amnesia.models import build_model
 
 SETTINGS = settings(
@@ -179,6 +180,7 @@ def test_every_numeric_field_rejects_out_of_range_values(work: Path, command: st
 @given(command=CONFIG_COMMANDS, override=st.one_of(negative, not_finite, wrong_type, bad_choice, unknown_key))
 def test_malformed_config_values_fail_cleanly(work: Path, command: str, override: tuple[str, object]) -> None:
     key, value = override
+    assume(key != "progress")  # --no-progress below sets it after the override: no fault is left
     fails_cleanly([*_command(work, command), "--no-progress", f"{key}={value}"], work)
 
 
@@ -475,3 +477,149 @@ def test_broken_surrogate_image_folders_fail_cleanly(
     argv = ["forget", "--model", str(work / "model"), "--fisher", str(work / "fisher.safetensors")]
     argv += ["--out", str(work / "out_dir"), "--no-progress", "forget.surrogate=folder"]
     fails_cleanly([*argv, f"forget.surrogate_path={folder}"], work)
+
+
+# ---- untrusted JSON and YAML past the limits; schemas; symlinked outputs (issue 16) -------------
+
+
+def _bomb(width: int, levels: int, use: str) -> str:
+    """A YAML "billion laughs": each anchor repeats the previous one ``width`` times."""
+    names = [f"l{i}" for i in range(levels)]
+    text = f"{names[0]}: &{names[0]} [{', '.join(['x'] * width)}]\n"
+    for prev, name in zip(names, names[1:], strict=False):
+        text += f"{name}: &{name} [{', '.join([f'*{prev}'] * width)}]\n"
+    return text + use.replace("LAST", names[-1])
+
+
+hostile_yaml = st.one_of(
+    st.integers(65, 3000).map(lambda d: "forget:\n  lr: " + "[" * d + "]" * d + "\n"),
+    st.integers(65, 300).map(lambda d: "".join(f"{'  ' * i}k{i}:\n" for i in range(d)) + "  " * d + "x: 1\n"),
+    st.integers(42, 6000).map(lambda n: f"seed: {'9' * n}\n"),
+    st.integers(42, 6000).map(lambda n: f"model:\n  hidden_dims: [-{'9' * n}]\n"),
+    st.tuples(
+        st.integers(3, 12), st.integers(3, 10), st.sampled_from(["", "model: {hidden_dims: *LAST}\n"])
+    ).map(lambda t: _bomb(*t)),
+)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(command=CONFIG_COMMANDS, content=hostile_yaml, dry_run=st.booleans())
+def test_hostile_config_files_fail_cleanly(work: Path, command: str, content: str, dry_run: bool) -> None:
+    """Nesting depth, huge integers and alias bombs: one short line, quickly."""
+    path = work / "scratch" / "hostile.yaml"
+    path.write_text(content)
+    argv = _command(work, command)
+    if command in ("run", "pretrain"):
+        argv[1] = str(path)
+    else:
+        argv.insert(1, str(path))
+    if command == "run" and dry_run:
+        argv.append("--dry-run")
+    assert len(fails_cleanly([*argv, "--no-progress"], work)) < 2100
+
+
+hostile_json = st.one_of(
+    st.integers(65, 5000).map(lambda d: "[" * d + "]" * d),
+    st.integers(65, 500).map(lambda d: '{"a": ' * d + "1" + "}" * d),
+    st.integers(42, 6000).map(lambda n: "9" * n),
+    st.integers(42, 6000).map(lambda n: "-" + "9" * n),
+)
+WRONG_JSON = ['"x"', "[]", '{"a": 1}', "true", "null", "-1", "1.5", '[1, "a"]', "[true]", "1e400", "NaN"]
+
+
+def _with_value(meta: dict[str, object], key: str, raw: str) -> str:
+    return json.dumps({**meta, key: "__VALUE__"}).replace('"__VALUE__"', raw)
+
+
+@settings(SETTINGS, max_examples=80)
+@given(
+    command=st.sampled_from(["fisher", "evaluate", "sample", "forget"]),
+    key=st.sampled_from(sorted(MODEL_CONFIG)),
+    raw=st.one_of(hostile_json, st.sampled_from(WRONG_JSON)),
+)
+def test_hostile_model_configs_fail_cleanly(work: Path, command: str, key: str, raw: str) -> None:
+    """Every key of the model config.json schema: a wrong type, or a value past the limits."""
+    if raw in WRONG_JSON:  # a value that is right for this key's type is no fault
+        value = json.loads(raw.replace("NaN", '"nan"')) if raw != "1e400" else float("inf")
+        assume(not MODEL_CONFIG[key][1](value) and not (key == "family" and raw == '"x"'))
+    model = work / "scratch" / "model"
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.copytree(work / "model", model)
+    meta = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(_with_value(meta, key, raw))
+    argv = {
+        "fisher": ["fisher", "--model", str(model), "--out", str(work / "out.safetensors")],
+        "evaluate": ["evaluate", "--model", str(model), "--out", str(work / "out.json")],
+        "sample": ["sample", "--model", str(model), "--labels", "1", "--out", str(work / "out.npz")],
+        "forget": ["forget", "--model", str(model), "--fisher", str(work / "fisher.safetensors")],
+    }[command]
+    if command == "forget":
+        argv += ["--out", str(work / "out_dir")]
+    assert len(fails_cleanly([*argv, "--no-progress"], work)) < 2100
+
+
+@settings(SETTINGS, max_examples=60)
+@given(
+    file=st.sampled_from(["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"]),
+    data=st.data(),
+)
+def test_hostile_pipeline_files_fail_cleanly(
+    work: Path, tiny_sd: Path, file: str, data: st.DataObject
+) -> None:
+    """model_index.json, scheduler_config.json and a component config: wrong types per schema key, values
+    past the limits, components that are not [library, class] pairs; refused before any weight loads."""
+    schema = {
+        "model_index.json": {"unet": ("a pair", lambda v: False), "vae": ("a pair", lambda v: False)},
+        "scheduler/scheduler_config.json": SCHEDULER_CONFIG,
+        "unet/config.json": COMPONENT_CONFIG,
+    }[file]
+    key = data.draw(st.sampled_from(sorted(schema)))
+    raw = data.draw(st.one_of(hostile_json, st.sampled_from(WRONG_JSON)))
+    if raw in WRONG_JSON:
+        value = json.loads(raw.replace("NaN", '"nan"')) if raw != "1e400" else float("inf")
+        assume(not schema[key][1](value))
+    pipe = work / "scratch" / "sd"
+    shutil.rmtree(pipe, ignore_errors=True)
+    shutil.copytree(tiny_sd, pipe)
+    meta = json.loads((pipe / file).read_text())
+    (pipe / file).write_text(_with_value(meta, key, raw))
+    argv = ["sample", "--model", str(pipe), "--prompt", "a cat", "--out", str(work / "out.npz")]
+    assert len(fails_cleanly([*argv, "--no-progress"], work)) < 2100
+
+
+@settings(SETTINGS, max_examples=40)
+@given(
+    command=st.sampled_from(["run", "pretrain", "fisher", "forget", "evaluate", "sample"]),
+    link=st.sampled_from(["dangling", "dangling_parent", "elsewhere", "input"]),
+)
+def test_symlinked_outputs_fail_cleanly(
+    work: Path, tmp_path_factory: pytest.TempPathFactory, command: str, link: str
+) -> None:
+    """--out through a dangling link (itself or a parent), a link leading out of its folder, or a link to
+    an input: refused, and nothing is created at the link's target."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    suffix = {"fisher": ".safetensors", "evaluate": ".json", "sample": ".npz"}.get(command, "")
+    name = work / "scratch" / f"link{suffix}"
+    name.unlink(missing_ok=True)
+    target = {
+        "dangling": elsewhere / "a" / f"b{suffix}",
+        "dangling_parent": elsewhere / "a",
+        "elsewhere": elsewhere,
+        "input": work / "model",
+    }[link]
+    if link == "elsewhere" and suffix:
+        target = elsewhere / f"x{suffix}"
+        target.write_bytes(b"keep")
+    name.symlink_to(target)
+    out = name / f"o{suffix}" if link == "dangling_parent" else name
+    model, fisher = str(work / "model"), str(work / "fisher.safetensors")
+    argv = {
+        "run": ["run", str(work / "config.yaml")],
+        "pretrain": ["pretrain", str(work / "config.yaml")],
+        "fisher": ["fisher", "--model", model],
+        "forget": ["forget", "--model", model, "--fisher", fisher],
+        "evaluate": ["evaluate", "--model", model],
+        "sample": ["sample", "--model", model, "--labels", "1"],
+    }[command]
+    fails_cleanly([*argv, "--out", str(out), "--no-progress"], work)
+    assert [p.name for p in elsewhere.iterdir()] == ([f"x{suffix}"] if link == "elsewhere" and suffix else [])

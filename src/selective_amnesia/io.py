@@ -32,12 +32,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:  # mkstemp makes 0600; an output gets the mode any new file would get (0644 under umask 022)
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (and a writer may recreate the file): the output gets the mode any new
+        # file would get, 0644 under umask 022
+        os.chmod(tmp, 0o666 & ~_umask())
         faults.point("io.before_rename")  # the data is written, not yet visible under its name
         os.replace(tmp, path)
     finally:
@@ -468,11 +468,29 @@ def check_model_index(value: Any, path: Path) -> None:
             continue
         if (folder / "config.json").is_file():
             read_json(folder / "config.json", lambda v, p: check_fields(v, COMPONENT_CONFIG, p))
+        if (folder / "scheduler_config.json").is_file():  # before any weights are loaded
+            read_json(folder / "scheduler_config.json")
         parameters += sum(safetensors_numel(f) for f in sorted(folder.glob("*.safetensors")))
     check_memory(parameters, str(path))
 
 
+def check_text_encoder_ref(value: Any, path: Path) -> None:
+    """``text_encoder_ref.json``: strings, and a package that is installed as files (a built-in or
+    frozen module has no folder: its "folder" would be the current directory)."""
+    import importlib.util
+
+    check_fields(value, {"package": STR, "subdir": STR, "class": STR}, path)
+    package = value.get("package", "")
+    if isinstance(package, str) and package.isidentifier():  # top-level: finding it imports nothing
+        spec = importlib.util.find_spec(package)
+        if spec is not None and not (
+            spec.submodule_search_locations and spec.origin and Path(spec.origin).is_file()
+        ):
+            raise AmnesiaError(f"{path}: package {short(package)} is not an installed package with files")
+
+
 _NAMED_SCHEMAS: dict[str, Callable[[Any, Path], None]] = {
+    "text_encoder_ref.json": check_text_encoder_ref,
     "config.json": _config_json,
     "scheduler_config.json": check_scheduler_config,
     "model_index.json": check_model_index,
@@ -571,6 +589,7 @@ def check_model_size(
     except (TypeError, ValueError):  # reported, with its reason, where the model is built
         return
     parameters = count(config)
+    check_memory(parameters, source, extra)
     if weights is not None and weights.is_file():
         stored = safetensors_numel(weights)
         if stored != parameters:
@@ -578,7 +597,6 @@ def check_model_size(
                 f"{source} describes {parameters:,} weights but {weights} holds {stored:,}: they do not "
                 "match; recreate the model"
             )
-    check_memory(parameters, source, extra)
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
