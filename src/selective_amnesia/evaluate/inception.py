@@ -240,7 +240,9 @@ def inception_fid(
         raise ValueError(f"nearest_k must be >= 1 and smaller than both set sizes, got {nearest_k}")
     start = time.perf_counter()
     extractor = InceptionFeatures(weights, batch_size=batch_size, device=device, progress=progress)
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(device)
+    # the two sets given here only, never gathered from other processes (torchrun / accelerate launch)
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True, sync_on_compute=False)
+    fid = fid.to(device)
     captured: list[Tensor] = []
     hook = extractor.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().cpu()))
     try:

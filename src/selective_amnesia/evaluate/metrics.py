@@ -132,7 +132,11 @@ def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
     a, b = _features64(feats_a, "feats_a"), _features64(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
-    fid = FrechetInceptionDistance(feature=_PrecomputedFeatures(a.shape[1]), reset_real_features=True)
+    # sync_on_compute=False: a pure function of the two matrices, also when a process group exists
+    # (torchrun / accelerate launch), where torchmetrics would otherwise gather from every process
+    fid = FrechetInceptionDistance(
+        feature=_PrecomputedFeatures(a.shape[1]), reset_real_features=True, sync_on_compute=False
+    )
     fid.update(a, real=True)
     fid.update(b, real=False)
     value = float(fid.compute())
