@@ -72,7 +72,8 @@ class EWCPenalty(nn.Module):
         self.names = sorted(fisher)
         for i, n in enumerate(self.names):
             f, star = fisher[n].detach(), theta_star[n].detach()
-            self.register_buffer(f"fisher_{i}", f.to(dtype or f.dtype, copy=True))
+            # F is never written, so it shares the Fisher's storage (no second copy of the model's size)
+            self.register_buffer(f"fisher_{i}", f.to(dtype or f.dtype))
             self.register_buffer(f"theta_star_{i}", star.to(dtype or star.dtype, copy=True))
 
     def fishers(self) -> list[Tensor]:

@@ -163,6 +163,7 @@ def t2i_fisher(
         "prompts": [model.prompts[i] for i in labels],
         "parameters": hashlib.sha256("\n".join(trainable).encode()).hexdigest()[:16],
         "sampler": effective_sampler(model),
+        "loss_entries": model.loss_entries,  # a Fisher of the summed loss (before it was averaged) is redone
         "timesteps_per_sample": f.timesteps_per_sample if f.estimator == "subsampled" else None,
     }
     if path is not None and path.is_file():

@@ -260,7 +260,7 @@ def pretrain(
 
 
 def make_surrogate(
-    cfg: ForgetConfig, model: Any, frozen: nn.Module, surrogate_images: torch.Tensor | None = None
+    cfg: ForgetConfig, model: Any, frozen: nn.Module | None, surrogate_images: torch.Tensor | None = None
 ) -> Surrogate:
     """q(x|c_f) for the surrogate objective, or samples of c_f from theta* for the naive one.
 
@@ -269,6 +269,7 @@ def make_surrogate(
     the pipeline from theta*'s samples of ``surrogate_label`` or from ``surrogate_path``.
     """
     if cfg.objective == "naive":
+        assert frozen is not None  # forget() keeps theta* for the naive objective
         return ModelSamples(frozen, cfg.forget_label)
     if cfg.surrogate == "uniform":
         low, high = model.data_range
@@ -328,8 +329,9 @@ def forget(
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    # theta* (frozen replay source and EWC anchor) before a checkpoint may overwrite the weights
-    frozen = frozen_copy(model)
+    # theta* as a frozen replay source, taken before a checkpoint may overwrite the weights; only fresh
+    # replay and the naive objective sample from it (stored sets do not: a whole UNet saved, 3.2 GiB for SD)
+    frozen = frozen_copy(model) if cfg.replay != "stored" or cfg.objective == "naive" else None
     if cfg.ewc_lambda > 0 and ewc is None:
         if fisher is None:
             raise AmnesiaError(
@@ -347,6 +349,7 @@ def forget(
             raise AmnesiaError("forget.replay=stored needs the replay set; none was generated")
         replay = StoredReplay(*replay_set)
     else:
+        assert frozen is not None
         replay = GenerativeReplay(frozen, remembered)
     trainer = Trainer(
         model,
