@@ -404,6 +404,7 @@ def check_scheduler_config(value: Any, path: Path) -> None:
         )
 
 
+_CORE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 _PIPELINE_FLAGS = ("requires_safety_checker", "force_zeros_for_empty_prompt", "requires_aesthetics_score")
 # diffusers component configs: the keys that size tensors must be sizes (a string sample_size would
 # reach the UNet's constructor)
@@ -455,6 +456,8 @@ def check_model_index(value: Any, path: Path) -> None:
     for name, entry in value.items():
         if name.startswith("_") or name in _PIPELINE_FLAGS:
             continue
+        if (entry is None or isinstance(entry, bool)) and name not in _CORE_COMPONENTS:
+            continue  # a pipeline flag or an absent optional part (SDXL's add_watermarker: null)
         if not name.isidentifier():  # a folder name: nothing outside the pipeline directory
             raise AmnesiaError(f"{path}: {_key('', name)} is not a component name; recreate the file")
         if not (
