@@ -125,8 +125,9 @@ def test_ewc_anchor_in_bfloat16_rounds_only_storage() -> None:
 def test_optimizers() -> None:
     w = [nn.Parameter(torch.zeros(2))]
     assert isinstance(make_optimizer(w, "adam", 1e-3), torch.optim.Adam)
-    adamw = make_optimizer(w, "adamw", 1e-3, 0.01)
+    adamw = make_optimizer(w, "adamw", 1e-3, 0.01, eps=1e-8 / 256)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.01
+    assert adamw.param_groups[0]["eps"] == 3.90625e-11
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -184,6 +185,7 @@ def test_paper_configs_carry_the_reference_settings() -> None:
             1e-4,
         )
         assert (f.ewc_lambda, f.reduction, cfg.model.ddpm.num_train_timesteps) == (10, "mean", 1000)
+        assert f.adam_eps == 1e-8
     for name in ("sd_nudity", "sd_celebrity"):
         f = load_config(f"configs/{name}.yaml").forget
         assert (f.ewc_lambda, f.optimizer, f.weight_decay, f.grad_clip, f.reduction) == (

@@ -157,6 +157,9 @@ class ForgetConfig:
     # weight decay is 0.01) or "adamw8bit" (bitsandbytes, to fit a 24 GB GPU)
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    # Adam's epsilon (torch's default, the reference's); it acts on the gradient's scale, so the loss's
+    # reduction decides what a value means (configs/t2i_mnist.yaml)
+    adam_eps: float = 1e-8
     grad_clip: float | None = None  # clip the global gradient norm (the reference DDPM clips at 1.0)
     # > 0: the saved model is an EMA of the fine-tuned weights. Its decay is constant from theta* on, as the
     # reference's EMAHelper; ema_warmup=true uses diffusers' warm-up (decay 0 at step 1: theta* is dropped)
@@ -194,6 +197,7 @@ class ForgetConfig:
             f"forget.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
         )
         _check(self.weight_decay >= 0, "forget.weight_decay must be >= 0")
+        _check(self.adam_eps > 0, "forget.adam_eps must be > 0")
         _check(self.grad_clip is None or self.grad_clip > 0, "forget.grad_clip must be > 0 (or null: none)")
         _check(
             self.anchor_dtype in ANCHOR_DTYPES,

@@ -51,15 +51,15 @@ class History:
 
 
 def make_optimizer(
-    params: list[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
+    params: list[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, eps: float = 1e-8
 ) -> torch.optim.Optimizer:
     """Adam, AdamW, or bitsandbytes' 8-bit AdamW (a quarter of Adam's state memory: 2 bytes a weight)."""
     # fused kernels on CUDA (one launch for all weights); the CPU keeps the default, bitwise-stable path
     fused = True if params and params[0].is_cuda else None
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused, eps=eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, eps=eps)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -67,7 +67,7 @@ def make_optimizer(
             raise AmnesiaError(
                 "optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)"
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, eps=eps)
     raise AmnesiaError(f"optimizer must be adam, adamw or adamw8bit, got {name!r}")
 
 
@@ -106,12 +106,13 @@ class Trainer:
         fix: str = "lower the learning rate",
         optimizer: str = "adam",
         weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
         ema_warmup: bool = True,
     ) -> None:
         self.model, self.generator, self.grad_clip = model, generator, grad_clip
         self.what, self.fix = what, fix  # the divergence error's subject and advice
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, optimizer, lr, weight_decay)
+        self.opt = make_optimizer(self.params, optimizer, lr, weight_decay, adam_eps)
         self.ema: Any = make_ema(self.params, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
         self.checkpoint_dir, self.checkpoint_every, self.key = checkpoint_dir, checkpoint_every, key
         self.history = History()
@@ -359,6 +360,7 @@ def forget(
         grad_clip=cfg.grad_clip,
         optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay,
+        adam_eps=cfg.adam_eps,
         generator=generator,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every,
