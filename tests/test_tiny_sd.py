@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def test_seed_fixes_the_weights_and_leaves_the_global_rng_alone(tmp_path: Path) 
     wa, wb, wc = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    # staged in a 0700 temporary directory, renamed into place with the umask's mode (0755 under 022)
+    assert a.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_cli_writes_the_directory_and_refuses_bad_input(

@@ -120,13 +120,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
+    from selective_amnesia.distributed import current_share
     from selective_amnesia.io import partial_dir
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import fisher_from_config
 
     cfg = _config(args)
     out = _out_file(args.out, ".safetensors")
-    model = load_model(args.model).to(resolve_device(cfg.device))
+    # under accelerate launch with device=cuda each process takes its own GPU, not cuda:0
+    model = load_model(args.model).to(current_share(resolve_device(cfg.device)).device or "cpu")
     if model.family == "text_to_image":  # over the run's forget and replay prompts, selected weights
         from selective_amnesia.pipeline_t2i import register_prompts, select_weights, t2i_fisher
 

@@ -37,7 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         # mkstemp makes 0600 (and a writer may recreate the file): the output gets the mode any new
         # file would get, 0644 under umask 022
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, created_mode())
         faults.point("io.before_rename")  # the data is written, not yet visible under its name
         os.replace(tmp, path)
     finally:
@@ -49,6 +49,12 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask
+
+
+def created_mode(directory: bool = False) -> int:
+    """The mode a new file (0644 under umask 022) or directory (0755) gets: for outputs staged under a
+    0600/0700 temporary name (``mkstemp``/``mkdtemp``) before they are renamed into place."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def partial_dir(out: str | Path) -> Path:

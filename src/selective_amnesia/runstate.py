@@ -129,6 +129,8 @@ def begin(out_dir: str | Path, command: str) -> None:
     """Mark ``out_dir`` as being written by ``command`` (call once the inputs are validated)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun / accelerate launch process 0 alone records the run (and holds the lock)
     state = {
         "status": "running",
         "command": command,

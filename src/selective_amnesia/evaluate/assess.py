@@ -53,8 +53,8 @@ def assess_model(
     """
     start = time.perf_counter()
     remembered = [c for c in labels if c != forget_label]
-    sampler = {"guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps}
-    sampler = {k: v for k, v in sampler.items() if v is not None}
+    given = {"guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps}
+    sampler: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     u_f, _ = cached_samples(
         model, [forget_label], cfg.num_forget_samples, seed, cache_dir, progress=progress, **sampler
     )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import created_mode
 
 VARIANTS = ("sd1", "sd2-v", "sdxl")
 
@@ -288,6 +289,7 @@ def _staging_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, created_mode(directory=True))  # mkdtemp makes 0700; outputs follow the umask
         if out.is_dir():
             out.rmdir()  # empty (checked before building)
         os.replace(tmp, out)
