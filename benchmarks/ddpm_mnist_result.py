@@ -43,11 +43,23 @@ def targets(base: dict[str, Any], forget: dict[str, Any], total_s: float) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="the run directory of `amnesia run configs/ddpm_mnist.yaml`")
+    ap.add_argument(
+        "--command",
+        default="OMP_NUM_THREADS=1 amnesia run configs/ddpm_mnist.yaml --out runs/ddpm_mnist",
+        help="the command that made the run (recorded in result.json)",
+    )
+    ap.add_argument(
+        "--keep-previous",
+        default=None,
+        help="save the result.json being replaced under this name in the same folder first",
+    )
     args = ap.parse_args()
     report = read_json(args.run / "report.json")
     base, forget = report["metrics"]["base"], report["metrics"]["forget"]
+    if args.keep_previous and (DEST / "result.json").is_file():
+        shutil.copy(DEST / "result.json", DEST / args.keep_previous)
     result = {
-        "command": "OMP_NUM_THREADS=1 amnesia run configs/ddpm_mnist.yaml --out runs/ddpm_mnist",
+        "command": args.command,
         "machine": "2-core x86_64 CPU, torch 2.13.0+cpu; one torch thread, another job on the other core",
         "targets": targets(base, forget, report["timings"]["total_s"]),
         "timings_s": report["timings"],
@@ -59,7 +71,8 @@ def main() -> None:
     DEST.mkdir(parents=True, exist_ok=True)
     write_json(DEST / "result.json", result)
     shutil.copy(args.run / "before_after.png", DEST / "before_after.png")
-    for name in ("base", "forget"):
+    # a run that reused the committed base (pretrain.model_path) has no base/ of its own: keep that one
+    for name in [n for n in ("base", "forget") if (args.run / n).is_dir()]:
         if (DEST / name).exists():
             shutil.rmtree(DEST / name)
         shutil.copytree(args.run / name, DEST / name, ignore=shutil.ignore_patterns("checkpoint", "replay"))
