@@ -175,7 +175,14 @@ def test_torchrun_two_processes_forget_tiny_stable_diffusion_like_one(
 
     world = build_tiny_sd("sd1", tmp_path / "W")
     args = ["run", str(REPO / "configs" / "smoke_sd.yaml"), f"t2i.model={world}"]
-    one, two = tmp_path / "O1", tmp_path / "O2"
+    _, _, summary = _run_one_and_two(args, world, tmp_path)
+    print(f"smoke_sd: {summary}")
+
+
+def _run_one_and_two(args: list[str], world: Path, tmp_path: Path) -> tuple[Path, Path, str]:
+    """The text-to-image run in one process and in two: the same UNet (within the stated tolerance),
+    bitwise the same generated sets, the same files; returns both run directories and the figures."""
+    one, two = tmp_path / "one", tmp_path / "two"
     t = time.perf_counter()
     assert main([*args, "--out", str(one)]) == 0
     seconds_one = time.perf_counter() - t
@@ -186,7 +193,7 @@ def test_torchrun_two_processes_forget_tiny_stable_diffusion_like_one(
     for sets in ("replay", "surrogate"):
         assert_same_sets(one / sets, two / sets)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no leftovers
-    print(f"smoke_sd: {figures}; one process {seconds_one:.1f}s, two {seconds_two:.1f}s")
+    return one, two, f"{figures}; one process {seconds_one:.1f}s, two {seconds_two:.1f}s"
 
 
 @pytest.mark.slow  # the same check on the MNIST world (MiniLM conditioning, 4 forget prompts): 55 s
@@ -212,21 +219,14 @@ def test_torchrun_two_processes_forget_a_text_to_image_model_like_one(
         "forget.steps=4",
         "forget.batch_size=4",
         "forget.checkpoint_every=2",  # process 0 checkpoints at step 2, removes it at the end
+        # torch's epsilon: the world config's 1e-8 / 256 (it reproduces the summed-loss world) lets Adam blow
+        # summation-order noise on near-zero gradients up to 12.6% of the update here (README, tolerance)
+        "forget.adam_eps=1e-8",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    t = time.perf_counter()
-    assert main([*args, "--out", str(one)]) == 0
-    seconds_one = time.perf_counter() - t
-    seconds_two = two_processes([*args, "--out", str(two)])
-    unet = "forget/unet/diffusion_pytorch_model.safetensors"
-    base = load_file(tiny_world / "unet" / "diffusion_pytorch_model.safetensors")
-    figures = assert_same_weights(load_file(one / unet), load_file(two / unet), base)
-    for sets in ("replay", "surrogate"):
-        assert_same_sets(one / sets, two / sets)
+    one, two, summary = _run_one_and_two(args, tiny_world, tmp_path)
     fisher_one, fisher_two = load_file(one / "fisher.safetensors"), load_file(two / "fisher.safetensors")
     assert all(torch.allclose(fisher_one[k], fisher_two[k], rtol=1e-5, atol=1e-12) for k in fisher_one)
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no leftovers
-    print(f"t2i: {figures}; one process {seconds_one:.1f}s, two {seconds_two:.1f}s")
+    print(f"t2i: {summary}")
 
 
 def test_torchrun_two_processes_forget_a_ddpm_like_one(tmp_path: Path, one_thread: None) -> None:
