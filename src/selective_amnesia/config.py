@@ -301,10 +301,44 @@ class TextToImageSection:
     sampler: str | None = None  # "ddim" or "ddpm"
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    # ---- defences: forgetting that holds beyond the forget prompts (docs/robustness.md); all off by
+    # default, which is the paper's plain recipe
+    concept_words: list[str] = field(default_factory=list)  # the concept's words ("seven", "7")
+    # forget prompts += every template x every concept word (templates: a file of lines with {}; None:
+    # the generic list shipped with the package)
+    augment_templates: bool = False
+    templates: str | None = None
+    # the kept concepts' words: replay gets the same templates filled with them (images from theta*), so
+    # the templates stay tied to what they say and only the concept's words move
+    template_replay_words: list[str] = field(default_factory=list)
+    template_replay_per_prompt: int = 2
+    # forget conditions += embedding_copies noisy copies of every forget prompt's text embedding, noise
+    # of std embedding_noise x the embedding's RMS per token (text-embedding-space augmentation)
+    embedding_copies: int = 0
+    embedding_noise: float = 0.0
 
     def __post_init__(self) -> None:
         _check(
             self.sampler in (None, "ddim", "ddpm"), f"t2i.sampler must be ddim or ddpm, got {self.sampler!r}"
+        )
+        _check(
+            not self.augment_templates or bool(self.concept_words),
+            "t2i.augment_templates needs t2i.concept_words (the concept's words, e.g. [seven, '7'])",
+        )
+        _check(
+            all(isinstance(w, str) and w.strip() for w in self.concept_words + self.template_replay_words),
+            "t2i.concept_words and t2i.template_replay_words must be non-empty strings",
+        )
+        _check(
+            not self.template_replay_words or self.augment_templates,
+            "t2i.template_replay_words goes with t2i.augment_templates=true",
+        )
+        _check(self.template_replay_per_prompt >= 1, "t2i.template_replay_per_prompt must be >= 1")
+        _check(self.embedding_copies >= 0, "t2i.embedding_copies must be >= 0")
+        _check(self.embedding_noise >= 0, "t2i.embedding_noise must be >= 0")
+        _check(
+            (self.embedding_copies > 0) == (self.embedding_noise > 0),
+            "set t2i.embedding_copies and t2i.embedding_noise together (both > 0, or both 0)",
         )
         _check(
             self.num_inference_steps is None or self.num_inference_steps >= 1,

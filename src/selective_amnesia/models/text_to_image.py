@@ -271,6 +271,25 @@ class TextToImageModel(EpsilonDiffusion):
         self.config.num_classes = len(self.prompts)
         return torch.tensor([self.prompts.index(p) for p in prompts], dtype=torch.int64)
 
+    def register_embeds(self, name: str, embeds: Embeds) -> int:
+        """Put a conditioning that no text gives (an optimised soft prompt, a perturbed embedding) in
+        the prompt table under ``name`` and return its index, so it is a condition like any prompt
+        (``cond`` stays int64). ``embeds`` has no batch dimension and the keys of ``encode_prompts``'s;
+        an existing ``name`` gets the new value. Names in angle brackets keep them apart from text."""
+        if not (name.startswith("<") and name.endswith(">")):
+            raise AmnesiaError(f"an embedding's name must look like <name>, got {name!r}")
+        want = self.null_embeds
+        if set(embeds) != set(want) or any(embeds[k].shape != want[k].shape[1:] for k in want):
+            raise AmnesiaError(
+                f"{name}: expected conditioning {{{', '.join(f'{k}: {tuple(v.shape[1:])}' for k, v in want.items())}}}"
+            )
+        device = next(iter(want.values())).device
+        self._embeds[name] = {k: v.detach().float().to(device) for k, v in embeds.items()}
+        if name not in self.prompts:
+            self.prompts.append(name)
+            self.config.num_classes = len(self.prompts)
+        return self.prompts.index(name)
+
     def _cond_embeds(self, cond: Tensor) -> Embeds:
         # stack only the prompts in the batch: SDXL's are 77 x 2048 floats each
         used, inverse = torch.unique(cond.cpu(), return_inverse=True)
