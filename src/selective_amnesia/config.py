@@ -29,6 +29,8 @@ FAMILIES = ("cvae", "ddpm", "text_to_image")
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.trainable
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
+METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)
+ESD_VARIANTS = ("x", "u")  # esd-x: cross-attention weights; esd-u: the rest (trainable "noxattn")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -374,6 +376,64 @@ class TextToImageSection:
 
 
 @dataclass
+class EsdConfig:
+    """ESD, "Erasing Concepts from Diffusion Models" (Gandikota et al., ICCV 2023), for ``method: esd``.
+
+    Fine-tunes theta so that eps_theta(x_t, c, t) follows eps*(x_t, t) - eta (eps*(x_t, c, t) - eps*(x_t, t))
+    of the frozen theta* (their Eq. 3); x_t comes from DDIM sampling with the model being trained under the
+    concept's prompt. The defaults are the paper's (SD 1.4); docs/baselines.md.
+    """
+
+    # "x": ESD-x, only cross-attention (attn2) trains; "u": ESD-u, the non-cross-attention set trains
+    variant: str = "x"
+    iterations: int = 1000  # optimiser steps (paper: 1000)
+    lr: float = 1e-5  # Adam learning rate (paper: 1e-5)
+    batch_size: int = 1  # x_t per step, all with the same prompt and t (paper: 1)
+    negative_guidance: float = 1.0  # eta, how far the target is pushed away from the concept (paper: 1.0)
+    start_guidance: float = 3.0  # classifier-free guidance when sampling x_t (paper: 3)
+    ddim_steps: int = 50  # DDIM steps of the x_t sampler; t is drawn among them (paper: 50)
+    grad_clip: float | None = None  # clip the global gradient norm (paper: none)
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.variant in ESD_VARIANTS, f"esd.variant must be x or u, got {self.variant!r}")
+        _check(self.iterations >= 1 and self.batch_size >= 1, "esd.iterations, esd.batch_size must be >= 1")
+        _check(self.lr > 0, "esd.lr must be > 0")
+        _check(self.negative_guidance >= 0, "esd.negative_guidance must be >= 0")
+        _check(self.start_guidance >= 0, "esd.start_guidance must be >= 0")
+        _check(self.ddim_steps >= 2, "esd.ddim_steps must be >= 2")
+        _check(self.grad_clip is None or self.grad_clip > 0, "esd.grad_clip must be > 0 (or null: none)")
+        _check(self.log_every >= 1, "esd.log_every must be >= 1")
+
+
+@dataclass
+class UceConfig:
+    """UCE, "Unified Concept Editing in Diffusion Models" (Gandikota et al., WACV 2024), for ``method: uce``.
+
+    A closed-form edit of every cross-attention key/value projection W:
+    W = (sum_i s_e W* c_t,i c_i^T + sum_j s_p W* c_j c_j^T + lam W*)(sum_i s_e c_i c_i^T + sum_j s_p c_j c_j^T
+    + lam I)^-1, mapping the concept's tokens c_i to the target's values and keeping the kept prompts' c_j.
+    The target is ``t2i.surrogate_prompt`` ("" if unset), the kept prompts ``t2i.replay_prompts``; the
+    defaults are the authors' erasing script's; docs/baselines.md.
+    """
+
+    lamb: float = 0.1  # lam: weight of the identity term that keeps W near W* where no prompt speaks (0.1)
+    erase_scale: float = 1.0  # s_e, weight of the concept's terms (1)
+    # s_p, weight of each kept prompt's terms; None: max(0.1, 1 / number of kept prompts), the authors'
+    preserve_scale: float | None = None
+    edit_keys: bool = True  # edit attn2.to_k as well as attn2.to_v (the authors' with_to_k, default on)
+    # which tokens of the encoder output are c_i: "last" (the authors': the concept's last word token and
+    # every token after it, paired with the target's tokens from its own last word on) or "all" (every token)
+    tokens: str = "last"
+
+    def __post_init__(self) -> None:
+        _check(self.lamb >= 0, "uce.lamb must be >= 0")
+        _check(self.erase_scale > 0, "uce.erase_scale must be > 0")
+        _check(self.preserve_scale is None or self.preserve_scale >= 0, "uce.preserve_scale must be >= 0")
+        _check(self.tokens in ("last", "all"), f"uce.tokens must be last or all, got {self.tokens!r}")
+
+
+@dataclass
 class RunConfig:
     """A whole pipeline: base model, classifier, Fisher, forgetting, evaluation."""
 
@@ -389,9 +449,19 @@ class RunConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     t2i: TextToImageSection = field(default_factory=TextToImageSection)
+    # how a text-to-image concept is forgotten: "sa" (Selective Amnesia), "esd" or "uce" (baselines)
+    method: str = "sa"
+    esd: EsdConfig = field(default_factory=EsdConfig)
+    uce: UceConfig = field(default_factory=UceConfig)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _check(
+            self.method == "sa" or self.model.family == "text_to_image",
+            f"method={self.method} erases a prompt concept: it needs model.family: text_to_image "
+            f"(got {self.model.family}); use method=sa for {self.model.family} models",
+        )
         _check(
             0 <= self.forget.forget_label < 10,
             f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
