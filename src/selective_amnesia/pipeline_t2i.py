@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
+from selective_amnesia.defences import defended_conditions
 from selective_amnesia.distributed import Share, current_share, remove_if_empty
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
@@ -233,6 +234,9 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     base = TextToImageModel.from_pretrained(t.model).to(device)
     base.set_sampler(t.sampler, t.num_inference_steps, t.guidance_scale)  # None: the pipeline's own
     forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
+    # the Fisher is over the run's own prompts: the defences below add conditions, not importance
+    fisher_labels = forget_ids + replay_ids
+    forget_ids, template_replay = defended_conditions(cfg, base, forget_ids, replay_prompts)
 
     t1 = time.perf_counter()
     surrogate = _surrogate(cfg, base, out, share)
@@ -247,6 +251,18 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         progress=cfg.progress and share.main,
         share=share,
     )
+    if template_replay:  # the defences' templates filled with the kept concepts' words
+        z, c = prompt_latents(
+            base,
+            template_replay,
+            t.template_replay_per_prompt,
+            cfg.seed + 7,
+            out / "template_replay",
+            progress=cfg.progress and share.main,
+            share=share,
+        )
+        replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
+        replay_ids += base.prompt_ids(template_replay).tolist()
     timings["replay_generation_s"] = time.perf_counter() - t1
 
     model = copy.deepcopy(base)  # shares the frozen VAE and text encoder (see TextToImageModel)
@@ -256,7 +272,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     fisher = None
     if cfg.forget.ewc_lambda > 0:
         path = out / "fisher.safetensors"
-        fisher = t2i_fisher(cfg, model, labels, path, partial_dir(path))
+        fisher = t2i_fisher(cfg, model, fisher_labels, path, partial_dir(path))
     timings["fisher_s"] = time.perf_counter() - t1
 
     ewc = None
@@ -334,6 +350,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "surrogate": t.surrogate_prompt or t.surrogate_path,
         "replay_prompts": len(replay_prompts),
         "replay_images": int(replay_set[0].shape[0]),
+        "forget_conditions": len(forget_ids),
         "trained_parameters": trained,
         "retention": retention,
         "timings": timings,

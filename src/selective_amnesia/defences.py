@@ -1,0 +1,92 @@
+"""Forget conditions that reach beyond the forget prompts (docs/robustness.md).
+
+The paper's recipe remaps the few forget prompts it is given; a paraphrase or a nearby text embedding
+still draws the concept. Each function here adds conditions to the prompt table of a
+``TextToImageModel`` and returns their indices, so the one forgetting loop sees them as more forget
+prompts (or more replay prompts); the config switches in ``t2i`` turn each on, and all are off by
+default, which is the plain recipe:
+
+- ``template_prompts``: the concept's words x generic templates (forget-condition augmentation);
+- the same templates filled with the kept concepts' words, as replay, so that what moves is the word
+  and not the template around it;
+- ``noisy_embeddings``: copies of the forget prompts' text embeddings with Gaussian noise
+  (text-embedding-space augmentation).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from selective_amnesia.config import RunConfig
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.models.conditioning import HIDDEN
+from selective_amnesia.models.text_to_image import TextToImageModel
+
+
+def default_templates_path() -> Path:
+    """The generic templates shipped with the package (lines with ``{}``)."""
+    return Path(str(resources.files("selective_amnesia") / "data" / "prompts" / "concept_templates.txt"))
+
+
+def read_templates(path: str | Path | None) -> list[str]:
+    """Template lines holding exactly one ``{}``; '#' lines and blanks skipped."""
+    from selective_amnesia.pipeline_t2i import read_prompts
+
+    path = Path(path) if path else default_templates_path()
+    lines = read_prompts(path)
+    bad = [t for t in lines if t.count("{}") != 1]
+    if bad:
+        raise AmnesiaError(f"{path}: every template needs exactly one {{}}, not {bad[0]!r}")
+    return lines
+
+
+def template_prompts(templates: list[str], words: list[str], exclude: list[str] | None = None) -> list[str]:
+    """Every template filled with every word, in order, without duplicates or ``exclude``d prompts."""
+    skip = set(exclude or [])
+    out = [t.format(w) for w in words for t in templates]
+    return [p for p in dict.fromkeys(out) if p not in skip]
+
+
+@torch.no_grad()
+def noisy_embeddings(
+    model: TextToImageModel, prompts: list[str], copies: int, noise: float, seed: int
+) -> list[int]:
+    """``copies`` versions of each prompt's text embedding (the UNet's ``encoder_hidden_states``) with
+    Gaussian noise of std ``noise`` x the embedding's per-token RMS, registered as ``<noisy:i:prompt>``;
+    their indices. Pooled SDXL embeddings and time ids are kept as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = []
+    embeds = model.encode_prompts(prompts)
+    for p, prompt in enumerate(prompts):
+        one = {k: v[p] for k, v in embeds.items()}
+        hidden = one[HIDDEN].float().cpu()
+        rms = hidden.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        for i in range(copies):
+            draw = torch.randn(hidden.shape, generator=generator)
+            moved = dict(one) | {HIDDEN: hidden + noise * rms * draw}
+            ids.append(model.register_embeds(f"<noisy:{i}:{prompt}>", moved))
+    return ids
+
+
+def defended_conditions(
+    cfg: RunConfig, model: TextToImageModel, forget_ids: list[int], replay_prompts: list[str]
+) -> tuple[list[int], list[str]]:
+    """The forget conditions with the configured defences added (indices in ``model``'s prompt table)
+    and the extra replay prompts (templates x the kept concepts' words) to generate from theta*."""
+    t = cfg.t2i
+    forget_prompts = [model.prompts[i] for i in forget_ids]
+    template_replay: list[str] = []
+    if t.augment_templates:
+        templates = read_templates(t.templates)
+        taken = forget_prompts + replay_prompts
+        forget_prompts = forget_prompts + template_prompts(templates, t.concept_words, taken)
+        template_replay = template_prompts(
+            templates, t.template_replay_words, forget_prompts + replay_prompts
+        )
+    ids = model.prompt_ids(forget_prompts).tolist()
+    if t.embedding_copies:
+        ids += noisy_embeddings(model, forget_prompts, t.embedding_copies, t.embedding_noise, cfg.seed + 6)
+    return ids, template_replay

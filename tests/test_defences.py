@@ -1,0 +1,116 @@
+"""The forgetting defences of text-to-image runs: which conditions they add, and that a run uses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selective_amnesia.config import load_config
+from selective_amnesia.defences import defended_conditions, noisy_embeddings, read_templates, template_prompts
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.fisher import Fisher
+from selective_amnesia.models.conditioning import HIDDEN
+from selective_amnesia.models.text_to_image import TextToImageModel
+from selective_amnesia.pipeline_t2i import register_prompts, run_text_to_image
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = [
+    "progress=false",
+    "t2i.surrogate_count=4",
+    "t2i.replay_per_prompt=1",
+    "t2i.retention_per_prompt=0",
+    "fisher.estimator=subsampled",
+    "fisher.timesteps_per_sample=4",
+    "fisher.num_samples=2",
+    "forget.steps=2",
+    "forget.batch_size=2",
+]
+
+
+def _cfg(world: Path, *extra: str) -> object:
+    return load_config(REPO / "configs" / "t2i_mnist.yaml", [f"t2i.model={world}", *FAST, *extra])
+
+
+def test_templates_fill_every_word_and_skip_what_is_taken() -> None:
+    got = template_prompts(["a {}", "{} here"], ["seven", "7"], exclude=["7 here"])
+    assert got == ["a seven", "seven here", "a 7"]
+    shipped = read_templates(None)
+    assert len(shipped) >= 30 and all(t.count("{}") == 1 for t in shipped)
+
+
+def test_a_template_without_a_slot_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "t.txt"
+    bad.write_text("a {}\nno slot here\n")
+    with pytest.raises(AmnesiaError, match="exactly one"):
+        read_templates(bad)
+
+
+def test_noisy_copies_sit_around_the_prompt_at_the_asked_scale(tiny_world: Path) -> None:
+    model = TextToImageModel.from_pretrained(tiny_world)
+    ids = noisy_embeddings(model, ["a handwritten 7"], copies=64, noise=0.5, seed=0)
+    assert len(ids) == 64 and len(set(ids)) == 64
+    clean = model.encode_prompts(["a handwritten 7"])[HIDDEN][0]
+    rms = clean.pow(2).mean(-1, keepdim=True).sqrt()
+    moved = torch.stack([model.encode_prompts([model.prompts[i]])[HIDDEN][0] for i in ids])
+    ratio = ((moved - clean) / rms).std().item()
+    assert 0.45 < ratio < 0.55  # std 0.5 of the per-token RMS
+    # the same seed gives the same copies
+    again = TextToImageModel.from_pretrained(tiny_world)
+    ids2 = noisy_embeddings(again, ["a handwritten 7"], copies=64, noise=0.5, seed=0)
+    assert torch.equal(again.encode_prompts([again.prompts[ids2[3]]])[HIDDEN], moved[3:4])
+
+
+def test_defences_add_forget_and_replay_conditions(tiny_world: Path) -> None:
+    cfg = _cfg(
+        tiny_world,
+        "t2i.concept_words=[seven, '7']",
+        "t2i.augment_templates=true",
+        "t2i.template_replay_words=[one]",
+        "t2i.embedding_copies=2",
+        "t2i.embedding_noise=0.1",
+    )
+    model = TextToImageModel.from_pretrained(tiny_world)
+    forget_ids, replay_prompts, _ = register_prompts(cfg, model)  # type: ignore[arg-type]
+    plain = [model.prompts[i] for i in forget_ids]
+    ids, template_replay = defended_conditions(cfg, model, forget_ids, replay_prompts)  # type: ignore[arg-type]
+    prompts = [model.prompts[i] for i in ids]
+    n_templates = len(read_templates(None))
+    assert prompts[: len(plain)] == plain and "a photo of a seven" in prompts and "a photo of a 7" in prompts
+    texts = [p for p in prompts if not p.startswith("<")]
+    assert len(texts) == len(plain) + 2 * n_templates  # no template gives a forget prompt again
+    assert len(ids) == 3 * len(texts)  # every text condition plus two noisy copies
+    assert "a photo of a one" in template_replay and not set(template_replay) & set(replay_prompts)
+    assert not set(template_replay) & set(texts)
+
+
+def test_a_run_with_defences_trains_on_them_and_keeps_the_fisher(tiny_world: Path, tmp_path: Path) -> None:
+    plain = run_text_to_image(_cfg(tiny_world), tmp_path / "plain")  # type: ignore[arg-type]
+    defended = run_text_to_image(  # type: ignore[arg-type]
+        _cfg(
+            tiny_world,
+            "t2i.concept_words=[seven]",
+            "t2i.augment_templates=true",
+            "t2i.template_replay_words=[one]",
+            "t2i.embedding_copies=1",
+            "t2i.embedding_noise=0.1",
+        ),
+        tmp_path / "defended",
+    )
+    n_templates = len(read_templates(None))
+    assert defended["forget_conditions"] == 2 * (plain["forget_conditions"] + n_templates)
+    assert defended["replay_images"] == plain["replay_images"] + 2 * n_templates  # 2 images per prompt
+    # the Fisher is over the run's own prompts, whatever the defences add
+    fa = Fisher.load(tmp_path / "plain" / "fisher.safetensors")
+    fb = Fisher.load(tmp_path / "defended" / "fisher.safetensors")
+    assert fa.metadata["settings"] == fb.metadata["settings"]
+
+
+def test_defence_settings_are_checked() -> None:
+    with pytest.raises(AmnesiaError, match="concept_words"):
+        load_config(None, ["t2i.augment_templates=true"])
+    with pytest.raises(AmnesiaError, match="together"):
+        load_config(None, ["t2i.embedding_copies=4"])
+    with pytest.raises(AmnesiaError, match="augment_templates"):
+        load_config(None, ["t2i.template_replay_words=[one]"])
