@@ -46,6 +46,11 @@ def _config(args: argparse.Namespace) -> RunConfig:
     path, overrides = _split_positionals(args.config_and_overrides)
     if args.no_progress:
         overrides.append("progress=false")
+    if getattr(args, "command", None) == "evaluate" and getattr(args, "model", None):
+        from selective_amnesia.evaluate.settings import evaluation_overrides
+
+        # measured against what the model was made with: its concept, data, classifier recipe
+        overrides, args.inherited = evaluation_overrides(args.model, path, overrides)
     args.loaded_config = load_config(path, overrides)
     return args.loaded_config
 
@@ -334,12 +339,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.i2p_csv or args.identity_scorer:
         raise AmnesiaError("--i2p-csv and --identity-scorer apply to text-to-image models")
     checked_labels(cfg, model)  # fail before training or loading classifiers
+    inherited = getattr(args, "inherited", {})
+    if inherited:
+        print(
+            f"evaluating forget.forget_label={cfg.forget.forget_label} on {cfg.data.dataset} "
+            f"(settings from {args.model}: {', '.join(sorted({k.split('.')[0] for k in inherited}))})"
+        )
     test = load_model_data(cfg, "test", model)
     classifiers, infos = load_classifiers(cfg)
     # the samples are kept beside the output until it is written: an interrupted evaluation resumes
     metrics = evaluate_with_config(cfg, model, classifiers, test, cache_dir=partial_dir(out))
     result = {
         "model": str(args.model),
+        "forget_label": cfg.forget.forget_label,
+        "settings_from_model": sorted(inherited),
         "metrics": metrics,
         "classifiers": infos,
         "config": to_dict(cfg),
