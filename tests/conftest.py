@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, no oversubscription
     torch.set_num_threads(1)
 TINY_CONFIG = REPO / "configs" / "mnist_cvae_tiny.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The user cache (classifiers) of every test and every process it starts: never the real one."""
+    cache = tmp_path_factory.mktemp("user-cache")
+    previous = os.environ.get("SELECTIVE_AMNESIA_CACHE")
+    os.environ["SELECTIVE_AMNESIA_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("SELECTIVE_AMNESIA_CACHE", None)
+    else:
+        os.environ["SELECTIVE_AMNESIA_CACHE"] = previous
 
 
 @pytest.fixture

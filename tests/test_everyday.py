@@ -119,3 +119,41 @@ def test_evaluate_text_to_image_checks_the_models_concept(tiny_sd: Path, tmp_pat
     out = tmp_path / "n.json"
     code = main(["evaluate", "--model", str(model), "--out", str(out), "t2i.forget_prompts=[a dog]"])
     assert code == 2 and not out.exists()
+
+
+# ---- the user cache -------------------------------------------------------------------------------
+
+
+def test_classifier_cache_defaults_to_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from selective_amnesia.config import load_config
+    from selective_amnesia.evaluate.cache import user_cache_dir
+
+    monkeypatch.setenv("SELECTIVE_AMNESIA_CACHE", str(tmp_path / "c"))
+    assert user_cache_dir() == tmp_path / "c"
+    assert load_config(TINY_CONFIG).classifier.cache_dir == str(tmp_path / "c")
+    # an explicit setting still wins
+    assert load_config(TINY_CONFIG, ["classifier.cache_dir=elsewhere"]).classifier.cache_dir == "elsewhere"
+    monkeypatch.delenv("SELECTIVE_AMNESIA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir().name == "selective-amnesia"
+
+
+def test_a_run_from_another_directory_reuses_the_user_cache(
+    user_cache: Path,
+    tiny_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--model", str(tiny_run / "forget"), "--out", str(out)]) == 0
+    classifiers = json.loads(out.read_text())["classifiers"]
+    first = classifiers[0]
+    assert Path(first["path"]).parent == user_cache and first["recipe_hash"] in first["path"]
+    assert not (tmp_path / "runs").exists()  # nothing in the current directory
+    # started elsewhere, the same classifier is found, not retrained
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    assert main(["evaluate", "--model", str(tiny_run / "forget"), "--out", str(tmp_path / "e2.json")]) == 0
+    assert json.loads((tmp_path / "e2.json").read_text())["classifiers"][0]["cached"] is True

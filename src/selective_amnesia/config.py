@@ -214,6 +214,12 @@ class ForgetConfig:
         _check(self.log_every >= 1, "forget.log_every must be >= 1")
 
 
+def _user_cache_dir() -> str:
+    from selective_amnesia.evaluate.cache import user_cache_dir  # imported late: evaluate imports config
+
+    return str(user_cache_dir())
+
+
 @dataclass
 class ClassifierConfig:
     """The evaluation classifier: the paper's small CNN with the reference recipe, trained once, cached."""
@@ -224,7 +230,9 @@ class ClassifierConfig:
     step_size: int = 5
     gamma: float = 0.1
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    cache_dir: str = "runs/cache"  # trained on first use (about 2 min per seed here), then reused
+    # trained on first use (about 2 min per seed here), then reused by every run, from any directory:
+    # default the user cache ($SELECTIVE_AMNESIA_CACHE, else the platform's user cache dir)
+    cache_dir: str = field(default_factory=lambda: _user_cache_dir())
     max_train_images: int | None = None  # a subset, for tiny test configs only
 
     def __post_init__(self) -> None:

@@ -368,13 +368,20 @@ def stage_forget(
 
 
 def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[str, Any]]]:
+    """The evaluation classifiers, one per ``classifier.seeds``: from the user cache, trained on first use."""
+    from selective_amnesia.evaluate.cache import announce, resolve_cache_dir
+    from selective_amnesia.progress import note
+
     c = cfg.classifier
     recipe = ClassifierRecipe(**{k: v for k, v in to_dict(c).items() if k not in ("seeds", "cache_dir")})
+    cache = resolve_cache_dir(c.cache_dir)
+    if announce(cache):
+        note(f"classifier cache: {cache} (classifier.cache_dir or $SELECTIVE_AMNESIA_CACHE moves it)")
     models, infos = [], []
     for seed in c.seeds:
         m, info = load_or_train_classifier(
             recipe,
-            Path(c.cache_dir),
+            cache,
             seed,
             cfg.data.dataset,
             cfg.data.root,

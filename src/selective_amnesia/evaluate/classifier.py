@@ -184,7 +184,11 @@ def train_classifier(
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.step_size, gamma=recipe.gamma)
         model.train()
         steps_per_epoch = (n + recipe.batch_size - 1) // recipe.batch_size
-        bar = tqdm(total=recipe.epochs * steps_per_epoch, desc="classifier", disable=not progress)
+        bar = tqdm(
+            total=recipe.epochs * steps_per_epoch,
+            desc=f"training classifier (seed {seed})",
+            disable=not progress,
+        )
         try:
             for epoch in range(recipe.epochs):
                 perm = torch.randperm(n, generator=gen)
@@ -270,6 +274,7 @@ def _load_cached(
     model.eval()
     info = {
         "path": str(path),
+        "recipe_hash": recipe.fingerprint(),
         "test_accuracy": test_accuracy,
         "train_seconds": train_seconds,
         "cached": True,
@@ -292,7 +297,8 @@ def load_or_train_classifier(
     The cache file ``classifier-{dataset}-{recipe hash}-seed{seed}.safetensors`` stores the weights and,
     as metadata, the recipe, seed, test accuracy, training time and package versions. A cache file that
     exists but is unreadable or inconsistent raises ``AmnesiaError`` rather than being silently replaced.
-    Returns the model in eval mode and ``{"path", "test_accuracy", "train_seconds", "cached", "seed"}``.
+    Returns the model in eval mode and ``{"path", "recipe_hash", "test_accuracy", "train_seconds", "cached",
+    "seed"}``.
     """
     name = dataset_name if image_size is None else f"{dataset_name}-via{image_size}px"
     path = classifier_cache_path(Path(cache_dir), recipe, seed, name)
@@ -322,6 +328,7 @@ def load_or_train_classifier(
     save_tensors(path, model.state_dict(), metadata)
     info = {
         "path": str(path),
+        "recipe_hash": recipe.fingerprint(),
         "test_accuracy": test_accuracy,
         "train_seconds": train_seconds,
         "cached": False,
