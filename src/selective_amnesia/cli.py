@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
         config=False,
     )
     add_world_arguments(p)
+    from selective_amnesia.attacks.cli import add_attack_parser
+
+    add_attack_parser(sub, fmt)
     return parser
 
 
