@@ -326,6 +326,13 @@ class TextToImageSection:
     # of std embedding_noise x the embedding's RMS per token (text-embedding-space augmentation)
     embedding_copies: int = 0
     embedding_noise: float = 0.0
+    # adversarial forget conditions (AdvUnlearn's idea, for SA): every adversarial_every steps a soft prompt
+    # is inverted against the model being trained (adversarial_steps Adam steps at adversarial_lr, on
+    # adversarial_targets latents of theta*'s forget prompts) and added to the forget conditions
+    adversarial_every: int = 0
+    adversarial_steps: int = 100
+    adversarial_lr: float = 0.01
+    adversarial_targets: int = 64
 
     def __post_init__(self) -> None:
         _check(
@@ -344,6 +351,11 @@ class TextToImageSection:
             "t2i.template_replay_words goes with t2i.augment_templates=true",
         )
         _check(self.template_replay_per_prompt >= 1, "t2i.template_replay_per_prompt must be >= 1")
+        _check(
+            self.adversarial_every >= 0 and self.adversarial_steps >= 1 and self.adversarial_targets >= 1,
+            "t2i.adversarial_every must be >= 0, adversarial_steps and adversarial_targets >= 1",
+        )
+        _check(self.adversarial_lr > 0, "t2i.adversarial_lr must be > 0")
         _check(self.embedding_copies >= 0, "t2i.embedding_copies must be >= 0")
         _check(self.embedding_noise >= 0, "t2i.embedding_noise must be >= 0")
         _check(
@@ -418,27 +430,32 @@ class EsdConfig:
 class UceConfig:
     """UCE, "Unified Concept Editing in Diffusion Models" (Gandikota et al., WACV 2024), for ``method: uce``.
 
-    A closed-form edit of every cross-attention key/value projection W:
-    W = (sum_i s_e W* c_t,i c_i^T + sum_j s_p W* c_j c_j^T + lam W*)(sum_i s_e c_i c_i^T + sum_j s_p c_j c_j^T
-    + lam I)^-1, mapping the concept's tokens c_i to the target's values and keeping the kept prompts' c_j.
-    The target is ``t2i.surrogate_prompt`` ("" if unset), the kept prompts ``t2i.replay_prompts``; the
-    defaults are the authors' erasing script's; docs/baselines.md.
+    A closed-form edit of every cross-attention key/value projection W (their Eq. 7):
+        W = (lam W* + s_e sum_i W* c*_i c_i^T + s_p sum_j W* c_j c_j^T)
+            (lam I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
+    which maps the concept's token embeddings c_i to the target's values W* c*_i and keeps the kept
+    prompts' W* c_j. The target is ``t2i.surrogate_prompt`` ("" if unset), the kept prompts
+    ``t2i.replay_prompts`` and ""; the defaults are the authors' erasing script's; docs/baselines.md.
     """
 
-    lamb: float = 0.1  # lam: weight of the identity term that keeps W near W* where no prompt speaks (0.1)
+    # lam: weight of the term lam (W - W*) that keeps W near W* where no prompt's tokens reach (the authors'
+    # erasing runs pass 0.5)
+    lamb: float = 0.5
     erase_scale: float = 1.0  # s_e, weight of the concept's terms (1)
-    # s_p, weight of each kept prompt's terms; None: max(0.1, 1 / number of kept prompts), the authors'
+    # s_p, weight of each kept prompt's terms; None: max(0.1, 1 / (1 + number of kept prompts)), the
+    # authors' default ("" is always kept, as in their train_erase.py)
     preserve_scale: float | None = None
     edit_keys: bool = True  # edit attn2.to_k as well as attn2.to_v (the authors' with_to_k, default on)
-    # which tokens of the encoder output are c_i: "last" (the authors': the concept's last word token and
-    # every token after it, paired with the target's tokens from its own last word on) or "all" (every token)
-    tokens: str = "last"
+    # which encoder output rows are the c_i: "tail" (the paper's train_erase.py: the concept's last word
+    # token and every token after it, paired with the target's rows from its last word on; kept prompts:
+    # every row) or "last" (their later uce_sd_erase.py: the last word token only, for both)
+    tokens: str = "tail"
 
     def __post_init__(self) -> None:
         _check(self.lamb >= 0, "uce.lamb must be >= 0")
         _check(self.erase_scale > 0, "uce.erase_scale must be > 0")
         _check(self.preserve_scale is None or self.preserve_scale >= 0, "uce.preserve_scale must be >= 0")
-        _check(self.tokens in ("last", "all"), f"uce.tokens must be last or all, got {self.tokens!r}")
+        _check(self.tokens in ("tail", "last"), f"uce.tokens must be tail or last, got {self.tokens!r}")
 
 
 @dataclass
@@ -484,7 +501,7 @@ class RunConfig:
         )
         allowed = VAE_FISHER if self.model.family == "cvae" else DIFFUSION_FISHER
         _check(
-            self.fisher.estimator in allowed,
+            self.fisher.estimator in allowed or self.method != "sa",  # the baselines use no Fisher
             f"fisher.estimator {self.fisher.estimator!r} does not apply to model.family "
             f"{self.model.family}: use one of {allowed}",
         )
