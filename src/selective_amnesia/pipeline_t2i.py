@@ -223,6 +223,10 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     Under ``accelerate launch``/``torchrun`` the processes share the generated sets, the Fisher and each
     forgetting step's batch (``selective_amnesia.distributed``); process 0 writes the outputs and the
     report, which the others read back and return."""
+    if cfg.method != "sa":  # the ESD/UCE baselines of the same harness (docs/baselines.md)
+        from selective_amnesia.baselines.run import run_baseline
+
+        return run_baseline(cfg, out)
     t = cfg.t2i
     t.check_ready()
     out = Path(out)
