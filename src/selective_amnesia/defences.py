@@ -10,18 +10,23 @@ default, which is the plain recipe:
 - the same templates filled with the kept concepts' words, as replay, so that what moves is the word
   and not the template around it;
 - ``noisy_embeddings``: copies of the forget prompts' text embeddings with Gaussian noise
-  (text-embedding-space augmentation).
+  (text-embedding-space augmentation);
+- ``Adversary``: every few steps, the soft prompt that best brings the concept back from the model being
+  trained becomes one more forget condition (AdvUnlearn, Zhang et al. 2024, did this for ESD).
 """
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from selective_amnesia.config import RunConfig
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import load_tensors, save_tensors
 from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
 
@@ -90,3 +95,64 @@ def defended_conditions(
     if t.embedding_copies:
         ids += noisy_embeddings(model, forget_prompts, t.embedding_copies, t.embedding_noise, cfg.seed + 6)
     return ids, template_replay
+
+
+class Adversary:
+    """Adversarial forget conditions for the forgetting loop (``train.forget``'s ``adversary``).
+
+    Every ``every`` steps it inverts a text embedding (the whole ``encoder_hidden_states`` sequence,
+    started from one of the forget prompts in turn) against the model being trained so that the model
+    denoises ``targets`` (theta*'s latents of the concept) well — the soft-prompt attack of
+    ``selective_amnesia.attacks`` — and registers the result as a new forget condition
+    ``<adversarial:step>``. What it found is saved to ``path`` with the step, so a resumed run
+    registers again exactly those found before its checkpoint.
+    """
+
+    def __init__(
+        self,
+        targets: Tensor,
+        init_ids: list[int],
+        *,
+        every: int,
+        steps: int,
+        lr: float,
+        seed: int,
+        path: Path | None,
+        batch_size: int = 16,
+    ) -> None:
+        self.targets, self.init_ids, self.every = targets, init_ids, every
+        self.steps, self.lr, self.seed, self.path, self.batch_size = steps, lr, seed, path, batch_size
+        self.found: dict[int, dict[str, Tensor]] = {}
+
+    def resume(self, model: TextToImageModel, start_step: int) -> list[int]:
+        """Register what earlier steps found (steps before ``start_step``); their indices."""
+        if self.path is None or not self.path.is_file() or start_step <= 1:
+            return []
+        tensors, meta = load_tensors(self.path)
+        for step in json.loads(meta.get("steps", "[]")):
+            if step < start_step:
+                prefix = f"{step}."
+                self.found[step] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return [model.register_embeds(f"<adversarial:{s}>", e) for s, e in sorted(self.found.items())]
+
+    def __call__(self, step: int, model: TextToImageModel) -> list[int]:
+        if step % self.every:
+            return []
+        from selective_amnesia.attacks.soft_prompt import invert_sequence
+
+        start = self.init_ids[(step // self.every) % len(self.init_ids)]
+        init = {k: v[0] for k, v in model.encode_prompts([model.prompts[start]]).items()}
+        embeds = invert_sequence(
+            model,
+            self.targets,
+            init,
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed + step),
+        )
+        self.found[step] = embeds
+        if self.path is not None:
+            flat = {f"{s}.{k}": v for s, e in self.found.items() for k, v in e.items()}
+            save_tensors(self.path, flat, {"steps": sorted(self.found)})
+        return [model.register_embeds(f"<adversarial:{step}>", embeds)]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
-from selective_amnesia.defences import defended_conditions
+from selective_amnesia.defences import Adversary, defended_conditions
 from selective_amnesia.distributed import Share, current_share, remove_if_empty
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
@@ -216,6 +216,31 @@ def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path, share: Share |
     return base.from_uint8(folder.images)
 
 
+def _adversary(
+    cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, out: Path, share: Share
+) -> Adversary | None:
+    """The adversarial forget conditions of ``t2i.adversarial_every`` (None when off); its targets are
+    theta*'s images of the forget prompts, generated once and cached."""
+    t = cfg.t2i
+    if not t.adversarial_every:
+        return None
+    per = -(-t.adversarial_targets // len(t.forget_prompts))
+    targets, _ = prompt_latents(
+        base, t.forget_prompts, per, cfg.seed + 8, out / "adversarial_targets", share=share
+    )
+    return Adversary(
+        targets[torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(cfg.seed))][
+            : t.adversarial_targets
+        ],
+        model.prompt_ids(t.forget_prompts).tolist(),
+        every=t.adversarial_every,
+        steps=t.adversarial_steps,
+        lr=t.adversarial_lr,
+        seed=cfg.seed + 9,
+        path=out / "adversarial.safetensors",
+    )
+
+
 def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """Forget ``t2i.forget_prompts`` in the pipeline ``t2i.model``; write ``out/forget`` (a diffusers
     pipeline directory) or ``out/forget_lora`` (an adapter) and ``out/report.json``.
@@ -286,6 +311,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         if fisher is not None:
             ewc = LoraEWCPenalty(fisher.values, layers).to(device)
             fisher = None
+    adversary = _adversary(cfg, base, model, out, share)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -314,6 +340,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         mixed_precision=t.mixed_precision,
         accumulation=t.gradient_accumulation,
         share=share,
+        adversary=adversary,
     )
     timings["forget_s"] = time.perf_counter() - t1
     if t.gradient_checkpointing:

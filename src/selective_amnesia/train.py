@@ -298,6 +298,7 @@ def forget(
     mixed_precision: str = "no",
     accumulation: int = 1,
     share: Share | None = None,
+    adversary: Any = None,
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``cfg.forget_label`` (paper Eq. 4).
 
@@ -315,6 +316,9 @@ def forget(
     ``share`` (several processes, ``selective_amnesia.distributed``): every process draws each whole
     batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the
     one-process weights up to float rounding; process 0 writes the checkpoints.
+
+    ``adversary`` (``defences.Adversary``, one process only) adds forget conditions while training:
+    called after every step with the model, it returns the indices of new ones.
     """
     if accumulation < 1:
         raise AmnesiaError(f"gradient accumulation must be >= 1, got {accumulation}")
@@ -371,6 +375,10 @@ def forget(
     if not share.main:  # process 0 writes (and at the end removes) the checkpoint all resumed from
         trainer.checkpoint_dir = None
     forget_ids = torch.tensor(forget_labels, dtype=torch.int64)
+    if adversary is not None:
+        if share.several:
+            raise AmnesiaError("adversarial forget conditions run in one process only: drop the launcher")
+        forget_ids = torch.cat([forget_ids, torch.tensor(adversary.resume(model, trainer.start_step))]).long()
     autocast = _autocast(mixed_precision, device)
     if mixed_precision == "fp16":
         trainer.scaler = torch.amp.GradScaler(device.type)
@@ -407,6 +415,8 @@ def forget(
                     trainer.backward(terms.total / accumulation)
             trainer.update(step)
             faults.point("train.step")
+            if adversary is not None and (found := adversary(step, model)):
+                forget_ids = torch.cat([forget_ids, torch.tensor(found, dtype=torch.int64)])
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = terms.as_floats()
                 if share.several:  # the whole batch's terms: each process's slice scaled to it, averaged

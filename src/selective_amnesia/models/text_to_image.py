@@ -280,9 +280,8 @@ class TextToImageModel(EpsilonDiffusion):
             raise AmnesiaError(f"an embedding's name must look like <name>, got {name!r}")
         want = self.null_embeds
         if set(embeds) != set(want) or any(embeds[k].shape != want[k].shape[1:] for k in want):
-            raise AmnesiaError(
-                f"{name}: expected conditioning {{{', '.join(f'{k}: {tuple(v.shape[1:])}' for k, v in want.items())}}}"
-            )
+            shapes = ", ".join(f"{k}: {tuple(v.shape[1:])}" for k, v in want.items())
+            raise AmnesiaError(f"{name}: expected a conditioning of {shapes}")
         device = next(iter(want.values())).device
         self._embeds[name] = {k: v.detach().float().to(device) for k, v in embeds.items()}
         if name not in self.prompts:
