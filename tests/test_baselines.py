@@ -250,3 +250,31 @@ def test_amnesia_run_writes_a_stock_pipeline(
     base, after = TextToImageModel.from_pretrained(tiny_sd), TextToImageModel.from_pretrained(out / "forget")
     changed = _changed(base, after)
     assert changed and all(".attn2." in n for n in changed)
+
+
+def test_run_without_a_surrogate_and_refused_settings(tiny_world: Path, tmp_path: Path) -> None:
+    from selective_amnesia.pipeline_t2i import run_text_to_image
+
+    replay = tmp_path / "replay.txt"
+    replay.write_text("a handwritten 3\nthe number five\n")
+    base = [
+        f"t2i.model={tiny_world}",
+        "progress=false",
+        "t2i.retention_per_prompt=1",
+        f"t2i.replay_prompts={replay}",
+    ]
+    esd = [*base, "t2i.surrogate_prompt=null", "esd.iterations=2", "esd.ddim_steps=2"]
+    cfg = load_config(REPO / "configs" / "t2i_mnist_esd_u.yaml", esd)
+    report = run_text_to_image(cfg, tmp_path / "esd")  # ESD remaps to nothing: no surrogate needed
+    assert report["method"] == "esd-u" and report["replay_prompts"] == 2
+    assert len(report["history"]["loss"]) == 2 and report["timings"]["esd_s"] > 0
+    assert (tmp_path / "esd" / "forget" / "model_index.json").is_file()
+    uce = load_config(REPO / "configs" / "t2i_mnist_uce.yaml", [*base, "t2i.surrogate_prompt=null"])
+    report = run_text_to_image(uce, tmp_path / "uce")  # target "": the authors' default for objects
+    assert report["settings"]["target"] == "" and report["edit"]["kept_rows"] == 3 * 16  # "", 2 prompts
+    for extra, message in [
+        (["t2i.lora_rank=4", "t2i.output=lora"], "writes a full pipeline"),
+        (["t2i.surrogate_prompt=null", f"t2i.surrogate_path={tmp_path}"], "maps the concept to a prompt"),
+    ]:
+        with pytest.raises(AmnesiaError, match=message):
+            run_text_to_image(load_config(REPO / "configs" / "t2i_mnist_uce.yaml", [*base, *extra]), tmp_path)
