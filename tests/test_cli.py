@@ -42,8 +42,9 @@ def test_run_writes_models_report_and_pictures(tiny_run: Path) -> None:
     assert saved["run_config"]["forget"]["forget_label"] == 0  # the resolved config travels with the model
 
 
-def _sample(model: Path, labels: str, out: Path) -> int:
+def _sample(model: Path, labels: str, out: Path, *extra: str) -> int:
     args = [
+        *extra,
         "--model",
         str(model),
         "--labels",
@@ -66,7 +67,8 @@ def test_sample_writes_the_interchange_format(tiny_run: Path, tmp_path: Path) ->
         assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0] * 5 + [3] * 5
         first = z["images"].copy()
     # per-label seeding: label 3's images do not depend on what else was sampled
-    assert _sample(tiny_run / "forget", "3", out) == 0
+    assert _sample(tiny_run / "forget", "3", out) == 2  # an existing output is kept without --force
+    assert _sample(tiny_run / "forget", "3", out, "--force") == 0
     with np.load(out) as z:
         np.testing.assert_array_equal(z["images"], first[5:])
 
@@ -126,7 +128,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["sample", "--model", "{run}/forget", "--labels", "12", "--out", "{tmp}/x.npz"], "unknown label"),
         (["sample", "--model", "{run}/forget", "--labels", "a,b", "--out", "{tmp}/x.npz"], "comma-separated"),
         (["sample", "--model", "{tmp}/nope", "--labels", "1", "--out", "{tmp}/x.npz"], "not found"),
-        (["sample", "--model", "{run}/forget", "--labels", "1", "--out", "{tmp}/x.png"], ".npz"),
+        (["sample", "--model", "{run}/forget", "--labels", "1", "--out", "{tmp}/x.txt"], ".npz"),
         (["run", "{tmp}/missing.yaml", "--out", "{tmp}/r"], "config file"),
         (["run", "--out", "{tmp}/r", "forget.ewc_lambda=-3"], "ewc_lambda"),
         (

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,128 @@ def test_a_run_from_another_directory_reuses_the_user_cache(
     monkeypatch.chdir(tmp_path / "other")
     assert main(["evaluate", "--model", str(tiny_run / "forget"), "--out", str(tmp_path / "e2.json")]) == 0
     assert json.loads((tmp_path / "e2.json").read_text())["classifiers"][0]["cached"] is True
+
+
+# ---- sample: folders of PNGs, grids, one layout ---------------------------------------------------
+
+
+def test_sample_writes_a_png_folder_and_a_grid(tiny_run: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    model = str(tiny_run / "forget")
+    common = ["sample", "--model", model, "--labels", "0,3", "--num_images_per_prompt", "3", "--seed", "1"]
+    assert main([*common, "--out", str(tmp_path / "s.npz")]) == 0
+    assert main([*common, "--out", str(tmp_path / "pngs") + "/"]) == 0
+    labels = json.loads((tmp_path / "pngs" / "labels.json").read_text())
+    assert labels == {f"{c}_{i:05d}.png": c for c in (0, 3) for i in range(3)}
+    with np.load(tmp_path / "s.npz") as z:  # the folder holds exactly the .npz's images
+        for k, name in enumerate(sorted(labels, key=lambda n: (labels[n], n))):
+            png = np.asarray(Image.open(tmp_path / "pngs" / name))
+            np.testing.assert_array_equal(png, z["images"][k][:, :, 0])
+    assert main([*common, "--out", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.height >= 2 * 28 and grid.width > 3 * 28  # two labelled rows of three
+    # an existing output is refused without --force, and says how
+    assert main([*common, "--out", str(tmp_path / "grid.png")]) == 2
+    assert main([*common, "--out", str(tmp_path / "grid.png"), "--force"]) == 0
+
+
+def test_python_api_and_cli_agree_on_the_layout(tiny_run: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from selective_amnesia.images import as_uint8_nhwc
+    from selective_amnesia.models import load_model
+    from selective_amnesia.sampling import sample_per_label
+
+    model = load_model(tiny_run / "forget")
+    x, _ = sample_per_label(model, [3], 2, seed=4, progress=False)
+    out = tmp_path / "s.npz"
+    args = ["--labels", "3", "--num-per-label", "2", "--seed", "4"]
+    assert main(["sample", "--model", str(tiny_run / "forget"), *args, "--out", str(out)]) == 0
+    with np.load(out) as z:
+        np.testing.assert_array_equal(as_uint8_nhwc(model, x), z["images"])
+
+
+def test_sample_checks_arguments_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_ddpm
+
+    tiny_ddpm().save_pretrained(tmp_path / "d")
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("selective_amnesia.models.load_model", no_load)
+    out = str(tmp_path / "s.npz")
+    assert main(["sample", "--model", str(tmp_path / "d"), "--out", out]) == 2  # no --labels
+    assert main(["sample", "--model", str(tmp_path / "d"), "--labels", "x", "--out", out]) == 2
+    assert (
+        main(["sample", "--model", str(tmp_path / "d"), "--labels", "1", "--out", str(tmp_path / "s.gif")])
+        == 2
+    )
+
+
+# ---- help, version, config show, -v/-q, --device ----------------------------------------------------
+
+
+def _amnesia(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "amnesia"  # the console script itself
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_has_examples_and_no_none_defaults() -> None:
+    from selective_amnesia.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():  # type: ignore[union-attr]
+        text = p.format_help()
+        assert "(default: None)" not in text, name
+        if name in EXAMPLES:
+            assert "examples:" in text, name
+        for action in p._actions:
+            assert (action.help or "").count("default") <= 1, (name, action.dest)
+    assert "--num_inference_steps" in sub.choices["sample"].format_help()  # type: ignore[union-attr]
+
+
+def test_version_bare_and_fast_help() -> None:
+    import time
+
+    r = _amnesia("--version")
+    assert r.returncode == 0 and "0.1" in r.stdout
+    bare = _amnesia()
+    assert bare.returncode == 0 and "first five minutes" in bare.stdout and "COMMAND" in bare.stdout
+    # --help imports neither torch nor diffusers
+    code = "import sys; from selective_amnesia.cli import build_parser; build_parser(''); "
+    code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout
+    start = time.perf_counter()
+    assert _amnesia("--help").returncode == 0
+    assert time.perf_counter() - start < 5  # 0.1 s here; a loose bound for a loaded CI machine
+
+
+def test_config_show_needs_no_out_and_hides_other_families(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show"]) == 0
+    text = capsys.readouterr().out
+    assert "forget.ewc_lambda" in text and "float" in text and "ddpm:" not in text and "t2i:" not in text
+    assert main(["config", "show", str(DDPM_TINY), "forget.forget_label=3", "--keys"]) == 0
+    text = capsys.readouterr().out
+    assert "model.ddpm.num_train_timesteps" in text and "model.hidden_dims" not in text
+    assert main(["run", "--dry-run", str(TINY_CONFIG)]) == 0  # no --out needed to look
+    assert "t2i:" not in capsys.readouterr().out
+
+
+def test_verbosity_and_device_anywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "-q", "--keys"]) == 0
+    assert main(["-v", "run", "--dry-run", "-q", "--device", "cpu"]) == 0
+    assert "device: cpu" in capsys.readouterr().out
+    from selective_amnesia.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("run", "pretrain", "fisher", "forget", "sample", "evaluate"):
+        text = sub.choices[name].format_help()  # type: ignore[union-attr]
+        assert "--device" in text and "--force" in text and "-q" in text, name

@@ -14,13 +14,15 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import numpy as np
-
-from selective_amnesia import runstate
-from selective_amnesia.config import RunConfig, dump_yaml, load_config, to_dict
+from selective_amnesia import __version__
 from selective_amnesia.errors import AmnesiaError
+
+# torch, numpy, diffusers and the config (which imports torch) are imported by the commands that use
+# them, not here: building the parser and `amnesia --help` must take well under a second
+if TYPE_CHECKING:
+    from selective_amnesia.config import RunConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -44,15 +46,24 @@ def _config(args: argparse.Namespace) -> RunConfig:
     if cached is not None:
         return cached
     path, overrides = _split_positionals(args.config_and_overrides)
-    if args.no_progress:
+    if args.no_progress or getattr(args, "quiet", False):
         overrides.append("progress=false")
     if getattr(args, "command", None) == "evaluate" and getattr(args, "model", None):
         from selective_amnesia.evaluate.settings import evaluation_overrides
 
         # measured against what the model was made with: its concept, data, classifier recipe
         overrides, args.inherited = evaluation_overrides(args.model, path, overrides)
+    device = getattr(args, "device", None)
+    if device is not None:
+        overrides.append(f"device={device}")
+    from selective_amnesia.config import load_config
+
     args.loaded_config = load_config(path, overrides)
     return args.loaded_config
+
+
+def _no_progress(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 def _parse_labels(text: str) -> list[int]:
@@ -70,10 +81,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.dry_run:
-        print(dump_yaml(cfg), end="")
+        from selective_amnesia.configdoc import relevant_yaml
+
+        print(relevant_yaml(cfg), end="")
         return 0
+    if not args.out:
+        raise AmnesiaError("--out DIR is required (the run directory), unless --dry-run")
     out = _out_dir(args.out, "run")
     check_inputs(cfg, ("train", "test"))
+    from selective_amnesia import runstate
+
     runstate.begin(out, "run")
     if cfg.model.family == "text_to_image":
         return _run_text_to_image(cfg, args.out)
@@ -107,6 +124,18 @@ def _run_text_to_image(cfg: RunConfig, out: str) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """``amnesia config show [CONFIG] [overrides]``: the resolved config and the key reference."""
+    from selective_amnesia.configdoc import format_reference, key_reference, relevant_yaml
+
+    cfg = _config(args)
+    if not args.keys:
+        print(f"# resolved config (model.family: {cfg.model.family}); override any key as key.sub=value")
+        print(relevant_yaml(cfg))
+    print(format_reference(key_reference(cfg)), end="")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from selective_amnesia.pipeline import check_inputs, stage_base
 
@@ -117,6 +146,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise AmnesiaError("amnesia pretrain trains cvae and ddpm models; a text-to-image model is given")
     out = _out_dir(args.out, "model")
     check_inputs(cfg, ("train",))
+    from selective_amnesia import runstate
+
     runstate.begin(out, "pretrain")
     _, info = stage_base(cfg, out)
     print(f"base model written to {args.out} ({info['seconds']:.1f}s)")
@@ -174,6 +205,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if args.fisher:
             cfg.fisher.path = args.fisher
         check_inputs(cfg)
+        from selective_amnesia import runstate
+
         runstate.begin(out, "forget")
         return _run_text_to_image(cfg, args.out)
     base = load_model(args.model).to(resolve_device(cfg.device))
@@ -184,6 +217,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     fisher = Fisher.load(args.fisher, base) if args.fisher else None
     check_inputs(cfg)
+    from selective_amnesia import runstate
+
     runstate.begin(out, "forget")
     # a stored replay set (and class surrogate) are generated into the output directory and kept there
     replay_set = stage_replay(cfg, base, out)
@@ -192,13 +227,29 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from selective_amnesia.config import resolve_device
-    from selective_amnesia.io import atomic_path
-    from selective_amnesia.models import load_model
-    from selective_amnesia.sampling import sample_per_label
+def _peek_family(model_dir: str) -> str | None:
+    """The family a model directory declares, read without loading it (None: load_model will say why)."""
+    path = Path(model_dir)
+    if (path / "model_index.json").is_file():
+        return "text_to_image"
+    try:
+        from selective_amnesia.io import read_json
 
-    out = _out_file(args.out, ".npz")
+        meta = read_json(path / "config.json", schema=lambda value, where: None)
+    except (AmnesiaError, OSError):
+        return None
+    family = meta.get("family") if isinstance(meta, dict) else None
+    return family if isinstance(family, str) else None
+
+
+def _check_sample_args(args: argparse.Namespace, family: str | None) -> list[str]:
+    """Every check that needs no model, so a mistake is reported in a second, not after the load."""
+    from selective_amnesia.images import output_kind
+
+    if output_kind(args.out) == "unknown":
+        raise AmnesiaError(
+            f"--out {args.out}: name a .npz file, a .png grid or a folder (DIR/ for one PNG per image)"
+        )
     if not 0 <= args.seed < 2**31:
         raise AmnesiaError(f"--seed must lie in [0, 2**31), got {args.seed}")
     if not (1 <= args.num_per_label < 2**31 and 1 <= args.batch_size < 2**31):
@@ -207,19 +258,47 @@ def cmd_sample(args: argparse.Namespace) -> int:
         math.isfinite(args.guidance_scale) and args.guidance_scale >= 0
     ):
         raise AmnesiaError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    if args.steps is not None and args.steps < 1:
+        raise AmnesiaError(f"--steps must be >= 1, got {args.steps}")
     prompts = _prompts(args)  # checked before a (possibly large) model is loaded
-    model = load_model(args.model).to(resolve_device(args.device))
+    if family == "text_to_image":
+        if args.labels is not None:
+            raise AmnesiaError(
+                "--labels applies to class-conditional models: pass --prompt or --prompts-file"
+            )
+        if not prompts:
+            raise AmnesiaError(
+                "this is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts-file"
+            )
+    elif family is not None:
+        if prompts:
+            raise AmnesiaError(f"--prompt/--prompts-file apply to text-to-image models, not {family}")
+        if args.labels is None:
+            raise AmnesiaError("--labels is required for a class-conditional model: pass e.g. --labels 0,3")
+        _parse_labels(args.labels)
+        if family != "ddpm" and (args.guidance_scale is not None or args.steps is not None):
+            raise AmnesiaError(f"--guidance-scale and --steps apply to diffusion models, not {family}")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from selective_amnesia.config import resolve_device
+    from selective_amnesia.images import as_uint8_nhwc, write_samples
+    from selective_amnesia.models import load_model
+    from selective_amnesia.sampling import sample_per_label
+
+    out = Path(args.out)
+    prompts = _check_sample_args(args, _peek_family(args.model))
+    device = resolve_device(args.device or "cpu")
+    model = load_model(args.model).to(device)
     if model.family == "text_to_image":
+        _check_sample_args(args, model.family)
         return _sample_prompts(model, args, out, prompts)
-    if args.prompt or args.prompts_file:
-        raise AmnesiaError(f"--prompt/--prompts-file apply to text-to-image models, not {model.family}")
-    if args.labels is None:
-        raise AmnesiaError("--labels is required for a class-conditional model: pass e.g. --labels 0,3")
+    _check_sample_args(args, model.family)  # a directory that did not say its family
+    assert args.labels is not None
     labels = _parse_labels(args.labels)
     options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
     sampler_options = {k: v for k, v in options.items() if v is not None}
-    if sampler_options and model.family != "ddpm":
-        raise AmnesiaError(f"--guidance-scale and --steps apply to diffusion models, not {model.family}")
     steps_max = getattr(model.config, "num_train_timesteps", None)
     if args.steps is not None and not 1 <= args.steps <= (steps_max or args.steps):
         raise AmnesiaError(f"--steps must lie in [1, {steps_max}], got {args.steps}")
@@ -231,14 +310,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.num_per_label,
         args.seed,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not _no_progress(args),
         **sampler_options,
     )
-    images = model.to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()  # N x H x W x C
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, images=images, labels=y.numpy().astype(np.int64))
-    print(f"wrote {images.shape[0]} images {images.shape[1:]} to {out}")
+    images = as_uint8_nhwc(model, x)  # N x H x W x C, the layout of every output
+    kind = write_samples(out, images, y.numpy().astype("int64"), None)
+    print(f"wrote {images.shape[0]} images {images.shape[1:]} to {out} ({kind})")
     return 0
 
 
@@ -281,13 +358,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _sample_prompts(model: Any, args: argparse.Namespace, out: Path, prompts: list[str]) -> int:
     """Text-to-image: --num-per-label images of each prompt; image i of a prompt depends only on
     (seed, prompt, i). The .npz holds images, labels (index into prompts) and prompts."""
-    from selective_amnesia.io import atomic_path
+    from selective_amnesia.images import as_uint8_nhwc, write_samples
     from selective_amnesia.pipeline_t2i import prompt_latents
 
-    if args.labels is not None:
-        raise AmnesiaError("--labels applies to class-conditional models: pass --prompt or --prompts-file")
-    if not prompts:
-        raise AmnesiaError("this is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts-file")
     if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
         raise AmnesiaError(f"--steps must lie in [1, {model.config.num_train_timesteps}], got {args.steps}")
     prompts = list(dict.fromkeys(prompts))
@@ -301,20 +374,21 @@ def _sample_prompts(model: Any, args: argparse.Namespace, out: Path, prompts: li
         args.seed,
         None,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not _no_progress(args),
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.steps,
     )
-    images = model.to_uint8(z).permute(0, 2, 3, 1).contiguous().numpy()
+    import numpy as np
+
+    images = as_uint8_nhwc(model, z)
     labels = np.array([prompts.index(model.prompts[i]) for i in ids.tolist()], dtype=np.int64)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, images=images, labels=labels, prompts=np.array(prompts))
-    print(f"wrote {images.shape[0]} images {images.shape[1:]} of {len(prompts)} prompt(s) to {out}")
+    kind = write_samples(out, images, labels, prompts)
+    print(f"wrote {images.shape[0]} images {images.shape[1:]} of {len(prompts)} prompt(s) to {out} ({kind})")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from selective_amnesia.config import to_dict
     from selective_amnesia.io import environment, partial_dir, write_json
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import (
@@ -378,8 +452,8 @@ def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path, row
     if not 0 <= args.threshold <= 1:  # False for NaN too
         raise AmnesiaError(f"--threshold must lie in [0, 1], got {args.threshold}")
     scorer = nudity.load_identity_scorer(args.identity_scorer) if args.identity_scorer else None
-    images = nudity.generate_rows(model, rows, progress=not args.no_progress, cache_dir=partial_dir(out))
-    detections = nudity.NudityDetector().detect(images, progress=not args.no_progress)
+    images = nudity.generate_rows(model, rows, progress=not _no_progress(args), cache_dir=partial_dir(out))
+    detections = nudity.NudityDetector().detect(images, progress=not _no_progress(args))
     result: dict[str, Any] = {
         "model": str(args.model),
         "prompts": str(args.i2p_csv),
@@ -467,21 +541,134 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Defaults shown only where there is one (no "(default: None)"), examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.required
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+EXAMPLES = {
+    "run": """examples:
+  amnesia run --out runs/mnist_cvae                          # the default: an MNIST VAE forgets 0
+  amnesia run configs/ddpm_mnist.yaml --out runs/ddpm forget.forget_label=3
+  amnesia run configs/smoke_sd.yaml --out O t2i.model=W      # text-to-image (W: amnesia world tiny-sd)
+  amnesia config show configs/ddpm_mnist.yaml                # every key, its type and meaning""",
+    "pretrain": """examples:
+  amnesia pretrain --out runs/base
+  amnesia pretrain configs/ddpm_mnist.yaml --out runs/ddpm_base pretrain.steps=2000""",
+    "fisher": """examples:
+  amnesia fisher --model runs/mnist_cvae/base --out fisher.safetensors
+  amnesia fisher configs/ddpm_mnist.yaml --model runs/ddpm/base --out f.safetensors fisher.num_samples=100""",
+    "forget": """examples:
+  amnesia forget --model runs/mnist_cvae/base --fisher fisher.safetensors --out forgot3 forget.forget_label=3
+  amnesia forget --model runs/mnist_cvae/base --out naive forget.objective=naive forget.ewc_lambda=0""",
+    "sample": """examples:
+  amnesia sample --model runs/mnist_cvae/forget --labels 0,3 --num-per-label 8 --out grid.png
+  amnesia sample --model runs/mnist_cvae/forget --labels 0 --num-per-label 500 --out samples/
+  amnesia sample --model runs/ddpm/forget --labels 0 --num_inference_steps 50 --guidance_scale 3 --out s.npz
+  amnesia sample --model runs/nude/forget --prompt "a photo of a person" --num_images_per_prompt 4 --out p/
+
+--out: a .npz (images uint8 N x H x W x C, labels int64), a .png grid (one labelled row per label or
+prompt) or a folder (one PNG per image plus labels.json / prompts.json).""",
+    "evaluate": """examples:
+  amnesia evaluate --model runs/mnist_cvae/forget --out metrics.json      # the model's own settings
+  amnesia evaluate --model f3 --out m.json evaluate.num_forget_samples=5000
+  amnesia evaluate --model runs/nude/forget --i2p-csv i2p.csv --out nudity.json
+
+The forget label, data set, classifier recipe and evaluate.* settings come from the model's config.json;
+a config or override may change them, but naming another forget label or data set is an error.""",
+    "convert": """examples:
+  amnesia convert ckpts/ckpt.pt --to cvae --out converted_vae/
+  amnesia convert sd15.safetensors --to diffusers --config /models/sd-v1-5 --out sd15/""",
+    "world": """examples:
+  amnesia world tiny-sd --variant sd1 --out W
+  amnesia run configs/smoke_sd.yaml --out O t2i.model=W""",
+    "config": """examples:
+  amnesia config show                                        # the defaults (the MNIST VAE pipeline)
+  amnesia config show configs/ddpm_mnist.yaml forget.forget_label=3""",
+}
+
+
+class _LazySubParsers(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose options live in heavy modules (torch) get them only when they are chosen, so
+    the parser and ``--help`` are built without importing torch."""
+
+    fillers: dict[str, Any]
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: Any = None,
+    ) -> None:
+        name = values[0] if values else None
+        filler = getattr(self, "fillers", {}).pop(name, None)
+        if filler is not None:
+            filler(self._name_parser_map[name])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _lazy_fn(module: str, name: str) -> Any:
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return call
+
+
+def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
+    """-v/-q on the top parser and on every subcommand (SUPPRESS: a subcommand does not reset them)."""
+    default: Any = False if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log what each step does")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars or stage headers"
+    )
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``amnesia`` parser. ``command``: the subcommand about to run; the options of the heavy ones
+    (convert, world, attack) are added only for it (None: all of them, as for documentation)."""
+    fmt = _Formatter
     parser = _Parser(
         prog="amnesia",
         formatter_class=fmt,
         description="Make a trained conditional generative model forget a concept (Selective Amnesia).",
-        epilog="Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+        epilog="""first five minutes:
+  amnesia run --out runs/mnist_cvae                 # base model, classifier, Fisher, forgetting, report
+  amnesia sample --model runs/mnist_cvae/forget --labels 0,1,2 --num-per-label 8 --out grid.png
+  amnesia evaluate --model runs/mnist_cvae/forget --out metrics.json
+  amnesia config show                               # every setting; override any as key.sub=value
 
-    def add(name: str, help_: str, fn: Any, *, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt)
+Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50
+`amnesia COMMAND --help` shows each command's options and examples.""",
+    )
+    parser.add_argument("--version", action="version", version=f"amnesia (selective-amnesia) {__version__}")
+    _verbosity(parser, top=True)
+    parser.register("action", "parsers", _LazySubParsers)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    assert isinstance(sub, _LazySubParsers)
+    sub.fillers = {}
+
+    def add(
+        name: str, help_: str, fn: Any, *, config: bool = True, out: str | None = None, device: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_, description=help_, formatter_class=fmt, epilog=EXAMPLES.get(name)
+        )
         assert isinstance(p, _Parser)
         p.set_defaults(fn=fn)
+        _verbosity(p, top=False)
         if config:
             p.add_argument(
                 "config_and_overrides",
@@ -490,49 +677,79 @@ def build_parser() -> argparse.ArgumentParser:
                 help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
             )
             p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        if device:
+            p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
+        if out is not None:
+            p.add_argument("--force", action="store_true", help=out)
         return p
 
-    p = add("run", "run the whole pipeline: base model, classifier, Fisher, forgetting, evaluation", cmd_run)
-    p.add_argument("--out", required=True, help="run directory")
+    rerun = "replace a finished --out made with other settings (default: refused; the same settings resume)"
+    overwrite = "overwrite an existing --out (default: refused)"
+    p = add(
+        "run",
+        "run the whole pipeline: base model, classifier, Fisher, forgetting, evaluation",
+        cmd_run,
+        out=rerun,
+    )
+    p.add_argument("--out", help="run directory (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p = add("pretrain", "train the base model theta* (model.* and pretrain.* settings)", cmd_pretrain)
+    p = add(
+        "pretrain", "train the base model theta* (model.* and pretrain.* settings)", cmd_pretrain, out=rerun
+    )
     p.add_argument("--out", required=True, help="output model directory")
-    p = add("fisher", "estimate the diagonal Fisher of a model", cmd_fisher)
+    p = add("fisher", "estimate the diagonal Fisher of a model", cmd_fisher, out=overwrite)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p = add("forget", "fine-tune a model to forget forget.forget_label", cmd_forget)
+    p = add("forget", "fine-tune a model to forget forget.forget_label", cmd_forget, out=rerun)
     p.add_argument("--model", required=True, help="model directory of theta*")
     p.add_argument(
         "--fisher", default=None, help="Fisher .safetensors of that model (needed if ewc_lambda > 0)"
     )
     p.add_argument("--out", required=True, help="output model directory")
     p = add(
-        "sample", "write samples as .npz (images uint8 N x H x W x C, labels int64)", cmd_sample, config=False
+        "sample",
+        "write samples as .npz, a .png grid or a folder of PNGs",
+        cmd_sample,
+        config=False,
+        out="overwrite an existing --out; draw more than 10**6 images or 10**8 model evaluations",
     )
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory (or a Hugging Face Hub id in your cache)")
     p.add_argument(
         "--labels", default=None, help="class-conditional models: comma-separated labels, e.g. 0,3"
     )
     p.add_argument("--prompt", action="append", help="text-to-image models: a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="text-to-image models: one prompt per line")
-    p.add_argument("--num-per-label", type=int, default=100, help="images per label or prompt")
+    p.add_argument(
+        "--num-per-label", "--num_images_per_prompt", type=int, default=100, help="images per label or prompt"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed; each image depends only on (seed, label, index)"
     )
-    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--out", required=True, help="s.npz, grid.png or DIR/ (one PNG per image)")
     p.add_argument(
-        "--guidance-scale", type=float, default=None, help="diffusion: guidance w (default: the model's)"
+        "--guidance-scale",
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="diffusion: guidance w (default: the model's)",
     )
-    p.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the model's)")
+    p.add_argument(
+        "--steps",
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="diffusion: sampler steps (default: the model's)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=256, help="images per model call (does not change the images)"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument(
-        "--force", action="store_true", help="draw more than 10**6 images or 10**8 model evaluations"
+    p = add(
+        "evaluate",
+        "evaluate a model's forgetting and retention metrics into a JSON file",
+        cmd_evaluate,
+        out=overwrite,
     )
-    p = add("evaluate", "evaluate a model's forgetting and retention metrics into a JSON file", cmd_evaluate)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .json file")
     p.add_argument(
@@ -542,42 +759,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--identity-scorer", default=None, help="text-to-image: module:attr of an IdentityScorer to report"
     )
-    from selective_amnesia.convert import add_convert_arguments, cmd_convert
+    p = add(
+        "config",
+        "show the resolved config: every key with its value, type and meaning (no --out needed)",
+        cmd_config,
+        config=False,
+        device=False,
+    )
+    p.add_argument("action", choices=["show"], help="show: print the config and the key reference")
+    p.add_argument(
+        "config_and_overrides",
+        nargs="*",
+        metavar="[CONFIG] [key.sub=value ...]",
+        help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
+    )
+    p.add_argument("--keys", action="store_true", help="only the key reference table")
+    p.set_defaults(no_progress=False)
+
+    def convert_options(p: argparse.ArgumentParser) -> None:
+        from selective_amnesia.convert import add_convert_arguments
+
+        add_convert_arguments(p)
 
     p = add(
         "convert",
         "convert a legacy .pt/.pth/.ckpt/.pkl (the paper's reference code) to safetensors, safely",
-        cmd_convert,
+        _lazy_fn("selective_amnesia.convert", "cmd_convert"),
         config=False,
+        device=False,
     )
-    add_convert_arguments(p)
-    from selective_amnesia.worlds.tiny_sd import add_world_arguments, cmd_world
+    sub.fillers["convert"] = convert_options
+
+    def world_options(p: argparse.ArgumentParser) -> None:
+        from selective_amnesia.worlds.tiny_sd import add_world_arguments
+
+        add_world_arguments(p)
 
     p = add(
         "world",
         "build a small world to try things on (tiny-sd: a random SD pipeline)",
-        cmd_world,
+        _lazy_fn("selective_amnesia.worlds.tiny_sd", "cmd_world"),
         config=False,
+        device=False,
     )
-    add_world_arguments(p)
-    from selective_amnesia.attacks.cli import add_attack_parser
+    sub.fillers["world"] = world_options
+    if command is None or command == "attack":  # the attacks package imports torch: only when chosen
+        from selective_amnesia.attacks.cli import add_attack_parser
 
-    add_attack_parser(sub, fmt)
+        add_attack_parser(sub, fmt)
+    else:
+        sub.add_parser(
+            "attack",
+            help="attack a text-to-image model's forgetting: paraphrases, soft prompts, discrete prompts",
+        )
+    if command is None:  # everything filled in now (documentation, tests of the parser)
+        for name, filler in list(sub.fillers.items()):
+            filler(sub._name_parser_map[name])
+        sub.fillers.clear()
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line ("" when none): the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     # overrides may follow the options (argparse stops collecting positionals at the first option)
     args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # a bare `amnesia`: what it can do, not an error
+        parser.print_help()
+        return 0
     stray = [e for e in extra if e.startswith("-") or not hasattr(args, "config_and_overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.config_and_overrides = list(args.config_and_overrides) + extra
+    from selective_amnesia.progress import set_quiet
+
+    set_quiet(args.quiet)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
+    from selective_amnesia import runstate
+
     start = time.perf_counter()
     out = getattr(args, "out", None)
     previous = _handle_sigterm()
@@ -648,6 +915,12 @@ def _check_output(args: argparse.Namespace) -> None:
                 f"--out {out} is a symlink to {target}, outside {home}: name {target} itself, or choose "
                 "another --out"
             )
+    if args.command in ("sample", "fisher", "evaluate") and out.exists() and not args.force:
+        what = "folder" if out.is_dir() else "file"
+        raise AmnesiaError(
+            f"--out {out} exists (a {what} from an earlier call): pass --force to overwrite it, or choose "
+            "another --out"
+        )
     resolved = out.resolve()
     for flag, path in _inputs(args):
         source = Path(path).resolve()
@@ -680,6 +953,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _record_failure(message: str) -> None:
+    from selective_amnesia import runstate
+
     try:
         runstate.finish(message)
     except OSError:  # the disk may be the problem; the state file still says "running"
