@@ -107,6 +107,44 @@ def test_a_run_with_defences_trains_on_them_and_keeps_the_fisher(tiny_world: Pat
     assert fa.metadata["settings"] == fb.metadata["settings"]
 
 
+def test_adversarial_conditions_join_the_forget_set_and_come_back_on_resume(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    from selective_amnesia.defences import Adversary
+    from selective_amnesia.io import load_tensors
+
+    cfg = _cfg(
+        tiny_world,
+        "forget.steps=4",
+        "t2i.adversarial_every=2",
+        "t2i.adversarial_steps=2",
+        "t2i.adversarial_targets=4",
+    )
+    report = run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert report["adversarial_conditions"] == 2  # steps 2 and 4
+    tensors, meta = load_tensors(tmp_path / "adversarial.safetensors")
+    assert meta["steps"] == "[2, 4]" and set(tensors) == {
+        "2.encoder_hidden_states",
+        "4.encoder_hidden_states",
+    }
+    # a run resumed at step 4 registers exactly what was found before it
+    model = TextToImageModel.from_pretrained(tiny_world)
+    adv = Adversary(
+        torch.zeros(1, 4, 4, 4),
+        [0],
+        every=2,
+        steps=1,
+        lr=0.1,
+        seed=0,
+        path=tmp_path / "adversarial.safetensors",
+    )
+    ids = adv.resume(model, start_step=4)
+    assert [model.prompts[i] for i in ids] == ["<adversarial:2>"]
+    assert torch.equal(
+        model.encode_prompts(["<adversarial:2>"])[HIDDEN][0], tensors["2.encoder_hidden_states"]
+    )
+
+
 def test_defence_settings_are_checked() -> None:
     with pytest.raises(AmnesiaError, match="concept_words"):
         load_config(None, ["t2i.augment_templates=true"])

@@ -382,6 +382,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "replay_prompts": len(replay_prompts),
         "replay_images": int(replay_set[0].shape[0]),
         "forget_conditions": len(forget_ids),
+        "adversarial_conditions": len(adversary.found) if adversary is not None else 0,
         "trained_parameters": trained,
         "retention": retention,
         "timings": timings,
