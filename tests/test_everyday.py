@@ -284,3 +284,27 @@ def test_verbosity_and_device_anywhere(capsys: pytest.CaptureFixture[str]) -> No
     for name in ("run", "pretrain", "fisher", "forget", "sample", "evaluate"):
         text = sub.choices[name].format_help()  # type: ignore[union-attr]
         assert "--device" in text and "--force" in text and "-q" in text, name
+
+
+# ---- stage headers and reruns ---------------------------------------------------------------------
+
+
+def test_run_prints_stage_headers_and_a_rerun_says_what_is_reused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "r")
+    assert main(["run", str(TINY_CONFIG), "--out", out]) == 0
+    err = capfd.readouterr().err
+    assert "[1/5] evaluation classifiers" in err and "[3/5] Fisher (300 samples)" in err
+    assert "[5/5] evaluation" in err
+    assert main(["run", str(TINY_CONFIG), "--out", out]) == 0  # the same settings: reused, no question
+    capfd.readouterr()
+    changed = ["run", str(TINY_CONFIG), "--out", out, "forget.steps=5"]
+    assert main(changed) == 2  # a finished run with other settings is not replaced silently
+    err = capfd.readouterr().err
+    assert "forget.steps: 20 -> 5" in err and "reused: base model, Fisher" in err and "--force" in err
+    assert main([*changed, "--force", "-q"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["config"]["forget"]["steps"] == 5
+    assert main(["-q", "run", str(TINY_CONFIG), "--out", out, "forget.steps=5"]) == 0
+    assert "[1/5]" not in capfd.readouterr().err  # -q: no headers

@@ -89,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise AmnesiaError("--out DIR is required (the run directory), unless --dry-run")
     out = _out_dir(args.out, "run")
     check_inputs(cfg, ("train", "test"))
+    if cfg.model.family != "text_to_image":
+        _check_rerun(cfg, out, args.force)
     from selective_amnesia import runstate
 
     runstate.begin(out, "run")
@@ -107,6 +109,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"total {report['timings']['total_s']:.1f}s; report: {Path(args.out) / 'report.html'}")
     return 0
+
+
+def _check_rerun(cfg: RunConfig, out: Path, force: bool) -> None:
+    """A finished run in ``out`` made with other settings: refused without --force, else said which stages
+    are reused and which redone (the same settings simply reuse everything)."""
+    from selective_amnesia.pipeline import rerun_plan
+    from selective_amnesia.progress import note
+
+    plan = rerun_plan(cfg, out)
+    if plan is None:
+        return
+    changed = "; ".join(plan["changed"][:4]) + (" ..." if len(plan["changed"]) > 4 else "")
+    stages = f"reused: {', '.join(plan['reused']) or 'nothing'}; redone: {', '.join(plan['redone'])}"
+    if not force:
+        raise AmnesiaError(
+            f"--out {out} holds a finished run made with other settings ({changed}); {stages}: pass --force "
+            "to redo those stages and replace its report, or choose another --out"
+        )
+    note(f"--out {out} holds a finished run with other settings ({changed})")
+    note(f"  {stages}")
 
 
 def _run_text_to_image(cfg: RunConfig, out: str) -> int:

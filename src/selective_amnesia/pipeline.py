@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selective_amnesia import sampling as sampling_module
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
 from selective_amnesia.distributed import current_share, remove_if_empty
@@ -28,6 +29,7 @@ from selective_amnesia.fisher import Fisher, estimate_fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
 from selective_amnesia.io import environment, load_tensors, partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models import build_model_from_config, load_model
+from selective_amnesia.progress import bar_name, stage
 from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
 
@@ -393,6 +395,63 @@ def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[s
     return models, infos
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
+    """For a *finished* run in ``out`` made with other settings: {"changed": ["key: old -> new"],
+    "reused": [stage], "redone": [stage]}; None when ``out`` holds no finished run or the same settings.
+    Settings that change no result (progress, device, checkpoint intervals) do not count. The stages'
+    own reuse checks (settings hashes) decide in the end; this says in advance what they will decide."""
+    if not (out / "report.json").is_file() or not (out / "config.json").is_file():
+        return None
+    try:
+        old = _flat(read_json(out / "config.json"))
+    except AmnesiaError:
+        return None
+    new = _flat(to_dict(cfg))
+    ignored = ("progress", "device", "name", "classifier.cache_dir")
+    changed = sorted(
+        k
+        for k in set(old) | set(new)
+        if old.get(k) != new.get(k)
+        and not k.startswith(ignored)
+        and not k.endswith(("checkpoint_every", "log_every"))
+    )
+    if not changed:
+        return None
+
+    def touched(*prefixes: str) -> bool:
+        return any(k == p or k.startswith(p + ".") for k in changed for p in prefixes)
+
+    base = touched("seed", "data", "model", "pretrain")
+    fisher = base or touched("fisher")
+    replay = base or touched("forget.replay", "forget.replay_per_class", "forget.forget_label")
+    stages = {
+        "base model": base,
+        "Fisher": fisher,
+        "replay set": replay,
+        "forgetting": fisher or replay or touched("forget"),
+        "evaluation": True,  # the report is rewritten with the new settings
+    }
+    if cfg.forget.ewc_lambda == 0:
+        stages.pop("Fisher")
+    if cfg.forget.replay != "stored":
+        stages.pop("replay set")
+    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+    return {
+        "changed": shown,
+        "reused": [s for s, redo in stages.items() if not redo],
+        "redone": [s for s, redo in stages.items() if redo],
+    }
+
+
 def sample_grid(model: Any, labels: list[int], per_class: int, seed: int) -> np.ndarray:
     """Rows = classes, columns = samples: the report's before/after picture."""
     x, _ = sample_per_label(model, labels, per_class, seed)
@@ -418,27 +477,42 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         write_json(out / "config.json", to_dict(cfg))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    n = 6 if cfg.forget.replay == "stored" and cfg.forget.replay_weight > 0 else 5
 
     t = time.perf_counter()
+    if share.main:
+        stage(1, n, f"evaluation classifiers ({len(cfg.classifier.seeds)} seeds, trained once, then cached)")
     classifiers, classifier_info = load_classifiers(cfg) if share.main else ([], [])
     # one-time cost (cached afterwards), kept out of total_s
     timings["classifier_training_s"] = sum(i["train_seconds"] for i in classifier_info if not i["cached"])
     excluded = time.perf_counter() - t
 
     t = time.perf_counter()
+    if share.main:
+        what = cfg.pretrain.model_path or f"{cfg.model.family}, {cfg.pretrain.steps:,} steps"
+        stage(2, n, f"base model theta* ({what})")
     base, base_info = stage_base(cfg, out / "base")
     timings["pretrain_s"] = base_info["seconds"] if base_info.get("reused") else time.perf_counter() - t
     labels = checked_labels(cfg, base)  # before the Fisher, which would be wasted otherwise
 
     t = time.perf_counter()
+    if share.main:
+        skip = " (skipped: forget.ewc_lambda=0)" if cfg.forget.ewc_lambda == 0 else ""
+        stage(3, n, f"Fisher ({cfg.fisher.num_samples:,} samples){skip}")
     fisher = stage_fisher(cfg, base, out) if cfg.forget.ewc_lambda > 0 else None
     timings["fisher_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    replay_set = stage_replay(cfg, base, out)
+    if share.main and n == 6:
+        stage(4, n, f"replay set ({cfg.forget.replay_per_class:,} samples per remembered class)")
+    with bar_name(sampling_module, "replay set: sampling theta*'s remembered classes"):
+        replay_set = stage_replay(cfg, base, out)
     timings["replay_generation_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if share.main:
+        f = cfg.forget
+        stage(n - 1, n, f"forgetting class {f.forget_label} ({f.steps:,} steps, lambda {f.ewc_lambda:g})")
     forgotten, history = stage_forget(cfg, base, fisher, out, replay_set)
     timings["forget_s"] = time.perf_counter() - t
     if not share.main:
@@ -451,10 +525,18 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     grids: dict[str, np.ndarray] = {}
     remembered = [c for c in labels if c != cfg.forget.forget_label]
     real_feats = real_features(classifiers[0], test, remembered)
+    stage(
+        n,
+        n,
+        f"evaluation (base and forgotten model, {cfg.evaluate.num_forget_samples:,} samples of c_f each)",
+    )
     for name, model in (("base", base), ("forget", forgotten)):
-        metrics[name] = evaluate_with_config(
-            cfg, model, classifiers, test, real_feats, out / "samples" / name
-        )
+        with bar_name(
+            sampling_module, f"evaluate: sampling the {'base' if name == 'base' else 'forgotten'} model"
+        ):
+            metrics[name] = evaluate_with_config(
+                cfg, model, classifiers, test, real_feats, out / "samples" / name
+            )
         grids[name] = sample_grid(model, labels, cfg.evaluate.grid_per_class, cfg.seed + 2)
         save_png(grids[name], out / f"samples_{name}.png")
     save_png(side_by_side(grids["base"], grids["forget"]), out / "before_after.png")
