@@ -94,7 +94,12 @@ def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
     if cfg.model.family == "text_to_image":
         from selective_amnesia.pipeline_t2i import read_prompts
 
-        t.check_ready()
+        if cfg.method == "sa":
+            t.check_ready()
+        else:  # ESD has no surrogate; each baseline checks what it needs
+            from selective_amnesia.baselines.run import check_baseline
+
+            check_baseline(cfg)
         if not (Path(t.model) / "model_index.json").is_file():
             raise AmnesiaError(
                 f"t2i.model {t.model} is not a diffusers pipeline directory (no model_index.json)"
