@@ -308,3 +308,30 @@ def test_run_prints_stage_headers_and_a_rerun_says_what_is_reused(
     assert report["config"]["forget"]["steps"] == 5
     assert main(["-q", "run", str(TINY_CONFIG), "--out", out, "forget.steps=5"]) == 0
     assert "[1/5]" not in capfd.readouterr().err  # -q: no headers
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def test_report_is_self_contained_with_metrics_apart_from_metadata(tiny_run: Path) -> None:
+    text = (tiny_run / "report.html").read_text()
+    assert "data:image/png;base64," in text and 'src="samples_base.png"' not in text
+    assert "How the metrics were measured" in text and "Evaluation classifiers used" in text
+    other = text.split("<h3>Other metrics</h3>")[1].split("<h3>")[0] if "Other metrics" in text else ""
+    assert "num_forget_samples" not in other and "feature_extractor" not in other
+    report = json.loads((tiny_run / "report.json").read_text())
+    t = report["timings"]
+    assert t["wall_with_waits_s"] >= t["wall_s"]
+    assert report["classifiers"][0]["recipe_hash"] in text
+
+
+def test_loss_plot_is_linear_with_a_moving_average(tmp_path: Path) -> None:
+    import numpy as np
+
+    from selective_amnesia.evaluate.report import plot_losses, smoothed
+
+    values = np.array([1.0, 3.0, 1.0, 3.0, 1.0, 3.0, 1.0, 3.0, 1.0, 3.0, 1.0, 3.0] * 3)
+    s = smoothed(values, 3)
+    assert s.shape == values.shape and np.all(np.abs(s[1:-1] - 5 / 3) < 0.7)
+    plot_losses({"total": values.tolist()}, list(range(values.size)), tmp_path / "l.png")
+    assert (tmp_path / "l.png").stat().st_size > 0

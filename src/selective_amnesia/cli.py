@@ -107,7 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"remembered classes: accuracy {b['remembered_accuracy']:.4f} -> {f['remembered_accuracy']:.4f}, "
         f"FID {b['fid']:.3f} -> {f['fid']:.3f}"
     )
-    print(f"total {report['timings']['total_s']:.1f}s; report: {Path(args.out) / 'report.html'}")
+    t = report["timings"]
+    waited = f", {t['wall_with_waits_s']:.1f}s waited" if "wall_with_waits_s" in t else ""
+    print(f"total {t['total_s']:.1f}s{waited}; report: {Path(args.out) / 'report.html'}")
     return 0
 
 

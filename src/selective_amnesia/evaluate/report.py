@@ -63,8 +63,23 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def smoothed(values: np.ndarray, window: int | None = None) -> np.ndarray:
+    """A centred moving average (window ~ 1/10 of the points, odd), edges averaged over what exists."""
+    n = values.size
+    window = window or max(1, (n // 10) | 1)
+    if window <= 1 or n < 3:
+        return values.astype(np.float64)
+    kernel = np.ones(window)
+    finite = np.isfinite(values)
+    total = np.convolve(np.where(finite, values, 0.0), kernel, mode="same")
+    count = np.convolve(finite.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def plot_losses(history: Mapping[str, Sequence[float]], steps: Sequence[int], path: str | Path) -> None:
-    """One subplot per loss term against training step, log-scale y when all its values are positive.
+    """One subplot per loss term against training step: linear axes, the raw values faint and a moving
+    average over them (log axes made narrow ranges look like trends).
 
     Uses matplotlib's object API with the Agg canvas, so no display and no global pyplot state.
     """
@@ -82,12 +97,11 @@ def plot_losses(history: Mapping[str, Sequence[float]], steps: Sequence[int], pa
     axes = fig.subplots(len(terms), 1, sharex=True, squeeze=False)[:, 0]
     for ax, k in zip(axes, terms, strict=True):
         values = np.asarray(history[k], dtype=np.float64)
-        ax.plot(list(steps), values, lw=1.2)
-        finite = values[np.isfinite(values)]
-        if finite.size and (finite > 0).all():
-            ax.set_yscale("log")
+        ax.plot(list(steps), values, lw=0.8, alpha=0.35, color="C0", label="logged")
+        ax.plot(list(steps), smoothed(values), lw=1.8, color="C0", label="moving average")
         ax.set_ylabel(k)
         ax.grid(True, alpha=0.3)
+    axes[0].legend(loc="upper right", fontsize="small", frameon=False)
     axes[-1].set_xlabel("step")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -108,6 +122,18 @@ _REMEMBER_ROWS = [
 ]
 _KNOWN_KEYS = {k for k, _ in _FORGET_ROWS + _REMEMBER_ROWS} | {"classifier_seeds", "n"}
 _KNOWN_KEYS |= {f"{k}_std" for k in _KNOWN_KEYS}
+# how a metric was measured (counts, feature extractor, sampler, time): shown apart from the metrics
+_METADATA_KEYS = {
+    "sampler",
+    "num_forget_samples",
+    "num_remembered_samples",
+    "num_real_images",
+    "feature_extractor",
+    "inception_feature_extractor",
+    "inception_num_real",
+    "inception_num_fake",
+    "seconds",
+}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -171,6 +197,28 @@ def _kv_table(mapping: Any, header: tuple[str, str]) -> str:
     return "\n".join(out)
 
 
+def _embedded(path: Path) -> str:
+    """A PNG as a data: URI; the file name (relative link) when it cannot be read."""
+    import base64
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return html.escape(path.name, quote=True)
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _rows_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return f"<p>{MISSING}</p>"
+    header = list(rows[0])
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{_fmt(row.get(h))}</td>" for h in header) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _config_text(config: Any) -> str:
     if config is None:
         return MISSING
@@ -187,7 +235,7 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
 
     ``images`` maps a caption to a PNG file name relative to ``out_dir``, e.g.
     ``{"before": "samples_base.png", "after": "samples_forget.png", "losses": "losses.png"}``;
-    they are linked, not embedded.
+    they are embedded as data: URIs, so the page is self-contained.
 
     ``report`` is a plain nested dict; every key is optional and missing values render as an em dash::
 
@@ -204,7 +252,9 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
           "environment": {package: version, ...},
         }
 
-    Extra scalar keys in the metrics dicts are shown in an "other metrics" table. Returns the path.
+    Extra scalar keys in the metrics dicts are shown in an "other metrics" table, those saying how they
+    were measured (counts, sampler, feature extractor, seconds) in a table of their own; ``classifiers``
+    (the run's classifier infos) names each judge by seed and recipe hash. Returns the path.
     """
     out_dir = Path(out_dir)
     title = str(report.get("title") or "Selective Amnesia report")
@@ -241,17 +291,37 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
         if k not in _KNOWN_KEYS and not isinstance(v, (dict, list, tuple))
     ]
     extra_keys = list(dict.fromkeys(extra_keys))
-    if extra_keys:
+    metric_keys = [k for k in extra_keys if k not in _METADATA_KEYS and not k.endswith("_std")]
+    meta_keys = [k for k in extra_keys if k in _METADATA_KEYS]
+    if metric_keys:
         parts.append("<h3>Other metrics</h3>")
-        parts.append(_metric_table([(k, html.escape(k)) for k in extra_keys], base, forget))
+        parts.append(_metric_table([(k, html.escape(k)) for k in metric_keys], base, forget))
+    if meta_keys:
+        parts.append("<h3>How the metrics were measured</h3>")
+        parts.append(_metric_table([(k, html.escape(k)) for k in meta_keys], base, forget))
+    classifiers = report.get("classifiers")
+    if isinstance(classifiers, list) and classifiers:
+        parts.append("<h3>Evaluation classifiers used</h3>")
+        rows = [
+            {
+                "seed": c.get("seed"),
+                "recipe hash": c.get("recipe_hash"),
+                "test accuracy": c.get("test_accuracy"),
+                "cached": c.get("cached"),
+                "file": c.get("path"),
+            }
+            for c in classifiers
+            if isinstance(c, Mapping)
+        ]
+        parts.append(_rows_table(rows))
 
     if images:
         parts.append("<h2>Figures</h2>")
         for caption, name in images.items():
-            src = html.escape(str(name), quote=True)
+            src = _embedded(out_dir / str(name))  # the page carries its images: mail or attach it alone
             parts.append(
-                f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(caption, quote=True)}"></a>'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
+                f"<figcaption>{html.escape(caption)} ({html.escape(str(name))})</figcaption></figure>"
             )
 
     parts += [
