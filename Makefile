@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean sample evaluate help
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,16 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/amnesia run --out runs/mnist_cvae
+
+# the README's next steps, without activating .venv (after `make run`)
+sample: $(STAMP)
+	$(BIN)/amnesia sample --model runs/mnist_cvae/forget --labels 0,1,2,3 --num-per-label 8 --out grid.png --force
+
+evaluate: $(STAMP)
+	$(BIN)/amnesia evaluate --model runs/mnist_cvae/forget --out metrics.json --force
+
+help: $(STAMP)
+	$(BIN)/amnesia --help
 
 test: $(STAMP)
 	# two workers: the crash tests run real processes one core each
