@@ -335,3 +335,43 @@ def test_loss_plot_is_linear_with_a_moving_average(tmp_path: Path) -> None:
     assert s.shape == values.shape and np.all(np.abs(s[1:-1] - 5 / 3) < 0.7)
     plot_losses({"total": values.tolist()}, list(range(values.size)), tmp_path / "l.png")
     assert (tmp_path / "l.png").stat().st_size > 0
+
+
+# ---- Hub ids from the user's Hugging Face cache -------------------------------------------------------
+
+
+def test_a_hub_id_is_resolved_offline_from_the_hf_cache(
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from selective_amnesia.cli import resolve_model
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--tiny-org--tiny-sd"
+    shutil.copytree(tiny_sd, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert Path(resolve_model("tiny-org/tiny-sd")) == repo / "snapshots" / "0123abcd"
+    out = tmp_path / "s.npz"
+    argv = [
+        "sample",
+        "--model",
+        "tiny-org/tiny-sd",
+        "--prompt",
+        "a cat",
+        "--num-per-label",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--num_inference_steps", "2", "-q"]) == 0
+    with np.load(out) as z:
+        assert z["images"].shape[0] == 1
+    # t2i.model takes one too; an id that is not cached says what to do
+    assert main(["config", "show", "--keys", "t2i.model=tiny-org/tiny-sd"]) == 0
+    assert (
+        main(["sample", "--model", "nobody/nothing", "--prompt", "a", "--out", str(tmp_path / "n.npz")]) == 2
+    )

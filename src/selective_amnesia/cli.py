@@ -58,8 +58,32 @@ def _config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"device={device}")
     from selective_amnesia.config import load_config
 
-    args.loaded_config = load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    if cfg.t2i.model:  # a Hub id names the snapshot in the user's HF cache
+        cfg.t2i.model = resolve_model(cfg.t2i.model)
+    args.loaded_config = cfg
     return args.loaded_config
+
+
+def resolve_model(value: str) -> str:
+    """A local path as given; an ``org/name`` that is not one, the snapshot of that Hugging Face Hub repo
+    in the user's HF cache (offline: nothing is downloaded)."""
+    import os
+    import re
+
+    if not value or Path(value).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        return value
+    try:
+        from huggingface_hub import snapshot_download
+
+        # the cache is read at call time (HF_HUB_CACHE), not when huggingface_hub was imported
+        cache = os.environ.get("HF_HUB_CACHE") or None
+        return str(snapshot_download(value, local_files_only=True, cache_dir=cache))
+    except Exception:  # not cached, or no huggingface_hub: the same advice
+        raise AmnesiaError(
+            f"{value} is neither a local directory nor a Hugging Face Hub id in your HF cache: download it "
+            f"once (`hf download {value}`), or pass the path of a local diffusers directory"
+        ) from None
 
 
 def _no_progress(args: argparse.Namespace) -> bool:
@@ -864,6 +888,11 @@ def main(argv: list[str] | None = None) -> int:
     from selective_amnesia.progress import set_quiet
 
     set_quiet(args.quiet)
+    if isinstance(getattr(args, "model", None), str):
+        try:
+            args.model = resolve_model(args.model)
+        except AmnesiaError as e:
+            return _fail(args.command, str(e))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
