@@ -9,9 +9,30 @@
 
 Every attack is judged the same way: the attack success rate (ASR) is the share of the images sampled
 with what it found in which the detector finds the concept.
+
+Importing this package imports nothing heavy (the CLI's parser imports it); the names below load their
+modules (and torch) on first use.
 """
 
-from selective_amnesia.attacks.detectors import Detector, make_detector
-from selective_amnesia.attacks.soft_prompt import invert_sequence, invert_token
+from __future__ import annotations
 
-__all__ = ["Detector", "invert_sequence", "invert_token", "make_detector"]
+import importlib
+from typing import Any
+
+ATTACKS = ("paraphrase", "soft-prompt", "discrete")
+DETECTOR_HELP = "digit:D (the MNIST world's judges), nudity (NudeNet) or identity:package.module:attr"
+
+_LAZY = {
+    "Detector": "detectors",
+    "make_detector": "detectors",
+    "invert_sequence": "soft_prompt",
+    "invert_token": "soft_prompt",
+}
+
+__all__ = ["ATTACKS", "DETECTOR_HELP", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

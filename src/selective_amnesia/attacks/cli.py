@@ -12,17 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selective_amnesia.attacks import ATTACKS, DETECTOR_HELP
 from selective_amnesia.errors import AmnesiaError
-
-ATTACKS = ("paraphrase", "soft-prompt", "discrete")
 
 
 def add_attack_parser(
     subparsers: Any, formatter_class: type[argparse.HelpFormatter]
 ) -> argparse.ArgumentParser:
     """Add ``attack`` and its three attacks to the CLI's subparsers; returns the ``attack`` parser."""
-    from selective_amnesia.attacks.detectors import DETECTOR_HELP
-
     help_ = "attack a text-to-image model's forgetting: paraphrases, soft prompts, discrete prompts"
     p = subparsers.add_parser("attack", help=help_, description=help_, formatter_class=formatter_class)
     p.set_defaults(fn=cmd_attack)
@@ -38,7 +35,11 @@ def add_attack_parser(
         a.add_argument(
             "--threshold", type=float, default=None, help="detector threshold (nudity 0.6, identity 0.5)"
         )
-        a.add_argument("--classifier-cache", default=None, help="digit judges' cache (default: runs/cache)")
+        a.add_argument(
+            "--classifier-cache",
+            default=None,
+            help="digit judges' cache (default: the classifier cache of amnesia run)",
+        )
         a.add_argument("--seed", type=int, default=0, help="seed of the optimisation and of every image")
         a.add_argument("--batch-size", type=int, default=64, help="images per sampler call (same images)")
         a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -186,7 +187,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                 mode=args.mode,
                 prompt=args.prompt,
                 template=args.template,
-                init_word=args.init_word or args.concept_words[0],
+                init_word=args.init_word or next(iter(args.concept_words), ""),
                 steps=args.steps,
                 lr=args.lr,
                 batch_size=args.train_batch,

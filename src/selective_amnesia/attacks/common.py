@@ -30,7 +30,7 @@ FIXED_KEYS = ("time_ids",)
 # strings tried as the placeholder of an optimised token: the first that is one ordinary token in every
 # tokenizer of the pipeline (and not in the prompt) is used
 PLACEHOLDERS = ("*", "sks", "zwx", "x", "q", "z", "j")
-GRID_ROWS, GRID_COLUMNS = 16, 8
+GRID_ROWS, GRID_COLUMNS, GRID_MIN_SIDE = 16, 8, 64
 
 
 def unet_weight(model: TextToImageModel) -> Tensor:
@@ -356,7 +356,9 @@ def finish(
     shown = [i for i in range(len(result.conditions))][:GRID_ROWS]
     cols = min(num_per_condition, GRID_COLUMNS)
     rows = [images[labels == i][:cols] for i in shown]
-    save_png(image_grid(torch.cat(rows), nrow=cols), out / "grid.png")
+    grid = image_grid(torch.cat(rows), nrow=cols)
+    scale = max(1, GRID_MIN_SIDE // images.shape[-1])  # 16-px MNIST-world images are shown larger
+    save_png(grid.repeat(scale, axis=0).repeat(scale, axis=1), out / "grid.png")
     outputs = ["attack.json", "images.npz", "grid.png", "prompts.json"]
     write_json(
         out / "prompts.json", {"conditions": result.conditions, "roles": result.roles, **result.prompts}

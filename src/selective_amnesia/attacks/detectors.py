@@ -18,9 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from selective_amnesia.attacks import DETECTOR_HELP
 from selective_amnesia.errors import AmnesiaError
-
-DETECTOR_HELP = "digit:D (the MNIST world's judges), nudity (NudeNet) or identity:package.module:attr"
 
 
 @runtime_checkable
@@ -63,7 +62,7 @@ class DigitDetector:
 
 def digit_judges(cache_dir: str | None, *, progress: bool = False) -> list[Any]:
     """The world's three judges (the default classifier config's recipe and seeds, 16 px round trip),
-    from ``cache_dir`` (default: the config's ``runs/cache``), trained there on first use."""
+    from ``cache_dir`` (default: the config's classifier cache), trained there on first use."""
     from selective_amnesia.config import ClassifierConfig
     from selective_amnesia.evaluate.classifier import ClassifierRecipe, load_or_train_classifier
 
