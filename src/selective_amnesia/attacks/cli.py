@@ -146,6 +146,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     detector = make_detector(
         args.detector, threshold=args.threshold, cache_dir=args.classifier_cache, progress=progress
     )
+    if args.attack != "paraphrase" and args.target_model:
+        from selective_amnesia.cli import resolve_model  # a Hub id, as --model (resolved by main)
+
+        args.target_model = resolve_model(args.target_model)
     model = load_attacked_model(args.model, device)
     out = Path(args.out)
     runstate.begin(out, "attack")

@@ -121,17 +121,17 @@ class TokenSlots:
             (name, enc, tok) for name, (enc, tok) in model.conditioning.encoders.items()
         )
         for ph in PLACEHOLDERS:
-            ids = [self._placeholder_id(tok, ph) for _, _, tok in self.encoders]
-            if any(i is None for i in ids):
+            found = [self._placeholder_id(tok, ph) for _, _, tok in self.encoders]
+            ids = [i for i in found if i is not None]
+            if len(ids) != len(found):
                 continue
             prompt = text(ph)
             counts = [
-                int((self._tokens(tok, prompt) == i).sum())
+                int(torch.eq(self._tokens(tok, prompt), i).sum())
                 for (_, _, tok), i in zip(self.encoders, ids, strict=True)
             ]
             if all(c == count for c in counts):
-                self.placeholder, self.prompt = ph, prompt
-                self.ids: list[int] = [int(i) for i in ids if i is not None]
+                self.placeholder, self.prompt, self.ids = ph, prompt, ids
                 return
         raise AmnesiaError(
             f"cannot place {count} optimised token(s) in {text('{}')!r}: the prompt is too long for the "
@@ -326,7 +326,7 @@ def finish(
             f"detector {detector.name} gave {tuple(found.shape)} answers for {images.shape[0]} images"
         )
     detect_s = time.perf_counter() - t0
-    per_prompt = []
+    per_prompt: list[dict[str, Any]] = []
     for i, (cond, role) in enumerate(zip(result.conditions, result.roles, strict=True)):
         hit = found[labels == i]
         per_prompt.append(
