@@ -64,7 +64,7 @@ def denoising_loss(
 
 @dataclass
 class NoiseDraw:
-    """Which targets, timesteps and noise one loss evaluation uses (drawn on the CPU: reproducible)."""
+    """Which targets, timesteps and noise one loss evaluation uses, drawn from one generator."""
 
     index: Tensor
     timesteps: Tensor
@@ -74,15 +74,15 @@ class NoiseDraw:
     def draw(
         cls, model: TextToImageModel, targets: Tensor, batch: int, generator: torch.Generator
     ) -> NoiseDraw:
-        n_t = model.config.num_train_timesteps
-        index = torch.randint(0, targets.shape[0], (batch,), generator=generator)
-        timesteps = torch.randint(0, n_t, (batch,), generator=generator)
-        eps = torch.randn((batch, *targets.shape[1:]), generator=generator)
+        n_t, dev = model.config.num_train_timesteps, generator.device  # a CPU or a CUDA generator
+        index = torch.randint(0, targets.shape[0], (batch,), generator=generator, device=dev)
+        timesteps = torch.randint(0, n_t, (batch,), generator=generator, device=dev)
+        eps = torch.randn((batch, *targets.shape[1:]), generator=generator, device=dev)
         return cls(index, timesteps, eps)
 
     def loss(self, model: TextToImageModel, targets: Tensor, embeds: Embeds) -> Tensor:
         """Mean denoising loss of ``embeds`` (batch 1) on these draws."""
-        x = targets[self.index]
+        x = targets[self.index.to(targets.device)]
         return denoising_loss(model, x, expand(embeds, x.shape[0]), self.timesteps, self.eps).mean()
 
 
