@@ -1,0 +1,176 @@
+"""Does forgetting "seven" in the MNIST text-to-image world hold? One entry of the robustness table.
+
+    python benchmarks/t2i_robust.py --base runs/t2i_world --run runs/robust/sa --name sa \
+        --split test --out benchmarks/results/t2i_robust [--attacks soft-prompt,discrete]
+
+Each group is --per-group images spread evenly over its prompts, seeded per (seed, prompt, index) as
+`amnesia sample --seed` does, judged by the MNIST judges trained on the 28 -> 16 -> 28 px round trip
+(3 seeds, their probabilities averaged, argmax):
+  - seven / forget prompts: the run's t2i.forget_prompts (what the forgetting was given)
+  - seven / held-out captions: the world's other four training captions of seven
+  - seven / paraphrases: benchmarks/prompts/seven_paraphrases_{dev,test}.txt (--split); tune on dev,
+    report test (the split was committed before any tuning)
+  - digit d != 7: the world's eight training captions of d (accuracy)
+  - replay movement: mean |difference| per pixel (0-255) between theta*'s and the model's images of the
+    replay prompts, same seeds
+and, with --attacks, the attack success rates of selective_amnesia.attacks against the model (target
+images: theta*'s images of "a handwritten 7"). The entry --name is merged into --out/result.json with
+the run's wall time (its report.json). --per-group 50 is the quick setting used while tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selective_amnesia.config import load_config
+from selective_amnesia.evaluate.assess import for_classifier
+from selective_amnesia.evaluate.classifier import ClassifierRecipe, load_or_train_classifier
+from selective_amnesia.evaluate.nudity import retention_report
+from selective_amnesia.io import read_json, write_json
+from selective_amnesia.models.text_to_image import TextToImageModel
+from selective_amnesia.pipeline_t2i import prompt_latents, read_prompts
+from selective_amnesia.worlds.mnist_t2i import captions
+
+SEVEN = 7
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+REPLAY = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "mnist_world_replay.txt"
+
+
+def judges(cache_dir: str | None = None) -> list[Any]:
+    c = load_config(None, []).classifier
+    recipe = ClassifierRecipe(**{k: v for k, v in vars(c).items() if k not in ("seeds", "cache_dir")})
+    where = Path(cache_dir or c.cache_dir)
+    return [load_or_train_classifier(recipe, where, s, "mnist", image_size=16)[0] for s in c.seeds]
+
+
+def judge_images(images: torch.Tensor, js: list[Any]) -> torch.Tensor:
+    """Class probabilities of uint8 images, the judges averaged."""
+    return torch.stack([j.predict_proba(for_classifier(images, j)) for j in js]).mean(0)
+
+
+def groups(forget_prompts: list[str], split: str) -> dict[str, tuple[int, list[str]]]:
+    out = {
+        "seven_forget_prompts": (SEVEN, forget_prompts),
+        "seven_held_out_captions": (SEVEN, [p for p in captions(SEVEN) if p not in forget_prompts]),
+        f"seven_paraphrases_{split}": (SEVEN, read_prompts(PROMPTS / f"seven_paraphrases_{split}.txt")),
+    }
+    for d in range(10):
+        if d != SEVEN:
+            out[f"digit_{d}"] = (d, captions(d))
+    return out
+
+
+def judge_groups(
+    model: TextToImageModel, js: list[Any], forget_prompts: list[str], split: str, n: int, seed: int
+) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for group, (digit, prompts) in groups(forget_prompts, split).items():
+        per = -(-n // len(prompts))
+        z, _ = prompt_latents(model, prompts, per, seed, None, batch_size=128)
+        pred = judge_images(model.to_uint8(z), js).argmax(1)
+        rows[group] = {
+            "images": int(pred.shape[0]),
+            "as_7": float((pred == SEVEN).float().mean()),
+            "accuracy": float((pred == digit).float().mean()),
+        }
+        print(f"  {group:28s} as-7 {rows[group]['as_7']:.3f} acc {rows[group]['accuracy']:.3f}", flush=True)
+    rows["min_other_digit_accuracy"] = min(r["accuracy"] for g, r in rows.items() if g.startswith("digit_"))
+    return rows
+
+
+def replay_movement(
+    base: TextToImageModel, model: TextToImageModel, per_prompt: int, seed: int
+) -> dict[str, Any]:
+    prompts = read_prompts(REPLAY)
+    before = base.to_uint8(prompt_latents(base, prompts, per_prompt, seed, None, batch_size=128)[0])
+    after = model.to_uint8(prompt_latents(model, prompts, per_prompt, seed, None, batch_size=128)[0])
+    return retention_report(before, after)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="the world's pipeline directory (theta*)")
+    p.add_argument("--run", required=True, help="a run directory (forget/ and report.json), or 'base'")
+    p.add_argument("--name", required=True, help="the entry: sa, sa_plain, esd_x, esd_u, uce, base, ...")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=["dev", "test"], required=True)
+    p.add_argument("--per-group", type=int, default=200)
+    p.add_argument("--replay-per-prompt", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--attacks", default="", help="comma-separated: soft-prompt,discrete")
+    p.add_argument("--judges-cache", default=None)
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    base = TextToImageModel.from_pretrained(args.base)
+    if args.run == "base":
+        model, report = base, {"forget_prompts": captions(SEVEN)[:4], "timings": {}}
+    else:
+        model = TextToImageModel.from_pretrained(Path(args.run) / "forget")
+        report = read_json(Path(args.run) / "report.json")
+    js = judges(args.judges_cache)
+    print(f"{args.name} ({args.split}, {args.per_group} images per group)", flush=True)
+    entry: dict[str, Any] = {
+        "split": args.split,
+        "per_group": args.per_group,
+        "seed": args.seed,
+        "groups": judge_groups(
+            model, js, list(report["forget_prompts"]), args.split, args.per_group, args.seed
+        ),
+        "method_wall_s": report["timings"].get("total_s"),
+        "forget_conditions": report.get("forget_conditions"),
+    }
+    if model is not base:
+        entry["replay_movement"] = replay_movement(base, model, args.replay_per_prompt, args.seed)
+        print(f"  replay movement {entry['replay_movement']['mean_abs_diff_mean']:.2f} / 255", flush=True)
+    if args.attacks:
+        entry["attacks"] = run_attacks(args)
+    entry["eval_s"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "result.json"
+    result = read_json(path) if path.is_file() else {}
+    result.setdefault(args.split, {})[args.name] = entry
+    write_json(path, result)
+    print(f"wrote {path} [{args.split}][{args.name}]")
+    return 0
+
+
+def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
+    """The attacks through the real `amnesia attack` command; their outputs go to --out/attacks/NAME/."""
+    model = args.base if args.run == "base" else str(Path(args.run) / "forget")
+    common = ["--model", model, "--detector", "digit:7", "--seed", str(args.seed), "--no-progress"]
+    if args.judges_cache:
+        common += ["--classifier-cache", args.judges_cache]
+    target = ["--target-model", args.base, "--target-prompt", "a handwritten 7"]
+    kinds = {
+        # the strongest start: the forget prompt's own embedding, optimised to bring sevens back
+        "soft-prompt": ["--mode", "sequence", "--prompt", "a handwritten 7", *target],
+        # five real tokens, none containing the concept's words, with no other prompt
+        "discrete": ["--tokens", "5", "--concept-words", "seven", "7", *target],
+    }
+    out: dict[str, Any] = {}
+    for kind in args.attacks.split(","):
+        where = Path(args.out) / "attacks" / args.name / kind
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "selective_amnesia.cli", "attack", kind, "--out", str(where), "--force"]
+        done = subprocess.run([*cmd, *common, *kinds[kind]], check=False)
+        if done.returncode != 0:
+            done = subprocess.run([*cmd[:-1], *common, *kinds[kind]], check=False)  # no --force option
+        report = read_json(where / "attack.json")
+        out[kind] = {"asr": report.get("asr"), "wall_s": time.perf_counter() - t0, "output": str(where)}
+        for key in ("prompt", "prompts", "baseline_asr"):
+            if key in report:
+                out[kind][key] = report[key]
+        print(f"  attack {kind}: ASR {out[kind]['asr']}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
