@@ -36,6 +36,7 @@ from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, proces
 from selective_amnesia.io import partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import LoraEWCPenalty
+from selective_amnesia.progress import stage
 from selective_amnesia.sampling import BlockSet, blockwise_sets, effective_sampler, image_generators
 from selective_amnesia.surrogate import StoredImages
 from selective_amnesia.train import forget
@@ -267,10 +268,15 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     fisher_labels = forget_ids + replay_ids
     forget_ids, template_replay = defended_conditions(cfg, base, forget_ids, replay_prompts)
 
+    n = 5 if cfg.forget.ewc_lambda > 0 else 4
+    say = stage if share.main else (lambda k, n, title: None)
     t1 = time.perf_counter()
+    what = repr(t.surrogate_prompt) if t.surrogate_prompt is not None else t.surrogate_path
+    say(1, n, f"surrogate set ({t.surrogate_count} images of {what})")
     surrogate = _surrogate(cfg, base, out, share)
     timings["surrogate_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
+    say(2, n, f"replay set ({t.replay_per_prompt} images per replay prompt, {len(replay_prompts)} prompts)")
     replay_set = prompt_latents(
         base,
         replay_prompts,
@@ -301,6 +307,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     fisher = None
     if cfg.forget.ewc_lambda > 0:
         path = out / "fisher.safetensors"
+        say(3, n, f"Fisher ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
         fisher = t2i_fisher(cfg, model, fisher_labels, path, partial_dir(path))
     timings["fisher_s"] = time.perf_counter() - t1
 
@@ -316,6 +323,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         model.unet.enable_gradient_checkpointing()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t1 = time.perf_counter()
+    say(n - 1, n, f"forgetting ({len(forget_ids)} forget conditions, {cfg.forget.steps:,} steps)")
     # everything the fine-tune depends on: settings, theta*, the Fisher and the two image sets (whose
     # files may change without any setting changing)
     sets = state_hash({"replay": replay_set[0], "replay_ids": replay_set[1], "surrogate": surrogate})
@@ -371,6 +379,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         model.save_pretrained(target, extra=extra, reference_text_encoder=True)
 
     t1 = time.perf_counter()
+    say(n, n, f"retention check ({t.retention_per_prompt} images per replay prompt) and report")
     retention = retention_on_prompts(base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5)
     timings["retention_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
