@@ -335,7 +335,7 @@ def finish(
                 "role": role,
                 "images": int(hit.numel()),
                 "found": int(hit.sum()),
-                "rate": float(hit.float().mean()),
+                "rate": int(hit.sum()) / hit.numel() if hit.numel() else None,
             }
         )
 
