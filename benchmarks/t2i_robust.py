@@ -14,8 +14,10 @@ Each group is --per-group images spread evenly over its prompts, seeded per (see
   - replay movement: mean |difference| per pixel (0-255) between theta*'s and the model's images of the
     replay prompts, same seeds
 and, with --attacks, the attack success rates of selective_amnesia.attacks against the model (target
-images: theta*'s images of "a handwritten 7"). The entry --name is merged into --out/result.json with
-the run's wall time (its report.json). --per-group 50 is the quick setting used while tuning.
+images: theta*'s images of "a handwritten 7"). The entry is merged into --out/result.json with the
+run's wall time (its report.json): test-split entries at the top, keyed by --name (sa, sa_plain, esd_x,
+esd_u, uce, base), development-split ones under "development". --per-group 50 is the quick setting
+used while tuning.
 """
 
 from __future__ import annotations
@@ -136,9 +138,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "result.json"
     result = read_json(path) if path.is_file() else {}
-    result.setdefault(args.split, {})[args.name] = entry
+    if args.split == "test":  # the table: one entry per method at the top
+        result[args.name] = entry
+    else:
+        result.setdefault("development", {})[args.name] = entry
     write_json(path, result)
-    print(f"wrote {path} [{args.split}][{args.name}]")
+    print(f"wrote {path} ({args.name}, {args.split})")
     return 0
 
 
