@@ -56,6 +56,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     device = getattr(args, "device", None)
     if device is not None:
         overrides.append(f"device={device}")
+    if getattr(args, "report_to", None) is not None:
+        overrides.append(f"report_to={args.report_to}")
     from selective_amnesia.config import load_config
 
     cfg = load_config(path, overrides)
@@ -729,6 +731,14 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
             p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
         if out is not None:
             p.add_argument("--force", action="store_true", help=out)
+        if name in ("run", "pretrain", "forget"):
+            p.add_argument(
+                "--report_to",
+                "--report-to",
+                choices=["none", "tensorboard"],
+                default=None,
+                help="also send the loss terms to TensorBoard (OUT/logs; needs the tensorboard package)",
+            )
         return p
 
     rerun = "replace a finished --out made with other settings (default: refused; the same settings resume)"
@@ -872,6 +882,16 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
+def _tracking(args: argparse.Namespace, out: str | None) -> Any:
+    """The loss terms of a training command go to ``report_to``'s tracker, in ``OUT/logs``."""
+    if args.command not in ("run", "pretrain", "forget") or out is None or getattr(args, "dry_run", False):
+        return nullcontext()
+    from selective_amnesia import tracking
+
+    cfg = _config(args)
+    return tracking.session(cfg.report_to, Path(out) / "logs", cfg.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
@@ -909,7 +929,8 @@ def main(argv: list[str] | None = None) -> int:
             _check_output(args)
         with runstate.output_lock(out) if out is not None and writes else nullcontext():
             try:
-                code = int(args.fn(args))
+                with _tracking(args, out):
+                    code = int(args.fn(args))
             except BaseException as e:  # recorded while this process still holds the lock
                 _record_failure(_message(e))
                 raise

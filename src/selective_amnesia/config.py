@@ -138,7 +138,8 @@ class FisherConfig:
 class ForgetConfig:
     """The Selective Amnesia fine-tuning (paper Eq. 4)."""
 
-    forget_label: int = 0  # c_f
+    # c_f: one class, or a list of classes forgotten together in one run (each mapped to the surrogate)
+    forget_label: int | list[int] = 0
     objective: str = "surrogate"  # "surrogate" (Eq. 4) or "naive" (Eq. 3: raise the NELBO of c_f directly)
     # q(x|c_f): "uniform" noise over the model's pixel range, "class" (samples of surrogate_label from
     # theta*: remap c_f to another class) or "folder" (the images in surrogate_path)
@@ -172,9 +173,62 @@ class ForgetConfig:
     anchor_dtype: str = "float32"
     checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
     log_every: int = 25
+    # forget one concept after another (docs/sequential.md): each entry a class or a list of classes, one
+    # step each, every step starting from the last step's model; replaces forget_label when set
+    sequence: list[int | list[int]] | None = None
+    # the EWC anchor of step k >= 2: "original" (theta* and F of the base model), "online" (online EWC:
+    # F_k = online_alpha * F_(k-1) + F(theta_k), theta* = theta_k) or "latest" (the plain recipe again:
+    # theta_k and its own Fisher)
+    anchor: str = "original"
+    online_alpha: float = 1.0  # online EWC's decay of the earlier Fishers (1: they all count fully)
+    # how classes forgotten in earlier steps are replayed: "surrogate" (as their surrogate's images, so
+    # they stay forgotten) or "omit" (not replayed at all); never as the model's own samples of them
+    replay_forgotten: str = "surrogate"
+
+    def forget_labels(self) -> list[int]:
+        """forget_label as a list (the classes one run forgets together)."""
+        return list(self.forget_label) if isinstance(self.forget_label, list) else [self.forget_label]
+
+    def steps_labels(self) -> list[list[int]]:
+        """The classes of each step: the sequence's entries, else forget_label as a single step."""
+        if self.sequence is None:
+            return [self.forget_labels()]
+        return [list(s) if isinstance(s, list) else [s] for s in self.sequence]
 
     def __post_init__(self) -> None:
         _check(self.objective in ("surrogate", "naive"), "forget.objective must be surrogate or naive")
+        if isinstance(self.forget_label, list) and len(self.forget_label) == 1:
+            self.forget_label = self.forget_label[0]  # [3] is 3: one class, the single-concept run
+        steps = self.steps_labels()
+        _check(self.sequence != [], "forget.sequence is empty: give at least one concept, or leave it null")
+        _check(
+            all(steps),
+            "forget.forget_label and every entry of forget.sequence must name at least one class",
+        )
+        seen: set[int] = set()
+        for step in steps:
+            twice = sorted({c for c in step if c in seen or step.count(c) > 1})
+            _check(
+                not twice,
+                f"class {twice[0] if twice else ''} is forgotten twice in forget.sequence / forget_label "
+                f"{self.sequence if self.sequence is not None else self.forget_label}: name each class once",
+            )
+            seen.update(step)
+        _check(
+            self.objective == "surrogate" or len(seen) == 1,
+            "forget.objective=naive forgets a single class: use the surrogate objective for several",
+        )
+        _check(
+            self.anchor in ("original", "online", "latest"),
+            f"forget.anchor must be original, online or latest, got {self.anchor!r}",
+        )
+        _check(
+            0 <= self.online_alpha <= 1, f"forget.online_alpha must lie in [0, 1], got {self.online_alpha}"
+        )
+        _check(
+            self.replay_forgotten in ("surrogate", "omit"),
+            f"forget.replay_forgotten must be surrogate or omit, got {self.replay_forgotten!r}",
+        )
         _check(
             self.surrogate in ("uniform", "class", "folder"),
             f"forget.surrogate must be uniform, class or folder, got {self.surrogate!r}",
@@ -184,8 +238,9 @@ class ForgetConfig:
             "forget.surrogate=class needs forget.surrogate_label (the class c_f is remapped to)",
         )
         _check(
-            self.surrogate != "class" or self.surrogate_label != self.forget_label,
-            "forget.surrogate_label must differ from forget.forget_label",
+            self.surrogate != "class" or self.surrogate_label not in seen,
+            f"forget.surrogate_label {self.surrogate_label} is one of the classes to forget {sorted(seen)}: "
+            "a forgotten class cannot stand in for itself; pick a class that is kept",
         )
         _check(
             self.surrogate != "folder" or bool(self.surrogate_path),
@@ -466,6 +521,7 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available); random draws stay on CPU
+    report_to: str = "none"  # "tensorboard": the loss terms also go to OUT/logs (selective_amnesia.tracking)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -487,9 +543,16 @@ class RunConfig:
             f"method={self.method} erases a prompt concept: it needs model.family: text_to_image "
             f"(got {self.model.family}); use method=sa for {self.model.family} models",
         )
+        concepts = sorted({c for step in self.forget.steps_labels() for c in step})
         _check(
-            0 <= self.forget.forget_label < 10,
-            f"forget.forget_label must be a class in 0..9, got {self.forget.forget_label}",
+            all(0 <= c < 10 for c in concepts),
+            f"forget.forget_label / forget.sequence must name classes in 0..9, got "
+            f"{self.forget.sequence if self.forget.sequence is not None else self.forget.forget_label}",
+        )
+        _check(
+            len(concepts) < 10 or self.model.family == "text_to_image",
+            f"forget.forget_label / forget.sequence forget every class {concepts}: no class is left to keep "
+            "(replay needs one); leave at least one out",
         )
         _check(
             self.forget.surrogate_label is None or 0 <= self.forget.surrogate_label < 10,
@@ -498,6 +561,10 @@ class RunConfig:
         _check(
             self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device) is not None,
             f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}",
+        )
+        _check(
+            self.report_to in ("none", "tensorboard"),
+            f"report_to must be none or tensorboard, got {self.report_to!r}",
         )
         allowed = VAE_FISHER if self.model.family == "cvae" else DIFFUSION_FISHER
         _check(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from selective_amnesia import faults
+from selective_amnesia import faults, tracking
 from selective_amnesia.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.config import ForgetConfig, PretrainConfig
 from selective_amnesia.data import ImageDataset
@@ -187,6 +187,11 @@ class Trainer:
             )
             self.saved_step = step
 
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Keep the loss terms for the report and send them to the tracker, if one is on."""
+        self.history.add(step, values)
+        tracking.log(self.what, step, values)
+
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
         """Divergence guard: a NaN/inf loss stops training before it reaches the weights; the last
         checkpoint (written only from finite steps) stays on disk and the error says where."""
@@ -254,7 +259,7 @@ def pretrain(
         faults.point("train.step")
         if step % 100 == 0 or step == cfg.steps:
             values = {"nelbo": float(loss.detach()) / cfg.batch_size}
-            trainer.history.add(step, values)
+            trainer.log(step, values)
             bar.set_postfix(values)
         trainer.maybe_checkpoint(step, cfg.steps)
     return trainer.finish()
@@ -299,6 +304,7 @@ def forget(
     accumulation: int = 1,
     share: Share | None = None,
     adversary: Any = None,
+    replay: Replay | None = None,
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``cfg.forget_label`` (paper Eq. 4).
 
@@ -319,6 +325,9 @@ def forget(
 
     ``adversary`` (``defences.Adversary``, one process only) adds forget conditions while training:
     called after every step with the model, it returns the indices of new ones.
+
+    ``replay`` replaces the replay built from ``cfg.replay`` (a sequence of forgetting steps replays the
+    classes forgotten earlier as their surrogate: ``selective_amnesia.sequence``).
     """
     if accumulation < 1:
         raise AmnesiaError(f"gradient accumulation must be >= 1, got {accumulation}")
@@ -348,8 +357,9 @@ def forget(
         ewc = EWCPenalty(fisher.values, theta_star, dtype=dtype).to(device)
     if surrogate is None:
         surrogate = make_surrogate(cfg, model, frozen, surrogate_images)
-    replay: Replay
-    if cfg.replay == "stored":
+    if replay is not None:
+        pass
+    elif cfg.replay == "stored":
         if replay_set is None:
             raise AmnesiaError("forget.replay=stored needs the replay set; none was generated")
         replay = StoredReplay(*replay_set)
@@ -422,7 +432,7 @@ def forget(
                 if share.several:  # the whole batch's terms: each process's slice scaled to it, averaged
                     mean = share.reduce(torch.tensor(list(values.values()), dtype=torch.float64), "mean")
                     values = dict(zip(values, mean.tolist(), strict=True))
-                trainer.history.add(step, values)
+                trainer.log(step, values)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
             trainer.maybe_checkpoint(step, cfg.steps)
     finally:
