@@ -321,3 +321,28 @@ class PartialSums:
     def remove(self) -> None:
         if self.directory is not None:
             remove_training_state(self.directory)
+
+
+def online_fisher(previous: Fisher, current: Fisher, alpha: float) -> Fisher:
+    """Online EWC's Fisher (Schwarz et al. 2018, progress & compress): F~_k = alpha F~_(k-1) + F(theta_k).
+
+    ``previous`` is F~_(k-1), ``current`` the Fisher at theta_k; alpha in [0, 1] decays the earlier
+    steps' importance (1: they count fully, 0: the plain Fisher of theta_k). Summed in float64, stored in
+    ``current``'s dtype; the metadata is ``current``'s (its model hash is theta_k's) plus what was summed.
+    """
+    if not 0 <= alpha <= 1:
+        raise AmnesiaError(f"online EWC's alpha must lie in [0, 1], got {alpha}")
+    if set(previous.values) != set(current.values) or any(
+        previous.values[n].shape != v.shape for n, v in current.values.items()
+    ):
+        raise AmnesiaError("online EWC: the two Fishers name different parameters or shapes")
+    values = {
+        n: (alpha * previous.values[n].double() + v.double()).to(v.dtype) for n, v in current.values.items()
+    }
+    meta = dict(current.metadata)
+    meta["online"] = {
+        "alpha": alpha,
+        "previous_hash": state_hash(previous.values),
+        "current_hash": state_hash(current.values),
+    }
+    return Fisher(values, meta)

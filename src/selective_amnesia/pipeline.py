@@ -44,13 +44,22 @@ def model_labels(model: Any) -> list[int]:
     return list(range(model.config.num_classes))
 
 
+def forgotten_classes(cfg: RunConfig) -> list[int]:
+    """Every class the run forgets: ``forget.forget_label``'s, or all of ``forget.sequence``'s in order."""
+    return [c for step in cfg.forget.steps_labels() for c in step]
+
+
 def checked_labels(cfg: RunConfig, model: Any) -> list[int]:
-    """The model's classes, after checking that ``forget.forget_label`` is one of them."""
+    """The model's classes, after checking that every class to forget is one of them and one is kept."""
     labels = model_labels(model)
-    if cfg.forget.forget_label not in labels:
-        raise AmnesiaError(
-            f"forget.forget_label {cfg.forget.forget_label} is not a class of the model {labels}"
-        )
+    concepts = forgotten_classes(cfg)
+    bad = [c for c in concepts if c not in labels]
+    if bad:
+        what = "forget.sequence" if cfg.forget.sequence is not None else "forget.forget_label"
+        shown = cfg.forget.forget_label if cfg.forget.sequence is None else bad[0]
+        raise AmnesiaError(f"{what} {shown} is not a class of the model {labels}")
+    if all(c in concepts for c in labels):
+        raise AmnesiaError(f"forgetting {concepts} leaves no class of the model {labels} to keep")
     return labels
 
 
@@ -68,7 +77,7 @@ def evaluate_with_config(
         model,
         classifiers,
         test,
-        forget_label=cfg.forget.forget_label,
+        forget_label=_as_label(forgotten_classes(cfg)),
         labels=checked_labels(cfg, model),
         cfg=cfg.evaluate,
         seed=cfg.seed + 1,
@@ -76,6 +85,10 @@ def evaluate_with_config(
         cache_dir=cache_dir,
         progress=cfg.progress,
     )
+
+
+def _as_label(classes: list[int]) -> int | list[int]:
+    return classes[0] if len(classes) == 1 else classes
 
 
 def _reusable(path: Path, key: str) -> bool:
@@ -269,14 +282,17 @@ def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None =
     return estimate_fisher(model, chunk_size=f.chunk_size, **common)
 
 
-def stage_replay(cfg: RunConfig, base: Any, out: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+def stage_replay(
+    cfg: RunConfig, base: Any, out: Path, remembered: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The stored replay set (``forget.replay=stored``): replay_per_class samples of each remembered
-    class from theta*, generated once into ``out/replay`` (one file per class, so it resumes); several
-    processes share its blocks."""
+    class (``remembered``, else all but the ones to forget) from theta*, generated once into
+    ``out/replay`` (one file per class, so it resumes); several processes share its blocks."""
     if cfg.forget.replay != "stored" or cfg.forget.replay_weight == 0:
         return None
     share = current_share(resolve_device(cfg.device))
-    remembered = [c for c in model_labels(base) if c != cfg.forget.forget_label]
+    if remembered is None:
+        remembered = [c for c in model_labels(base) if c not in cfg.forget.forget_labels()]
     images, labels = cached_samples(
         base,
         remembered,
@@ -315,6 +331,26 @@ def surrogate_images(cfg: RunConfig, base: Any, out: Path) -> torch.Tensor | Non
     return base.from_uint8(folder.images)
 
 
+# forget settings added with sequences: left out of the settings hash at their defaults, so that a
+# single-concept run made before them is still reused
+_SEQUENCE_DEFAULTS = {
+    "sequence": None,
+    "anchor": "original",
+    "online_alpha": 1.0,
+    "replay_forgotten": "surrogate",
+}
+
+
+def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
+    settings = to_dict(cfg.forget)
+    settings.pop("checkpoint_every")
+    settings.pop("log_every")
+    for name, default in _SEQUENCE_DEFAULTS.items():
+        if settings[name] == default:
+            settings.pop(name)
+    return settings
+
+
 def stage_forget(
     cfg: RunConfig,
     base: Any,
@@ -322,25 +358,36 @@ def stage_forget(
     out: Path,
     replay_set: tuple[torch.Tensor, torch.Tensor] | None = None,
     target: Path | None = None,
+    *,
+    replay: Any = None,
+    ewc: Any = None,
+    surrogate_x: torch.Tensor | None = None,
+    sequence_key: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune a copy of theta* to forget ``forget.forget_label``; saved to ``target`` (``out/forget``).
+    """Fine-tune a copy of theta* to forget ``forget.forget_label`` (one class or several together);
+    saved to ``target`` (``out/forget``).
 
     A finished ``target`` made from the same settings is reused; an interrupted one resumes from
     ``target/checkpoint``. A class surrogate's samples are kept in ``out/surrogate``. Several processes
-    share each step's batch; process 0 writes the model.
+    share each step's batch; process 0 writes the model. A step of a sequence (``selective_amnesia.
+    sequence``) passes its own ``replay``, ``ewc`` anchor, surrogate images, ``sequence_key`` (what else
+    decides the result) and ``extra`` metadata.
     """
     share = current_share(resolve_device(cfg.device))
     target = target if target is not None else out / "forget"
-    settings = to_dict(cfg.forget)
-    settings.pop("checkpoint_every")
-    settings.pop("log_every")
-    key = settings_hash(
+    parts: list[Any] = [
         cfg.seed,
-        settings,
+        _forget_settings(cfg),
         state_hash(base.state_dict()),
         fisher.metadata if fisher is not None else None,
         state_hash({"x": replay_set[0], "c": replay_set[1]}) if replay_set is not None else None,
-    )
+    ]
+    if sequence_key is not None:
+        parts.append(sequence_key)
+    if ewc is not None:
+        parts.append(state_hash(ewc.state_dict()))
+    key = settings_hash(*parts)
     if share.agree([_reusable(target, key)])[0]:
         log.info("reusing forgotten model in %s", target)
         meta = read_json(target / "config.json")
@@ -355,10 +402,13 @@ def stage_forget(
         seed=cfg.seed,
         progress=cfg.progress,
         replay_set=replay_set,
-        surrogate_images=surrogate_images(cfg, base, out),
+        surrogate_images=surrogate_x if surrogate_x is not None else surrogate_images(cfg, base, out),
         checkpoint_dir=target / "checkpoint",
         key=key,
+        forget_labels=cfg.forget.forget_labels(),
         share=share,
+        ewc=ewc,
+        replay=replay,
     )
     if share.main:
         model.save_pretrained(
@@ -368,6 +418,7 @@ def stage_forget(
                 "run_config": to_dict(cfg),
                 "history": history.to_dict(),
                 "forget_label": cfg.forget.forget_label,
+                **(extra or {}),
             },
         )
     share.barrier()
@@ -420,6 +471,8 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
         old = _flat(read_json(out / "config.json"))
     except AmnesiaError:
         return None
+    for name, default in _SEQUENCE_DEFAULTS.items():  # a run made before these keys had their defaults
+        old.setdefault(f"forget.{name}", default)
     new = _flat(to_dict(cfg))
     ignored = ("progress", "device", "name", "classifier.cache_dir")
     changed = sorted(
@@ -437,7 +490,9 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
 
     base = touched("seed", "data", "model", "pretrain")
     fisher = base or touched("fisher")
-    replay = base or touched("forget.replay", "forget.replay_per_class", "forget.forget_label")
+    replay = base or touched(
+        "forget.replay", "forget.replay_per_class", "forget.forget_label", "forget.sequence"
+    )
     stages = {
         "base model": base,
         "Fisher": fisher,
@@ -482,7 +537,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         write_json(out / "config.json", to_dict(cfg))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    n = 6 if cfg.forget.replay == "stored" and cfg.forget.replay_weight > 0 else 5
+    sequential = cfg.forget.sequence is not None
+    # a sequence makes each step's replay set itself (from the latest model)
+    n = 6 if cfg.forget.replay == "stored" and cfg.forget.replay_weight > 0 and not sequential else 5
 
     t = time.perf_counter()
     if share.main:
@@ -511,14 +568,30 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     if share.main and n == 6:
         stage(4, n, f"replay set ({cfg.forget.replay_per_class:,} samples per remembered class)")
     with bar_name(sampling_module, "replay set: sampling theta*'s remembered classes"):
-        replay_set = stage_replay(cfg, base, out)
+        replay_set = stage_replay(cfg, base, out) if not sequential else None
     timings["replay_generation_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if share.main:
-        f = cfg.forget
-        stage(n - 1, n, f"forgetting class {f.forget_label} ({f.steps:,} steps, lambda {f.ewc_lambda:g})")
-    forgotten, history = stage_forget(cfg, base, fisher, out, replay_set)
+    f = cfg.forget
+    sequence_result = None
+    if sequential:
+        from selective_amnesia.sequence import run_sequence
+
+        def announce(k: int, total: int, step: list[int]) -> None:
+            if share.main:
+                stage(
+                    n - 1,
+                    n,
+                    f"forgetting step {k}/{total}: class {_as_label(step)} ({f.steps:,} steps, "
+                    f"lambda {f.ewc_lambda:g}, anchor {f.anchor})",
+                )
+
+        sequence_result = run_sequence(cfg, base, fisher, out, progress_stage=announce)
+        forgotten, history = sequence_result.models[-1], sequence_result.histories[-1]
+    else:
+        if share.main:
+            stage(n - 1, n, f"forgetting class {f.forget_label} ({f.steps:,} steps, lambda {f.ewc_lambda:g})")
+        forgotten, history = stage_forget(cfg, base, fisher, out, replay_set)
     timings["forget_s"] = time.perf_counter() - t
     if not share.main:
         share.barrier()  # process 0 evaluates and writes the report
@@ -528,7 +601,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     test = load_model_data(cfg, "test", base)
     metrics: dict[str, Any] = {}
     grids: dict[str, np.ndarray] = {}
-    remembered = [c for c in labels if c != cfg.forget.forget_label]
+    remembered = [c for c in labels if c not in forgotten_classes(cfg)]
     real_feats = real_features(classifiers[0], test, remembered)
     stage(
         n,
@@ -546,6 +619,32 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         save_png(grids[name], out / f"samples_{name}.png")
     save_png(side_by_side(grids["base"], grids["forget"]), out / "before_after.png")
     plot_losses(history["terms"], history["steps"], out / "losses.png")
+    figures = {
+        "Samples before (base model), one row per class": "samples_base.png",
+        "Samples after forgetting, one row per class": "samples_forget.png",
+        "Loss terms over forgetting steps": "losses.png",
+    }
+    sequence_report = None
+    if sequence_result is not None:
+        from selective_amnesia.evaluate.concepts import sequence_table
+        from selective_amnesia.evaluate.report import plot_sequence
+
+        sequence_report = sequence_table(
+            sequence_result.models,
+            sequence_result.steps,
+            classifiers,
+            test,
+            labels,
+            num_per_class=cfg.evaluate.num_per_class,
+            seed=cfg.seed + 1,
+            cache_root=out / "samples" / "steps",
+            progress=cfg.progress,
+        )
+        sequence_report.update(sequence_result.info)
+        plot_sequence(sequence_report, out / "sequence.png")
+        figures["Each step: forgotten classes drawn as themselves, kept classes drawn correctly"] = (
+            "sequence.png"
+        )
     timings["evaluate_s"] = time.perf_counter() - t
     # the stages' own times: a base model trained by an earlier, interrupted call counts with its
     # recorded training time, so total_s is the cost of the whole pipeline however it was run
@@ -554,9 +653,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     # what the person actually waited, classifier training and every reused stage's load included
     timings["wall_with_waits_s"] = time.perf_counter() - t0
 
+    concepts = _as_label(forgotten_classes(cfg))
+    what = f"class {concepts}" if not sequential else f"classes {concepts} one step after another"
     report = {
-        "title": f"Selective Amnesia: {cfg.name}, forgetting class {cfg.forget.forget_label}",
-        "forget_label": cfg.forget.forget_label,
+        "title": f"Selective Amnesia: {cfg.name}, forgetting {what}",
+        "forget_label": concepts,
         "metrics": metrics,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "base_model": base_info,
@@ -567,15 +668,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "environment": environment(),
         "torch_threads": torch.get_num_threads(),
     }
+    if sequence_report is not None:
+        report["sequence"] = sequence_report
     write_json(out / "report.json", report)
-    write_html_report(
-        out,
-        report,
-        {
-            "Samples before (base model), one row per class": "samples_base.png",
-            "Samples after forgetting, one row per class": "samples_forget.png",
-            "Loss terms over forgetting steps": "losses.png",
-        },
-    )
+    write_html_report(out, report, figures)
     share.barrier()
     return report

@@ -38,7 +38,7 @@ def assess_model(
     classifiers: list[MNISTClassifier],
     real_test: ImageDataset,
     *,
-    forget_label: int,
+    forget_label: int | list[int],
     labels: list[int],
     cfg: EvaluateConfig,
     seed: int,
@@ -50,13 +50,16 @@ def assess_model(
 
     ``real_feats`` (from ``real_features``) saves recomputing the reference features per model;
     ``cache_dir`` keeps the samples (uint8, what a user would save) so an interrupted evaluation resumes.
+    Several forgotten classes (a list) get ``num_forget_samples`` each; the forget metrics are then the
+    mean over them, and each class's own are ``<metric>_c<class>``.
     """
     start = time.perf_counter()
-    remembered = [c for c in labels if c != forget_label]
+    forgotten = forget_label if isinstance(forget_label, list) else [forget_label]
+    remembered = [c for c in labels if c not in forgotten]
     given = {"guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps}
     sampler: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    u_f, _ = cached_samples(
-        model, [forget_label], cfg.num_forget_samples, seed, cache_dir, progress=progress, **sampler
+    u_f, y_f = cached_samples(
+        model, forgotten, cfg.num_forget_samples, seed, cache_dir, progress=progress, **sampler
     )
     u_r, y_r = cached_samples(
         model, remembered, cfg.num_per_class, seed, cache_dir, progress=progress, **sampler
@@ -65,7 +68,7 @@ def assess_model(
     per_seed = []
     fake_feats = torch.empty(0)
     for i, clf in enumerate(classifiers):
-        m = forget_metrics(clf.predict_proba(x_f), forget_label)
+        m = _forget_metrics(clf.predict_proba(x_f), y_f, forgotten)
         probs_r, feats_r = clf.predict_proba_and_features(x_r)
         m["remembered_accuracy"] = accuracy(probs_r, y_r)
         fake_feats = feats_r if i == 0 else fake_feats
@@ -92,6 +95,19 @@ def assess_model(
         out["inception_feature_extractor"] = incep["feature_extractor"]
         out["inception_num_real"], out["inception_num_fake"] = incep["num_real"], incep["num_fake"]
     out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def _forget_metrics(probs: torch.Tensor, y: torch.Tensor, forgotten: list[int]) -> dict[str, Any]:
+    """forget_metrics of one class, or the mean over several with each class's own beside it."""
+    if len(forgotten) == 1:
+        return forget_metrics(probs, forgotten[0])
+    per = {c: forget_metrics(probs[y == c], c) for c in forgotten}
+    out: dict[str, Any] = {}
+    for key in ("p_forget", "entropy", "frac_classified_forget"):
+        out[key] = sum(m[key] for m in per.values()) / len(per)
+        out.update({f"{key}_c{c}": m[key] for c, m in per.items()})
+    out["n"] = sum(m["n"] for m in per.values())
     return out
 
 

@@ -107,6 +107,80 @@ def plot_losses(history: Mapping[str, Sequence[float]], steps: Sequence[int], pa
         fig.savefig(tmp, format="png", dpi=100)
 
 
+def plot_sequence(sequence: Mapping[str, Any], path: str | Path) -> None:
+    """A sequence's steps: each forgotten class's rate of being drawn as itself (from the step that
+    forgot it on; a rise is rebound) and the kept classes' mean accuracy (drift), against the step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = list(sequence["columns"])
+    xs = [int(c["step"]) for c in columns]
+    fig = Figure(figsize=(6.0, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (label, at) in enumerate(dict(sequence["forgotten_at_step"]).items()):
+        ys = [c["as_itself"][label] for c in columns]
+        ax.plot(
+            xs, ys, marker="o", color=f"C{i + 1}", label=f"{label} drawn as itself (forgotten at step {at})"
+        )
+        ax.axvline(int(at), color=f"C{i + 1}", lw=0.6, ls=":")
+    ax.plot(
+        xs,
+        [c["kept_accuracy"] for c in columns],
+        marker="s",
+        color="C0",
+        lw=2,
+        label="kept classes: accuracy",
+    )
+    ax.set_xticks(xs)
+    ax.set_xlabel("step (0 = base model)")
+    ax.set_ylabel("fraction of samples")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", frameon=False)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _sequence_section(sequence: Any) -> list[str]:
+    """The concept x step table: each class's rate of being drawn as itself after every step."""
+    if not isinstance(sequence, Mapping) or not sequence.get("columns"):
+        return []
+    columns = list(sequence["columns"])
+    at = dict(sequence.get("forgotten_at_step") or {})
+    head = "".join(f"<th>step {int(c['step'])}</th>" for c in columns)
+    rows = []
+    for label in sequence.get("classes", []):
+        key = str(label)
+        cells = []
+        for c in columns:
+            value = _fmt(c["as_itself"].get(key), 3)
+            forgotten = key in at and int(at[key]) <= int(c["step"])
+            cells.append(f"<td><b>{value}</b></td>" if forgotten else f"<td>{value}</td>")
+        status = f"forgotten at step {at[key]}" if key in at else "kept"
+        rows.append(f"<tr><td>{html.escape(key)} ({status})</td>{''.join(cells)}</tr>")
+    for name, field in (
+        ("kept classes: mean accuracy", "kept_accuracy"),
+        ("kept classes: FID", "kept_fid"),
+        ("forgotten so far: highest rate", "forgotten_max_as_itself"),
+    ):
+        line = "".join(f"<td>{_fmt(c.get(field), 3)}</td>" for c in columns)
+        rows.append(f"<tr><td>{name}</td>{line}</tr>")
+    anchor = html.escape(str(sequence.get("anchor")))
+    alpha = sequence.get("online_alpha")
+    replayed = sequence.get("replay_forgotten")
+    how = "as their surrogate's images" if replayed == "surrogate" else "not at all (left out of replay)"
+    return [
+        "<h2>Sequence: every class after every step</h2>",
+        f"<p>Anchor: <b>{anchor}</b>{f' (alpha {_fmt(alpha)})' if alpha is not None else ''}. "
+        f"Classes forgotten in earlier steps were replayed {how}.</p>",
+        f"<table><tr><th>class</th>{head}</tr>{''.join(rows)}</table>",
+        '<p class="note">Each cell: fraction of the class\'s samples the evaluation classifiers call that '
+        "class (argmax, mean over seeds). Bold: the class is forgotten by that step, so the value should "
+        "stay near 0 (a rise is rebound); for kept classes it is their accuracy (a fall is drift).</p>",
+    ]
+
+
 # ---- HTML report -------------------------------------------------------------------------------------
 
 _FORGET_ROWS = [
@@ -283,6 +357,7 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
         '<p class="note">FID and precision/recall compare generated samples of the remembered classes with '
         "real test images, in the evaluation classifier's penultimate-feature space (not Inception).</p>",
     ]
+    parts += _sequence_section(report.get("sequence"))
     extra_keys = [
         k
         for m in (base, forget)

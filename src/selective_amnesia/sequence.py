@@ -1,0 +1,233 @@
+"""Forgetting one concept after another (``forget.sequence``), for the VAE and DDPM families.
+
+Step k fine-tunes the model of step k-1 with ``train.forget`` (the one loop) to forget the step's
+classes. What changes between steps is what the loop is given:
+
+- the EWC anchor (``forget.anchor``): "original" keeps theta_0 and F(theta_0) for every step;
+  "online" is online EWC (Schwarz et al. 2018): F~_k = alpha F~_(k-1) + F(theta_k), theta* = theta_k;
+  "latest" is the plain recipe again on the latest model (theta_k and F(theta_k)), the baseline;
+- replay: the latest model's samples of the classes still kept, and the classes forgotten in earlier
+  steps as their surrogate's images (``forget.replay_forgotten=surrogate``) or not at all ("omit"), so
+  replay never re-teaches a forgotten class with the model's own drawings of it.
+
+Step k's model is ``OUT/steps/k`` (its Fisher and replay set beside it), the last one is also
+``OUT/forget`` like a single run's. A finished step made from the same settings is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selective_amnesia.config import RunConfig, to_dict
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.fisher import Fisher, online_fisher
+from selective_amnesia.objective import EWCPenalty
+from selective_amnesia.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
+from selective_amnesia.surrogate import Surrogate
+
+log = logging.getLogger(__name__)
+
+
+class ReplayForgottenAsSurrogate:
+    """Replay over the kept classes and the classes forgotten earlier, uniform over both: a kept class's
+    rows come from ``kept`` (the latest model's samples), a forgotten class's rows from ``surrogate``
+    with the forgotten class as their label, so replay keeps those classes on their surrogate."""
+
+    def __init__(
+        self, kept: Replay, kept_labels: list[int], forgotten: list[int], surrogate: Surrogate
+    ) -> None:
+        if not kept_labels:
+            raise AmnesiaError("replay needs at least one kept class")
+        self.kept, self.surrogate = kept, surrogate
+        self.classes = torch.tensor(list(kept_labels) + list(forgotten), dtype=torch.int64)
+        self.forgotten = torch.tensor(list(forgotten), dtype=torch.int64)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        cond = self.classes[torch.randint(len(self.classes), (n,), generator=generator)]
+        as_surrogate = torch.isin(cond, self.forgotten)
+        m = int(as_surrogate.sum())
+        xs, cs = [], []
+        if n - m:
+            x, c = self.kept.sample(n - m, generator)
+            xs.append(x)
+            cs.append(c)
+        if m:
+            xs.append(self.surrogate.sample(m, generator))
+            cs.append(cond[as_surrogate])
+        return torch.cat(xs), torch.cat(cs)
+
+
+@dataclass
+class SequenceResult:
+    """The models theta_0 .. theta_K (theta_0 the base), each step's loss history and what was done."""
+
+    models: list[Any]
+    histories: list[dict[str, Any]]
+    steps: list[list[int]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def step_config(cfg: RunConfig, labels: list[int]) -> RunConfig:
+    """The single-run config of one step: its classes as ``forget_label``, no sequence. The sequence's
+    own settings are left at their defaults (step 1 does not depend on them; later steps name them in
+    their ``sequence_key``), so step 1 is the single run of its classes, reused by every anchor."""
+    label: int | list[int] = labels[0] if len(labels) == 1 else list(labels)
+    f = dataclasses.replace(
+        cfg.forget,
+        forget_label=label,
+        sequence=None,
+        anchor="original",
+        online_alpha=1.0,
+        replay_forgotten="surrogate",
+    )
+    return dataclasses.replace(cfg, forget=f)
+
+
+def check_sequence(cfg: RunConfig, labels: list[int]) -> None:
+    """Every step's classes are the model's, none twice, the surrogate is kept and one class stays kept."""
+    steps = cfg.forget.steps_labels()
+    concepts = [c for s in steps for c in s]
+    bad = [c for c in concepts if c not in labels]
+    if bad:
+        raise AmnesiaError(f"forget.sequence: class {bad[0]} is not a class of the model {labels}")
+    if not [c for c in labels if c not in concepts]:
+        raise AmnesiaError(f"forget.sequence forgets every class of the model {labels}: keep at least one")
+
+
+def _anchor_fisher(
+    cfg: RunConfig, k: int, fishers: list[Fisher | None], online: list[Fisher | None]
+) -> Fisher | None:
+    """The Fisher anchoring step k (1-based), for anchors whose theta* is the step's starting model."""
+    if cfg.forget.anchor == "online":
+        return online[k - 1]
+    return fishers[k - 1]
+
+
+def run_sequence(
+    cfg: RunConfig,
+    base: Any,
+    fisher: Fisher | None,
+    out: Path,
+    *,
+    progress_stage: Any = None,
+) -> SequenceResult:
+    """Forget ``cfg.forget.sequence`` step by step from ``base`` (theta_0, whose Fisher is ``fisher``)."""
+    from selective_amnesia.pipeline import (
+        model_labels,
+        stage_fisher,
+        stage_forget,
+        stage_replay,
+        surrogate_images,
+    )
+    from selective_amnesia.train import make_surrogate
+
+    f = cfg.forget
+    labels = model_labels(base)
+    check_sequence(cfg, labels)
+    steps = f.steps_labels()
+    use_ewc = f.ewc_lambda > 0
+    surrogate_x = surrogate_images(cfg, base, out)  # q(x|c_f) once, from theta_0, for every step
+    models: list[Any] = [base]
+    histories: list[dict[str, Any]] = []
+    fishers: list[Fisher | None] = [fisher] + [None] * len(steps)  # F(theta_k)
+    online: list[Fisher | None] = [fisher] + [None] * len(steps)  # F~_k (online EWC)
+    forgotten: list[int] = []
+    for k, step in enumerate(steps, start=1):
+        step_dir = out / "steps" / str(k)
+        scfg = step_config(cfg, step)
+        latest = models[-1]
+        if progress_stage is not None:
+            progress_stage(k, len(steps), step)
+        kept = [c for c in labels if c not in forgotten and c not in step]
+        replay: Replay | None = None
+        replay_set = None
+        ewc = None
+        anchor_fisher = fisher
+        sequence_key: dict[str, Any] | None = None
+        if k == 1:  # the first step is a single run of its classes
+            replay_set = stage_replay(scfg, base, out, remembered=kept)
+        else:
+            if use_ewc and f.anchor != "original":
+                own = dataclasses.replace(scfg, fisher=dataclasses.replace(scfg.fisher, path=None))
+                fishers[k - 1] = stage_fisher(own, latest, out / "steps" / str(k - 1))  # F(theta_(k-1))
+                if f.anchor == "online":
+                    prev = online[k - 2]
+                    assert prev is not None and fishers[k - 1] is not None
+                    online[k - 1] = online_fisher(prev, fishers[k - 1], f.online_alpha)  # type: ignore[arg-type]
+                    online[k - 1].save(out / "steps" / str(k - 1) / "fisher_online.safetensors")  # type: ignore[union-attr]
+                anchor_fisher = _anchor_fisher(cfg, k, fishers, online)
+            elif use_ewc:
+                assert fisher is not None
+                theta_0 = {n: p.detach() for n, p in base.named_parameters() if p.requires_grad}
+                dtype = torch.bfloat16 if f.anchor_dtype == "bfloat16" else torch.float32
+                device = next(latest.parameters()).device
+                ewc = EWCPenalty(fisher.values, theta_0, dtype=dtype).to(device)
+            kept_replay: Replay
+            if f.replay == "stored":
+                stored = stage_replay(scfg, latest, step_dir, remembered=kept)
+                assert stored is not None or f.replay_weight == 0
+                kept_replay = StoredReplay(*stored) if stored is not None else _NoReplay()
+            else:
+                kept_replay = GenerativeReplay(frozen_copy(latest), kept)
+            if f.replay_forgotten == "surrogate" and forgotten:
+                surrogate = make_surrogate(scfg.forget, latest, None, surrogate_x)
+                replay = ReplayForgottenAsSurrogate(kept_replay, kept, list(forgotten), surrogate)
+            else:
+                replay = kept_replay
+            sequence_key = {
+                "step": k,
+                "anchor": f.anchor,
+                "online_alpha": f.online_alpha if f.anchor == "online" else None,
+                "forgotten_before": list(forgotten),
+                "replay_forgotten": f.replay_forgotten,
+            }
+        forgotten += step
+        saved = to_dict(cfg)  # what `amnesia evaluate` on this model measures: all classes forgotten so far
+        saved["forget"].update(
+            forget_label=forgotten[0] if len(forgotten) == 1 else list(forgotten), sequence=None
+        )
+        meta = {"run_config": saved, "sequence": {"step": k, "steps": steps[:k], "anchor": f.anchor}}
+        model, history = stage_forget(
+            scfg,
+            latest,
+            anchor_fisher,
+            out,
+            replay_set,
+            target=step_dir,
+            replay=replay,
+            ewc=ewc,
+            surrogate_x=surrogate_x,
+            sequence_key=sequence_key,
+            extra=meta,
+        )
+        models.append(model)
+        histories.append(history)
+    final = out / "forget"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(
+        out / "steps" / str(len(steps)), final, ignore=shutil.ignore_patterns("checkpoint", "replay")
+    )
+    info = {
+        "anchor": f.anchor,
+        "online_alpha": f.online_alpha if f.anchor == "online" else None,
+        "replay_forgotten": f.replay_forgotten,
+        "steps": steps,
+        "step_dirs": [f"steps/{k}" for k in range(1, len(steps) + 1)],
+    }
+    return SequenceResult(models, histories, steps, info)
+
+
+class _NoReplay:
+    """replay_weight 0: the loop never samples replay."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        raise AmnesiaError("replay was sampled with forget.replay_weight=0")
