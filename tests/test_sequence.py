@@ -186,3 +186,24 @@ def test_bad_input_is_one_line_and_exit_2(
     assert main(["run", "--out", str(tmp_path / "o"), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_relearn_reports_model_and_reference(
+    online_run: tuple[Path, RunConfig], tmp_path: Path
+) -> None:
+    out, _ = online_run
+    result_file = tmp_path / "m.json"
+    args = ["evaluate", "--model", str(out / "forget"), "--out", str(result_file)]
+    assert main([*args, "--relearn", "3,5", "--relearn-steps", "4"]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["forget_label"] == [0, 3, 5]  # every class the sequence forgot
+    assert {"p_forget_c0", "p_forget_c3", "p_forget_c5"} <= set(result["metrics"])
+    relearn = result["relearn"]
+    assert relearn["reference"] == str(out / "base") and relearn["reference_kind"] == "the run's base model"
+    assert [(r["class"], r["num_images"]) for r in relearn["rows"]] == [
+        (c, n) for c in (0, 3, 5) for n in (3, 5)
+    ]
+    curve = relearn["rows"][0]["model"]["drawn_as_class"]
+    assert set(curve) == {"0", "1", "2", "4"} and all(0 <= v <= 1 for v in curve.values())
+    assert "reference" in relearn["rows"][0]
+    assert main([*args, "--relearn", "ten"]) == 2

@@ -482,6 +482,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "config": to_dict(cfg),
         "environment": environment(),
     }
+    if args.relearn:
+        from selective_amnesia.evaluate.relearn import relearn_report
+
+        try:
+            counts = [int(t) for t in str(args.relearn).split(",") if t.strip()]
+        except ValueError:
+            raise AmnesiaError(f"--relearn takes N or N,N,... images, got {args.relearn!r}") from None
+        if not counts or min(counts) < 1:
+            raise AmnesiaError(f"--relearn takes N >= 1 images, got {args.relearn!r}")
+        result["relearn"] = relearn_report(
+            cfg, model, args.model, classifiers, counts, args.relearn_steps, args.relearn_reference
+        )
+        for row in result["relearn"]["rows"]:
+            ref = row.get("reference", {}).get("drawn_as_class", {}).get(str(args.relearn_steps))
+            got = row["model"]["drawn_as_class"][str(args.relearn_steps)]
+            print(
+                f"relearn {row['class']} from {row['num_images']} images, {args.relearn_steps} steps: "
+                f"drawn as {row['class']} {got:.3f}" + (f" (reference {ref:.3f})" if ref is not None else "")
+            )
     write_json(out, result)
     _remove_partial(out)
     print(
@@ -816,6 +835,21 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
     p.add_argument("--threshold", type=float, default=0.6, help="text-to-image: NudeNet score threshold")
     p.add_argument(
         "--identity-scorer", default=None, help="text-to-image: module:attr of an IdentityScorer to report"
+    )
+    p.add_argument(
+        "--relearn",
+        default=None,
+        help="VAE: fine-tune a copy on N real images of the forgotten class (N or a list like 10,100,1000) "
+        "and report how often it is drawn again (docs/sequential.md)",
+    )
+    p.add_argument(
+        "--relearn-steps", type=int, default=200, help="--relearn: fine-tuning steps (default 200)"
+    )
+    p.add_argument(
+        "--relearn-reference",
+        default=None,
+        help="--relearn: a model to relearn the same way for comparison (a base trained without the class); "
+        "default: the run's base beside --model",
     )
     p = add(
         "config",
