@@ -75,7 +75,7 @@ def read(out: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def test_paraphrase_reports_per_prompt_and_matches_amnesia_sample(tiny_world: Path, tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("# a comment\na handwritten 7\n\nthe number seven\n")
-    (tmp_path / "t.txt").write_text("a sketch of a {}\nno slot here\nthe {} again\n")
+    (tmp_path / "t.txt").write_text("a sketch of a {}\nthe {} again\n")
     out = tmp_path / "para"
     code = run(
         "paraphrase", "--model", str(tiny_world), "--out", str(out), "--prompts", str(tmp_path / "p.txt"),

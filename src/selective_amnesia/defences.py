@@ -51,7 +51,7 @@ def read_templates(path: str | Path | None) -> list[str]:
 def template_prompts(templates: list[str], words: list[str], exclude: list[str] | None = None) -> list[str]:
     """Every template filled with every word, in order, without duplicates or ``exclude``d prompts."""
     skip = set(exclude or [])
-    out = [t.format(w) for w in words for t in templates]
+    out = [t.format(w) for t in templates for w in words]
     return [p for p in dict.fromkeys(out) if p not in skip]
 
 

@@ -7,7 +7,6 @@ N images; the report gives, per prompt, how often the detector finds the concept
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,15 @@ from selective_amnesia.attacks.common import AttackOutput
 from selective_amnesia.errors import AmnesiaError
 
 
-def default_templates_path() -> Path:
-    return Path(str(resources.files("selective_amnesia") / "data" / "prompts" / "concept_templates.txt"))
-
-
 def expand_templates(words: list[str], templates: str | Path | None = None) -> list[str]:
-    """Every template line holding ``{}`` filled with every word (templates first, words inner)."""
-    from selective_amnesia.pipeline_t2i import read_prompts
+    """Every template line (one ``{}`` each) filled with every word: the forgetting defences' expansion
+    (``defences.template_prompts``), so an attack asks in exactly the words a defended run trained on."""
+    from selective_amnesia.defences import read_templates, template_prompts
 
-    path = Path(templates) if templates else default_templates_path()
-    lines = [t for t in read_prompts(path) if "{}" in t]
-    if not lines:
-        raise AmnesiaError(f"{path} holds no template: write lines with {{}} where the concept's word goes")
     words = [w.strip() for w in words]
     if any(not w for w in words):
         raise AmnesiaError("--concept-words must not be empty")
-    return list(dict.fromkeys(t.replace("{}", w) for t in lines for w in words))
+    return template_prompts(read_templates(templates), words)
 
 
 def paraphrase_prompts(prompts_file: str | None, words: list[str], templates: str | None = None) -> list[str]:
