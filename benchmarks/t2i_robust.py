@@ -23,6 +23,8 @@ used while tuning.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import subprocess
 import sys
 import time
@@ -137,14 +139,23 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "result.json"
+    lock = os.open(out, os.O_RDONLY)  # two judges may finish together (t2i_robust.sh): one writes at a time
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merge(path, args, entry)
+    finally:
+        os.close(lock)
+    print(f"wrote {path} ({args.name}, {args.split})")
+    return 0
+
+
+def merge(path: Path, args: argparse.Namespace, entry: dict[str, Any]) -> None:
     result = read_json(path) if path.is_file() else {}
     if args.split == "test":  # the table: one entry per method at the top
         result[args.name] = entry
     else:
         result.setdefault("development", {})[args.name] = entry
     write_json(path, result)
-    print(f"wrote {path} ({args.name}, {args.split})")
-    return 0
 
 
 def run_attacks(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,9 +4,9 @@
 # UCE, judged on the development paraphrases (quick, 50 images per group: the ablations) and on the test
 # paraphrases (200 per group, with the soft-prompt and discrete attacks: the table).
 #
-#   bash benchmarks/t2i_robust.sh runs            # the five methods and the ablations
-#   bash benchmarks/t2i_robust.sh dev             # development-split judging (ablations included)
-#   bash benchmarks/t2i_robust.sh test            # test-split judging + attacks, theta* included
+#   bash benchmarks/t2i_robust.sh all    # the five methods, the table (test split + attacks, theta*
+#                                        # too), then the ablations judged on the development split
+#   bash benchmarks/t2i_robust.sh dev    # judge every finished run on the development split again
 #
 # Two jobs at a time, one thread each (this 2-core machine). The world comes from
 # `python -m selective_amnesia.worlds.mnist_t2i --out runs/t2i_world` (WORLD=... to use another); the
@@ -25,7 +25,7 @@ run() {  # name config overrides...
   local name=$1 cfg=$2
   shift 2
   if [ -f "$R/$name/report.json" ]; then echo "have $name"; return; fi
-  if [ "$name" != sa_plain ] && [ -d "$R/sa_plain" ]; then  # reuse the Fisher and generated sets
+  if [[ "$name" == sa_?* ]] && [ -f "$R/sa_plain/report.json" ]; then  # reuse its Fisher and sets
     mkdir -p "$R/$name"
     for f in fisher.safetensors surrogate replay; do
       [ -e "$R/sa_plain/$f" ] && cp -r "$R/sa_plain/$f" "$R/$name/"
@@ -47,25 +47,29 @@ NO_NOISE=(t2i.embedding_copies=0 t2i.embedding_noise=0)
 NO_ADV=(t2i.adversarial_every=0)
 
 case "${1:-}" in
-  runs)
+  all)  # everything, in the order that gives the table first; two queues side by side
     ( run sa_plain configs/t2i_mnist.yaml
+      judge sa_plain test 200 soft-prompt,discrete
       run sa configs/t2i_mnist_robust.yaml
-      run sa_templates configs/t2i_mnist_robust.yaml "${NO_NOISE[@]}" "${NO_ADV[@]}"
-      run sa_adversarial configs/t2i_mnist_robust.yaml "${NO_TEMPLATES[@]}" "${NO_NOISE[@]}" ) &
+      judge sa test 200 soft-prompt,discrete
+      judge sa dev 50; judge sa_plain dev 50
+      run sa_adversarial configs/t2i_mnist_robust.yaml "${NO_TEMPLATES[@]}" "${NO_NOISE[@]}"
+      judge sa_adversarial dev 50 ) &
     ( run uce configs/t2i_mnist_uce.yaml
+      judge base test 200 soft-prompt,discrete
+      judge uce test 200 soft-prompt,discrete
       run esd_x configs/t2i_mnist_esd_x.yaml
+      judge esd_x test 200 soft-prompt,discrete
       run esd_u configs/t2i_mnist_esd_u.yaml
-      run sa_noise configs/t2i_mnist_robust.yaml "${NO_TEMPLATES[@]}" "${NO_ADV[@]}" ) &
+      judge esd_u test 200 soft-prompt,discrete
+      run sa_templates configs/t2i_mnist_robust.yaml "${NO_NOISE[@]}" "${NO_ADV[@]}"
+      judge sa_templates dev 50
+      run sa_noise configs/t2i_mnist_robust.yaml "${NO_TEMPLATES[@]}" "${NO_ADV[@]}"
+      judge sa_noise dev 50 ) &
     wait ;;
   dev)
     for name in sa_plain sa sa_templates sa_noise sa_adversarial esd_x esd_u uce; do
       [ -f "$R/$name/report.json" ] && judge "$name" dev 50
     done ;;
-  test)
-    ( judge base test 200 soft-prompt,discrete; judge sa test 200 soft-prompt,discrete
-      judge esd_u test 200 soft-prompt,discrete ) &
-    ( judge sa_plain test 200 soft-prompt,discrete; judge uce test 200 soft-prompt,discrete
-      judge esd_x test 200 soft-prompt,discrete ) &
-    wait ;;
-  *) echo "usage: $0 runs|dev|test" >&2; exit 2 ;;
+  *) echo "usage: $0 all|dev" >&2; exit 2 ;;
 esac
