@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -175,10 +176,9 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     for kind in args.attacks.split(","):
         where = Path(args.out) / "attacks" / args.name / kind
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "selective_amnesia.cli", "attack", kind, "--out", str(where), "--force"]
-        done = subprocess.run([*cmd, *common, *kinds[kind]], check=False)
-        if done.returncode != 0:
-            done = subprocess.run([*cmd[:-1], *common, *kinds[kind]], check=False)  # no --force option
+        shutil.rmtree(where, ignore_errors=True)  # a fresh attack each time
+        cmd = [sys.executable, "-m", "selective_amnesia.cli", "attack", kind, "--out", str(where)]
+        subprocess.run([*cmd, *common, *kinds[kind]], check=True)
         report = read_json(where / "attack.json")
         out[kind] = {"asr": report.get("asr"), "wall_s": time.perf_counter() - t0, "output": str(where)}
         for key in ("prompt", "prompts", "baseline_asr"):
