@@ -102,6 +102,15 @@ def _parse_labels(text: str) -> list[int]:
     return labels
 
 
+def _forgotten(cfg: RunConfig) -> str:
+    """What a run forgot, for its summary line: one class, or every class of a list or sequence (the
+    numbers are then averaged over them)."""
+    labels = [c for step in cfg.forget.steps_labels() for c in step]
+    if len(labels) == 1:
+        return f"forgotten class {labels[0]}"
+    return f"forgotten classes {', '.join(map(str, labels))} (averaged)"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from selective_amnesia.pipeline import check_inputs, run_pipeline
 
@@ -125,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_pipeline(cfg, args.out)
     b, f = report["metrics"]["base"], report["metrics"]["forget"]
     print(
-        f"forgotten class {cfg.forget.forget_label}: P(c_f) {b['p_forget']:.3f} -> {f['p_forget']:.3f}, "
+        f"{_forgotten(cfg)}: P(c_f) {b['p_forget']:.3f} -> {f['p_forget']:.3f}, "
         f"classified as c_f {b['frac_classified_forget']:.3f} -> {f['frac_classified_forget']:.3f}, "
         f"entropy {b['entropy']:.2f} -> {f['entropy']:.2f} nats"
     )
