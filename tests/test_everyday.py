@@ -375,3 +375,37 @@ def test_a_hub_id_is_resolved_offline_from_the_hf_cache(
     assert (
         main(["sample", "--model", "nobody/nothing", "--prompt", "a", "--out", str(tmp_path / "n.npz")]) == 2
     )
+
+
+# ---- finished models and text-to-image runs are not replaced silently ------------------------------
+
+
+def test_pretrain_over_a_finished_model_with_other_settings_needs_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "base")
+    args = ["pretrain", str(TINY_CONFIG), "--out", out, "pretrain.steps=5"]
+    assert main(args) == 0
+    assert main(args) == 0  # the same settings: fine (resumes, or redoes the same thing)
+    capsys.readouterr()
+    assert main([*args[:-1], "pretrain.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (sections: pretrain)" in err and "--force" in err
+    assert main([*args[:-1], "pretrain.steps=6", "--force"]) == 0
+
+
+def test_a_finished_text_to_image_run_with_other_settings_needs_force(
+    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "run")
+    fast = [
+        f"t2i.model={tiny_world}", "progress=false", "t2i.surrogate_count=2", "t2i.replay_per_prompt=1",
+        "t2i.retention_per_prompt=0", "fisher.estimator=subsampled", "fisher.timesteps_per_sample=2",
+        "fisher.num_samples=1", "forget.batch_size=2",
+    ]  # fmt: skip
+    config = str(REPO / "configs" / "t2i_mnist.yaml")
+    assert main(["run", config, "--out", out, *fast, "forget.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["run", config, "--out", out, *fast, "forget.steps=2"]) == 2
+    assert "sections: forget" in capsys.readouterr().err
+    assert main(["run", config, "--out", out, *fast, "forget.steps=2", "--force"]) == 0

@@ -126,6 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_inputs(cfg, ("train", "test"))
     if cfg.model.family != "text_to_image":
         _check_rerun(cfg, out, args.force)
+    else:
+        _check_finished(cfg, out, args.force)
     from selective_amnesia import runstate
 
     runstate.begin(out, "run")
@@ -168,6 +170,33 @@ def _check_rerun(cfg: RunConfig, out: Path, force: bool) -> None:
     note(f"  {stages}")
 
 
+def _check_finished(cfg: RunConfig, out: Path, force: bool) -> None:
+    """A finished model or text-to-image run in ``out`` made with other settings (its stored run config
+    against this one): refused without --force, which redoes it; the same settings resume or reuse."""
+    from selective_amnesia import runstate
+    from selective_amnesia.config import to_dict
+    from selective_amnesia.io import read_json
+    from selective_amnesia.progress import note
+
+    state = out / runstate.STATE_FILE
+    if not state.is_file() or read_json(state).get("status") != "complete":
+        return
+    stored: Any = None
+    for name, key in (("report.json", "config"), ("config.json", "run_config")):
+        if (out / name).is_file():
+            meta = read_json(out / name, schema=lambda value, where: None)
+            stored = meta.get(key) if isinstance(meta, dict) else None
+            break
+    now = to_dict(cfg)
+    if not isinstance(stored, dict) or stored == now:
+        return
+    changed = [k for k in sorted(set(now) | set(stored)) if now.get(k) != stored.get(k)]
+    what = f"--out {out} holds a finished result made with other settings (sections: {', '.join(changed)})"
+    if not force:
+        raise AmnesiaError(f"{what}: pass --force to redo it, or choose another --out")
+    note(f"{what}; --force: redoing it")
+
+
 def _run_text_to_image(cfg: RunConfig, out: str) -> int:
     from selective_amnesia.pipeline_t2i import run_text_to_image
 
@@ -205,6 +234,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise AmnesiaError("amnesia pretrain trains cvae and ddpm models; a text-to-image model is given")
     out = _out_dir(args.out, "model")
     check_inputs(cfg, ("train",))
+    _check_finished(cfg, out, args.force)
     from selective_amnesia import runstate
 
     runstate.begin(out, "pretrain")
@@ -264,6 +294,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if args.fisher:
             cfg.fisher.path = args.fisher
         check_inputs(cfg)
+        _check_finished(cfg, out, args.force)
         from selective_amnesia import runstate
 
         runstate.begin(out, "forget")
@@ -276,6 +307,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     fisher = Fisher.load(args.fisher, base) if args.fisher else None
     check_inputs(cfg)
+    _check_finished(cfg, out, args.force)
     from selective_amnesia import runstate
 
     runstate.begin(out, "forget")
