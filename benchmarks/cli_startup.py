@@ -1,6 +1,6 @@
 """`amnesia --help` wall time, best of 5 (the target is under 1 s): the parser is built without torch.
 
-    python benchmarks/cli_startup.py
+python benchmarks/cli_startup.py
 """
 
 from __future__ import annotations

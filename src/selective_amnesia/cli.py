@@ -532,10 +532,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise AmnesiaError(f"--relearn takes N or N,N,... images, got {args.relearn!r}") from None
         if not counts or min(counts) < 1:
             raise AmnesiaError(f"--relearn takes N >= 1 images, got {args.relearn!r}")
-        result["relearn"] = relearn_report(
+        relearn = relearn_report(
             cfg, model, args.model, classifiers, counts, args.relearn_steps, args.relearn_reference
         )
-        for row in result["relearn"]["rows"]:
+        result["relearn"] = relearn
+        for row in relearn["rows"]:
             ref = row.get("reference", {}).get("drawn_as_class", {}).get(str(args.relearn_steps))
             got = row["model"]["drawn_as_class"][str(args.relearn_steps)]
             print(
@@ -708,7 +709,7 @@ a config or override may change them, but naming another forget label or data se
 }
 
 
-class _LazySubParsers(argparse._SubParsersAction):  # type: ignore[type-arg]
+class _LazySubParsers(argparse._SubParsersAction):
     """Subcommands whose options live in heavy modules (torch) get them only when they are chosen, so
     the parser and ``--help`` are built without importing torch."""
 
@@ -723,7 +724,7 @@ class _LazySubParsers(argparse._SubParsersAction):  # type: ignore[type-arg]
     ) -> None:
         name = values[0] if values else None
         filler = getattr(self, "fillers", {}).pop(name, None)
-        if filler is not None:
+        if filler is not None and name is not None:
             filler(self._name_parser_map[name])
         super().__call__(parser, namespace, values, option_string)
 

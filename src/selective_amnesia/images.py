@@ -111,10 +111,12 @@ def write_grid(out: Path, images: np.ndarray, labels: np.ndarray, names: list[st
 def write_npz(out: Path, images: np.ndarray, labels: np.ndarray, prompts: list[str] | None) -> None:
     from selective_amnesia.io import atomic_path
 
-    extra = {} if prompts is None else {"prompts": np.array(prompts)}
+    arrays: dict[str, Any] = {"images": images, "labels": labels.astype(np.int64)}
+    if prompts is not None:
+        arrays["prompts"] = np.array(prompts)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, images=images, labels=labels.astype(np.int64), **extra)
+            np.savez(fh, **arrays)
 
 
 def write_samples(out: Path, images: np.ndarray, labels: np.ndarray, prompts: list[str] | None) -> str:

@@ -276,7 +276,8 @@ def make_surrogate(
     """
     if cfg.objective == "naive":
         assert frozen is not None  # forget() keeps theta* for the naive objective
-        return ModelSamples(frozen, cfg.forget_label)
+        (label,) = cfg.forget_labels()  # the naive objective forgets one class (config checks it)
+        return ModelSamples(frozen, label)
     if cfg.surrogate == "uniform":
         low, high = model.data_range
         return UniformNoise(model.image_shape, low, high)
@@ -333,7 +334,7 @@ def forget(
         raise AmnesiaError(f"gradient accumulation must be >= 1, got {accumulation}")
     share = share if share is not None else Share()
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
-    forget_labels = [cfg.forget_label] if forget_labels is None else list(forget_labels)
+    forget_labels = cfg.forget_labels() if forget_labels is None else list(forget_labels)
     bad = [c for c in forget_labels if c not in labels]
     if bad or not forget_labels:
         raise AmnesiaError(
