@@ -66,9 +66,11 @@ def test_sample_cli_works_on_the_forgotten_model(ddpm_run: Path, tmp_path: Path)
     xa, xb = np.load(a), np.load(b)
     assert xa["images"].shape == (10, 8, 8, 1) and xa["images"].dtype == np.uint8
     assert np.array_equal(xa["images"], xb["images"])  # per-image seeds: batching changes nothing
-    assert main([*base, "--seed", "1", "--out", str(b), "--steps", "2", "--guidance-scale", "0"]) == 0
+    assert (
+        main([*base, "--seed", "1", "--out", str(b), "--steps", "2", "--guidance-scale", "0", "--force"]) == 0
+    )
     assert not np.array_equal(xa["images"], np.load(b)["images"])
-    assert main([*base, "--seed", "1", "--out", str(b), "--steps", "0"]) == 2
+    assert main([*base, "--seed", "1", "--out", str(b), "--steps", "0", "--force"]) == 2
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:

@@ -221,7 +221,8 @@ bad_sample_option = st.one_of(
     st.tuples(st.just("--guidance-scale"), st.sampled_from(["-1", "nan", "inf", "x"])),
     st.tuples(st.just("--device"), st.sampled_from(["gpu", "cuda:x", "tpu", ""])),
     st.tuples(st.just("--prompt"), st.sampled_from(["a cat", ""])),  # prompts: not for a VAE
-    st.tuples(st.just("--out"), st.sampled_from(["x.png", "x", "out_dir"])),
+    # x.png (a grid) and x (a folder of PNGs) are valid outputs; out_dir exists already
+    st.tuples(st.just("--out"), st.sampled_from(["x.txt", "x.json", "out_dir"])),
     st.tuples(st.just("--model"), st.sampled_from(["missing", "out.npz", "out_dir", "scratch"])),
     st.tuples(st.just("--bogus"), st.just("1")),
 )
@@ -378,7 +379,7 @@ def test_a_full_disk_fails_cleanly_and_keeps_the_old_output(work: Path, tmp_path
     amnesia = Path(sys.executable).parent / "amnesia"
     argv = ["sample", "--model", str(work / "model"), "--labels", "0,1", "--num-per-label", "50"]
     r = subprocess.run(
-        [str(amnesia), *argv, "--out", str(out), "--no-progress"],
+        [str(amnesia), *argv, "--out", str(out), "--no-progress", "--force"],  # over the earlier file
         preexec_fn=limit,
         capture_output=True,
         text=True,

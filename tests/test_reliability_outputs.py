@@ -389,7 +389,9 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
         "s.npz": 0o644,
     }
     with _umask(0o077):
-        assert main(["sample", "--model", str(tmp_path / "m"), "--labels", "1", "--out", str(s)]) == 0
+        assert (
+            main(["sample", "--model", str(tmp_path / "m"), "--labels", "1", "--out", str(s), "--force"]) == 0
+        )
     assert stat.S_IMODE(s.stat().st_mode) == 0o600
 
 

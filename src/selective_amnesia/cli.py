@@ -1065,12 +1065,6 @@ def _check_output(args: argparse.Namespace) -> None:
                 f"--out {out} is a symlink to {target}, outside {home}: name {target} itself, or choose "
                 "another --out"
             )
-    if args.command in ("sample", "fisher", "evaluate") and out.exists() and not args.force:
-        what = "folder" if out.is_dir() else "file"
-        raise AmnesiaError(
-            f"--out {out} exists (a {what} from an earlier call): pass --force to overwrite it, or choose "
-            "another --out"
-        )
     resolved = out.resolve()
     for flag, path in _inputs(args):
         source = Path(path).resolve()
@@ -1079,6 +1073,13 @@ def _check_output(args: argparse.Namespace) -> None:
             raise AmnesiaError(
                 f"--out {out} {where} {flag} {path}, which this command reads: write somewhere else"
             )
+    # the inputs first: writing over what the command reads is refused even with --force
+    if args.command in ("sample", "fisher", "evaluate") and out.exists() and not args.force:
+        what = "folder" if out.is_dir() else "file"
+        raise AmnesiaError(
+            f"--out {out} exists (a {what} from an earlier call): pass --force to overwrite it, or choose "
+            "another --out"
+        )
 
 
 def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
