@@ -25,7 +25,7 @@ run() {  # name config overrides...
   local name=$1 cfg=$2
   shift 2
   if [ -f "$R/$name/report.json" ]; then echo "have $name"; return; fi
-  if [[ "$name" == sa_?* ]] && [ -f "$R/sa_plain/report.json" ]; then  # reuse its Fisher and sets
+  if [[ "$name" == sa* && "$name" != sa_plain ]] && [ -f "$R/sa_plain/report.json" ]; then  # its caches
     mkdir -p "$R/$name"
     for f in fisher.safetensors surrogate replay; do
       [ -e "$R/sa_plain/$f" ] && cp -r "$R/sa_plain/$f" "$R/$name/"
