@@ -43,18 +43,18 @@ def row(name: str, e: dict[str, Any]) -> str:
 def main() -> int:
     result = read_json(Path(sys.argv[1]))
     head = (
-        "| method | forget prompts: as 7 | held-out captions | test paraphrases | soft-prompt ASR | "
+        "| method | forget prompts: as 7 | held-out captions | {} paraphrases | soft-prompt ASR | "
         "discrete ASR | other digits correct (lowest) | replay moved (/255) | wall time |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
-    print(head)
+    print(head.format("test"))
     for name in METHODS:
         if name in result:
             print(row(name, result[name]))
     dev = result.get("development", {})
     if dev:
         print("\nDevelopment split (50 images per group):\n")
-        print(head)
+        print(head.format("development"))
         for name, e in dev.items():
             print(row(name, e))
     return 0
