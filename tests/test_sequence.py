@@ -207,3 +207,25 @@ def test_evaluate_relearn_reports_model_and_reference(
     assert set(curve) == {"0", "1", "2", "4"} and all(0 <= v <= 1 for v in curve.values())
     assert "reference" in relearn["rows"][0]
     assert main([*args, "--relearn", "ten"]) == 2
+
+
+def test_pretrain_without_a_class_never_sees_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the relearning reference: a base trained without the class (pretrain.exclude_labels)
+    seen: list[torch.Tensor] = []
+    real = pipeline.pretrain
+
+    def spy(model: Any, data: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(data.labels.clone())
+        return real(model, data, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "pretrain", spy)
+    cfg = load_config(TINY, ["pretrain.steps=2", "pretrain.exclude_labels=[0,3]"])
+    pipeline.stage_base(cfg, tmp_path / "base")
+    assert len(seen[0]) > 0 and not set(seen[0].unique().tolist()) & {0, 3}
+    # an unused exclude_labels leaves the settings hash of existing runs as it was
+    assert "exclude_labels" not in pipeline._pretrain_settings(RunConfig())
+    assert pipeline._pretrain_settings(cfg)["exclude_labels"] == [0, 3]
+    with pytest.raises(AmnesiaError, match="distinct"):
+        load_config(TINY, ["pretrain.exclude_labels=[2,2]"])
+    with pytest.raises(AmnesiaError, match="no class 11"):
+        pipeline.without_labels(pipeline.load_dataset("mnist", "test", None, None), [11])

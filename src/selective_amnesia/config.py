@@ -84,9 +84,17 @@ class PretrainConfig:
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (diffusers EMAModel) and save it as the model
     grad_clip: float | None = None  # clip the global gradient norm (diffusion training uses 1.0)
     checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
+    # classes left out of the training set: a base that never saw them, the reference of
+    # `amnesia evaluate --relearn` (how fast a class is learnt from scratch)
+    exclude_labels: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "pretrain.steps must be >= 1")
+        _check(
+            len(set(self.exclude_labels)) == len(self.exclude_labels)
+            and min(self.exclude_labels, default=0) >= 0,
+            f"pretrain.exclude_labels must name distinct classes >= 0, got {self.exclude_labels}",
+        )
         _check(self.batch_size >= 1, "pretrain.batch_size must be >= 1")
         _check(self.lr > 0, "pretrain.lr must be > 0")
         _check(0 <= self.ema_decay < 1, "pretrain.ema_decay must lie in [0, 1)")

@@ -7,6 +7,7 @@ A stage whose output already exists in the run directory, made from the same set
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -142,9 +143,26 @@ def load_model_data(cfg: RunConfig, split: str, model: Any) -> ImageDataset:
     return data
 
 
+def without_labels(data: ImageDataset, labels: list[int]) -> ImageDataset:
+    """``data`` less every image of ``labels`` (``pretrain.exclude_labels``)."""
+    if not labels:
+        return data
+    present = set(data.labels.unique().tolist())
+    missing = [c for c in labels if c not in present]
+    if missing:
+        raise AmnesiaError(f"pretrain.exclude_labels: the training set has no class {missing[0]}")
+    keep = ~torch.isin(data.labels, torch.tensor(labels, dtype=data.labels.dtype))
+    if not bool(keep.any()):
+        raise AmnesiaError("pretrain.exclude_labels leaves out every class: keep at least one")
+    log.info("pretraining without classes %s (%d of %d images left)", labels, int(keep.sum()), len(data))
+    return dataclasses.replace(data, images=data.images[keep], labels=data.labels[keep])
+
+
 def _pretrain_settings(cfg: RunConfig) -> dict[str, Any]:
     settings = to_dict(cfg.pretrain)
     settings.pop("checkpoint_every")  # changes nothing in the result
+    if not settings["exclude_labels"]:  # absent when unused: the hashes of existing runs stay the same
+        settings.pop("exclude_labels")
     return settings
 
 
@@ -199,7 +217,7 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
         return model, {"source": str(model_dir), "seconds": seconds}
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on earlier stages
     model = build_model_from_config(cfg.model).to(device)
-    train = load_model_data(cfg, "train", model)
+    train = without_labels(load_model_data(cfg, "train", model), cfg.pretrain.exclude_labels)
     history = pretrain(
         model,
         train,
