@@ -4,8 +4,9 @@ Forgetting is measured by what an independent classifier ``P_phi(y|x)`` says abo
 forgotten class, and image quality by statistics of its penultimate features. The network has the
 architecture of the paper's reference MNIST classifier (two 5x5 convolutions with batch norm, 2x2 max
 pooling, dropout, a 50-unit hidden layer) and, like it, reads raw [0, 1] pixels without normalisation,
-so P(c_f) and entropy are comparable with the paper's. It is trained once per (recipe, seed) and cached
-as safetensors, so every evaluation with the same recipe and seed uses exactly the same judge.
+so P(c_f) and entropy are comparable with the paper's. The judges the committed configs use ship with the
+package (``evaluate/packaged.py``); any other (recipe, seed) is trained once and cached as safetensors, so
+every evaluation with the same recipe and seed uses exactly the same judge.
 """
 
 from __future__ import annotations
@@ -272,46 +273,54 @@ def _load_cached(
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise AmnesiaError(f"{path} holds non-finite weights; {fix}")
     model.eval()
-    info = {
-        "path": str(path),
-        "recipe_hash": recipe.fingerprint(),
-        "test_accuracy": test_accuracy,
-        "train_seconds": train_seconds,
-        "cached": True,
-        "seed": seed,
-    }
+    info = _info(
+        path, recipe, seed, {"test_accuracy": test_accuracy, "train_seconds": train_seconds}, "cache"
+    )
     return model, info
 
 
-def load_or_train_classifier(
+def judged_name(dataset_name: str, image_size: int | None) -> str:
+    """The name a judge is stored under: the dataset, and the size its images make a round trip through."""
+    return dataset_name if image_size is None else f"{dataset_name}-via{image_size}px"
+
+
+def judged_split(
+    dataset_name: str, split: str, data_root: str | None = None, image_size: int | None = None
+) -> ImageDataset:
+    """A split of the dataset as the judge for ``image_size`` is trained and tested on."""
+    return _judged_view(load_dataset(dataset_name, split, root=data_root), image_size)
+
+
+def _info(path: Path, recipe: ClassifierRecipe, seed: int, meta: dict, source: str) -> dict:
+    return {
+        "path": str(path),
+        "recipe_hash": recipe.fingerprint(),
+        "test_accuracy": float(meta["test_accuracy"]),
+        "train_seconds": float(meta["train_seconds"]),
+        "cached": source != "trained",  # not trained by this call
+        "source": source,
+        "seed": seed,
+    }
+
+
+def train_and_save_classifier(
     recipe: ClassifierRecipe,
-    cache_dir: Path,
+    path: Path,
     seed: int,
     dataset_name: str = "mnist",
     data_root: str | None = None,
     progress: bool = True,
     image_size: int | None = None,
 ) -> tuple[MNISTClassifier, dict]:
-    """Return the judge for (dataset, recipe, seed), training and caching it on first use.
-
-    The cache file ``classifier-{dataset}-{recipe hash}-seed{seed}.safetensors`` stores the weights and,
-    as metadata, the recipe, seed, test accuracy, training time and package versions. A cache file that
-    exists but is unreadable or inconsistent raises ``AmnesiaError`` rather than being silently replaced.
-    Returns the model in eval mode and ``{"path", "recipe_hash", "test_accuracy", "train_seconds", "cached",
-    "seed"}``.
-    """
-    name = dataset_name if image_size is None else f"{dataset_name}-via{image_size}px"
-    path = classifier_cache_path(Path(cache_dir), recipe, seed, name)
-    if path.exists():
-        model, info = _load_cached(path, recipe, seed, name)
-        logger.info("loaded classifier %s (test accuracy %.4f)", path, info["test_accuracy"])
-        return model, info
+    """Train the judge for (dataset, recipe, seed) and write it to ``path`` in the cache format: the
+    weights and, as metadata, the recipe, seed, test accuracy, training time and package versions."""
+    name = judged_name(dataset_name, image_size)
     logger.info("training classifier (seed %d) -> %s", seed, path)
-    train = _judged_view(load_dataset(dataset_name, "train", root=data_root), image_size)
+    train = judged_split(dataset_name, "train", data_root, image_size)
     start = time.perf_counter()
     model = train_classifier(recipe, train, seed, progress=progress)
     train_seconds = time.perf_counter() - start
-    test = _judged_view(load_dataset(dataset_name, "test", root=data_root), image_size)
+    test = judged_split(dataset_name, "test", data_root, image_size)
     test_accuracy = classifier_accuracy(model, test)
     logger.info("classifier seed %d: test accuracy %.4f after %.1f s", seed, test_accuracy, train_seconds)
     metadata = {
@@ -326,12 +335,66 @@ def load_or_train_classifier(
         "environment": environment(),
     }
     save_tensors(path, model.state_dict(), metadata)
-    info = {
-        "path": str(path),
-        "recipe_hash": recipe.fingerprint(),
-        "test_accuracy": test_accuracy,
-        "train_seconds": train_seconds,
-        "cached": False,
-        "seed": seed,
-    }
-    return model, info
+    return model, _info(path, recipe, seed, metadata, "trained")
+
+
+def load_packaged_classifier(
+    recipe: ClassifierRecipe, seed: int, name: str
+) -> tuple[MNISTClassifier, dict] | None:
+    """The packaged judge for exactly (name, recipe, seed) once its sha256 is checked; None when there is
+    none. One that fails the check is refused with a warning (None: the caller trains it)."""
+    from selective_amnesia.evaluate import packaged
+
+    judge = packaged.find_packaged(name, recipe.fingerprint(), seed)
+    if judge is None:
+        return None
+    problem = packaged.verify(judge)
+    if problem is None:
+        try:
+            model, info = _load_cached(judge.path, recipe, seed, name)
+        except AmnesiaError as e:
+            problem = str(e)
+        else:
+            info.update(source="packaged", sha256=judge.sha256)
+            logger.info(
+                "loaded packaged classifier %s (test accuracy %.4f)", judge.path, info["test_accuracy"]
+            )
+            return model, info
+    logger.warning(
+        "%s: not used; training this judge instead (reinstall selective-amnesia to restore it)", problem
+    )
+    return None
+
+
+def load_or_train_classifier(
+    recipe: ClassifierRecipe,
+    cache_dir: Path,
+    seed: int,
+    dataset_name: str = "mnist",
+    data_root: str | None = None,
+    progress: bool = True,
+    image_size: int | None = None,
+) -> tuple[MNISTClassifier, dict]:
+    """Return the judge for (dataset, recipe, seed): from the cache, else packaged, else trained now.
+
+    1. the cache file ``classifier-{dataset}-{recipe hash}-seed{seed}.safetensors`` in ``cache_dir``: one
+       that exists but is unreadable or inconsistent raises ``AmnesiaError`` rather than being replaced;
+    2. the judge shipped with the package for exactly this dataset name, recipe hash and seed, after its
+       sha256 matches the packaged manifest (a mismatch is refused with a warning, and step 3 runs);
+    3. trained now and written to the cache file (weights and, as metadata, the recipe, seed, test
+       accuracy, training time and package versions).
+
+    Returns the model in eval mode and ``{"path", "recipe_hash", "test_accuracy", "train_seconds",
+    "cached", "source", "seed"}``: ``source`` is "cache", "packaged" or "trained", ``cached`` whether it
+    was not trained by this call (packaged ones add their ``sha256``).
+    """
+    name = judged_name(dataset_name, image_size)
+    path = classifier_cache_path(Path(cache_dir), recipe, seed, name)
+    if path.exists():
+        model, info = _load_cached(path, recipe, seed, name)
+        logger.info("loaded classifier %s (test accuracy %.4f)", path, info["test_accuracy"])
+        return model, info
+    found = load_packaged_classifier(recipe, seed, name)
+    if found is not None:
+        return found
+    return train_and_save_classifier(recipe, path, seed, dataset_name, data_root, progress, image_size)
