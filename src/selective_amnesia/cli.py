@@ -703,6 +703,10 @@ a config or override may change them, but naming another forget label or data se
     "world": """examples:
   amnesia world tiny-sd --variant sd1 --out W
   amnesia run configs/smoke_sd.yaml --out O t2i.model=W""",
+    "classifiers": """examples:
+  amnesia classifiers                                        # the packaged judges, their sha256 checked
+  amnesia classifiers --retrain --seeds 0                    # retrain one, compare with the packaged one
+  amnesia classifiers --retrain --config configs/ddpm_mnist.yaml --out judges/""",
     "config": """examples:
   amnesia config show                                        # the defaults (the MNIST VAE pipeline)
   amnesia config show configs/ddpm_mnist.yaml forget.forget_label=3""",
@@ -937,6 +941,20 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
         device=False,
     )
     sub.fillers["world"] = world_options
+
+    def classifier_options(p: argparse.ArgumentParser) -> None:
+        from selective_amnesia.cli_classifiers import add_arguments
+
+        add_arguments(p)
+
+    p = add(
+        "classifiers",
+        "list the evaluation classifiers shipped with the package; --retrain compares them with a retraining",
+        _lazy_fn("selective_amnesia.cli_classifiers", "cmd_classifiers"),
+        config=False,
+        device=False,
+    )
+    sub.fillers["classifiers"] = classifier_options
     if command is None or command == "attack":  # the attacks package imports torch: only when chosen
         from selective_amnesia.attacks.cli import add_attack_parser
 
