@@ -181,9 +181,10 @@ class ForgetConfig:
     anchor_dtype: str = "float32"
     checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
     log_every: int = 25
-    # forget one concept after another (docs/sequential.md): each entry a class or a list of classes, one
-    # step each, every step starting from the last step's model; replaces forget_label when set
-    sequence: list[int | list[int]] | None = None
+    # forget one concept after another (docs/sequential.md): each entry a class or a list of classes (for
+    # text-to-image: a t2i.concepts group's name or a list of names), one step each, every step starting
+    # from the last step's model; replaces forget_label when set
+    sequence: list[int | str | list[int | str]] | None = None
     # the EWC anchor of step k >= 2: "original" (theta* and F of the base model), "online" (online EWC:
     # F_k = online_alpha * F_(k-1) + F(theta_k), theta* = theta_k) or "latest" (the plain recipe again:
     # theta_k and its own Fisher)
@@ -197,30 +198,46 @@ class ForgetConfig:
         """forget_label as a list (the classes one run forgets together)."""
         return list(self.forget_label) if isinstance(self.forget_label, list) else [self.forget_label]
 
+    def _steps(self) -> list[list[int | str]]:
+        if self.sequence is None:
+            return [list(self.forget_labels())]
+        return [list(s) if isinstance(s, list) else [s] for s in self.sequence]
+
     def steps_labels(self) -> list[list[int]]:
         """The classes of each step: the sequence's entries, else forget_label as a single step."""
-        if self.sequence is None:
-            return [self.forget_labels()]
-        return [list(s) if isinstance(s, list) else [s] for s in self.sequence]
+        steps = self._steps()
+        names = [c for s in steps for c in s if not isinstance(c, int)]
+        _check(
+            not names,
+            f"forget.sequence: {names[0]!r} is not a class; names are for text-to-image concepts "
+            "(t2i.concepts)" if names else "",
+        )
+        return [[int(c) for c in s] for s in steps]
+
+    def steps_names(self) -> list[list[str]]:
+        """The t2i.concepts groups of each step (text-to-image): the sequence's entries as names."""
+        return [[str(c) for c in s] for s in self._steps()]
 
     def __post_init__(self) -> None:
         _check(self.objective in ("surrogate", "naive"), "forget.objective must be surrogate or naive")
         if isinstance(self.forget_label, list) and len(self.forget_label) == 1:
             self.forget_label = self.forget_label[0]  # [3] is 3: one class, the single-concept run
-        steps = self.steps_labels()
+        steps = self._steps()
         _check(self.sequence != [], "forget.sequence is empty: give at least one concept, or leave it null")
         _check(
             all(steps),
             "forget.forget_label and every entry of forget.sequence must name at least one class",
         )
-        seen: set[int] = set()
+        seen: set[int | str] = set()
         for step in steps:
-            twice = sorted({c for c in step if c in seen or step.count(c) > 1})
-            _check(
-                not twice,
-                f"class {twice[0] if twice else ''} is forgotten twice in forget.sequence / forget_label "
-                f"{self.sequence if self.sequence is not None else self.forget_label}: name each class once",
-            )
+            twice = sorted({c for c in step if c in seen or step.count(c) > 1}, key=str)
+            if twice:
+                what = "class" if isinstance(twice[0], int) else "concept"
+                shown = self.sequence if self.sequence is not None else self.forget_label
+                raise AmnesiaError(
+                    f"{what} {twice[0]} is forgotten twice in forget.sequence / forget_label {shown}: "
+                    f"name each {what} once"
+                )
             seen.update(step)
         _check(
             self.objective == "surrogate" or len(seen) == 1,
@@ -343,6 +360,35 @@ class EvaluateConfig:
 
 
 @dataclass
+class ConceptGroup:
+    """One concept of ``t2i.concepts``: the prompts that name it and its own surrogate q(x|c_f)."""
+
+    name: str = ""  # how forget.sequence and the report name the concept ("seven")
+    forget_prompts: list[str] = field(default_factory=list)  # its prompts, drawn uniformly within the group
+    surrogate_prompt: str | None = None  # its images are remapped to theta*'s images of this prompt
+    surrogate_path: str | None = None  # ... or to the images in this folder (set one of the two)
+    concept_words: list[str] = field(default_factory=list)  # its words, for t2i.augment_templates
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.name, str) and bool(self.name.strip()),
+            "t2i.concepts: every group needs a name (name: seven)",
+        )
+        _check(
+            bool(self.forget_prompts) and all(isinstance(p, str) and p.strip() for p in self.forget_prompts),
+            f"t2i.concepts group {self.name!r}: forget_prompts must be a non-empty list of prompts",
+        )
+        _check(
+            (self.surrogate_prompt is None) != (self.surrogate_path is None),
+            f"t2i.concepts group {self.name!r}: set exactly one of surrogate_prompt or surrogate_path",
+        )
+        _check(
+            all(isinstance(w, str) and w.strip() for w in self.concept_words),
+            f"t2i.concepts group {self.name!r}: concept_words must be non-empty strings",
+        )
+
+
+@dataclass
 class TextToImageSection:
     """Forgetting a concept in a diffusers text-to-image pipeline (``model.family: text_to_image``).
 
@@ -396,14 +442,24 @@ class TextToImageSection:
     adversarial_steps: int = 100
     adversarial_lr: float = 0.01
     adversarial_targets: int = 64
+    # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
+    # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
+    # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
+    # every group's prompts
+    concepts: list[ConceptGroup] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(
             self.sampler in (None, "ddim", "ddpm"), f"t2i.sampler must be ddim or ddpm, got {self.sampler!r}"
         )
+        self._check_concepts()
         _check(
-            not self.augment_templates or bool(self.concept_words),
+            not self.augment_templates or bool(self.concept_words) or bool(self.concepts),
             "t2i.augment_templates needs t2i.concept_words (the concept's words, e.g. [seven, '7'])",
+        )
+        _check(
+            not self.augment_templates or all(g.concept_words for g in self.concepts),
+            "t2i.augment_templates needs the concept_words of every t2i.concepts group (e.g. [seven, '7'])",
         )
         _check(
             all(isinstance(w, str) and w.strip() for w in self.concept_words + self.template_replay_words),
@@ -446,9 +502,71 @@ class TextToImageSection:
             "t2i.forget_prompts must be non-empty strings",
         )
 
+    def _check_concepts(self) -> None:
+        """Groups: distinct names, each prompt in one group, no surrogate prompt that is to be forgotten."""
+        if self.concepts:
+            names = [g.name for g in self.concepts]
+            twice = [n for n in names if names.count(n) > 1]
+            _check(not twice, f"t2i.concepts: two groups are named {twice[0] if twice else ''!r}")
+            _check(
+                self.surrogate_prompt is None and self.surrogate_path is None and not self.concept_words,
+                "t2i.concepts: each group has its own surrogate_prompt/surrogate_path and concept_words; "
+                "leave t2i.surrogate_prompt, t2i.surrogate_path and t2i.concept_words unset",
+            )
+            owner: dict[str, str] = {}
+            for g in self.concepts:
+                for p in g.forget_prompts:
+                    _check(
+                        p not in owner,
+                        f"t2i.concepts: the prompt {p!r} is named twice (groups {owner.get(p)!r} and "
+                        f"{g.name!r}): give each prompt to one group",
+                    )
+                    owner[p] = g.name
+            union = list(owner)
+            _check(
+                not self.forget_prompts or self.forget_prompts == union,
+                "t2i.forget_prompts and t2i.concepts: with groups, give the prompts in the groups (then "
+                "t2i.forget_prompts is every group's prompts)",
+            )
+            self.forget_prompts = union
+            _check(
+                len(self.concepts) == 1 or self.adversarial_every == 0,
+                "t2i.adversarial_every works with one concept: use it without several t2i.concepts groups",
+            )
+        owner_of = {p: g.name for g in self.concepts for p in g.forget_prompts}
+        for g in self.concepts:
+            if g.surrogate_prompt in owner_of:
+                raise AmnesiaError(
+                    f"t2i.concepts group {g.name!r}: surrogate_prompt {g.surrogate_prompt!r} is a forget "
+                    f"prompt of group {owner_of[g.surrogate_prompt]!r}: a concept to forget cannot stand in "
+                    "for one; remap to a prompt that is kept"
+                )
+        _check(
+            bool(self.concepts) or self.surrogate_prompt not in self.forget_prompts,
+            f"t2i.surrogate_prompt {self.surrogate_prompt!r} is one of t2i.forget_prompts: a concept to "
+            "forget cannot stand in for itself; remap to a prompt that is kept",
+        )
+
+    def groups(self) -> list[ConceptGroup]:
+        """The concepts to forget: ``concepts``, else one group "concept" made of the single-concept keys
+        (after ``check_ready``)."""
+        if self.concepts:
+            return list(self.concepts)
+        return [
+            ConceptGroup(
+                "concept",
+                list(self.forget_prompts),
+                self.surrogate_prompt,
+                self.surrogate_path,
+                list(self.concept_words),
+            )
+        ]
+
     def check_ready(self) -> None:
         """What a run needs that the defaults cannot supply."""
         _check(bool(self.model), "t2i.model: set it to a local diffusers pipeline directory")
+        if self.concepts:
+            return  # every group was checked when the config was read
         _check(
             bool(self.forget_prompts), "t2i.forget_prompts: name the concept to forget (a list of prompts)"
         )
@@ -543,6 +661,38 @@ class RunConfig:
     esd: EsdConfig = field(default_factory=EsdConfig)
     uce: UceConfig = field(default_factory=UceConfig)
 
+    def _check_t2i_sequence(self) -> None:
+        """forget.sequence in text-to-image: every entry a t2i.concepts group, every group in a step."""
+        t = self.t2i
+        _check(
+            bool(t.concepts),
+            "forget.sequence in text-to-image names t2i.concepts groups: define the groups "
+            "(docs/sequential.md)",
+        )
+        names = [g.name for g in t.concepts]
+        used = [n for step in self.forget.steps_names() for n in step]
+        unknown = [n for n in used if n not in names]
+        _check(
+            not unknown,
+            f"forget.sequence: unknown concept {unknown[0] if unknown else ''!r}; t2i.concepts names "
+            f"{', '.join(names)}",
+        )
+        unused = [n for n in names if n not in used]
+        _check(
+            not unused,
+            f"t2i.concepts group {unused[0] if unused else ''!r} is in no step of forget.sequence: add it to a "
+            "step or remove the group",
+        )
+        _check(
+            t.lora_rank == 0,
+            "forget.sequence in text-to-image trains the weights themselves (each step's model starts the "
+            "next): set t2i.lora_rank=0",
+        )
+        _check(
+            t.adversarial_every == 0,
+            "t2i.adversarial_every works with one concept in one run, not with forget.sequence",
+        )
+
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
@@ -551,7 +701,17 @@ class RunConfig:
             f"method={self.method} erases a prompt concept: it needs model.family: text_to_image "
             f"(got {self.model.family}); use method=sa for {self.model.family} models",
         )
-        concepts = sorted({c for step in self.forget.steps_labels() for c in step})
+        t2i = self.model.family == "text_to_image"
+        _check(
+            self.method == "sa" or not (self.t2i.concepts or self.forget.sequence is not None),
+            f"method={self.method} erases one concept (t2i.forget_prompts): t2i.concepts and forget.sequence "
+            "are for method=sa",
+        )
+        if t2i and self.forget.sequence is not None:
+            self._check_t2i_sequence()
+            concepts: list[int] = []
+        else:
+            concepts = sorted({c for step in self.forget.steps_labels() for c in step})
         _check(
             all(0 <= c < 10 for c in concepts),
             f"forget.forget_label / forget.sequence must name classes in 0..9, got "
@@ -622,6 +782,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise AmnesiaError(f"{key}: expected a list, got {short(value)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # a list of sections (t2i.concepts)
+        return _build(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -94,7 +94,7 @@ _MEANINGS = {
 
 
 def _type_name(tp: Any) -> str:
-    text = str(tp).replace("typing.", "")
+    text = str(tp).replace("typing.", "").replace("selective_amnesia.config.", "")
     return re.sub(r"<class '(\w+)'>", r"\1", text)
 
 
@@ -121,7 +121,8 @@ def key_reference(cfg: Any) -> list[tuple[str, str, str, str]]:
                 (
                     key,
                     _type_name(hints[f.name]),
-                    yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."),
+                    # the plain form (a list of sections, t2i.concepts, is a list of dicts there)
+                    yaml.safe_dump(tree[f.name], default_flow_style=True).strip().removesuffix("\n..."),
                     meaning,
                 )
             )
