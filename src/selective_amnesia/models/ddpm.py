@@ -11,38 +11,33 @@ Images live in [-1, 1], shape (B, C, H, W). diffusers is imported lazily, so imp
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.utils.checkpoint
 from safetensors import SafetensorError
-from torch import Tensor, nn
+from torch import Tensor
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, read_json, write_json
+from selective_amnesia.models.diffusion import (
+    GUIDANCE_CONVENTIONS,
+    SAMPLERS,
+    DDPMNoise,
+    DiffusionModel,
+    GuidedPair,
+    draw_device,
+)
 
 if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' lazy top-level namespace
     from diffusers.models.unets.unet_2d import UNet2DModel
-    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SAMPLERS = ("ddim", "ddpm")
-GUIDANCE_CONVENTIONS = ("diffusers", "reference")
-
-
-def guide(eps_c: Tensor, eps_null: Tensor, w: float, convention: str = "diffusers") -> Tensor:
-    """Classifier-free guidance. "diffusers": eps_null + w (eps_c - eps_null) (the stock pipelines);
-    "reference": (1 + w) eps_c - w eps_null (the paper's DDPM code), i.e. diffusers' w + 1."""
-    if convention == "reference":
-        w = w + 1.0
-    elif convention != "diffusers":
-        raise ValueError(f"guidance_convention must be one of {GUIDANCE_CONVENTIONS}, got {convention!r}")
-    return eps_null + w * (eps_c - eps_null)
 
 
 @dataclass
@@ -149,141 +144,27 @@ def _unet_kwargs(c: DDPMConfig) -> dict[str, Any]:
     }
 
 
-def _draw_device(generator: torch.Generator | None, x: Tensor) -> torch.device:
-    """Draw where the generator lives (a CPU generator gives the same numbers for a model on any device)."""
-    return generator.device if generator is not None else x.device
-
-
-class DDPMNoise(NamedTuple):
-    """The randomness of one L_simple estimate: a timestep and eps per sample, and the label-dropout draw."""
-
-    timesteps: Tensor  # int64 (B,)
-    eps: Tensor  # like x
-    drop: Tensor | None = None  # float (B,) uniform in [0, 1); label dropped where < class_dropout_prob
-
-
-class EpsilonDiffusion(nn.Module):
-    """What the epsilon-prediction families share (class-conditional DDPM, latent text-to-image): the
-    reference code's antithetic timesteps, the paired noise of a forgetting step and the all-timestep
-    ELBO of the paper's Fisher. Subclasses provide ``config.num_train_timesteps``, ``eps_loss`` and the
-    input checks ``_check_images`` / ``_check_cond``."""
-
-    config: Any
-    # how the per-sample loss reduces over entries ("sum" or "mean"); it sets the scale of lambda
-    loss_entries = "sum"
-
-    def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _check_images(self, x: Tensor) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def _check_cond(cond: Tensor) -> None:
-        raise NotImplementedError
-
-    def antithetic_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n timesteps in antithetic pairs (t, T-1-t), as the reference training code draws them."""
-        half = torch.randint(0, self.config.num_train_timesteps, (n // 2 + 1,), generator=generator)
-        return torch.cat([half, self.config.num_train_timesteps - 1 - half])[:n]
-
-    def paired_noise(
-        self, forget_x: Tensor, replay_x: Tensor | None, generator: torch.Generator | None = None
-    ) -> tuple[DDPMNoise, DDPMNoise | None]:
-        """Noise for the forget and replay terms of one step: both use the same antithetic timesteps
-        (the reference forgetting code), each its own eps; no label-dropout draw (off while forgetting)."""
-        n = forget_x.shape[0] if replay_x is None else max(forget_x.shape[0], replay_x.shape[0])
-        t = self.antithetic_timesteps(n, generator).to(forget_x.device)
-        eps_f = torch.randn(forget_x.shape, generator=generator, dtype=forget_x.dtype).to(forget_x.device)
-        noise_f = DDPMNoise(t[: forget_x.shape[0]], eps_f)
-        if replay_x is None:
-            return noise_f, None
-        eps_r = torch.randn(replay_x.shape, generator=generator, dtype=replay_x.dtype).to(replay_x.device)
-        return noise_f, DDPMNoise(t[: replay_x.shape[0]], eps_r)
-
-    def nelbo_all_timesteps(
-        self,
-        x: Tensor,
-        cond: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        eps: Tensor | None = None,
-        chunk: int = 50,
-        checkpoint: bool = True,
-    ) -> Tensor:
-        """sum_{t=0}^{T-1} ||eps(x_t, t, c) - eps_t||^2 per sample, shape (B,): the paper's ELBO(x|theta,c).
-
-        One fresh eps_t ~ N(0, I) per timestep, drawn from ``generator`` in order t = 0, 1, ... (so the
-        value does not depend on ``chunk``), or given as ``eps`` of shape (T, *x.shape). The UNet sees
-        ``chunk`` timesteps (chunk * B images) per call. When gradients are on and ``checkpoint`` is true,
-        each chunk is recomputed in backward, so memory stays bounded by one chunk. No label dropout.
-        """
-        self._check_images(x)
-        self._check_cond(cond)
-        if chunk < 1:
-            raise ValueError("chunk must be >= 1")
-        n_t, b = self.config.num_train_timesteps, x.shape[0]
-        if eps is not None and tuple(eps.shape) != (n_t, *x.shape):
-            raise ValueError(f"eps must have shape {(n_t, *x.shape)}, got {tuple(eps.shape)}")
-
-        def chunk_loss(ts: Tensor, e: Tensor) -> Tensor:
-            k = ts.shape[0]
-            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-            cs = cond.unsqueeze(0).expand(k, b).reshape(k * b)
-            tt = ts.repeat_interleave(b)
-            return self.eps_loss(xs, cs, tt, e.reshape(k * b, *x.shape[1:])).view(k, b).sum(dim=0)
-
-        use_ckpt = checkpoint and torch.is_grad_enabled()
-        total = x.new_zeros(b)
-        for start in range(0, n_t, chunk):
-            ts = torch.arange(start, min(start + chunk, n_t), device=x.device)
-            if eps is None:
-                e = torch.stack(
-                    [
-                        torch.randn(
-                            x.shape, generator=generator, device=_draw_device(generator, x), dtype=x.dtype
-                        )
-                        for _ in range(ts.shape[0])
-                    ]
-                ).to(x.device)
-            else:
-                e = eps[start : start + ts.shape[0]].to(device=x.device, dtype=x.dtype)
-            if use_ckpt:
-                part = torch.utils.checkpoint.checkpoint(chunk_loss, ts, e, use_reentrant=False)
-            else:
-                part = chunk_loss(ts, e)
-            total = total + part
-        return total
-
-
-class ConditionalDDPM(EpsilonDiffusion):
+class ConditionalDDPM(DiffusionModel):
     """Satisfies ``ConditionalGenerativeModel``; images are in [-1, 1], shape (B, C, H, W).
 
     ``nelbo`` is the paper's per-sample diffusion loss ||eps(x_t, t, c) - eps||^2 (summed over pixels)
     at one random timestep; ``nelbo_all_timesteps`` sums it over all T timesteps, the paper's
-    ELBO(x|theta, c) = sum_t ||eps(x_t, t, c|theta) - eps||^2 used by the Fisher.
+    ELBO(x|theta, c) = sum_t ||eps(x_t, t, c|theta) - eps||^2 used by the Fisher. In train mode with
+    ``class_dropout`` on (off inside ``forgetting()``), each label of ``nelbo`` is replaced by the null
+    class with probability ``class_dropout_prob`` (classifier-free guidance). The loss, noise and samplers
+    are the diffusion core's (``models/diffusion.py``).
     """
 
     family = "ddpm"
     loss_entries = "sum"  # over pixels, as the reference DDPM code (``losses.py``) sums them
-    data_range = (-1.0, 1.0)
-    per_image_seeds = True  # sample() accepts one generator per image: a set does not depend on batching
 
     def __init__(self, config: DDPMConfig | None = None) -> None:
         super().__init__()
         from diffusers.models.unets.unet_2d import UNet2DModel
-        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
         self.config = config or DDPMConfig()
         self.unet: UNet2DModel = UNet2DModel(**_unet_kwargs(self.config))
-        self.scheduler: DDPMScheduler = DDPMScheduler(**self._schedule_kwargs())
-        # eq. (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps): the scheduler's abar_t, kept as a buffer so
-        # it follows .to(device) and the loss is plain tensor indexing (vmap/grad friendly)
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
-        self.sqrt_abar: Tensor
-        self.sqrt_one_minus_abar: Tensor
-        self.register_buffer("sqrt_abar", alphas_cumprod.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_one_minus_abar", (1 - alphas_cumprod).sqrt().float(), persistent=False)
+        self._set_schedule(self._schedule_kwargs())
         # forgetting switches label dropout off; training (in train mode) keeps it on
         self.class_dropout = True
 
@@ -300,17 +181,6 @@ class ConditionalDDPM(EpsilonDiffusion):
             "clip_sample": True,
         }
 
-    def sampling_scheduler(self, sampler: str | None = None) -> DDIMScheduler | DDPMScheduler:
-        """A fresh diffusers scheduler (``config.sampler`` unless given) on this model's noise schedule."""
-        from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-
-        sampler = sampler or self.config.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-        return cls(**self._schedule_kwargs())
-
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.config.channels, self.config.image_size, self.config.image_size)
@@ -319,6 +189,14 @@ class ConditionalDDPM(EpsilonDiffusion):
     def null_class(self) -> int:
         """The label index of the unconditional ("null") embedding used by classifier-free guidance."""
         return self.config.num_classes
+
+    @property
+    def guidance_convention(self) -> str:
+        return str(self.config.guidance_convention)
+
+    @property
+    def ddim_eta(self) -> float:
+        return float(self.config.eta)
 
     @staticmethod
     def _check_cond(cond: Tensor) -> None:
@@ -335,98 +213,49 @@ class ConditionalDDPM(EpsilonDiffusion):
                 f"labels must lie in [0, {self.config.num_classes}), got {cond.unique().tolist()}"
             )
 
-    def _check_images(self, x: Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected images of shape (B, {self.image_shape}), got {tuple(x.shape)}")
+    # ---- the UNet --------------------------------------------------------------------------------
 
-    def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
-        """||eps(x_t, t, c) - eps||^2 summed over pixels, shape (B,); labels may include the null class."""
-        s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
-        s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
-        x_t = s * x + s1 * eps
-        pred = self.unet(x_t, timesteps, class_labels=cond).sample
-        return (pred - eps).pow(2).flatten(1).sum(dim=1)
+    def predict(self, x_t: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        """eps(x_t, t, c); labels may include the null class."""
+        return self.unet(x_t, timesteps, class_labels=cond).sample
 
-    # ---- the contract ----------------------------------------------------------------------------
+    def _guided_pair(self, cond: Tensor, device: torch.device, dtype: torch.dtype) -> GuidedPair:
+        labels = torch.cat([cond, torch.full_like(cond, self.null_class)])
+
+        def both(x2: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            eps_c, eps_null = self.unet(x2, t, class_labels=labels).sample.chunk(2)
+            return eps_c, eps_null
+
+        return both
+
+    # ---- label dropout ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _draw_drop(x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.rand(x.shape[0], generator=generator, device=draw_device(generator, x)).to(x.device)
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
         """Timesteps uniform in [0, T), eps ~ N(0, I) like x, and the label-dropout draw, in that order."""
-        b, dev = x.shape[0], _draw_device(generator, x)
-        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=dev)
-        eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
-        drop = torch.rand(b, generator=generator, device=dev)
-        return DDPMNoise(t.to(x.device), eps.to(x.device), drop.to(x.device))
+        timesteps, eps, _ = super().draw_noise(x, generator)
+        return DDPMNoise(timesteps, eps, self._draw_drop(x, generator))
 
-    def _dropout_active(self) -> bool:
-        return self.training and self.class_dropout and self.config.class_dropout_prob > 0
-
-    def nelbo(
-        self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
+    def _drop_labels(
+        self, cond: Tensor, drop: Tensor | None, x: Tensor, generator: torch.Generator | None
     ) -> Tensor:
-        """Per-sample L_simple = ||eps(x_t, t, c) - eps||^2 at one timestep per sample; shape (B,).
+        if not (self.training and self.class_dropout and self.config.class_dropout_prob > 0):
+            return cond
+        if drop is None:
+            drop = self._draw_drop(x, generator)
+        return torch.where(drop < self.config.class_dropout_prob, self.null_class, cond)
 
-        ``noise`` is a ``DDPMNoise`` (or a ``(timesteps, eps)`` pair); with it the result is a
-        deterministic function of the inputs. In train mode with ``self.class_dropout`` on, each label is
-        replaced by the null class with probability ``class_dropout_prob`` (classifier-free guidance).
-        """
-        self._check_images(x)
-        self._check_cond(cond)
-        if noise is None:
-            noise = self.draw_noise(x, generator)
-        timesteps, eps, *rest = noise
-        drop = rest[0] if rest else None
-        if self._dropout_active():
-            if drop is None:
-                drop = torch.rand(x.shape[0], generator=generator, device=_draw_device(generator, x))
-                drop = drop.to(x.device)
-            cond = torch.where(drop < self.config.class_dropout_prob, self.null_class, cond)
-        return self.eps_loss(x, cond, timesteps.to(x.device), eps)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: Tensor,
-        *,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """Classifier-free-guided samples in [-1, 1], shape (B, C, H, W).
-
-        eps = eps(x_t, t, null) + w (eps(x_t, t, c) - eps(x_t, t, null)), w = ``guidance_scale``
-        (config default), or the reference's (1 + w) eps(x_t, t, c) - w eps(x_t, t, null) when
-        ``config.guidance_convention`` is "reference"; the conditional and null passes share one UNet call.
-        The DDIM sampler uses ``config.eta``. The initial noise (and the
-        DDPM sampler's noise) come from ``generator``, which may live on the CPU whatever the device; a
-        list gives one generator per image (diffusers' convention), so an image does not depend on which
-        batch it was drawn in.
-        """
-        from diffusers.utils.torch_utils import randn_tensor
-        from tqdm.auto import tqdm
-
-        self.check_labels(cond)
-        w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
-        steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        if not 1 <= steps <= self.config.num_train_timesteps:
-            raise ValueError("num_inference_steps must lie in [1, num_train_timesteps]")
-        weight = next(self.unet.parameters())
-        device, dtype = weight.device, weight.dtype
-        cond = cond.to(device)
-        scheduler = self.sampling_scheduler()
-        scheduler.set_timesteps(steps, device=device)
-        b = cond.shape[0]
-        x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
-        x = x * scheduler.init_noise_sigma
-        labels = torch.cat([cond, torch.full_like(cond, self.null_class)])
-        step_kw = {"eta": self.config.eta} if self.config.eta and self.config.sampler == "ddim" else {}
-        for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-            out = self.unet(torch.cat([x, x]), t, class_labels=labels).sample
-            eps_c, eps_null = out.chunk(2)
-            eps = guide(eps_c, eps_null, w, self.config.guidance_convention)
-            # a generator list works at run time (the step draws its noise through randn_tensor)
-            x = scheduler.step(eps, t, x, generator=generator, return_dict=False, **step_kw)[0]  # type: ignore[arg-type]
-        return x.clamp(-1, 1)
+    @contextlib.contextmanager
+    def forgetting(self) -> Iterator[None]:
+        """No label dropout inside (the reference forgetting code never drops the label); restored after."""
+        had, self.class_dropout = self.class_dropout, False
+        try:
+            yield
+        finally:
+            self.class_dropout = had
 
     @staticmethod
     def to_uint8(x: Tensor) -> Tensor:

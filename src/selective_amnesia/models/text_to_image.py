@@ -44,7 +44,7 @@ from selective_amnesia.models.conditioning import (
     TextConditioning,
     unet_kwargs,
 )
-from selective_amnesia.models.ddpm import SAMPLERS, DDPMNoise, EpsilonDiffusion, _draw_device
+from selective_amnesia.models.diffusion import SAMPLERS, DiffusionModel, GuidedPair
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 META_KEY = "_selective_amnesia"
 # a text encoder referenced from an installed package instead of copied (the MiniLM wheel, 90 MB)
 TEXT_ENCODER_REF = "text_encoder_ref.json"
-# what the UNet is trained to predict (the scheduler's prediction_type); "sample" (x0) is not supported
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -132,19 +130,21 @@ def _text_encoder_class(name: str) -> Any:
     return cls
 
 
-class TextToImageModel(EpsilonDiffusion):
+class TextToImageModel(DiffusionModel):
     """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents.
 
     SD 1.x/2.x: ``TextToImageModel(unet, vae, text_encoder, tokenizer, scheduler_config)``; SDXL: also
-    ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2``.
+    ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2``. The loss, noise and
+    samplers are the diffusion core's (``models/diffusion.py``); there is no label dropout.
     """
 
     family = "text_to_image"
     # how eps_loss reduces over latent entries; recorded in every Fisher (a Fisher of the summed loss is
     # 16,384x larger per gradient at SD's 4x64x64 latents and would make lambda mean something else)
     loss_entries = "mean"
-    per_image_seeds = True
     data_range = (-1.0, 1.0)  # of decoded images
+    clamp_samples = False  # x are latents
+    x_name = "latents"
 
     def __init__(
         self,
@@ -160,8 +160,6 @@ class TextToImageModel(EpsilonDiffusion):
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         super().__init__()
-        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-
         self.unet = unet
         conditioning: TextConditioning
         if text_encoder_2 is None:
@@ -181,21 +179,10 @@ class TextToImageModel(EpsilonDiffusion):
             )
         self.frozen = _Frozen(vae, conditioning)
         # training noise: DDPM with the pipeline's betas (SD ships a PNDM config; the schedule is the same)
-        self.scheduler_config = dict(scheduler_config)
-        self.scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        self.prediction_type = str(self.scheduler.config.prediction_type)
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise AmnesiaError(
-                f"the scheduler's prediction_type is {self.prediction_type!r}; supported: {PREDICTION_TYPES}"
-            )
-        n_t = int(self.scheduler.config.num_train_timesteps)
+        self._set_schedule(scheduler_config)
+        n_t = int(self.scheduler.config["num_train_timesteps"])
         self.config = config or TextToImageConfig(num_train_timesteps=n_t)
         self.config.num_train_timesteps = n_t
-        abar = self.scheduler.alphas_cumprod.to(torch.float64)
-        self.sqrt_abar: Tensor
-        self.sqrt_one_minus_abar: Tensor
-        self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_one_minus_abar", (1 - abar).sqrt().float(), persistent=False)
         self.prompts: list[str] = []
         self._embeds: dict[str, Embeds] = {}  # prompt -> its conditioning, no batch dimension
         self.null_embeds: Embeds = conditioning.unconditional()
@@ -300,45 +287,32 @@ class TextToImageModel(EpsilonDiffusion):
         if cond.dtype != torch.int64 or cond.dim() != 1:
             raise ValueError(f"cond must be int64 prompt indices (B,), got {cond.dtype} {tuple(cond.shape)}")
 
-    def _check_images(self, x: Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected latents of shape (B, {self.image_shape}), got {tuple(x.shape)}")
-
     def check_labels(self, cond: Tensor) -> None:
         self._check_cond(cond)
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= len(self.prompts)):
             raise ValueError(f"prompt indices must lie in [0, {len(self.prompts)}): register prompts first")
 
-    # ---- the loss --------------------------------------------------------------------------------
+    # ---- the UNet ---------------------------------------------------------------------------------
 
-    def eps_loss(self, x: Tensor, cond: Tensor, timesteps: Tensor, eps: Tensor) -> Tensor:
-        """The denoising loss ||model(z_t, t, text) - target||^2 averaged over latent entries (the
-        reference's), shape (B,), with z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps. The target is eps, or
-        for v-prediction v = sqrt(abar_t) eps - sqrt(1 - abar_t) x (``DDPMScheduler.get_velocity``).
-        The name is the one ``EpsilonDiffusion.nelbo_all_timesteps`` and the Fisher call."""
-        s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
-        s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
-        z_t = s * x + s1 * eps
-        target = eps if self.prediction_type == "epsilon" else s * eps - s1 * x
-        text = _embeds_to(self._cond_embeds(cond), x.device, x.dtype)
-        pred = self.unet(z_t, timesteps, **unet_kwargs(text)).sample
-        return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    def predict(self, x_t: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        """model(z_t, t, text) for prompt indices ``cond``: eps, or v for a v-prediction schedule. The
+        core's ``eps_loss`` (the name ``nelbo_all_timesteps``, the Fisher and the attacks use) averages
+        ||model(z_t, t, text) - target||^2 over latent entries, as the reference."""
+        text = _embeds_to(self._cond_embeds(cond), x_t.device, x_t.dtype)
+        return self.unet(x_t, timesteps, **unet_kwargs(text)).sample
 
-    def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
-        b, dev = x.shape[0], _draw_device(generator, x)
-        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=dev)
-        eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
-        return DDPMNoise(t.to(x.device), eps.to(x.device))
+    def _guided_pair(self, cond: Tensor, device: torch.device, dtype: torch.dtype) -> GuidedPair:
+        # as the stock pipeline: the unconditional half first
+        b = cond.shape[0]
+        text = self._cond_embeds(cond)
+        null = {k: v.expand(b, *v.shape[1:]) for k, v in self.null_embeds.items()}
+        kwargs = unet_kwargs(_embeds_to(_cat(null, text), device, dtype))
 
-    def nelbo(
-        self, x: Tensor, cond: Tensor, *, generator: torch.Generator | None = None, noise: Any = None
-    ) -> Tensor:
-        """Per-sample latent denoising loss (``eps_loss``) at one random timestep (diffusers'
-        text-to-image loss), (B,)."""
-        if noise is None:
-            noise = self.draw_noise(x, generator)
-        timesteps, eps, *_ = noise
-        return self.eps_loss(x, cond, timesteps.to(x.device), eps)
+        def both(x2: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            out_null, out_c = self.unet(x2, t, **kwargs).sample.chunk(2)
+            return out_c, out_null
+
+        return both
 
     # ---- sampling --------------------------------------------------------------------------------
 
@@ -361,50 +335,6 @@ class TextToImageModel(EpsilonDiffusion):
             )
         except ValueError as e:
             raise AmnesiaError(f"bad sampler settings: {e}") from None
-
-    def sampling_scheduler(self, sampler: str | None = None) -> Any:
-        from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-
-        sampler = sampler or self.config.sampler
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-        return cls.from_config(self.scheduler_config)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: Tensor,
-        *,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """Latents (B, C, h, w) for prompt indices ``cond``, with classifier-free guidance on the model
-        output (eps or v) as in the stock pipeline: out = out(null) + w (out(text) - out(null)), the
-        scheduler turning it into the next latents. Decode with ``to_uint8`` or ``decode``."""
-        from diffusers.utils.torch_utils import randn_tensor
-        from tqdm.auto import tqdm
-
-        self.check_labels(cond)
-        w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
-        steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        weight = next(self.unet.parameters())
-        device, dtype = weight.device, weight.dtype
-        scheduler = self.sampling_scheduler()
-        scheduler.set_timesteps(steps, device=device)
-        b = cond.shape[0]
-        x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
-        x = x * scheduler.init_noise_sigma
-        text = self._cond_embeds(cond)
-        null = {k: v.expand(b, *v.shape[1:]) for k, v in self.null_embeds.items()}
-        kwargs = unet_kwargs(_embeds_to(_cat(null, text), device, dtype))
-        for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-            inp = scheduler.scale_model_input(torch.cat([x, x]), t)
-            out_null, out_c = self.unet(inp, t, **kwargs).sample.chunk(2)
-            out = out_null + w * (out_c - out_null)
-            x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
-        return x
 
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int = 64) -> Tensor:
