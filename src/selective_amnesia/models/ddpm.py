@@ -12,7 +12,6 @@ Images live in [-1, 1], shape (B, C, H, W). diffusers is imported lazily, so imp
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +26,10 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import environment, read_json, write_json
 from selective_amnesia.models.diffusion import (
     GUIDANCE_CONVENTIONS,
-    SAMPLERS,
     DDPMNoise,
     DiffusionModel,
     GuidedPair,
+    check_sampler_settings,
     draw_device,
 )
 
@@ -111,12 +110,7 @@ class DDPMConfig:
             raise ValueError("need 0 < beta_start < beta_end < 1")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
-            raise ValueError("num_inference_steps must lie in [1, num_train_timesteps]")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError("guidance_scale must be a finite number >= 0")
+        check_sampler_settings(self)
         if self.guidance_convention not in GUIDANCE_CONVENTIONS:
             raise ValueError(
                 f"guidance_convention must be one of {GUIDANCE_CONVENTIONS}, got {self.guidance_convention!r}"

@@ -14,6 +14,7 @@ diffusers is imported lazily, so importing ``selective_amnesia.models`` stays fa
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -43,6 +44,17 @@ def guide(eps_c: Tensor, eps_null: Tensor, w: float, convention: str = "diffuser
     elif convention != "diffusers":
         raise ValueError(f"guidance_convention must be one of {GUIDANCE_CONVENTIONS}, got {convention!r}")
     return eps_null + w * (eps_c - eps_null)
+
+
+def check_sampler_settings(config: Any) -> None:
+    """``ValueError`` unless ``config``'s sampler, num_inference_steps (in [1, num_train_timesteps]) and
+    guidance_scale are valid: the sampler settings of both adapters' configs."""
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {config.sampler!r}")
+    if not 1 <= config.num_inference_steps <= config.num_train_timesteps:
+        raise ValueError("num_inference_steps must lie in [1, num_train_timesteps]")
+    if not math.isfinite(config.guidance_scale) or config.guidance_scale < 0:
+        raise ValueError("guidance_scale must be a finite number >= 0")
 
 
 def draw_device(generator: torch.Generator | None, x: Tensor) -> torch.device:

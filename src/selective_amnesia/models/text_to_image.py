@@ -25,7 +25,6 @@ without a negative prompt: the embedding of ``""``, or zeros for SDXL's ``force_
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,7 @@ from selective_amnesia.models.conditioning import (
     TextConditioning,
     unet_kwargs,
 )
-from selective_amnesia.models.diffusion import SAMPLERS, DiffusionModel, GuidedPair
+from selective_amnesia.models.diffusion import DiffusionModel, GuidedPair, check_sampler_settings
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -66,12 +65,7 @@ class TextToImageConfig:
     num_classes: int = 0  # prompts registered so far; cond indexes them
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
-            raise ValueError("num_inference_steps must lie in [1, num_train_timesteps]")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError("guidance_scale must be a finite number >= 0")
+        check_sampler_settings(self)
 
 
 class _Frozen:
