@@ -6,6 +6,7 @@ Decoder p(x|z,c): [z, onehot(c)] -> 256 -> 512 -> 784, sigmoid (Bernoulli means)
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ class ConditionalVAE(nn.Module):
 
     family = "cvae"
     data_range = (0.0, 1.0)
+    loss_entries = "sum"  # BCE summed over pixels, as the paper
+    per_image_seeds = False  # sample() takes one generator: a set is drawn in fixed blocks
 
     def __init__(self, config: CVAEConfig | None = None) -> None:
         super().__init__()
@@ -85,6 +88,10 @@ class ConditionalVAE(nn.Module):
             raise ValueError(
                 f"labels must lie in [0, {self.config.num_classes}), got {cond.unique().tolist()}"
             )
+
+    def forgetting(self) -> AbstractContextManager[None]:
+        """The mode forgetting trains in: the same as training (no label dropout to switch off)."""
+        return nullcontext()
 
     def decode_logits(self, z: Tensor, cond: Tensor) -> Tensor:
         return self.decoder(torch.cat([z, self._onehot(cond)], dim=1))
