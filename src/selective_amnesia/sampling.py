@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from selective_amnesia import faults
 from selective_amnesia.distributed import Share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import cached_tensor, load_tensors, partial_dir, save_tensors, state_hash
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def image_generators(seed: int, label: int, start: int, count: int) -> list[torc
     return [torch.Generator().manual_seed(int(s)) for s in states]
 
 
-def effective_sampler(model: Any, **overrides: Any) -> dict[str, Any]:
+def effective_sampler(model: ConditionalGenerativeModel, **overrides: Any) -> dict[str, Any]:
     """The sampler settings ``model.sample`` will use: the model's defaults (a diffusion model's config)
     overridden by the non-None ``overrides``; part of every generated set's cache key."""
     defaults = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS if hasattr(model.config, k)}
@@ -64,7 +67,7 @@ def check_labels(labels: list[int], num_classes: int) -> None:
 
 @torch.no_grad()
 def sample_per_label(
-    model: Any,
+    model: ConditionalGenerativeModel,
     labels: list[int],
     num_per_label: int,
     seed: int,
@@ -99,7 +102,13 @@ def sample_per_label(
 
 
 def _sample_block(
-    model: Any, label: int, lo: int, n: int, seed: int, gen: Any, sample_kwargs: dict[str, Any]
+    model: ConditionalGenerativeModel,
+    label: int,
+    lo: int,
+    n: int,
+    seed: int,
+    gen: Any,
+    sample_kwargs: dict[str, Any],
 ) -> Tensor:
     """Images lo..lo+n of a label: per-image generators, or the label's one generator ``gen``."""
     cond = torch.full((n,), label, dtype=torch.int64)
@@ -224,7 +233,7 @@ def blockwise_sets(sets: list[BlockSet], share: Share | None = None) -> list[Ten
 
 
 def cached_samples(
-    model: Any,
+    model: ConditionalGenerativeModel,
     labels: list[int],
     num_per_label: int,
     seed: int,
