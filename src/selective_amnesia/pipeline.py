@@ -444,7 +444,8 @@ def stage_forget(
 
 
 def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[str, Any]]]:
-    """The evaluation classifiers, one per ``classifier.seeds``: from the user cache, trained on first use."""
+    """The evaluation classifiers, one per ``classifier.seeds``: from the user cache, else shipped with the
+    package, else trained on first use (``load_or_train_classifier``)."""
     from selective_amnesia.evaluate.cache import announce, resolve_cache_dir
     from selective_amnesia.progress import note
 
@@ -561,7 +562,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
 
     t = time.perf_counter()
     if share.main:
-        stage(1, n, f"evaluation classifiers ({len(cfg.classifier.seeds)} seeds, trained once, then cached)")
+        n_seeds = len(cfg.classifier.seeds)
+        stage(1, n, f"evaluation classifiers ({n_seeds} seeds: cached, packaged or trained once)")
     classifiers, classifier_info = load_classifiers(cfg) if share.main else ([], [])
     # one-time cost (cached afterwards), kept out of total_s
     timings["classifier_training_s"] = sum(i["train_seconds"] for i in classifier_info if not i["cached"])

@@ -1,5 +1,5 @@
-"""The user cache directory: evaluation classifiers (trained once, minutes each) shared by every run,
-whatever directory it is started from."""
+"""The user cache directory: evaluation classifiers that do not ship with the package (trained once,
+minutes each), shared by every run, whatever directory it is started from."""
 
 from __future__ import annotations
 
