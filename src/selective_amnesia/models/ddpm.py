@@ -233,10 +233,13 @@ class ConditionalDDPM(DiffusionModel):
         timesteps, eps, _ = super().draw_noise(x, generator)
         return DDPMNoise(timesteps, eps, self._draw_drop(x, generator))
 
+    def _dropout_active(self) -> bool:
+        return self.training and self.class_dropout and self.config.class_dropout_prob > 0
+
     def _drop_labels(
         self, cond: Tensor, drop: Tensor | None, x: Tensor, generator: torch.Generator | None
     ) -> Tensor:
-        if not (self.training and self.class_dropout and self.config.class_dropout_prob > 0):
+        if not self._dropout_active():
             return cond
         if drop is None:
             drop = self._draw_drop(x, generator)
