@@ -472,10 +472,14 @@ def _forget_terms(
     processes. With ``part`` the whole batch and its noise are drawn, and the loss is that of the rows
     ``part`` (this process's slice), scaled so that DDP's average over the processes is the whole batch's.
     """
-    forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
-    if len(forget_ids) == 1:
+    if hasattr(surrogate, "sample_with_conditions"):  # several concepts, each fitted to its own surrogate
+        forget_x, forget_c = surrogate.sample_with_conditions(cfg.batch_size, forget_ids, generator)
+        forget_x, forget_c = forget_x.to(device), forget_c.to(device)
+    elif len(forget_ids) == 1:
+        forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
         forget_c = forget_ids.expand(cfg.batch_size).to(device)
     else:  # several forget prompts: each sample names one, uniformly
+        forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
         forget_c = forget_ids[torch.randint(len(forget_ids), (cfg.batch_size,), generator=generator)]
         forget_c = forget_c.to(device)
     replay_x, replay_c = None, None
