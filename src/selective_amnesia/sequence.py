@@ -1,4 +1,6 @@
-"""Forgetting one concept after another (``forget.sequence``), for the VAE and DDPM families.
+"""Forgetting one concept after another (``forget.sequence``), for the VAE and DDPM families; the parts
+that do not depend on the family (replay of forgotten concepts, the anchors' Fishers, each step's key,
+the final copy) are shared with text-to-image (``selective_amnesia.sequence_t2i``).
 
 Step k fine-tunes the model of step k-1 with ``train.forget`` (the one loop) to forget the step's
 classes. What changes between steps is what the loop is given:
@@ -17,8 +19,10 @@ Step k's model is ``OUT/steps/k`` (its Fisher and replay set beside it), the las
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selective_amnesia.config import RunConfig, to_dict
+from selective_amnesia.config import ForgetConfig, RunConfig, to_dict
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher, online_fisher
 from selective_amnesia.objective import EWCPenalty
@@ -39,16 +43,38 @@ log = logging.getLogger(__name__)
 class ReplayForgottenAsSurrogate:
     """Replay over the kept classes and the classes forgotten earlier, uniform over both: a kept class's
     rows come from ``kept`` (the latest model's samples), a forgotten class's rows from ``surrogate``
-    with the forgotten class as their label, so replay keeps those classes on their surrogate."""
+    with the forgotten class as their label, so replay keeps those classes on their surrogate.
+
+    ``surrogate`` is one surrogate for every forgotten class, or one per forgotten class (label ->
+    surrogate: text-to-image concepts each have their own)."""
 
     def __init__(
-        self, kept: Replay, kept_labels: list[int], forgotten: list[int], surrogate: Surrogate
+        self,
+        kept: Replay,
+        kept_labels: list[int],
+        forgotten: list[int],
+        surrogate: Surrogate | Mapping[int, Surrogate],
     ) -> None:
         if not kept_labels:
             raise AmnesiaError("replay needs at least one kept class")
+        if isinstance(surrogate, Mapping) and not set(forgotten) <= set(surrogate):
+            raise AmnesiaError("replay: every forgotten class needs its surrogate")
         self.kept, self.surrogate = kept, surrogate
         self.classes = torch.tensor(list(kept_labels) + list(forgotten), dtype=torch.int64)
         self.forgotten = torch.tensor(list(forgotten), dtype=torch.int64)
+
+    def _surrogate_rows(self, cond: Tensor, generator: torch.Generator | None) -> Tensor:
+        if not isinstance(self.surrogate, Mapping):
+            return self.surrogate.sample(len(cond), generator)
+        out: Tensor | None = None
+        for label in cond.unique().tolist():
+            rows = (cond == label).nonzero().squeeze(1)
+            x = self.surrogate[label].sample(len(rows), generator)
+            if out is None:
+                out = x.new_empty((len(cond), *x.shape[1:]))
+            out[rows] = x
+        assert out is not None
+        return out
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cond = self.classes[torch.randint(len(self.classes), (n,), generator=generator)]
@@ -60,7 +86,7 @@ class ReplayForgottenAsSurrogate:
             xs.append(x)
             cs.append(c)
         if m:
-            xs.append(self.surrogate.sample(m, generator))
+            xs.append(self._surrogate_rows(cond[as_surrogate], generator))
             cs.append(cond[as_surrogate])
         return torch.cat(xs), torch.cat(cs)
 
@@ -102,13 +128,61 @@ def check_sequence(cfg: RunConfig, labels: list[int]) -> None:
         raise AmnesiaError(f"forget.sequence forgets every class of the model {labels}: keep at least one")
 
 
-def _anchor_fisher(
-    cfg: RunConfig, k: int, fishers: list[Fisher | None], online: list[Fisher | None]
-) -> Fisher | None:
-    """The Fisher anchoring step k (1-based), for anchors whose theta* is the step's starting model."""
-    if cfg.forget.anchor == "online":
-        return online[k - 1]
-    return fishers[k - 1]
+class AnchorFishers:
+    """The Fishers of the anchors "online" and "latest" (whatever the model family): F(theta_k) of every
+    step's model and online EWC's F~_k = alpha F~_(k-1) + F(theta_k), F~_0 = F(theta_0).
+
+    The anchor "original" needs none of them: every step uses theta_0 and F(theta_0)."""
+
+    def __init__(self, f: ForgetConfig, fisher: Fisher | None, num_steps: int) -> None:
+        self.anchor, self.alpha = f.anchor, f.online_alpha
+        self.fishers: list[Fisher | None] = [fisher] + [None] * num_steps  # F(theta_k)
+        self.online: list[Fisher | None] = [fisher] + [None] * num_steps  # F~_k (online EWC)
+
+    def for_step(self, k: int, estimate: Callable[[], Fisher], where: Path) -> Fisher:
+        """The Fisher anchoring step k >= 2 at its starting model theta_(k-1): F(theta_(k-1)) from
+        ``estimate`` ("latest"), or F~_(k-1), also saved as ``where/fisher_online.safetensors``
+        ("online"); ``where`` is the directory of theta_(k-1)."""
+        fisher = self.fishers[k - 1] = estimate()
+        if self.anchor != "online":
+            return fisher
+        prev = self.online[k - 2]
+        assert prev is not None
+        combined = self.online[k - 1] = online_fisher(prev, fisher, self.alpha)
+        combined.save(where / "fisher_online.safetensors")
+        return combined
+
+
+def step_key(f: ForgetConfig, k: int, forgotten_before: list[Any]) -> dict[str, Any]:
+    """What decides step k >= 2 besides the single-run settings (step 1 depends on none of it)."""
+    return {
+        "step": k,
+        "anchor": f.anchor,
+        "online_alpha": f.online_alpha if f.anchor == "online" else None,
+        "forgotten_before": list(forgotten_before),
+        "replay_forgotten": f.replay_forgotten,
+    }
+
+
+def sequence_info(f: ForgetConfig, steps: list[list[Any]]) -> dict[str, Any]:
+    """How the sequence was run, for the report's ``sequence`` section."""
+    return {
+        "anchor": f.anchor,
+        "online_alpha": f.online_alpha if f.anchor == "online" else None,
+        "replay_forgotten": f.replay_forgotten,
+        "steps": steps,
+        "step_dirs": [f"steps/{k}" for k in range(1, len(steps) + 1)],
+    }
+
+
+def copy_last_step(out: Path, num_steps: int, ignore: tuple[str, ...] = ("checkpoint", "replay")) -> Path:
+    """``out/steps/K`` copied to ``out/forget`` (what ``amnesia sample``/``evaluate`` use), less
+    ``ignore`` (a checkpoint, generated sets)."""
+    final = out / "forget"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(out / "steps" / str(num_steps), final, ignore=shutil.ignore_patterns(*ignore))
+    return final
 
 
 def run_sequence(
@@ -137,8 +211,7 @@ def run_sequence(
     surrogate_x = surrogate_images(cfg, base, out)  # q(x|c_f) once, from theta_0, for every step
     models: list[Any] = [base]
     histories: list[dict[str, Any]] = []
-    fishers: list[Fisher | None] = [fisher] + [None] * len(steps)  # F(theta_k)
-    online: list[Fisher | None] = [fisher] + [None] * len(steps)  # F~_k (online EWC)
+    anchors = AnchorFishers(f, fisher, len(steps))
     forgotten: list[int] = []
     for k, step in enumerate(steps, start=1):
         step_dir = out / "steps" / str(k)
@@ -157,13 +230,10 @@ def run_sequence(
         else:
             if use_ewc and f.anchor != "original":
                 own = dataclasses.replace(scfg, fisher=dataclasses.replace(scfg.fisher, path=None))
-                fishers[k - 1] = stage_fisher(own, latest, out / "steps" / str(k - 1))  # F(theta_(k-1))
-                if f.anchor == "online":
-                    prev = online[k - 2]
-                    assert prev is not None and fishers[k - 1] is not None
-                    online[k - 1] = online_fisher(prev, fishers[k - 1], f.online_alpha)  # type: ignore[arg-type]
-                    online[k - 1].save(out / "steps" / str(k - 1) / "fisher_online.safetensors")  # type: ignore[union-attr]
-                anchor_fisher = _anchor_fisher(cfg, k, fishers, online)
+                prev_dir = out / "steps" / str(k - 1)
+                # F(theta_(k-1)), kept beside theta_(k-1)
+                estimate = functools.partial(stage_fisher, own, latest, prev_dir)
+                anchor_fisher = anchors.for_step(k, estimate, prev_dir)
             elif use_ewc:
                 assert fisher is not None
                 theta_0 = {n: p.detach() for n, p in base.named_parameters() if p.requires_grad}
@@ -182,13 +252,7 @@ def run_sequence(
                 replay = ReplayForgottenAsSurrogate(kept_replay, kept, list(forgotten), surrogate)
             else:
                 replay = kept_replay
-            sequence_key = {
-                "step": k,
-                "anchor": f.anchor,
-                "online_alpha": f.online_alpha if f.anchor == "online" else None,
-                "forgotten_before": list(forgotten),
-                "replay_forgotten": f.replay_forgotten,
-            }
+            sequence_key = step_key(f, k, forgotten)
         forgotten += step
         saved = to_dict(cfg)  # what `amnesia evaluate` on this model measures: all classes forgotten so far
         saved["forget"].update(
@@ -210,20 +274,8 @@ def run_sequence(
         )
         models.append(model)
         histories.append(history)
-    final = out / "forget"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(
-        out / "steps" / str(len(steps)), final, ignore=shutil.ignore_patterns("checkpoint", "replay")
-    )
-    info = {
-        "anchor": f.anchor,
-        "online_alpha": f.online_alpha if f.anchor == "online" else None,
-        "replay_forgotten": f.replay_forgotten,
-        "steps": steps,
-        "step_dirs": [f"steps/{k}" for k in range(1, len(steps) + 1)],
-    }
-    return SequenceResult(models, histories, steps, info)
+    copy_last_step(out, len(steps))
+    return SequenceResult(models, histories, steps, sequence_info(f, steps))
 
 
 class _NoReplay:
