@@ -142,8 +142,14 @@ def plot_sequence(sequence: Mapping[str, Any], path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _sequence_section(sequence: Any) -> list[str]:
-    """The concept x step table: each class's rate of being drawn as itself after every step."""
+def _sequence_section(
+    sequence: Any,
+    *,
+    what: str = "class",
+    title: str = "Sequence: every class after every step",
+    note: str | None = None,
+) -> list[str]:
+    """The concept x step table: each class's (``what``'s) rate of being drawn as itself after every step."""
     if not isinstance(sequence, Mapping) or not sequence.get("columns"):
         return []
     columns = list(sequence["columns"])
@@ -159,26 +165,38 @@ def _sequence_section(sequence: Any) -> list[str]:
             cells.append(f"<td><b>{value}</b></td>" if forgotten else f"<td>{value}</td>")
         status = f"forgotten at step {at[key]}" if key in at else "kept"
         rows.append(f"<tr><td>{html.escape(key)} ({status})</td>{''.join(cells)}</tr>")
+    plural = "es" if what.endswith("s") else "s"
     for name, field in (
-        ("kept classes: mean accuracy", "kept_accuracy"),
-        ("kept classes: FID", "kept_fid"),
+        (f"kept {what}{plural}: mean accuracy", "kept_accuracy"),
+        (f"kept {what}{plural}: FID", "kept_fid"),
         ("forgotten so far: highest rate", "forgotten_max_as_itself"),
     ):
+        if all(c.get(field) is None for c in columns):
+            continue  # not measured for this family
         line = "".join(f"<td>{_fmt(c.get(field), 3)}</td>" for c in columns)
         rows.append(f"<tr><td>{name}</td>{line}</tr>")
-    anchor = html.escape(str(sequence.get("anchor")))
-    alpha = sequence.get("online_alpha")
-    replayed = sequence.get("replay_forgotten")
-    how = "as their surrogate's images" if replayed == "surrogate" else "not at all (left out of replay)"
-    return [
-        "<h2>Sequence: every class after every step</h2>",
-        f"<p>Anchor: <b>{anchor}</b>{f' (alpha {_fmt(alpha)})' if alpha is not None else ''}. "
-        f"Classes forgotten in earlier steps were replayed {how}.</p>",
-        f"<table><tr><th>class</th>{head}</tr>{''.join(rows)}</table>",
-        '<p class="note">Each cell: fraction of the class\'s samples the evaluation classifiers call that '
-        "class (argmax, mean over seeds). Bold: the class is forgotten by that step, so the value should "
-        "stay near 0 (a rise is rebound); for kept classes it is their accuracy (a fall is drift).</p>",
-    ]
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    if sequence.get("anchor") is not None:
+        anchor = html.escape(str(sequence.get("anchor")))
+        alpha = sequence.get("online_alpha")
+        replayed = sequence.get("replay_forgotten")
+        how = "as their surrogate's images" if replayed == "surrogate" else "not at all (left out of replay)"
+        parts.append(
+            f"<p>Anchor: <b>{anchor}</b>{f' (alpha {_fmt(alpha)})' if alpha is not None else ''}. "
+            f"{what.capitalize()}{plural} forgotten in earlier steps were replayed {how}.</p>"
+        )
+    parts.append(f"<table><tr><th>{html.escape(what)}</th>{head}</tr>{''.join(rows)}</table>")
+    parts.append(
+        '<p class="note">'
+        + (
+            note
+            or "Each cell: fraction of the class's samples the evaluation classifiers call that class "
+            "(argmax, mean over seeds). Bold: the class is forgotten by that step, so the value should "
+            "stay near 0 (a rise is rebound); for kept classes it is their accuracy (a fall is drift)."
+        )
+        + "</p>"
+    )
+    return parts
 
 
 # ---- HTML report -------------------------------------------------------------------------------------
@@ -406,6 +424,80 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
         f"<pre>{html.escape(_config_text(report.get('config')))}</pre>",
         "<h2>Environment</h2>",
         _kv_table(report.get("environment"), ("package", "version")),
+        "</body></html>",
+    ]
+    path = out_dir / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+T2I_TABLE_NOTE = (
+    "Each cell: fraction of the concept's images that the MNIST judges call its digit (their probabilities "
+    "averaged, argmax); a group's images are drawn from its forget prompts, a kept digit's from the "
+    "world's captions of it. Bold: the concept is forgotten by that step, so the value should stay near 0 "
+    "(a rise is rebound); for kept digits it is their accuracy (a fall is drift)."
+)
+
+
+def write_t2i_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[str, str]) -> Path:
+    """``out_dir/report.html`` of a text-to-image run that forgot ``t2i.concepts`` groups (at once, or one
+    after another): the groups, the concept x step table when the world's judges measured it
+    (``report["sequence"]`` or ``report["concepts_table"]``), the figures, timings and config."""
+    out_dir = Path(out_dir)
+    title = str(report.get("title") or f"Selective Amnesia: {report.get('name', 'text-to-image')}")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Forgotten model: {html.escape(str(report.get('output', MISSING)))}.</p>",
+        "<h2>Concepts</h2>",
+    ]
+    rows = [
+        {
+            "concept": g.get("name"),
+            "forget prompts": "; ".join(map(str, g.get("forget_prompts", []))),
+            "surrogate": g.get("surrogate"),
+            "forget conditions": g.get("forget_conditions"),
+            "forgotten at step": g.get("step"),
+        }
+        for g in report.get("concepts", [])
+        if isinstance(g, Mapping)
+    ]
+    parts.append(_rows_table(rows))
+    sequence, table = report.get("sequence"), report.get("concepts_table")
+    if isinstance(sequence, Mapping) and sequence.get("columns"):
+        parts += _sequence_section(
+            sequence, what="concept", title="Sequence: every concept after every step", note=T2I_TABLE_NOTE
+        )
+    elif isinstance(table, Mapping) and table.get("columns"):
+        parts += _sequence_section(
+            table, what="concept", title="Every concept before and after forgetting", note=T2I_TABLE_NOTE
+        )
+    else:
+        why = report.get("measured", {}).get("why") if isinstance(report.get("measured"), Mapping) else None
+        parts.append(f"<p>Not measured: {html.escape(str(why or MISSING))}.</p>")
+    retention = report.get("retention")
+    if isinstance(retention, Mapping) and retention:
+        parts += [
+            "<h2>Replay prompts: movement from the base model</h2>",
+            _kv_table(retention, ("measure", "value")),
+        ]
+    if images:
+        parts.append("<h2>Figures</h2>")
+        for caption, name in images.items():
+            src = _embedded(out_dir / str(name))
+            parts.append(
+                f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
+                f"<figcaption>{html.escape(caption)} ({html.escape(str(name))})</figcaption></figure>"
+            )
+    parts += [
+        "<h2>Timings (seconds)</h2>",
+        _kv_table(report.get("timings"), ("stage", "seconds")),
+        "<h2>Resolved config</h2>",
+        f"<pre>{html.escape(_config_text(report.get('config')))}</pre>",
         "</body></html>",
     ]
     path = out_dir / "report.html"
