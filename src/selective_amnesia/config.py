@@ -207,11 +207,11 @@ class ForgetConfig:
         """The classes of each step: the sequence's entries, else forget_label as a single step."""
         steps = self._steps()
         names = [c for s in steps for c in s if not isinstance(c, int)]
-        _check(
-            not names,
-            f"forget.sequence: {names[0]!r} is not a class; names are for text-to-image concepts "
-            "(t2i.concepts)" if names else "",
-        )
+        if names:
+            raise AmnesiaError(
+                f"forget.sequence: {names[0]!r} is not a class; names are for text-to-image concepts "
+                "(t2i.concepts)"
+            )
         return [[int(c) for c in s] for s in steps]
 
     def steps_names(self) -> list[list[str]]:
@@ -565,14 +565,23 @@ class TextToImageSection:
     def check_ready(self) -> None:
         """What a run needs that the defaults cannot supply."""
         _check(bool(self.model), "t2i.model: set it to a local diffusers pipeline directory")
-        if self.concepts:
-            return  # every group was checked when the config was read
+        if not self.concepts:  # groups were checked when the config was read
+            _check(
+                bool(self.forget_prompts),
+                "t2i.forget_prompts: name the concept to forget (a list of prompts)",
+            )
+            _check(
+                (self.surrogate_prompt is None) != (self.surrogate_path is None),
+                "set exactly one of t2i.surrogate_prompt (a prompt to remap to) or t2i.surrogate_path "
+                "(images)",
+            )
+        from selective_amnesia.pipeline_t2i import read_prompts  # late: it imports this module
+
+        kept = [p for p in read_prompts(self.replay_prompts) if p not in self.forget_prompts]
         _check(
-            bool(self.forget_prompts), "t2i.forget_prompts: name the concept to forget (a list of prompts)"
-        )
-        _check(
-            (self.surrogate_prompt is None) != (self.surrogate_path is None),
-            "set exactly one of t2i.surrogate_prompt (a prompt to remap to) or t2i.surrogate_path (images)",
+            bool(kept),
+            f"no kept prompts left: every replay prompt ({self.replay_prompts or 'the default list'}) is a "
+            "forget prompt; replay needs prompts of concepts that are kept (t2i.replay_prompts)",
         )
 
 
@@ -680,8 +689,8 @@ class RunConfig:
         unused = [n for n in names if n not in used]
         _check(
             not unused,
-            f"t2i.concepts group {unused[0] if unused else ''!r} is in no step of forget.sequence: add it to a "
-            "step or remove the group",
+            f"t2i.concepts group {unused[0] if unused else ''!r} is in no step of forget.sequence: add it "
+            "to a step or remove the group",
         )
         _check(
             t.lora_rank == 0,

@@ -17,6 +17,7 @@ default, which is the plain recipe:
 
 from __future__ import annotations
 
+import copy
 import json
 from importlib import resources
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from selective_amnesia.config import RunConfig
+from selective_amnesia.config import ConceptGroup, RunConfig
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import load_tensors, save_tensors
 from selective_amnesia.models.conditioning import HIDDEN
@@ -95,6 +96,44 @@ def defended_conditions(
     if t.embedding_copies:
         ids += noisy_embeddings(model, forget_prompts, t.embedding_copies, t.embedding_noise, cfg.seed + 6)
     return ids, template_replay
+
+
+def defended_groups(
+    cfg: RunConfig,
+    model: TextToImageModel,
+    groups: list[ConceptGroup],
+    replay_prompts: list[str],
+    reserved: list[str] | None = None,
+) -> tuple[list[list[int]], list[str]]:
+    """``defended_conditions`` for each concept group (``t2i.concepts``), with the group's own
+    ``concept_words``: every group's forget conditions, and the extra replay prompts, none of which is
+    any group's condition. No template gives a prompt of another group or of ``reserved`` (concepts
+    forgotten in other steps). One group gives exactly ``defended_conditions``'s result."""
+    named = [p for g in groups for p in g.forget_prompts] + list(reserved or [])
+    conditions: list[list[int]] = []
+    template_replay: list[str] = []
+    for i, g in enumerate(groups):
+        c = copy.copy(cfg)  # the group's words (and, past the first group, its own noise draws)
+        c.t2i = copy.copy(cfg.t2i)
+        c.t2i.concept_words = list(g.concept_words)
+        c.seed = cfg.seed + 1000 * i
+        others = [p for p in named if p not in g.forget_prompts]
+        ids, extra = defended_conditions(
+            c, model, model.prompt_ids(g.forget_prompts).tolist(), replay_prompts + others
+        )
+        conditions.append(ids)
+        template_replay += extra
+    owner: dict[int, str] = {}
+    for g, ids in zip(groups, conditions, strict=True):
+        for i in ids:
+            if i in owner and owner[i] != g.name:
+                raise AmnesiaError(
+                    f"the forget condition {model.prompts[i]!r} belongs to groups {owner[i]!r} and "
+                    f"{g.name!r}: their concept_words overlap; give each word to one group"
+                )
+            owner[i] = g.name
+    taken = {model.prompts[i] for i in owner}
+    return conditions, [p for p in dict.fromkeys(template_replay) if p not in taken]
 
 
 class Adversary:

@@ -26,9 +26,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
-from selective_amnesia.config import RunConfig, resolve_device, to_dict
+from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
-from selective_amnesia.defences import Adversary, defended_conditions
+from selective_amnesia.defences import Adversary, defended_groups
 from selective_amnesia.distributed import Share, current_share, remove_if_empty
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
@@ -38,7 +38,7 @@ from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import LoraEWCPenalty
 from selective_amnesia.progress import stage
 from selective_amnesia.sampling import BlockSet, blockwise_sets, effective_sampler, image_generators
-from selective_amnesia.surrogate import StoredImages
+from selective_amnesia.surrogate import GroupedSurrogate, StoredImages, Surrogate
 from selective_amnesia.train import forget
 from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
 
@@ -121,6 +121,15 @@ def prompt_latents(
     return torch.cat(out), torch.cat(out_ids)
 
 
+def t2i_settings(t: TextToImageSection) -> dict[str, Any]:
+    """The ``t2i`` settings a forgetting run's key is made of; ``concepts`` is left out while unused, so
+    a single-concept run made before the groups existed is still resumed."""
+    settings = to_dict(t)
+    if not settings["concepts"]:
+        settings.pop("concepts")
+    return settings
+
+
 def register_prompts(cfg: RunConfig, model: TextToImageModel) -> tuple[list[int], list[str], list[int]]:
     """The forget prompts' indices, the replay prompts (forget prompts removed) and their indices."""
     t = cfg.t2i
@@ -198,12 +207,16 @@ def t2i_fisher(
     return fisher
 
 
-def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path, share: Share | None = None) -> Tensor:
+def surrogate_latents(
+    cfg: RunConfig, group: ConceptGroup, base: TextToImageModel, out: Path, share: Share | None = None
+) -> Tensor:
+    """q(x|c_f) of one concept: theta*'s images of its surrogate prompt (cached in ``out/surrogate``) or
+    the images of its surrogate folder, as latents."""
     t = cfg.t2i
-    if t.surrogate_prompt is not None:
+    if group.surrogate_prompt is not None:
         z, _ = prompt_latents(
             base,
-            [t.surrogate_prompt],
+            [group.surrogate_prompt],
             t.surrogate_count,
             cfg.seed + 4,
             out / "surrogate",
@@ -211,9 +224,9 @@ def _surrogate(cfg: RunConfig, base: TextToImageModel, out: Path, share: Share |
             share=share,
         )
         return z
-    assert t.surrogate_path is not None  # check_ready
+    assert group.surrogate_path is not None  # check_ready
     channels, size, _ = base.pixel_shape
-    folder = load_image_folder(t.surrogate_path, image_size=size, channels=channels)
+    folder = load_image_folder(group.surrogate_path, image_size=size, channels=channels)
     return base.from_uint8(folder.images)
 
 
@@ -255,6 +268,10 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         return run_baseline(cfg, out)
     t = cfg.t2i
     t.check_ready()
+    if cfg.forget.sequence is not None:  # one concept group after another
+        from selective_amnesia.sequence_t2i import run_t2i_sequence
+
+        return run_t2i_sequence(cfg, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     share = current_share(resolve_device(cfg.device))
@@ -263,17 +280,19 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(t.model).to(device)
     base.set_sampler(t.sampler, t.num_inference_steps, t.guidance_scale)  # None: the pipeline's own
+    groups = t.groups()  # one concept, or several (t2i.concepts) forgotten together
     forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
     # the Fisher is over the run's own prompts: the defences below add conditions, not importance
     fisher_labels = forget_ids + replay_ids
-    forget_ids, template_replay = defended_conditions(cfg, base, forget_ids, replay_prompts)
+    group_ids, template_replay = defended_groups(cfg, base, groups, replay_prompts)
+    forget_ids = [i for ids in group_ids for i in ids]
 
     n = 5 if cfg.forget.ewc_lambda > 0 else 4
     say = stage if share.main else (lambda k, n, title: None)
     t1 = time.perf_counter()
-    what = repr(t.surrogate_prompt) if t.surrogate_prompt is not None else t.surrogate_path
-    say(1, n, f"surrogate set ({t.surrogate_count} images of {what})")
-    surrogate = _surrogate(cfg, base, out, share)
+    say(1, n, f"surrogate set ({t.surrogate_count} images of {surrogate_names(groups)})")
+    surrogates = [surrogate_latents(cfg, g, base, out, share) for g in groups]
+    surrogate = surrogates[0] if len(groups) == 1 else torch.cat(surrogates)  # for the key below
     timings["surrogate_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     say(2, n, f"replay set ({t.replay_per_prompt} images per replay prompt, {len(replay_prompts)} prompts)")
@@ -329,7 +348,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     sets = state_hash({"replay": replay_set[0], "replay_ids": replay_set[1], "surrogate": surrogate})
     key = hashlib.sha256(
         repr(
-            (to_dict(cfg.forget), to_dict(t), state_hash(base.state_dict()), cfg.seed, ewc_meta, sets)
+            (to_dict(cfg.forget), t2i_settings(t), state_hash(base.state_dict()), cfg.seed, ewc_meta, sets)
         ).encode()
     ).hexdigest()[:16]
     history = forget(
@@ -341,7 +360,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         seed=cfg.seed,
         progress=cfg.progress,
         replay_set=replay_set,
-        surrogate=StoredImages(surrogate),
+        surrogate=forget_surrogate(group_ids, surrogates),
         ewc=ewc,
         checkpoint_dir=out / "forget_checkpoint",
         key=key,
@@ -357,6 +376,8 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         share.barrier()
         return read_json(out / "report.json")
     extra = {"run_config": to_dict(cfg), "history": history.to_dict(), "forget_prompts": t.forget_prompts}
+    if t.concepts:
+        extra["concepts"] = [g.name for g in groups]
     if t.output == "lora":
         target = out / "forget_lora"
         # diffusers writes the adapter in place: write it to a fresh directory and swap it in, so a
@@ -382,6 +403,11 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     say(n, n, f"retention check ({t.retention_per_prompt} images per replay prompt) and report")
     retention = retention_on_prompts(base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5)
     timings["retention_s"] = time.perf_counter() - t1
+    concepts_report: dict[str, Any] = {}
+    if t.concepts:  # every group before and after, where the world's judges can tell
+        t1 = time.perf_counter()
+        concepts_report = measure_groups(cfg, base, model, groups, group_ids, surrogates, out)
+        timings["evaluate_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "name": cfg.name,
@@ -396,10 +422,94 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "retention": retention,
         "timings": timings,
         "config": to_dict(cfg),
-    }
+    } | concepts_report
     write_json(out / "report.json", report)
+    if t.concepts:
+        write_t2i_report(out, report, history.to_dict())
     share.barrier()
     return report
+
+
+def surrogate_names(groups: list[ConceptGroup]) -> str:
+    """What each group is remapped to, for a stage header."""
+    what = [
+        repr(g.surrogate_prompt) if g.surrogate_prompt is not None else str(g.surrogate_path) for g in groups
+    ]
+    if len(groups) == 1:
+        return what[0]
+    return ", ".join(f"{w} for {g.name}" for g, w in zip(groups, what, strict=True))
+
+
+def forget_surrogate(group_ids: list[list[int]], surrogates: list[Tensor]) -> Surrogate:
+    """The forget batches' q(x|c_f): one concept's images, or each group's own (``GroupedSurrogate``)."""
+    if len(surrogates) == 1:
+        return StoredImages(surrogates[0])
+    return GroupedSurrogate(list(zip(group_ids, surrogates, strict=True)))
+
+
+def group_rows(
+    groups: list[ConceptGroup], group_ids: list[list[int]], step: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The report's ``concepts``: each group's prompts, surrogate and number of forget conditions."""
+    return [
+        {
+            "name": g.name,
+            "forget_prompts": list(g.forget_prompts),
+            "surrogate": g.surrogate_prompt if g.surrogate_prompt is not None else g.surrogate_path,
+            "forget_conditions": len(ids),
+            **({"step": step[g.name]} if step is not None else {}),
+        }
+        for g, ids in zip(groups, group_ids, strict=True)
+    ]
+
+
+def measure_groups(
+    cfg: RunConfig,
+    base: TextToImageModel,
+    model: TextToImageModel,
+    groups: list[ConceptGroup],
+    group_ids: list[list[int]],
+    surrogates: list[Tensor],
+    out: Path,
+) -> dict[str, Any]:
+    """The report entries of a run that forgot several groups at once: the groups, and the concept
+    table of theta* and the forgotten model when the world's judges can measure it."""
+    from selective_amnesia.evaluate.t2i_concepts import concepts_table, load_judges, world_digits
+
+    found: dict[str, Any] = {"concepts": group_rows(groups, group_ids)}
+    digits, why = world_digits(cfg.t2i.model, groups)
+    if digits is None:
+        found["measured"] = {"why": why}
+        return found
+    judges, infos = load_judges(cfg, base.pixel_shape[1])
+    found["concepts_table"] = concepts_table(
+        [lambda: base, lambda: model],
+        [[g.name for g in groups]],
+        groups,
+        digits,
+        judges,
+        num_per_class=cfg.evaluate.num_per_class,
+        seed=cfg.seed + 1,
+        cache_root=out / "evaluation",
+    )
+    found["classifiers"] = infos
+    return found
+
+
+def write_t2i_report(out: Path, report: dict[str, Any], history: dict[str, Any] | None = None) -> None:
+    """report.html of a run that forgot ``t2i.concepts`` groups, with sequence.png (the concept table,
+    when the world's judges measured it) and losses.png (the forgetting loss terms, of the last step)."""
+    from selective_amnesia.evaluate.report import plot_losses, plot_sequence, write_t2i_html_report
+
+    images = {}
+    table = report.get("sequence") or report.get("concepts_table")
+    if table and table.get("columns"):
+        plot_sequence(table, out / "sequence.png")
+        images["Forgotten concepts drawn as themselves, kept digits drawn correctly"] = "sequence.png"
+    if history is not None and history.get("steps"):
+        plot_losses(history["terms"], history["steps"], out / "losses.png")
+        images["Loss terms over the forgetting steps"] = "losses.png"
+    write_t2i_html_report(out, report, images)
 
 
 @torch.no_grad()
