@@ -139,6 +139,7 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     base_hash = state_hash(base.state_dict())
     anchors = AnchorFishers(f, fisher0, len(steps))
     own_fisher = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, path=None))
+    stored = dataclasses.replace(f, replay="stored")  # each step's replay is a set (no frozen copy made)
     forgotten: list[str] = []
     step_log: list[dict[str, Any]] = []
     history: dict[str, Any] = {}
@@ -229,7 +230,7 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             history = forget(
                 model,
                 anchor_fisher,
-                f,
+                stored,
                 labels=step_conds + kept_labels + earlier,
                 forget_labels=step_conds,
                 seed=cfg.seed,
