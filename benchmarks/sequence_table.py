@@ -20,6 +20,8 @@ def _columns(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The concept x step columns; an at-once run (no sequence section) becomes base + one step."""
     if "sequence" in report:
         return list(report["sequence"]["columns"])
+    if "concepts_table" in report:  # text-to-image, several concepts at once
+        return list(report["concepts_table"]["columns"])
     forgotten = (
         report["forget_label"] if isinstance(report["forget_label"], list) else [report["forget_label"]]
     )
@@ -48,6 +50,12 @@ def summarise(name: str, run: Path) -> dict[str, Any]:
     t = report["timings"]
     minutes = (t["wall_s"] - t.get("classifier_training_s", 0.0)) / 60
     worst = max(last["as_itself"][str(c)] for c in last["forgotten_so_far"])
+    if base["kept_fid"] is None:  # text-to-image world: judged per prompt, no FID (issue 14's t2i targets)
+        targets = {
+            "forgotten drawn as itself <= 10% on used captions": [worst, worst <= 0.10],
+            "kept digits >= 95% correct": [last["kept_accuracy"], last["kept_accuracy"] >= 0.95],
+        }
+        return _result(name, run, report, cols, minutes, targets)
     targets = {
         "forgotten drawn as itself <= 2%": [worst, worst <= 0.02],
         "kept accuracy within 3 points of base": [
@@ -60,13 +68,20 @@ def summarise(name: str, run: Path) -> dict[str, Any]:
         ],
         "minutes <= 8 (classifiers cached)": [minutes, minutes <= 8],
     }
+    return _result(name, run, report, cols, minutes, targets)
+
+
+def _result(
+    name: str, run: Path, report: dict[str, Any], cols: list[dict[str, Any]], minutes: float, targets: dict
+) -> dict[str, Any]:
+    t = report["timings"]
     rows = [
         {
             "step": c["step"],
             "forgotten_so_far": c["forgotten_so_far"],
             "as_itself": {k: round(v, 4) for k, v in c["as_itself"].items()},
             "kept_accuracy": round(c["kept_accuracy"], 4),
-            "kept_fid": round(c["kept_fid"], 3),
+            "kept_fid": None if c["kept_fid"] is None else round(c["kept_fid"], 3),
         }
         for c in cols
     ]
@@ -83,7 +98,8 @@ def summarise(name: str, run: Path) -> dict[str, Any]:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    classes = sorted({int(c) for r in results for row in r["rows"] for c in row["forgotten_so_far"]})
+    order = [c for r in results for row in r["rows"] for c in row["forgotten_so_far"]]
+    classes = list(dict.fromkeys(str(c) for c in order))
     head = ["run", "step", *[f"{c} as itself" for c in classes], "kept acc", "kept FID"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -91,9 +107,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
             cells = [r["name"], str(row["step"])]
             for c in classes:
                 v = row["as_itself"].get(str(c))
-                bold = c in row["forgotten_so_far"]
+                bold = c in [str(f) for f in row["forgotten_so_far"]]
                 cells.append("" if v is None else (f"**{100 * v:.1f}%**" if bold else f"{100 * v:.1f}%"))
-            cells += [f"{100 * row['kept_accuracy']:.1f}%", f"{row['kept_fid']:.3f}"]
+            fid = row["kept_fid"]
+            cells += [f"{100 * row['kept_accuracy']:.1f}%", "" if fid is None else f"{fid:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for r in results:
