@@ -392,6 +392,13 @@ def test_pretrain_over_a_finished_model_with_other_settings_needs_force(
     err = capsys.readouterr().err
     assert "other settings (sections: pretrain)" in err and "--force" in err
     assert main([*args[:-1], "pretrain.steps=6", "--force"]) == 0
+    # a model written before a config key existed (here: pretrain.exclude_labels, at its default) is
+    # still made with the same settings
+    meta_path = Path(out) / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["run_config"]["pretrain"]["exclude_labels"]
+    meta_path.write_text(json.dumps(meta))
+    assert main([*args[:-1], "pretrain.steps=6"]) == 0
 
 
 def test_a_finished_text_to_image_run_with_other_settings_needs_force(

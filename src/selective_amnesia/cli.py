@@ -174,7 +174,7 @@ def _check_finished(cfg: RunConfig, out: Path, force: bool) -> None:
     """A finished model or text-to-image run in ``out`` made with other settings (its stored run config
     against this one): refused without --force, which redoes it; the same settings resume or reuse."""
     from selective_amnesia import runstate
-    from selective_amnesia.config import to_dict
+    from selective_amnesia.config import config_from_dict, to_dict
     from selective_amnesia.io import read_json
     from selective_amnesia.progress import note
 
@@ -190,6 +190,11 @@ def _check_finished(cfg: RunConfig, out: Path, force: bool) -> None:
     now = to_dict(cfg)
     if not isinstance(stored, dict) or stored == now:
         return
+    try:  # keys added since (at their defaults) are not a change of settings
+        if to_dict(config_from_dict(stored)) == now:
+            return
+    except AmnesiaError:
+        pass  # no longer a valid config: it differs
     changed = [k for k in sorted(set(now) | set(stored)) if now.get(k) != stored.get(k)]
     what = f"--out {out} holds a finished result made with other settings (sections: {', '.join(changed)})"
     if not force:

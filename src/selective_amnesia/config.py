@@ -887,6 +887,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A stored run config (``to_dict`` of an earlier version) with today's defaults for keys it lacks."""
+    cfg: RunConfig = _build(RunConfig, data, "")
+    return cfg
+
+
 def _check_model_size(model: ModelConfig) -> None:
     """The model a run would build: its size is checked against bounds and free memory before pretrain
     allocates it."""
