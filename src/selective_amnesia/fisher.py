@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ from selective_amnesia import faults
 from selective_amnesia.checkpoint import load_state, remove_training_state, save_state
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import InvalidJSON, load_tensors, parse_json, save_tensors, short, state_hash
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,7 @@ class Fisher:
 
 
 def _sample_batch(
-    model: Any, labels: Tensor, n: int, generator: torch.Generator
+    model: ConditionalGenerativeModel, labels: Tensor, n: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Any]:
     """n samples with classes drawn uniformly from ``labels``, and the NELBO noise for each."""
     idx = torch.randint(len(labels), (n,), generator=generator)
@@ -121,11 +125,13 @@ def _rows(noise: Any, index: slice | int | None) -> Any:
     return tree_map(lambda t: t[index], noise)
 
 
-def _squared_grads_loop(model: nn.Module, x: Tensor, cond: Tensor, noise: Any) -> dict[str, Tensor]:
+def _squared_grads_loop(
+    model: ConditionalGenerativeModel, x: Tensor, cond: Tensor, noise: Any
+) -> dict[str, Tensor]:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     for i in range(x.shape[0]):
-        loss = model.nelbo(x[i : i + 1], cond[i : i + 1], noise=_rows(noise, slice(i, i + 1))).sum()  # type: ignore[operator]
+        loss = model.nelbo(x[i : i + 1], cond[i : i + 1], noise=_rows(noise, slice(i, i + 1))).sum()
         grads = torch.autograd.grad(loss, list(params.values()))
         for (n, _), g in zip(params.items(), grads, strict=True):
             acc[n] += g.double().pow(2)
@@ -135,15 +141,17 @@ def _squared_grads_loop(model: nn.Module, x: Tensor, cond: Tensor, noise: Any) -
 class _Nelbo(nn.Module):
     """Lets ``functional_call`` reach ``nelbo`` (it only calls ``forward``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: ConditionalGenerativeModel) -> None:
         super().__init__()
-        self.model = model
+        self.model = model  # a module: registered, so functional_call reaches its parameters
 
     def forward(self, x: Tensor, cond: Tensor, noise: Any) -> Tensor:
-        return self.model.nelbo(x, cond, noise=noise)  # type: ignore[operator]
+        return self.model.nelbo(x, cond, noise=noise)
 
 
-def _squared_grads_vmap(model: nn.Module, x: Tensor, cond: Tensor, noise: Any) -> dict[str, Tensor]:
+def _squared_grads_vmap(
+    model: ConditionalGenerativeModel, x: Tensor, cond: Tensor, noise: Any
+) -> dict[str, Tensor]:
     wrapper = _Nelbo(model)
     params = {n: p.detach() for n, p in wrapper.named_parameters() if p.requires_grad}
     buffers = dict(wrapper.named_buffers())
@@ -196,7 +204,7 @@ def _squared_grads_batched(model: nn.Module, x: Tensor, cond: Tensor, noise: Ten
 
 
 def estimate_fisher(
-    model: nn.Module,
+    model: ConditionalGenerativeModel,
     *,
     num_samples: int,
     labels: list[int] | Tensor,
@@ -223,15 +231,20 @@ def estimate_fisher(
     label_t = torch.as_tensor(labels, dtype=torch.int64)
     if label_t.numel() == 0:
         raise AmnesiaError("the Fisher needs at least one class to sample")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} is not a torch.nn.Module")
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     if estimator == "batched" and not supports_batched(model):
         log.info("model has non-linear parameterised layers: the batched estimator falls back to vmap")
         estimator = "vmap"
-    fn = {"batched": _squared_grads_batched, "vmap": _squared_grads_vmap, "loop": _squared_grads_loop}[
-        estimator
-    ]
+    estimators: dict[str, Callable[[Any, Tensor, Tensor, Any], dict[str, Tensor]]] = {
+        "batched": _squared_grads_batched,
+        "vmap": _squared_grads_vmap,
+        "loop": _squared_grads_loop,
+    }
+    fn = estimators[estimator]
     acc = {
         n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if p.requires_grad
     }

@@ -42,7 +42,7 @@ from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher, PartialSums
 from selective_amnesia.io import state_hash
-from selective_amnesia.models.ddpm import ConditionalDDPM
+from selective_amnesia.models.base import ConditionalDiffusionModel
 from selective_amnesia.sampling import effective_sampler
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ SAMPLE_BLOCK = 64
 
 
 def _check_args(
-    model: ConditionalDDPM,
+    model: ConditionalDiffusionModel,
     num_samples: int,
     labels: list[int],
     estimator: str,
@@ -83,7 +83,7 @@ def _check_args(
 
 
 def _draw_samples(
-    model: ConditionalDDPM,
+    model: ConditionalDiffusionModel,
     labels: Tensor,
     num_samples: int,
     generator: torch.Generator,
@@ -126,7 +126,7 @@ def _stratified_timesteps(half: int, n_t: int, generator: torch.Generator) -> Te
 
 
 def _set_gradient(
-    model: ConditionalDDPM,
+    model: ConditionalDiffusionModel,
     x: Tensor,
     cond: Tensor,
     ts: Tensor,
@@ -148,7 +148,7 @@ def _set_gradient(
 
 
 def estimate_diffusion_fisher(
-    model: ConditionalDDPM,
+    model: ConditionalDiffusionModel,
     *,
     num_samples: int,
     labels: list[int],
@@ -178,6 +178,8 @@ def estimate_diffusion_fisher(
     saved after every image block and every ``checkpoint_every`` samples; a later call with the same
     settings resumes and gives the bitwise-identical result. The directory is removed at the end.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} is not a torch.nn.Module")
     if not 0 <= rank < world_size:
         raise AmnesiaError(f"process rank {rank} is not in [0, {world_size})")
     if world_size > 1 and reduce is None:

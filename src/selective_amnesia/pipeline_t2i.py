@@ -185,7 +185,7 @@ def t2i_fisher(
             return cached
     rank, world, reduce = process_share()
     fisher = estimate_diffusion_fisher(
-        model,  # type: ignore[arg-type]
+        model,
         num_samples=f.num_samples,
         labels=labels,
         estimator=f.estimator,
