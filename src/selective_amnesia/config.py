@@ -20,12 +20,10 @@ import yaml
 
 from selective_amnesia.data import DATASETS
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import ESTIMATORS as VAE_FISHER
-from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS as DIFFUSION_FISHER
+from selective_amnesia.families import all_fisher_estimators, family_names, get_family
 from selective_amnesia.io import check_model_size, parse_yaml, read_bytes_limited, short
 from selective_amnesia.models.ddpm import DDPMConfig
 
-FAMILIES = ("cvae", "ddpm", "text_to_image")
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.trainable
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
@@ -65,7 +63,8 @@ class ModelConfig:
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def __post_init__(self) -> None:
-        _check(self.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        known = family_names()  # selective_amnesia.families
+        _check(self.family in known, f"model.family must be one of {known}, got {self.family!r}")
         _check(
             len(self.hidden_dims) > 0 and all(h >= 1 for h in self.hidden_dims),
             "model.hidden_dims must be positive widths",
@@ -126,9 +125,10 @@ class FisherConfig:
             "fisher.checkpoint_every must be >= 0",
         )
         _check(self.chunk_size >= 1 and self.timestep_chunk >= 1, "fisher chunk sizes must be >= 1")
+        estimators = all_fisher_estimators()
         _check(
-            self.estimator in VAE_FISHER + DIFFUSION_FISHER,
-            f"fisher.estimator must be one of {VAE_FISHER + DIFFUSION_FISHER}, got {self.estimator!r}",
+            self.estimator in estimators,
+            f"fisher.estimator must be one of {estimators}, got {self.estimator!r}",
         )
         _check(
             self.timesteps_per_sample >= 2 and self.timesteps_per_sample % 2 == 0,
@@ -139,7 +139,7 @@ class FisherConfig:
         """``checkpoint_every`` with the family default applied."""
         if self.checkpoint_every is not None:
             return self.checkpoint_every
-        return 0 if family == "cvae" else 10
+        return get_family(family).fisher_checkpoint_every
 
 
 @dataclass
@@ -705,12 +705,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        family = get_family(self.model.family)
         _check(
-            self.method == "sa" or self.model.family == "text_to_image",
+            self.method == "sa" or family.prompted,
             f"method={self.method} erases a prompt concept: it needs model.family: text_to_image "
             f"(got {self.model.family}); use method=sa for {self.model.family} models",
         )
-        t2i = self.model.family == "text_to_image"
+        t2i = family.prompted
         _check(
             self.method == "sa" or not (self.t2i.concepts or self.forget.sequence is not None),
             f"method={self.method} erases one concept (t2i.forget_prompts): t2i.concepts and forget.sequence "
@@ -727,7 +728,7 @@ class RunConfig:
             f"{self.forget.sequence if self.forget.sequence is not None else self.forget.forget_label}",
         )
         _check(
-            len(concepts) < 10 or self.model.family == "text_to_image",
+            len(concepts) < 10 or family.prompted,
             f"forget.forget_label / forget.sequence forget every class {concepts}: no class is left to keep "
             "(replay needs one); leave at least one out",
         )
@@ -743,7 +744,7 @@ class RunConfig:
             self.report_to in ("none", "tensorboard"),
             f"report_to must be none or tensorboard, got {self.report_to!r}",
         )
-        allowed = VAE_FISHER if self.model.family == "cvae" else DIFFUSION_FISHER
+        allowed = family.fisher_estimators()
         _check(
             self.fisher.estimator in allowed or self.method != "sa",  # the baselines use no Fisher
             f"fisher.estimator {self.fisher.estimator!r} does not apply to model.family "
@@ -896,11 +897,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 def _check_model_size(model: ModelConfig) -> None:
     """The model a run would build: its size is checked against bounds and free memory before pretrain
     allocates it."""
-    if model.family == "cvae":
-        fields = {"hidden_dims": model.hidden_dims, "latent_dim": model.latent_dim}
-        check_model_size("cvae", fields, "model.hidden_dims/latent_dim")
-    elif model.family == "ddpm":
-        check_model_size("ddpm", dataclasses.asdict(model.ddpm), "model.ddpm")
+    family = get_family(model.family)
+    if family.settings is not None and family.size is not None:
+        check_model_size(family.name, family.settings(model), family.settings_key)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.families import declared_family, get_family
 
 
 @contextmanager
@@ -353,14 +354,15 @@ MODEL_CONFIG: dict[str, Check] = {
 def check_model_config(value: Any, path: Path) -> None:
     """A cvae/ddpm ``config.json``: field types, then its size (before anything is allocated)."""
     check_fields(value, MODEL_CONFIG, path)
-    family = value.get("family")
-    if family in ("cvae", "ddpm"):
-        check_model_size(family, value, str(path), weights_dir=path.parent)
+    family = declared_family(value.get("family"))
+    if family is not None and family.size is not None:
+        check_model_size(family.name, value, str(path), weights_dir=path.parent)
 
 
 def _config_json(value: Any, path: Path) -> None:
     # config.json is a cvae/ddpm model's marker, a run's config, or a diffusers component's config
-    if isinstance(value, dict) and value.get("family") in ("cvae", "ddpm"):
+    family = declared_family(value.get("family")) if isinstance(value, dict) else None
+    if family is not None and family.size is not None:
         check_model_config(value, path)
 
 
@@ -573,31 +575,16 @@ def check_model_size(
     family: str, fields: Mapping[str, Any], source: str, weights_dir: Path | None = None
 ) -> None:
     """A cvae/ddpm config's parameter count, from the config alone: bounded, compared with the weights'
-    safetensors header in ``weights_dir`` when there is one, and with the free memory."""
-    import dataclasses
-
-    if family == "cvae":
-        from selective_amnesia.models.cvae import CVAEConfig, num_parameters
-
-        config_cls: Any = CVAEConfig
-        count: Callable[[Any], int] = num_parameters
-        weights = weights_dir / "model.safetensors" if weights_dir else None
-        extra = 0
-    else:
-        from selective_amnesia.models.ddpm import DDPMConfig, unet_parameters
-
-        config_cls, count = DDPMConfig, unet_parameters
-        weights = weights_dir / "unet" / "diffusion_pytorch_model.safetensors" if weights_dir else None
-        steps = fields.get("num_train_timesteps", 1000)
-        if _is_int(steps) and steps > MAX_TIMESTEPS:
-            raise AmnesiaError(f"{source}: num_train_timesteps {steps:,} is more than {MAX_TIMESTEPS:,}")
-        extra = 64 * steps if _is_int(steps) else 0  # the schedule's float buffers
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    try:
-        config = config_cls(**{k: v for k, v in fields.items() if k in names})
-    except (TypeError, ValueError):  # reported, with its reason, where the model is built
+    safetensors header in ``weights_dir`` when there is one, and with the free memory. The family's
+    ``size`` and ``weights_file`` (``selective_amnesia.families``) say how."""
+    entry = get_family(family)
+    if entry.size is None:
         return
-    parameters = count(config)
+    size = entry.size(fields, source)
+    if size is None:  # settings that make no config: reported, with the reason, where it is built
+        return
+    parameters, extra = size
+    weights = weights_dir / entry.weights_file if weights_dir and entry.weights_file else None
     check_memory(parameters, source, extra)
     if weights is not None and weights.is_file():
         stored = safetensors_numel(weights)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.families import FAMILIES, declared_family, get_family, marked_family, markers
 from selective_amnesia.io import load_tensors, read_json
 from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
 from selective_amnesia.models.cvae import ConditionalVAE, CVAEConfig
@@ -23,17 +24,13 @@ if TYPE_CHECKING:
         return vae, ddpm, t2i
 
 
-_FAMILIES: dict[str, tuple[type, type]] = {
-    "cvae": (ConditionalVAE, CVAEConfig),
-    "ddpm": (ConditionalDDPM, DDPMConfig),
-}
-
-
 def build_model(family: str, **kwargs: Any) -> Any:
     """Build a freshly initialised model of ``family`` from its config fields."""
-    if family not in _FAMILIES:
-        raise AmnesiaError(f"unknown model family {family!r}: choose one of {sorted(_FAMILIES)}")
-    model_cls, config_cls = _FAMILIES[family]
+    entry = FAMILIES.get(family) if isinstance(family, str) else None
+    if entry is None or entry.classes is None:
+        buildable = sorted(name for name, f in FAMILIES.items() if f.classes is not None)
+        raise AmnesiaError(f"unknown model family {family!r}: choose one of {buildable}")
+    model_cls, config_cls = entry.classes()
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = set(kwargs) - names
     if unknown:
@@ -46,9 +43,8 @@ def build_model(family: str, **kwargs: Any) -> Any:
 
 def build_model_from_config(model_cfg: Any) -> Any:
     """A fresh model from a run config's ``model`` section (``ModelConfig``)."""
-    if model_cfg.family == "ddpm":
-        return build_model("ddpm", **dataclasses.asdict(model_cfg.ddpm))
-    return build_model(model_cfg.family, hidden_dims=model_cfg.hidden_dims, latent_dim=model_cfg.latent_dim)
+    entry = get_family(model_cfg.family)
+    return build_model(entry.name, **(entry.settings(model_cfg) if entry.settings is not None else {}))
 
 
 def load_model(path: str | Path, *, check_state: bool = True) -> Any:
@@ -61,34 +57,33 @@ def load_model(path: str | Path, *, check_state: bool = True) -> Any:
         raise AmnesiaError(f"model directory {path} not found")
     if check_state:
         check_complete(path)
-    if not any((path / marker).is_file() for marker in ("config.json", "model_index.json")):
+    names = ["config.json", *markers()]
+    if not any((path / name).is_file() for name in names):
         interrupted = (path / "checkpoint").is_dir()  # a training run wrote here and did not finish
         raise AmnesiaError(
-            f"{path} is not a complete model directory (no config.json or model_index.json)"
+            f"{path} is not a complete model directory (no {' or '.join(names)})"
             + (": the command writing it was interrupted; rerun it to finish" if interrupted else "")
         )
-    if (
-        (path / "model_index.json").is_file()
-        or (path / "unet" / "config.json").is_file()
-        and not (path / "config.json").is_file()
-    ):
-        from selective_amnesia.models.text_to_image import TextToImageModel
-
-        # a diffusers pipeline directory: from_pretrained picks SD 1.x/2.x or SDXL conditioning by
-        # model_index.json's _class_name (there, so that pipeline_t2i's direct call gets it too)
-        return TextToImageModel.from_pretrained(path)
+    marked = marked_family(path)  # a diffusers pipeline directory (model_index.json)
+    if marked is not None:
+        return marked.load(path)
     meta = read_json(path / "config.json")
     if not isinstance(meta, dict) or "family" not in meta:
         raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")
     family = meta["family"]
-    if not isinstance(family, str) or family not in _FAMILIES:
+    entry = declared_family(family)
+    if entry is None:
         raise AmnesiaError(f"{path}: unknown model family {family!r}")
-    model_cls = _FAMILIES[family][0]
-    if hasattr(model_cls, "from_pretrained"):  # families with their own directory layout (ddpm: unet/)
-        model: Any = model_cls.from_pretrained(path)
-        return model
-    config_cls = _FAMILIES[family][1]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return entry.load(path)
+
+
+def load_weights_directory(path: Path, family: str) -> Any:
+    """A model of ``family`` from a directory of ``config.json`` (its config class's fields) and
+    ``model.safetensors`` (its state dict): the layout of families without their own ``from_pretrained``."""
+    meta = read_json(path / "config.json")
+    entry = get_family(family)
+    assert entry.classes is not None, f"{family} is not built from its config"
+    fields = {f.name for f in dataclasses.fields(entry.classes()[1])}
     model = build_model(family, **{k: v for k, v in meta.items() if k in fields})
     state, _ = load_tensors(path / "model.safetensors")
     try:
@@ -110,4 +105,5 @@ __all__ = [
     "build_model",
     "build_model_from_config",
     "load_model",
+    "load_weights_directory",
 ]
