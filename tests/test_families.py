@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS
 from selective_amnesia.models import build_model, build_model_from_config, load_model
 from selective_amnesia.models.cvae import ConditionalVAE
 from selective_amnesia.models.ddpm import ConditionalDDPM
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "selective_amnesia"
 
 
 def test_every_family_is_registered_under_its_own_name() -> None:
@@ -77,6 +80,20 @@ def test_the_registry_imports_nothing_heavy() -> None:
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_no_family_name_comparison_outside_the_registry() -> None:
+    """The issue's "done when" (its grep for `family ==`/`family !=`): behaviour that differs by family
+    reads the registry."""
+    pattern = re.compile(r"\bfamily\s*[!=]=")
+    found = [
+        f"{path.relative_to(SRC)}:{i}: {line.strip()}"
+        for path in sorted(SRC.rglob("*.py"))
+        if path.name != "families.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []
 
 
 # ---- a family added by one registry entry ------------------------------------------------------
@@ -138,7 +155,10 @@ def test_a_registered_family_reaches_config_build_load_and_fisher(
     (tmp_path / "config.json").write_text(json.dumps({"family": "fake", "width": 4}))
     loaded = load_model(tmp_path)
     assert isinstance(loaded, FakeModel) and loaded.config.width == 4
-    assert cfg.fisher.checkpoint_interval("fake") == 7
+
+    from selective_amnesia.pipeline import fisher_from_config
+
+    assert fisher_from_config(cfg, model) == ("fake fisher", "exact", 7)
 
 
 def test_an_unregistered_family_is_refused_everywhere(tmp_path: Path) -> None:

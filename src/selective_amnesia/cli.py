@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from selective_amnesia import __version__
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.families import FAMILIES, Family, declared_family, get_family, marked_family
 
 # torch, numpy, diffusers and the config (which imports torch) are imported by the commands that use
-# them, not here: building the parser and `amnesia --help` must take well under a second
+# them, not here: building the parser and `amnesia --help` must take well under a second (the family
+# registry imports none of them)
 if TYPE_CHECKING:
     from selective_amnesia.config import RunConfig
 
@@ -124,14 +126,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise AmnesiaError("--out DIR is required (the run directory), unless --dry-run")
     out = _out_dir(args.out, "run")
     check_inputs(cfg, ("train", "test"))
-    if cfg.model.family != "text_to_image":
+    prompted = get_family(cfg.model.family).prompted  # run by pipeline_t2i, else the class pipeline
+    if not prompted:
         _check_rerun(cfg, out, args.force)
     else:
         _check_finished(cfg, out, args.force)
     from selective_amnesia import runstate
 
     runstate.begin(out, "run")
-    if cfg.model.family == "text_to_image":
+    if prompted:
         return _run_text_to_image(cfg, args.out)
     report = run_pipeline(cfg, args.out)
     b, f = report["metrics"]["base"], report["metrics"]["forget"]
@@ -235,8 +238,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.pretrain.model_path:
         raise AmnesiaError("pretrain.model_path is set: there is nothing to pretrain")
-    if cfg.model.family == "text_to_image":
-        raise AmnesiaError("amnesia pretrain trains cvae and ddpm models; a text-to-image model is given")
+    family = get_family(cfg.model.family)
+    if not family.trainable:
+        names = [name for name, f in FAMILIES.items() if f.trainable]
+        trained = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+        raise AmnesiaError(f"amnesia pretrain trains {trained} models; a {family.title} model is given")
     out = _out_dir(args.out, "model")
     check_inputs(cfg, ("train",))
     _check_finished(cfg, out, args.force)
@@ -259,16 +265,8 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     out = _out_file(args.out, ".safetensors")
     # under accelerate launch with device=cuda each process takes its own GPU, not cuda:0
     model = load_model(args.model).to(current_share(resolve_device(cfg.device)).device or "cpu")
-    if model.family == "text_to_image":  # over the run's forget and replay prompts, selected weights
-        from selective_amnesia.pipeline_t2i import register_prompts, select_weights, t2i_fisher
-
-        if not cfg.t2i.forget_prompts:
-            raise AmnesiaError("t2i.forget_prompts: name the concept to forget (a list of prompts)")
-        forget_ids, _, replay_ids = register_prompts(cfg, model)
-        select_weights(cfg, model)
-        f = t2i_fisher(cfg, model, forget_ids + replay_ids, None, partial_dir(out))
-    else:
-        f = fisher_from_config(cfg, model, partial_dir(out))
+    # by the model's family (text-to-image: over the run's forget and replay prompts, selected weights)
+    f = fisher_from_config(cfg, model, partial_dir(out))
     if f.metadata.get("processes", 1) > 1 and not _main_process():
         return 0  # every process holds the summed Fisher; the first one writes it
     f.save(out)
@@ -289,13 +287,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from selective_amnesia.pipeline import check_inputs, checked_labels, stage_forget, stage_replay
 
     cfg = _config(args)
-    text_to_image = cfg.model.family == "text_to_image" or (Path(args.model) / "model_index.json").is_file()
+    family = get_family(cfg.model.family)
+    if not family.prompted:  # a text-to-image pipeline directory says so itself (model_index.json)
+        family = marked_family(args.model) or family
+    text_to_image = family.prompted
     # text-to-image forgetting writes a run directory (out/forget, the caches, report.json)
     out = _out_dir(args.out, "run" if text_to_image else "model")
     if out.resolve() == Path(args.model).resolve():
         raise AmnesiaError("--out is the --model directory: write the forgotten model somewhere else")
     if text_to_image:
-        cfg.model.family, cfg.t2i.model = "text_to_image", args.model
+        cfg.model.family, cfg.t2i.model = family.name, args.model
         if args.fisher:
             cfg.fisher.path = args.fisher
         check_inputs(cfg)
@@ -323,22 +324,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peek_family(model_dir: str) -> str | None:
+def _peek_family(model_dir: str) -> Family | None:
     """The family a model directory declares, read without loading it (None: load_model will say why)."""
     path = Path(model_dir)
-    if (path / "model_index.json").is_file():
-        return "text_to_image"
+    marked = marked_family(path)
+    if marked is not None:
+        return marked
     try:
         from selective_amnesia.io import read_json
 
         meta = read_json(path / "config.json", schema=lambda value, where: None)
     except (AmnesiaError, OSError):
         return None
-    family = meta.get("family") if isinstance(meta, dict) else None
-    return family if isinstance(family, str) else None
+    return declared_family(meta.get("family")) if isinstance(meta, dict) else None
 
 
-def _check_sample_args(args: argparse.Namespace, family: str | None) -> list[str]:
+def _check_sample_args(args: argparse.Namespace, family: Family | None) -> list[str]:
     """Every check that needs no model, so a mistake is reported in a second, not after the load."""
     from selective_amnesia.images import output_kind
 
@@ -357,7 +358,7 @@ def _check_sample_args(args: argparse.Namespace, family: str | None) -> list[str
     if args.steps is not None and args.steps < 1:
         raise AmnesiaError(f"--steps must be >= 1, got {args.steps}")
     prompts = _prompts(args)  # checked before a (possibly large) model is loaded
-    if family == "text_to_image":
+    if family is not None and family.prompted:
         if args.labels is not None:
             raise AmnesiaError(
                 "--labels applies to class-conditional models: pass --prompt or --prompts-file"
@@ -368,12 +369,12 @@ def _check_sample_args(args: argparse.Namespace, family: str | None) -> list[str
             )
     elif family is not None:
         if prompts:
-            raise AmnesiaError(f"--prompt/--prompts-file apply to text-to-image models, not {family}")
+            raise AmnesiaError(f"--prompt/--prompts-file apply to text-to-image models, not {family.name}")
         if args.labels is None:
             raise AmnesiaError("--labels is required for a class-conditional model: pass e.g. --labels 0,3")
         _parse_labels(args.labels)
-        if family != "ddpm" and (args.guidance_scale is not None or args.steps is not None):
-            raise AmnesiaError(f"--guidance-scale and --steps apply to diffusion models, not {family}")
+        if not family.diffusion and (args.guidance_scale is not None or args.steps is not None):
+            raise AmnesiaError(f"--guidance-scale and --steps apply to diffusion models, not {family.name}")
     return prompts
 
 
@@ -387,10 +388,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = _check_sample_args(args, _peek_family(args.model))
     device = resolve_device(args.device or "cpu")
     model = load_model(args.model).to(device)
-    if model.family == "text_to_image":
-        _check_sample_args(args, model.family)
+    family = get_family(model.family)
+    if family.prompted:
+        _check_sample_args(args, family)
         return _sample_prompts(model, args, out, prompts)
-    _check_sample_args(args, model.family)  # a directory that did not say its family
+    _check_sample_args(args, family)  # a directory that did not say its family
     assert args.labels is not None
     labels = _parse_labels(args.labels)
     options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps}
@@ -504,7 +506,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         rows = read_i2p_csv(args.i2p_csv)
     model = load_model(args.model).to(resolve_device(cfg.device))
-    if model.family == "text_to_image":
+    if get_family(model.family).prompted:
         return _evaluate_text_to_image(model, args, out, rows)
     if args.i2p_csv or args.identity_scorer:
         raise AmnesiaError("--i2p-csv and --identity-scorer apply to text-to-image models")

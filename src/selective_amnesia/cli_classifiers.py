@@ -115,9 +115,10 @@ def _list() -> int:
 def _target(cfg: Any) -> tuple[str, int | None]:
     """(dataset, image size) of a config's judges. A text-to-image config judges the MNIST world's digits
     with the 16 px judges (``attacks.detectors.digit_judges``, ``benchmarks/t2i_mnist_result.py``)."""
-    if cfg.model.family == "text_to_image":
-        return "mnist", 16
-    return cfg.data.dataset, cfg.data.image_size
+    from selective_amnesia.families import get_family
+
+    judges = get_family(cfg.model.family).judges
+    return judges if judges is not None else (cfg.data.dataset, cfg.data.image_size)
 
 
 def _retrain(args: argparse.Namespace) -> int:

@@ -21,13 +21,13 @@ import torch
 from selective_amnesia import sampling as sampling_module
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
-from selective_amnesia.distributed import current_share, remove_if_empty
+from selective_amnesia.distributed import current_share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
-from selective_amnesia.fisher import Fisher, estimate_fisher
-from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
+from selective_amnesia.families import get_family
+from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import environment, load_tensors, partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models import build_model_from_config, load_model
 from selective_amnesia.progress import bar_name, stage
@@ -105,7 +105,7 @@ def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
     anything is written: bad input must fail before a command marks its output directory as running."""
     f, t = cfg.forget, cfg.t2i
     folder = f.surrogate_path if f.objective == "surrogate" and f.surrogate == "folder" else None
-    if cfg.model.family == "text_to_image":
+    if get_family(cfg.model.family).prompted:
         from selective_amnesia.pipeline_t2i import read_prompts
 
         if cfg.method == "sa":
@@ -176,9 +176,10 @@ def _model_settings(cfg: RunConfig) -> dict[str, Any]:
 def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path, *, write: bool = True) -> None:
     """A reused diffusion base takes the config's sampler defaults (they do not change the weights);
     its config.json is updated (when ``write``) so that ``amnesia sample`` on the directory uses them too."""
-    if model.family != "ddpm":
+    defaults = get_family(model.family).sampler_defaults
+    if defaults is None:
         return
-    wanted = {name: getattr(cfg.model.ddpm, name) for name in SAMPLER_DEFAULTS}
+    wanted = defaults(cfg.model)
     if all(getattr(model.config, k) == v for k, v in wanted.items()):
         return
     for k, v in wanted.items():
@@ -237,11 +238,7 @@ def _fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
     """What a stored Fisher must have been made with to be reused."""
     f = cfg.fisher
     settings = {"model_hash": state_hash(model.state_dict()), "num_samples": f.num_samples, "seed": cfg.seed}
-    if model.family == "ddpm":
-        settings["estimator"] = f.estimator
-        settings["sampler"] = {k: getattr(model.config, k) for k in SAMPLER_DEFAULTS}  # draws its samples
-        if f.estimator == "subsampled":
-            settings["timesteps_per_sample"] = f.timesteps_per_sample
+    settings.update(get_family(model.family).fisher_settings(cfg, model))  # e.g. the diffusion estimator's
     return settings
 
 
@@ -260,7 +257,7 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
         return cached
     # the diffusion Fisher is shared by the processes (each keeps its own checkpoint folder); the
     # VAE's, seconds long, is estimated by each, checkpointed by process 0 only
-    shared = model.family == "ddpm"
+    shared = get_family(model.family).fisher_shared
     fisher = fisher_from_config(cfg, model, partial_dir(path) if shared or share.main else None)
     if share.main:
         fisher.save(path)
@@ -268,36 +265,10 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
 
 
 def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None = None) -> Fisher:
-    """Estimate the Fisher of ``model`` over all its classes with the ``fisher.*`` settings;
-    ``checkpoint_dir`` keeps its progress so an interrupted estimate resumes."""
-    f = cfg.fisher
-    common: dict[str, Any] = {
-        "num_samples": f.num_samples,
-        "labels": model_labels(model),
-        "estimator": f.estimator,
-        "seed": cfg.seed,
-        "progress": cfg.progress,
-        "checkpoint_dir": checkpoint_dir,
-        "checkpoint_every": f.checkpoint_interval(model.family),
-    }
-    if model.family == "ddpm":
-        rank, world, reduce = process_share()  # several processes under `accelerate launch`
-        common["progress"] = cfg.progress and rank == 0
-        if checkpoint_dir is not None and world > 1:
-            common["checkpoint_dir"] = checkpoint_dir / f"rank{rank}"
-        fisher = estimate_diffusion_fisher(
-            model,
-            timesteps_per_sample=f.timesteps_per_sample,
-            timestep_chunk=f.timestep_chunk,
-            rank=rank,
-            world_size=world,
-            reduce=reduce,
-            **common,
-        )
-        if checkpoint_dir is not None and world > 1:
-            remove_if_empty(checkpoint_dir)  # each process removed its own folder; the last one out, this
-        return fisher
-    return estimate_fisher(model, chunk_size=f.chunk_size, **common)
+    """Estimate the Fisher of ``model`` with the ``fisher.*`` settings, by its family's estimator (a
+    class-conditional model's: over all its classes); ``checkpoint_dir`` keeps its progress so an
+    interrupted estimate resumes."""
+    return get_family(model.family).fisher(cfg, model, checkpoint_dir)
 
 
 def stage_replay(
