@@ -31,7 +31,7 @@ from selective_amnesia.fisher import estimate_fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.io import environment, write_json
 from selective_amnesia.models import build_model_from_config
-from selective_amnesia.train import forget
+from selective_amnesia.train import Loop, class_forgetting, forget
 
 
 def side_by_side(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> dict[str, Any]:
@@ -88,7 +88,8 @@ def main() -> None:
         def run() -> None:
             model = build_model_from_config(load_config().model)
             where = tmp / "fg" if every else None
-            forget(model, None, cfg, labels=labels, seed=0, progress=False, checkpoint_dir=where)
+            concept, replay = class_forgetting(cfg, model, labels)  # ewc_lambda=0: no anchor
+            forget(model, concept, replay, None, Loop(cfg, 0), progress=False, checkpoint_dir=where)
 
         return run
 

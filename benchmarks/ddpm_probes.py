@@ -22,7 +22,7 @@ from selective_amnesia.fisher import Fisher
 from selective_amnesia.models import load_model
 from selective_amnesia.pipeline import load_classifiers, stage_replay
 from selective_amnesia.sampling import sample_per_label
-from selective_amnesia.train import forget
+from selective_amnesia.train import Loop, class_forgetting, forget, model_anchor
 
 CONFIG = "configs/ddpm_mnist.yaml"
 
@@ -54,9 +54,9 @@ def lambdas(base_dir: str, fisher_path: str, values: list[float], work: Path) ->
         )
         replay = stage_replay(cfg, base, work)
         model = copy.deepcopy(base)
-        history = forget(
-            model, fisher, cfg.forget, labels=list(range(10)), seed=0, progress=False, replay_set=replay
-        )
+        concept, replay_source = class_forgetting(cfg.forget, model, list(range(10)), replay_set=replay)
+        anchor = model_anchor(cfg.forget, fisher, model)
+        history = forget(model, concept, replay_source, anchor, Loop(cfg.forget, 0), progress=False)
         x, _ = sample_per_label(model, [cfg.forget.forget_label], 16, 1, num_inference_steps=10)
         u = model.to_uint8(x).float()
         gray = float(((u > 60) & (u < 200)).float().mean())

@@ -4,12 +4,13 @@ memory of every part, step time, and the projection of a whole SD-1.x concept on
 Nothing of the step is reimplemented. The UNet (SD 1.4/1.5 config, 859.5M params, no download) sits in the
 project's ``TextToImageModel`` beside a tiny VAE and a tiny 768-wide text encoder (their only job is to
 make the prompt embeddings, which the model caches; with precomputed latents neither runs in the loop).
-One step is exactly the body of ``train.forget``'s loop: ``_forget_terms`` (surrogate latents from
-``StoredImages``, replay latents from ``StoredReplay``, ``paired_noise``, the autocast the pipeline's
-``t2i.mixed_precision`` gives, ``selective_amnesia_loss`` with the EWC anchor) then ``Trainer.backward``
-and ``Trainer.update`` (optimizer from ``make_optimizer``: fused on CUDA). The anchor is the library's:
-``EWCPenalty`` (full fine-tuning; F and theta* in ``anchor_dtype``) or ``LoraEWCPenalty`` (LoRA, added
-by ``trainable.add_lora`` on to_q/to_k/to_v/to_out.0; F on the adapted weights, theta* = the frozen base).
+One step is exactly the body of ``train.forget``'s loop: ``ForgetStep`` (surrogate latents from
+``StoredImages`` under the forget prompts, replay latents from ``StoredReplay``, ``paired_noise``, the
+autocast the pipeline's ``t2i.mixed_precision`` gives, ``selective_amnesia_loss`` with the EWC anchor) then
+``Trainer.backward`` and ``Trainer.update`` (optimizer from ``make_optimizer``: fused on CUDA). The anchor is
+the library's, lambda inside: ``EWCPenalty`` (full fine-tuning; F and theta* in ``anchor_dtype``) or
+``LoraEWCPenalty`` (LoRA, added by ``trainable.add_lora`` on to_q/to_k/to_v/to_out.0; F on the adapted
+weights, theta* = the frozen base).
 
 A configuration is '+'-joined tokens (``--configs``):
 
@@ -221,17 +222,19 @@ class RandomFisher(Mapping[str, Any]):
 
 def autograd_anchor(penalty: Any) -> Any:
     """The old formulation, as the reference code: sum F (theta - theta*)^2 through autograd, which saves
-    the float32 theta - theta* of every weight for the backward. Same buffers as ``penalty``."""
+    the float32 theta - theta* of every weight for the backward. Same buffers and lambda as ``penalty``."""
     import torch
 
-    class AutogradAnchor(torch.nn.Module):
-        def forward(self, params: Mapping[str, Any]) -> Any:
+    from selective_amnesia.objective import Anchor
+
+    class AutogradAnchor(Anchor):
+        def penalty(self, params: Mapping[str, Any]) -> Any:
             total = torch.zeros((), device=next(iter(params.values())).device)
             for n, f, star in zip(penalty.names, penalty.fishers(), penalty.anchors(), strict=True):
                 total = total + (f * (params[n] - star).pow(2)).sum()
             return total
 
-    return AutogradAnchor()
+    return AutogradAnchor(penalty.weight)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -290,7 +293,7 @@ def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
     from selective_amnesia.objective import EWCPenalty, LoraEWCPenalty
     from selective_amnesia.replay import StoredReplay
     from selective_amnesia.surrogate import StoredImages
-    from selective_amnesia.train import Trainer, _autocast, _forget_terms
+    from selective_amnesia.train import Concept, ForgetStep, Trainer
     from selective_amnesia.trainable import add_lora, lora_target_modules, select_trainable
 
     c = parse_config(args.variant)
@@ -312,7 +315,7 @@ def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
     out["stage"] = "setup"
     # precomputed latents, on the host as the pipeline keeps them (each batch is moved to the device)
     n_set = 4 * args.batch_size
-    surrogate = StoredImages(torch.randn(n_set, *model.image_shape))
+    concept = Concept(StoredImages(torch.randn(n_set, *model.image_shape)), forget_ids.tolist())
     replay = StoredReplay(torch.randn(n_set, *model.image_shape), replay_ids[torch.arange(n_set) % 4])
     cfg = ForgetConfig(
         surrogate="folder",
@@ -333,14 +336,14 @@ def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
         modules = lora_target_modules(model, "all", [], LORA_TARGETS)
         layers = add_lora(model, modules, args.lora_rank, float(args.lora_rank))
         shapes = {n: tuple(model.get_parameter(n).shape) for n in layers}
-        penalty = LoraEWCPenalty(RandomFisher(shapes, dev), layers).to(dev)
+        penalty = LoraEWCPenalty(RandomFisher(shapes, dev), layers, weight=args.lam).to(dev)
         out["adapted_weight_params"] = sum(math.prod(s) for s in shapes.values())
     else:
         select_trainable(model, "all")
         theta_star = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # as forget()
         shapes = {n: tuple(p.shape) for n, p in theta_star.items()}
         dtype = torch.bfloat16 if c["anchor_dtype"] == "bfloat16" else torch.float32
-        penalty = EWCPenalty(RandomFisher(shapes, dev), theta_star, dtype=dtype).to(dev)
+        penalty = EWCPenalty(RandomFisher(shapes, dev), theta_star, dtype=dtype, weight=args.lam).to(dev)
         del theta_star
     if c["gradient_checkpointing"]:
         model.unet.enable_gradient_checkpointing()
@@ -357,7 +360,6 @@ def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
         optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay,
     )
-    autocast = _autocast(c["mixed_precision"], dev)
     out["unet_params"] = sum(p.numel() for p in model.unet.parameters())
     out["trained_params"] = sum(p.numel() for p in trainer.params)
     out["param_bytes"] = nbytes(model.unet.parameters())
@@ -367,11 +369,11 @@ def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
     model.train()
     meter = Meter(dev)
 
-    def step(i: int, ewc: Any) -> dict[str, float]:
+    def step(i: int, anchor: Any) -> dict[str, float]:
         resident = meter.start()
         t0 = time.perf_counter()
         # the body of train.forget's loop, accumulation 1
-        terms = _forget_terms(model, cfg, surrogate, replay, forget_ids, ewc, generator, dev, autocast)
+        terms = ForgetStep(model, concept, replay, anchor, cfg, generator, c["mixed_precision"])()
         trainer.check_finite(terms.total, i)
         trainer.backward(terms.total)
         out["grad_bytes"] = nbytes(p.grad for p in trainer.params if p.grad is not None)

@@ -13,7 +13,6 @@ as much (DDPM below: 0.022 of the update; two processes: 0.012).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -97,34 +96,21 @@ def assert_same_sets(one: Path, two: Path) -> None:
 
 
 def _step_gradient(
-    model: Any, cfg: Any, surrogate: Any, replay: Any, ewc: Any, part: slice | None
+    model: Any, cfg: Any, concept: Any, replay: Any, ewc: Any, part: slice | None
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     model.zero_grad(set_to_none=True)
     generator = torch.Generator().manual_seed(7)  # the same stream in every "process"
-    ids = torch.tensor([cfg.forget_label])
-    terms = train._forget_terms(
-        model,
-        cfg,
-        surrogate,
-        replay,
-        ids,
-        ewc,
-        generator,
-        torch.device("cpu"),
-        contextlib.nullcontext,
-        part=part,
-    )
+    terms = train.ForgetStep(model, concept, replay, ewc, cfg, generator, part=part)()
     terms.total.backward()
     return [p.grad.clone() for p in model.parameters() if p.requires_grad], terms.as_floats()
 
 
-def _anchor(model: torch.nn.Module) -> EWCPenalty:
+def _anchor(model: torch.nn.Module, weight: float) -> EWCPenalty:
     """A random Fisher and a theta* off the current weights, so the EWC gradient is not zero."""
     torch.manual_seed(1)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return EWCPenalty(
-        {n: torch.rand_like(p) for n, p in named.items()}, {n: p.detach() + 0.01 for n, p in named.items()}
-    )
+    fisher = {n: torch.rand_like(p) for n, p in named.items()}
+    return EWCPenalty(fisher, {n: p.detach() + 0.01 for n, p in named.items()}, weight=weight)
 
 
 @pytest.mark.parametrize("family", ["cvae", "ddpm"])
@@ -143,10 +129,10 @@ def test_two_slices_average_to_the_whole_batch_gradient(family: str, tiny_cvae: 
         cfg = load_config(config, ["forget.batch_size=6", "forget.forget_label=0"]).forget
         assert cfg.reduction == "mean"
         replay = StoredReplay(torch.rand(10, 1, 8, 8) * 2 - 1, torch.randint(1, 3, (10,)))
-    surrogate = train.make_surrogate(cfg, model, frozen_copy(model))
-    ewc = _anchor(model)
-    one, terms = _step_gradient(model, cfg, surrogate, replay, ewc, None)
-    halves = [_step_gradient(model, cfg, surrogate, replay, ewc, slice(r * 3, r * 3 + 3)) for r in (0, 1)]
+    concept = train.Concept(train.make_surrogate(cfg, model, frozen_copy(model)), [cfg.forget_label])
+    ewc = _anchor(model, cfg.ewc_lambda)
+    one, terms = _step_gradient(model, cfg, concept, replay, ewc, None)
+    halves = [_step_gradient(model, cfg, concept, replay, ewc, slice(r * 3, r * 3 + 3)) for r in (0, 1)]
     two = [(a + b) / 2 for a, b in zip(halves[0][0], halves[1][0], strict=True)]  # DDP's average
     scale = max(float(g.abs().max()) for g in one)
     assert max(float((a - b).abs().max()) for a, b in zip(one, two, strict=True)) <= GRAD_RTOL * scale

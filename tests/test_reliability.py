@@ -21,7 +21,7 @@ from selective_amnesia.config import ForgetConfig
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import estimate_fisher
 from selective_amnesia.io import read_json
-from selective_amnesia.train import forget
+from selective_amnesia.train import Loop, class_forgetting, forget
 
 
 def test_a_second_writer_of_the_same_out_is_refused(
@@ -80,17 +80,23 @@ def _change_step(monkeypatch: pytest.MonkeyPatch, step: int, change: Callable[[A
     """Apply ``change`` to the loss terms of forgetting step ``step`` (one batch per step)."""
     import selective_amnesia.train as train
 
-    real = train._forget_terms
+    real = train.ForgetStep.__call__
     calls = {"n": 0}
 
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        terms = real(*args, **kwargs)
+    def patched(self: Any) -> Any:
+        terms = real(self)
         calls["n"] += 1
         if calls["n"] == step:
             change(terms)
         return terms
 
-    monkeypatch.setattr(train, "_forget_terms", patched)
+    monkeypatch.setattr(train.ForgetStep, "__call__", patched)
+
+
+def _forget_zero(model: torch.nn.Module, cfg: ForgetConfig, checkpoint_dir: Path) -> None:
+    """Forget class 0 of a class model (no anchor: cfg's ewc_lambda is 0) with checkpoints."""
+    concept, replay = class_forgetting(cfg, model, list(range(10)))
+    forget(model, concept, replay, None, Loop(cfg, 0), progress=False, checkpoint_dir=checkpoint_dir)
 
 
 def test_divergence_keeps_the_last_good_checkpoint(
@@ -103,7 +109,7 @@ def test_divergence_keeps_the_last_good_checkpoint(
     cfg = ForgetConfig(forget_label=0, ewc_lambda=0, steps=10, batch_size=4, checkpoint_every=3, log_every=1)
     ckpt = tmp_path / "checkpoint"
     with pytest.raises(AmnesiaError) as err:
-        forget(tiny_cvae, None, cfg, labels=list(range(10)), seed=0, progress=False, checkpoint_dir=ckpt)
+        _forget_zero(tiny_cvae, cfg, ckpt)
     message = str(err.value)
     assert (
         "diverged at step 7" in message
@@ -228,15 +234,7 @@ def test_a_finite_loss_with_infinite_gradients_stops_before_the_update(
     before = [p.detach().clone() for p in tiny_cvae.parameters()]
     cfg = ForgetConfig(forget_label=0, ewc_lambda=0, steps=8, batch_size=4, checkpoint_every=2, log_every=1)
     with pytest.raises(AmnesiaError, match="diverged at step 5 .gradient norm is not finite.*step 4"):
-        forget(
-            tiny_cvae,
-            None,
-            cfg,
-            labels=list(range(10)),
-            seed=0,
-            progress=False,
-            checkpoint_dir=tmp_path / "c",
-        )
+        _forget_zero(tiny_cvae, cfg, tmp_path / "c")
     assert all(torch.isfinite(p).all() for p in tiny_cvae.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny_cvae.parameters(), strict=True))
 

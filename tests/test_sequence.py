@@ -43,11 +43,9 @@ class Recorder:
                 self.calls[-1]["replay_c"].append(kw["replay_c"].clone())
             return real_loss(model, **kw)
 
-        def forget(*args: Any, **kw: Any) -> Any:
-            self.calls.append(
-                {"forget_c": [], "replay_c": [], "replay": kw.get("replay"), "ewc": kw.get("ewc")}
-            )
-            return real_forget(*args, **kw)
+        def forget(model: Any, concept: Any, replay: Any, anchor: Any, *args: Any, **kw: Any) -> Any:
+            self.calls.append({"forget_c": [], "replay_c": [], "replay": replay, "anchor": anchor})
+            return real_forget(model, concept, replay, anchor, *args, **kw)
 
         monkeypatch.setattr(train, "selective_amnesia_loss", loss)
         monkeypatch.setattr(pipeline, "forget", forget)
@@ -139,12 +137,16 @@ def test_sequence_steps_replay_and_anchor(tmp_path: Path, monkeypatch: pytest.Mo
     cfg = load_config(TINY, [*FAST, "pretrain.steps=5", "forget.sequence=[0,3]", "evaluate.num_per_class=4"])
     pipeline.run_pipeline(cfg, tmp_path)
     first, second = rec.calls
-    assert first["replay"] is None and first["ewc"] is None  # step 1 is the single run of class 0
+    # step 1 is the single run of class 0: theta_0's fresh samples of every other class
+    assert isinstance(first["replay"], GenerativeReplay) and first["replay"].labels.tolist() == list(
+        range(1, 10)
+    )
     assert isinstance(second["replay"], ReplayForgottenAsSurrogate)
-    assert second["ewc"] is not None  # anchor original: theta_0's anchor, not the step's start
     base = pipeline.load_model(tmp_path / "base")
-    star = dict(zip(second["ewc"].names, second["ewc"].anchors(), strict=True))
-    assert all(torch.equal(star[n], p) for n, p in base.named_parameters())
+    for call in (first, second):  # anchor original: theta_0's anchor, not step 2's start; lambda inside
+        star = dict(zip(call["anchor"].names, call["anchor"].anchors(), strict=True))
+        assert all(torch.equal(star[n], p) for n, p in base.named_parameters())
+        assert call["anchor"].weight == cfg.forget.ewc_lambda
     assert 3 not in set(torch.cat(second["replay_c"]).tolist())
     assert set(torch.cat(second["forget_c"]).tolist()) == {3}
     # resume: everything finished is reused, nothing is trained again

@@ -95,9 +95,10 @@ class Recorder:
             batch.append({k: kw[k].clone() for k in ("forget_x", "forget_c", "replay_x", "replay_c")})
             return real_loss(model, **kw)
 
-        def forget(*args: Any, **kw: Any) -> Any:
-            self.calls.append(kw | {"batches": []})
-            return real_forget(*args, **kw)
+        def forget(model: Any, concept: Any, replay: Any, anchor: Any, loop: Any, **kw: Any) -> Any:
+            given = {"concept": concept, "replay": replay, "anchor": anchor, "loop": loop}
+            self.calls.append(given | kw | {"batches": []})
+            return real_forget(model, concept, replay, anchor, loop, **kw)
 
         monkeypatch.setattr(train, "selective_amnesia_loss", loss)
         monkeypatch.setattr(pipeline_t2i, "forget", forget)
@@ -151,7 +152,7 @@ def test_at_once_writes_one_model_and_each_group_measured(
     TextToImageModel.from_pretrained(out / "forget")  # one stock pipeline
     assert not (out / "steps").exists()
     (call,) = rec.calls
-    surrogate = call["surrogate"]
+    surrogate = call["concept"].surrogate
     assert isinstance(surrogate, GroupedSurrogate) and len(surrogate.ids) == 2
     forget_c, forget_x = rec.cat(call, "forget_c"), rec.cat(call, "forget_x")
     for ids, images in zip(surrogate.ids, surrogate.images, strict=True):
@@ -214,12 +215,14 @@ def test_sequence_replay_and_anchor(
     seven_ids = torch.unique(Recorder.cat(first, "forget_c"))
     three_ids = torch.unique(Recorder.cat(second, "forget_c"))
     assert len(seven_ids) == 2 and len(three_ids) == 2 and not torch.isin(seven_ids, three_ids).any()
-    assert first["ewc"] is None and isinstance(second["ewc"], EWCPenalty)
+    assert isinstance(first["anchor"], EWCPenalty) and isinstance(second["anchor"], EWCPenalty)
     theta_0 = dict(TextToImageModel.from_pretrained(tiny_world).named_parameters())
     theta_1 = dict(TextToImageModel.from_pretrained(out / "steps" / "1").named_parameters())
-    star = dict(zip(second["ewc"].names, second["ewc"].anchors(), strict=True))
-    assert all(torch.equal(star[n], theta_0[n]) for n in star)  # anchor original: theta_0, every step
-    assert any(not torch.equal(star[n], theta_1[n]) for n in star)  # not the step's start
+    for call in (first, second):  # anchor original: theta_0, every step
+        star = dict(zip(call["anchor"].names, call["anchor"].anchors(), strict=True))
+        assert all(torch.equal(star[n], theta_0[n]) for n in star)
+        assert call["anchor"].weight == call["loop"].forget.ewc_lambda  # lambda inside the anchor
+    assert any(not torch.equal(star[n], theta_1[n]) for n in star)  # not step 2's start
     # step 1 replays "a handwritten 3" (three is kept until step 2), never seven
     replay_1 = Recorder.cat(first, "replay_c")
     assert not torch.isin(replay_1, seven_ids).any()
@@ -251,7 +254,10 @@ def test_sequence_resumes_and_reuses_finished_steps(
     rec.calls.clear()
     online = load_config(out.parent / "config.yaml", [*seq, "forget.anchor=online"])
     run_text_to_image(online, out)
-    assert len(rec.calls) == 1 and rec.calls[0]["ewc"] is None  # the loop anchors at its start, theta_1
+    assert len(rec.calls) == 1
+    anchor = rec.calls[0]["anchor"]  # online: F~_1 at step 2's start, theta_1
+    theta_1 = dict(TextToImageModel.from_pretrained(out / "steps" / "1").named_parameters())
+    assert all(torch.equal(a, theta_1[n]) for n, a in zip(anchor.names, anchor.anchors(), strict=True))
     assert rec.calls[0]["batches"] and rec.calls[0]["key"]
     for name in ("fisher.safetensors", "fisher_online.safetensors"):
         assert (out / "steps" / "1" / name).is_file()

@@ -1,5 +1,7 @@
 """Behaviour: a short forgetting run makes a tiny model stop drawing the forgotten digit."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -9,9 +11,16 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, train_classifier
 from selective_amnesia.fisher import estimate_fisher
 from selective_amnesia.models import build_model
-from selective_amnesia.train import forget, pretrain
+from selective_amnesia.train import Loop, class_forgetting, forget, model_anchor, pretrain
 
 LABELS = list(range(10))
+
+
+def _forget(model: Any, fisher: Any, cfg: ForgetConfig, seed: int) -> Any:
+    """A class run as the pipeline's: the surrogate and replay of theta*, the anchor at the model."""
+    concept, replay = class_forgetting(cfg, model, LABELS)
+    anchor = model_anchor(cfg, fisher, model)
+    return forget(model, concept, replay, anchor, Loop(cfg, seed), progress=False)
 
 
 def _p_label(model: torch.nn.Module, clf: torch.nn.Module, label: int) -> float:
@@ -32,7 +41,7 @@ def test_short_forgetting_run_lowers_p_forget() -> None:
     before, kept_before = _p_label(model, clf, 0), _p_label(model, clf, 1)
     fisher = estimate_fisher(model, num_samples=512, labels=LABELS, progress=False)
     cfg = ForgetConfig(steps=400, batch_size=64, lr=2e-3, ewc_lambda=100.0, log_every=100)
-    history = forget(model, fisher, cfg, labels=LABELS, seed=0, progress=False)
+    history = _forget(model, fisher, cfg, seed=0)
     after, kept_after = _p_label(model, clf, 0), _p_label(model, clf, 1)
     assert before > 0.6, f"the tiny base model should draw zeros (P={before:.2f})"
     assert after < before - 0.15, (before, after)
@@ -42,16 +51,19 @@ def test_short_forgetting_run_lowers_p_forget() -> None:
 
 def test_forget_label_must_be_a_model_class(tiny_cvae: torch.nn.Module) -> None:
     with pytest.raises(AmnesiaError, match="not one of the model's classes"):
-        forget(
-            tiny_cvae,
-            None,
-            ForgetConfig(forget_label=11, ewc_lambda=0.0),
-            labels=LABELS,
-            seed=0,
-            progress=False,
-        )
+        class_forgetting(ForgetConfig(forget_label=11, ewc_lambda=0.0), tiny_cvae, LABELS)
     with pytest.raises(AmnesiaError, match="needs a Fisher"):
-        forget(tiny_cvae, None, ForgetConfig(), labels=LABELS, seed=0, progress=False)
+        model_anchor(ForgetConfig(), None, tiny_cvae)
+    assert model_anchor(ForgetConfig(ewc_lambda=0.0), None, tiny_cvae) is None
+
+
+def test_replay_weight_needs_replay_and_loop_settings_are_checked(tiny_cvae: torch.nn.Module) -> None:
+    cfg = ForgetConfig(ewc_lambda=0.0, steps=1, batch_size=2)
+    concept, _ = class_forgetting(cfg, tiny_cvae, LABELS)
+    with pytest.raises(AmnesiaError, match="needs replay samples"):
+        forget(tiny_cvae, concept, None, None, Loop(cfg, 0), progress=False)
+    with pytest.raises(AmnesiaError, match="accumulation must be >= 1"):
+        Loop(cfg, 0, accumulation=0)
 
 
 def test_one_seed_makes_forgetting_reproducible(tiny_cvae: torch.nn.Module) -> None:
@@ -62,8 +74,7 @@ def test_one_seed_makes_forgetting_reproducible(tiny_cvae: torch.nn.Module) -> N
     fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
     cfg = ForgetConfig(steps=5, batch_size=8, log_every=1)
     a, b = copy.deepcopy(tiny_cvae), copy.deepcopy(tiny_cvae)
-    ha = forget(a, fisher, cfg, labels=LABELS, seed=3, progress=False)
-    hb = forget(b, fisher, cfg, labels=LABELS, seed=3, progress=False)
+    ha, hb = _forget(a, fisher, cfg, seed=3), _forget(b, fisher, cfg, seed=3)
     assert ha.terms == hb.terms
     for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), n

@@ -59,7 +59,7 @@ class Fisher:
         save_tensors(path, self.values, self.metadata)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | None = None) -> Fisher:
+    def load(cls, path: str | Path, model: ConditionalGenerativeModel | None = None) -> Fisher:
         """Load a Fisher; with ``model`` check that it belongs to that model (names, shapes, finite)."""
         values, raw = load_tensors(path)
         meta: dict[str, Any] = {}
@@ -79,7 +79,7 @@ class Fisher:
             fisher.check_matches(model, source=str(path))
         return fisher
 
-    def check_matches(self, model: nn.Module, source: str = "Fisher") -> None:
+    def check_matches(self, model: ConditionalGenerativeModel, source: str = "Fisher") -> None:
         """The Fisher must name exactly the model's trainable parameters, with their shapes."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         missing = sorted(set(params) - set(self.values))

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
 
 def reduce_nelbo(per_sample: Tensor, reduction: str) -> Tensor:
@@ -56,17 +59,41 @@ class _Anchor(torch.autograd.Function):
         return (None, *grads)
 
 
-class EWCPenalty(nn.Module):
-    """sum_i F_i (theta_i - theta*_i)^2 over the named parameters (Eq. 4c without lambda).
+class Anchor(nn.Module):
+    """Eq. 4c, lambda * sum_i F_i (theta_i - theta*_i)^2: ``weight`` (lambda) times ``penalty`` (the sum).
+
+    Called with the model's named parameters. ``weight`` is a plain attribute, not in the state dict: an
+    anchor's state is F and theta* alone.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def penalty(self, params: Mapping[str, Tensor]) -> Tensor:
+        """sum_i F_i (theta_i - theta*_i)^2 without lambda."""
+        raise NotImplementedError
+
+    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+        out: Tensor = self.weight * self.penalty(params)
+        return out
+
+
+class EWCPenalty(Anchor):
+    """lambda * sum_i F_i (theta_i - theta*_i)^2 over the named parameters (Eq. 4c), lambda = ``weight``.
 
     F and theta* are stored in ``dtype`` (float32, or bfloat16 to halve their memory); the sum and the
     gradient are computed in float32.
     """
 
     def __init__(
-        self, fisher: Mapping[str, Tensor], theta_star: Mapping[str, Tensor], dtype: torch.dtype | None = None
+        self,
+        fisher: Mapping[str, Tensor],
+        theta_star: Mapping[str, Tensor],
+        dtype: torch.dtype | None = None,
+        weight: float = 1.0,
     ) -> None:
-        super().__init__()
+        super().__init__(weight)
         if set(fisher) != set(theta_star):
             raise ValueError("Fisher and theta* must name the same parameters")
         self.names = sorted(fisher)
@@ -82,7 +109,7 @@ class EWCPenalty(nn.Module):
     def anchors(self) -> list[Tensor]:
         return [getattr(self, f"theta_star_{i}") for i in range(len(self.names))]
 
-    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+    def penalty(self, params: Mapping[str, Tensor]) -> Tensor:
         out: Tensor = _Anchor.apply(self, *(params[n] for n in self.names))
         return out
 
@@ -101,14 +128,13 @@ class LossTerms:
 
 
 def selective_amnesia_loss(
-    model: Any,
+    model: ConditionalGenerativeModel,
     *,
     forget_x: Tensor,
     forget_c: Tensor,
     replay_x: Tensor | None,
     replay_c: Tensor | None,
-    ewc: nn.Module | None,
-    ewc_lambda: float,
+    anchor: Anchor | None,
     replay_weight: float,
     reduction: str,
     objective: str = "surrogate",
@@ -117,8 +143,9 @@ def selective_amnesia_loss(
     replay_noise: Any = None,
 ) -> LossTerms:
     """Eq. 4 (``objective="surrogate"``; ``forget_x`` ~ q(x|c_f)) or Eq. 3 (``"naive"``; ``forget_x``
-    ~ p(x|theta*, c_f)). Terms with weight 0 are not computed. ``*_noise`` fix each term's NELBO noise
-    (the DDPM shares timesteps between the terms); otherwise it is drawn from ``generator``."""
+    ~ p(x|theta*, c_f)). Terms with weight 0 are not computed; ``anchor`` (4c, lambda inside) is None when
+    lambda is 0. ``*_noise`` fix each term's NELBO noise (the DDPM shares timesteps between the terms);
+    otherwise it is drawn from ``generator``."""
     nelbo = model.nelbo
     forget_term = reduce_nelbo(
         nelbo(forget_x, forget_c, generator=generator, noise=forget_noise), reduction
@@ -135,24 +162,22 @@ def selective_amnesia_loss(
         replay_term = replay_weight * reduce_nelbo(
             nelbo(replay_x, replay_c, generator=generator, noise=replay_noise), reduction
         )  # (4b)
-    ewc_term = zero
-    if ewc_lambda > 0:
-        if ewc is None:
-            raise ValueError("ewc_lambda > 0 needs a Fisher")
-        ewc_term = ewc_lambda * ewc(dict(model.named_parameters()))  # (4c)
+    ewc_term = zero if anchor is None else anchor(dict(model.named_parameters()))  # (4c)
     return LossTerms(forget_term + replay_term + ewc_term, forget_term, replay_term, ewc_term)
 
 
-class LoraEWCPenalty(nn.Module):
-    """Eq. 4c on the *effective* weights of LoRA-adapted linear layers.
+class LoraEWCPenalty(Anchor):
+    """Eq. 4c on the *effective* weights of LoRA-adapted linear layers, lambda = ``weight``.
 
     A LoRA layer computes with W = W* + s B A (W* frozen at theta*), so W - W* = s B A and the anchor is
-    sum_layers sum_ij F_ij (s (B A)_ij)^2, with F the Fisher of the base weight W*. ``layers`` maps each
-    base-weight name (the Fisher's key) to its (lora_A weight name, lora_B weight name, scaling s).
+    lambda sum_layers sum_ij F_ij (s (B A)_ij)^2, with F the Fisher of the base weight W*. ``layers`` maps
+    each base-weight name (the Fisher's key) to its (lora_A weight name, lora_B weight name, scaling s).
     """
 
-    def __init__(self, fisher: Mapping[str, Tensor], layers: Mapping[str, tuple[str, str, float]]) -> None:
-        super().__init__()
+    def __init__(
+        self, fisher: Mapping[str, Tensor], layers: Mapping[str, tuple[str, str, float]], weight: float = 1.0
+    ) -> None:
+        super().__init__(weight)
         missing = sorted(set(layers) - set(fisher))
         if missing:
             raise ValueError(f"the Fisher has no entry for the adapted weight(s) {missing[:3]}")
@@ -161,7 +186,7 @@ class LoraEWCPenalty(nn.Module):
         for i, n in enumerate(self.names):
             self.register_buffer(f"fisher_{i}", fisher[n].detach().clone())
 
-    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+    def penalty(self, params: Mapping[str, Tensor]) -> Tensor:
         total = torch.zeros((), device=next(iter(params.values())).device)
         for i, (a_name, b_name, scale) in enumerate(self.lora):
             delta = scale * (params[b_name] @ params[a_name])  # (out, r) @ (r, in) = W - W*

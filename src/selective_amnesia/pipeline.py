@@ -349,7 +349,7 @@ def stage_forget(
     target: Path | None = None,
     *,
     replay: Any = None,
-    ewc: Any = None,
+    anchor: Any = None,
     surrogate_x: torch.Tensor | None = None,
     sequence_key: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -359,10 +359,13 @@ def stage_forget(
 
     A finished ``target`` made from the same settings is reused; an interrupted one resumes from
     ``target/checkpoint``. A class surrogate's samples are kept in ``out/surrogate``. Several processes
-    share each step's batch; process 0 writes the model. A step of a sequence (``selective_amnesia.
-    sequence``) passes its own ``replay``, ``ewc`` anchor, surrogate images, ``sequence_key`` (what else
-    decides the result) and ``extra`` metadata.
+    share each step's batch; process 0 writes the model. A later step of a sequence (``selective_amnesia.
+    sequence``) passes its own ``replay``, surrogate images, ``sequence_key`` (what else decides the
+    result) and ``extra`` metadata, and with forget.anchor=original theta_0's ``anchor``; otherwise the
+    anchor is ``fisher`` at the step's starting weights.
     """
+    from selective_amnesia.train import Concept, Loop, class_forgetting, make_surrogate, model_anchor
+
     share = current_share(resolve_device(cfg.device))
     target = target if target is not None else out / "forget"
     parts: list[Any] = [
@@ -374,30 +377,32 @@ def stage_forget(
     ]
     if sequence_key is not None:
         parts.append(sequence_key)
-    if ewc is not None:
-        parts.append(state_hash(ewc.state_dict()))
+    if anchor is not None:
+        parts.append(state_hash(anchor.state_dict()))
     key = settings_hash(*parts)
     if share.agree([_reusable(target, key)])[0]:
         log.info("reusing forgotten model in %s", target)
         meta = read_json(target / "config.json")
         reused = load_model(target, check_state=False)  # we are its writer
         return reused.to(next(base.parameters()).device), meta["history"]
-    model = copy.deepcopy(base)  # theta* itself stays untouched: it is the replay source and the baseline
+    model = copy.deepcopy(base)  # theta* itself stays untouched: it is the baseline
+    f, images = cfg.forget, surrogate_x if surrogate_x is not None else surrogate_images(cfg, base, out)
+    if sequence_key is None:  # a single run (a sequence's first step is one): replay of theta*
+        concept, replay = class_forgetting(
+            f, model, model_labels(model), replay_set=replay_set, surrogate_images=images
+        )
+    else:  # a later step of a sequence brings its replay
+        concept = Concept(make_surrogate(f, model, None, images), f.forget_labels())
     history = forget(
         model,
-        fisher if cfg.forget.ewc_lambda > 0 else None,
-        cfg.forget,
-        labels=model_labels(model),
-        seed=cfg.seed,
+        concept,
+        replay,
+        anchor if anchor is not None else model_anchor(f, fisher, model),
+        Loop(f, cfg.seed),
         progress=cfg.progress,
-        replay_set=replay_set,
-        surrogate_images=surrogate_x if surrogate_x is not None else surrogate_images(cfg, base, out),
         checkpoint_dir=target / "checkpoint",
         key=key,
-        forget_labels=cfg.forget.forget_labels(),
         share=share,
-        ewc=ewc,
-        replay=replay,
     )
     if share.main:
         model.save_pretrained(

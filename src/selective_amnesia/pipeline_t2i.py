@@ -35,11 +35,11 @@ from selective_amnesia.fisher import Fisher
 from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
 from selective_amnesia.io import partial_dir, read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.objective import LoraEWCPenalty
+from selective_amnesia.objective import Anchor, LoraEWCPenalty
 from selective_amnesia.progress import stage
 from selective_amnesia.sampling import BlockSet, blockwise_sets, effective_sampler, image_generators
 from selective_amnesia.surrogate import GroupedSurrogate, StoredImages, Surrogate
-from selective_amnesia.train import forget
+from selective_amnesia.train import Concept, Loop, forget, make_replay, model_anchor, theta_star_sampler
 from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,6 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     model = copy.deepcopy(base)  # shares the frozen VAE and text encoder (see TextToImageModel)
     lora_modules = select_weights(cfg, model)
     t1 = time.perf_counter()
-    labels = forget_ids + replay_ids
     fisher = None
     if cfg.forget.ewc_lambda > 0:
         path = out / "fisher.safetensors"
@@ -330,13 +329,13 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         fisher = t2i_fisher(cfg, model, fisher_labels, path, partial_dir(path))
     timings["fisher_s"] = time.perf_counter() - t1
 
-    ewc = None
+    anchor: Anchor | None = None
     ewc_meta = fisher.metadata if fisher is not None else None
     if lora_modules:
         layers = add_lora(model, lora_modules, t.lora_rank, float(t.lora_alpha or t.lora_rank))
-        if fisher is not None:
-            ewc = LoraEWCPenalty(fisher.values, layers).to(device)
-            fisher = None
+        if fisher is not None:  # F of the base weights, on the adapted effective weights
+            anchor = LoraEWCPenalty(fisher.values, layers, weight=cfg.forget.ewc_lambda).to(device)
+            fisher = None  # the anchor keeps the adapted weights' entries only
     adversary = _adversary(cfg, base, model, out, share)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -351,21 +350,18 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             (to_dict(cfg.forget), t2i_settings(t), state_hash(base.state_dict()), cfg.seed, ewc_meta, sets)
         ).encode()
     ).hexdigest()[:16]
+    if not lora_modules:  # the anchor at theta*: the weights as they are now
+        anchor = model_anchor(cfg.forget, fisher, model)
+    kept = [i for i in replay_ids if i not in forget_ids]
     history = forget(
         model,
-        fisher,
-        cfg.forget,
-        labels=labels,
-        forget_labels=forget_ids,
-        seed=cfg.seed,
+        Concept(forget_surrogate(group_ids, surrogates), forget_ids),
+        make_replay(cfg.forget, theta_star_sampler(cfg.forget, model), kept, replay_set),
+        anchor,
+        Loop(cfg.forget, cfg.seed, t.mixed_precision, t.gradient_accumulation),
         progress=cfg.progress,
-        replay_set=replay_set,
-        surrogate=forget_surrogate(group_ids, surrogates),
-        ewc=ewc,
         checkpoint_dir=out / "forget_checkpoint",
         key=key,
-        mixed_precision=t.mixed_precision,
-        accumulation=t.gradient_accumulation,
         share=share,
         adversary=adversary,
     )

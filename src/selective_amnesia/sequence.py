@@ -201,7 +201,7 @@ def run_sequence(
         stage_replay,
         surrogate_images,
     )
-    from selective_amnesia.train import make_surrogate
+    from selective_amnesia.train import ewc_anchor, trained_weights
 
     f = cfg.forget
     labels = model_labels(base)
@@ -222,7 +222,7 @@ def run_sequence(
         kept = [c for c in labels if c not in forgotten and c not in step]
         replay: Replay | None = None
         replay_set = None
-        ewc = None
+        anchor: EWCPenalty | None = None
         anchor_fisher = fisher
         sequence_key: dict[str, Any] | None = None
         if k == 1:  # the first step is a single run of its classes
@@ -234,24 +234,11 @@ def run_sequence(
                 # F(theta_(k-1)), kept beside theta_(k-1)
                 estimate = functools.partial(stage_fisher, own, latest, prev_dir)
                 anchor_fisher = anchors.for_step(k, estimate, prev_dir)
-            elif use_ewc:
+            elif use_ewc:  # theta_0 and F(theta_0), not the step's start
                 assert fisher is not None
-                theta_0 = {n: p.detach() for n, p in base.named_parameters() if p.requires_grad}
-                dtype = torch.bfloat16 if f.anchor_dtype == "bfloat16" else torch.float32
-                device = next(latest.parameters()).device
-                ewc = EWCPenalty(fisher.values, theta_0, dtype=dtype).to(device)
-            kept_replay: Replay
-            if f.replay == "stored":
-                stored = stage_replay(scfg, latest, step_dir, remembered=kept)
-                assert stored is not None or f.replay_weight == 0
-                kept_replay = StoredReplay(*stored) if stored is not None else _NoReplay()
-            else:
-                kept_replay = GenerativeReplay(frozen_copy(latest), kept)
-            if f.replay_forgotten == "surrogate" and forgotten:
-                surrogate = make_surrogate(scfg.forget, latest, None, surrogate_x)
-                replay = ReplayForgottenAsSurrogate(kept_replay, kept, list(forgotten), surrogate)
-            else:
-                replay = kept_replay
+                anchor = ewc_anchor(f, fisher, trained_weights(base))
+            as_surrogate = forgotten if f.replay_forgotten == "surrogate" else []
+            replay = _later_replay(scfg, latest, step_dir, kept, as_surrogate, surrogate_x)
             sequence_key = step_key(f, k, forgotten)
         forgotten += step
         saved = to_dict(cfg)  # what `amnesia evaluate` on this model measures: all classes forgotten so far
@@ -267,7 +254,7 @@ def run_sequence(
             replay_set,
             target=step_dir,
             replay=replay,
-            ewc=ewc,
+            anchor=anchor,
             surrogate_x=surrogate_x,
             sequence_key=sequence_key,
             extra=meta,
@@ -278,8 +265,32 @@ def run_sequence(
     return SequenceResult(models, histories, steps, sequence_info(f, steps))
 
 
-class _NoReplay:
-    """replay_weight 0: the loop never samples replay."""
+def _later_replay(
+    scfg: RunConfig,
+    latest: Any,
+    step_dir: Path,
+    kept: list[int],
+    as_surrogate: list[int],
+    surrogate_x: Tensor | None,
+) -> Replay | None:
+    """Replay of step k >= 2 (``scfg``: the step's config): the latest model's samples of the ``kept``
+    classes (fresh, or a set stored in ``step_dir``) and the classes ``as_surrogate`` (forgotten in earlier
+    steps, with forget.replay_forgotten=surrogate) as their surrogate's images; None when
+    forget.replay_weight is 0 (no replay term)."""
+    from selective_amnesia.pipeline import stage_replay
+    from selective_amnesia.train import make_surrogate
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        raise AmnesiaError("replay was sampled with forget.replay_weight=0")
+    f = scfg.forget
+    if f.replay_weight == 0:
+        return None
+    kept_replay: Replay
+    if f.replay == "stored":
+        stored = stage_replay(scfg, latest, step_dir, remembered=kept)
+        assert stored is not None  # replay_weight > 0
+        kept_replay = StoredReplay(*stored)
+    else:
+        kept_replay = GenerativeReplay(frozen_copy(latest), kept)
+    if not as_surrogate:
+        return kept_replay
+    surrogate = make_surrogate(f, latest, None, surrogate_x)
+    return ReplayForgottenAsSurrogate(kept_replay, kept, list(as_surrogate), surrogate)

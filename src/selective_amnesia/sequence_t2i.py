@@ -43,7 +43,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import partial_dir, read_json, state_hash
 from selective_amnesia.models.text_to_image import META_KEY, TextToImageModel
-from selective_amnesia.objective import EWCPenalty
+from selective_amnesia.objective import Anchor
 from selective_amnesia.pipeline import settings_hash
 from selective_amnesia.pipeline_t2i import (
     forget_surrogate,
@@ -69,7 +69,7 @@ from selective_amnesia.sequence import (
     step_key,
 )
 from selective_amnesia.surrogate import StoredImages, Surrogate
-from selective_amnesia.train import forget
+from selective_amnesia.train import Concept, Loop, ewc_anchor, forget, model_anchor
 
 # settings that decide a step only from step 2 on (they are in its step_key): left out of every step's
 # settings, so step 1 is the same whatever the anchor or replay choice; the checkpoint and log intervals
@@ -139,7 +139,6 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     base_hash = state_hash(base.state_dict())
     anchors = AnchorFishers(f, fisher0, len(steps))
     own_fisher = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, path=None))
-    stored = dataclasses.replace(f, replay="stored")  # each step's replay is a set (no frozen copy made)
     forgotten: list[str] = []
     step_log: list[dict[str, Any]] = []
     history: dict[str, Any] = {}
@@ -177,16 +176,14 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
                 i: StoredImages(surrogates[name]) for name in forgotten for i in prompt_ids[name]
             }
             replay = ReplayForgottenAsSurrogate(replay, kept_labels, earlier, own)
-        ewc = None
+        original: Anchor | None = None  # theta_0 and F(theta_0) (forget.anchor=original)
         anchor_fisher = fisher0
         anchor_meta: Any = fisher0.metadata if fisher0 is not None else None
         if k > 1 and use_ewc:
             assert fisher0 is not None
             if f.anchor == "original":  # theta_0 and F(theta_0), not the step's start
                 params = dict(base.named_parameters())
-                theta_0 = {name: params[name].detach() for name in trainable}
-                dtype = torch.bfloat16 if f.anchor_dtype == "bfloat16" else torch.float32
-                ewc = EWCPenalty(fisher0.values, theta_0, dtype=dtype).to(device)
+                original = ewc_anchor(f, fisher0, {name: params[name].detach() for name in trainable})
                 anchor_meta = {"fisher": fisher0.metadata, "theta_0": base_hash}
             else:
                 prev = out / "steps" / str(k - 1)
@@ -227,25 +224,17 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             if t.gradient_checkpointing:
                 model.unet.enable_gradient_checkpointing()
             step_conds = [i for name in step for i in conds[name]]
+            surrogate = forget_surrogate([conds[name] for name in step], [surrogates[name] for name in step])
             history = forget(
                 model,
-                anchor_fisher,
-                stored,
-                labels=step_conds + kept_labels + earlier,
-                forget_labels=step_conds,
-                seed=cfg.seed,
+                Concept(surrogate, step_conds),
+                replay,
+                original if original is not None else model_anchor(f, anchor_fisher, model),
+                Loop(f, cfg.seed, t.mixed_precision, t.gradient_accumulation),
                 progress=cfg.progress,
-                replay_set=replay_set,
-                surrogate=forget_surrogate(
-                    [conds[name] for name in step], [surrogates[name] for name in step]
-                ),
-                ewc=ewc,
                 checkpoint_dir=step_dir / "checkpoint",
                 key=key,
-                mixed_precision=t.mixed_precision,
-                accumulation=t.gradient_accumulation,
                 share=share,
-                replay=replay,
             ).to_dict()
             if t.gradient_checkpointing:
                 model.unet.disable_gradient_checkpointing()
@@ -254,7 +243,7 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
                 extra=_step_meta(cfg, key, history, k, steps, forgotten),
                 reference_text_encoder=True,
             )
-        del ewc
+        del original
         step_log.append(
             {
                 "step": k,

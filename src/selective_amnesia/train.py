@@ -7,12 +7,14 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults, tracking
@@ -22,9 +24,10 @@ from selective_amnesia.data import ImageDataset
 from selective_amnesia.distributed import Share, split_batch
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
-from selective_amnesia.objective import EWCPenalty, selective_amnesia_loss
+from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
+from selective_amnesia.objective import Anchor, EWCPenalty, LossTerms, selective_amnesia_loss
 from selective_amnesia.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
-from selective_amnesia.surrogate import ModelSamples, StoredImages, Surrogate, UniformNoise
+from selective_amnesia.surrogate import GroupedSurrogate, ModelSamples, StoredImages, Surrogate, UniformNoise
 
 log = logging.getLogger(__name__)
 
@@ -266,16 +269,19 @@ def pretrain(
 
 
 def make_surrogate(
-    cfg: ForgetConfig, model: Any, frozen: nn.Module | None, surrogate_images: torch.Tensor | None = None
+    cfg: ForgetConfig,
+    model: ConditionalGenerativeModel,
+    frozen: nn.Module | None,
+    surrogate_images: Tensor | None = None,
 ) -> Surrogate:
-    """q(x|c_f) for the surrogate objective, or samples of c_f from theta* for the naive one.
+    """q(x|c_f) for the surrogate objective, or samples of c_f from theta* (``frozen``) for the naive one.
 
     "uniform" is per-pixel noise over the model's pixel range (U[0,1] for the VAE, U[-1,1] for the DDPM,
     as in the paper); "class" and "folder" draw from ``surrogate_images`` (model range), prepared by
     the pipeline from theta*'s samples of ``surrogate_label`` or from ``surrogate_path``.
     """
     if cfg.objective == "naive":
-        assert frozen is not None  # forget() keeps theta* for the naive objective
+        assert frozen is not None  # theta_star_sampler keeps theta* for the naive objective
         (label,) = cfg.forget_labels()  # the naive objective forgets one class (config checks it)
         return ModelSamples(frozen, label)
     if cfg.surrogate == "uniform":
@@ -286,87 +292,215 @@ def make_surrogate(
     return StoredImages(surrogate_images)
 
 
-def forget(
-    model: nn.Module,
-    fisher: Fisher | None,
+class Concept:
+    """The concept to forget as forget batches (x, c): x ~ q(x|c_f) from ``surrogate``, each c one of
+    ``conditions`` (uniform over them), or with a ``GroupedSurrogate`` the condition of the concept that
+    each image was drawn for. ``add`` appends conditions while training (an adversary's)."""
+
+    def __init__(self, surrogate: Surrogate, conditions: Sequence[int]) -> None:
+        if not conditions:
+            raise AmnesiaError("nothing to forget: no forget condition was given")
+        self.surrogate = surrogate
+        self.conditions = torch.tensor(list(conditions), dtype=torch.int64)
+
+    def add(self, conditions: Sequence[int]) -> None:
+        self.conditions = torch.cat([self.conditions, torch.tensor(list(conditions), dtype=torch.int64)])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if isinstance(self.surrogate, GroupedSurrogate):  # several concepts, each fitted to its own images
+            return self.surrogate.sample_with_conditions(n, self.conditions, generator)
+        x = self.surrogate.sample(n, generator)
+        if len(self.conditions) == 1:
+            return x, self.conditions.expand(n)
+        return x, self.conditions[torch.randint(len(self.conditions), (n,), generator=generator)]
+
+
+def theta_star_sampler(cfg: ForgetConfig, model: ConditionalGenerativeModel) -> nn.Module | None:
+    """theta* as a frozen copy of ``model`` when something samples from it while training (fresh replay,
+    the naive objective), else None: a stored set needs none (a whole UNet saved, 3.2 GiB for SD). Taken
+    before training, so before a checkpoint may overwrite the weights."""
+    if cfg.objective == "naive" or (cfg.replay == "fresh" and cfg.replay_weight > 0):
+        return frozen_copy(_module(model))
+    return None
+
+
+def make_replay(
     cfg: ForgetConfig,
-    *,
-    labels: list[int],
-    seed: int,
-    progress: bool = True,
-    replay_set: tuple[torch.Tensor, torch.Tensor] | None = None,
-    surrogate_images: torch.Tensor | None = None,
-    checkpoint_dir: Path | None = None,
-    key: str = "",
-    forget_labels: list[int] | None = None,
-    surrogate: Surrogate | None = None,
-    ewc: nn.Module | None = None,
-    mixed_precision: str = "no",
-    accumulation: int = 1,
-    share: Share | None = None,
-    adversary: Any = None,
-    replay: Replay | None = None,
-) -> History:
-    """Fine-tune ``model`` in place so that it forgets ``cfg.forget_label`` (paper Eq. 4).
-
-    ``labels`` are all the model's classes; the remembered ones p_r(c) are those except c_f. Replay
-    draws fresh samples of theta* every step, or from ``replay_set`` (images in model range, labels)
-    when ``cfg.replay`` is "stored". Diffusion models get the reference code's details: no label
-    dropout, and both terms of a step share antithetic timesteps (``paired_noise``).
-
-    Text-to-image forgetting passes ``forget_labels`` (the indices of several forget prompts, drawn
-    uniformly per sample), a prepared ``surrogate`` and, for a LoRA adapter, its own ``ewc`` penalty
-    (on the effective weights); only parameters with ``requires_grad`` are trained and anchored.
-    ``mixed_precision`` ("bf16"/"fp16") runs the loss under autocast with float32 master weights;
-    ``accumulation`` > 1 sums the gradients of that many batches per optimizer step.
-
-    ``share`` (several processes, ``selective_amnesia.distributed``): every process draws each whole
-    batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the
-    one-process weights up to float rounding; process 0 writes the checkpoints.
-
-    ``adversary`` (``defences.Adversary``, one process only) adds forget conditions while training:
-    called after every step with the model, it returns the indices of new ones.
-
-    ``replay`` replaces the replay built from ``cfg.replay`` (a sequence of forgetting steps replays the
-    classes forgotten earlier as their surrogate: ``selective_amnesia.sequence``).
-    """
-    if accumulation < 1:
-        raise AmnesiaError(f"gradient accumulation must be >= 1, got {accumulation}")
-    share = share if share is not None else Share()
-    part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
-    forget_labels = cfg.forget_labels() if forget_labels is None else list(forget_labels)
-    bad = [c for c in forget_labels if c not in labels]
-    if bad or not forget_labels:
-        raise AmnesiaError(
-            f"forget label(s) {bad or forget_labels} are not one of the model's classes {labels}"
-        )
-    remembered = [c for c in labels if c not in forget_labels]
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    # theta* as a frozen replay source, taken before a checkpoint may overwrite the weights; only fresh
-    # replay and the naive objective sample from it (stored sets do not: a whole UNet saved, 3.2 GiB for SD)
-    frozen = frozen_copy(model) if cfg.replay != "stored" or cfg.objective == "naive" else None
-    if cfg.ewc_lambda > 0 and ewc is None:
-        if fisher is None:
-            raise AmnesiaError(
-                "forget.ewc_lambda > 0 needs a Fisher: run `amnesia fisher` or set ewc_lambda=0"
-            )
-        fisher.check_matches(model)
-        theta_star = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else torch.float32
-        ewc = EWCPenalty(fisher.values, theta_star, dtype=dtype).to(device)
-    if surrogate is None:
-        surrogate = make_surrogate(cfg, model, frozen, surrogate_images)
-    if replay is not None:
-        pass
-    elif cfg.replay == "stored":
+    frozen: nn.Module | None,
+    remembered: list[int],
+    replay_set: tuple[Tensor, Tensor] | None = None,
+) -> Replay | None:
+    """Eq. 4b's source: theta*'s fresh samples of the ``remembered`` conditions (``frozen``), or batches of
+    ``replay_set`` (images in model range, labels) with forget.replay=stored; None when gamma is 0."""
+    if not cfg.replay_weight > 0:
+        return None
+    if cfg.replay == "stored":
         if replay_set is None:
             raise AmnesiaError("forget.replay=stored needs the replay set; none was generated")
-        replay = StoredReplay(*replay_set)
-    else:
-        assert frozen is not None
-        replay = GenerativeReplay(frozen, remembered)
+        return StoredReplay(*replay_set)
+    assert frozen is not None  # theta_star_sampler keeps theta* for fresh replay
+    return GenerativeReplay(frozen, remembered)
+
+
+def class_forgetting(
+    cfg: ForgetConfig,
+    model: ConditionalGenerativeModel,
+    labels: list[int],
+    *,
+    replay_set: tuple[Tensor, Tensor] | None = None,
+    surrogate_images: Tensor | None = None,
+) -> tuple[Concept, Replay | None]:
+    """The forget batches and the replay of a class-conditional run: ``cfg.forget_labels()`` fitted to
+    the surrogate (``make_surrogate``), the rest of ``labels`` (the model's classes) replayed
+    (``make_replay``). Made before training: theta* is ``model`` as it is now."""
+    forget_labels = cfg.forget_labels()
+    bad = [c for c in forget_labels if c not in labels]
+    if bad:
+        raise AmnesiaError(f"forget label(s) {bad} are not one of the model's classes {labels}")
+    frozen = theta_star_sampler(cfg, model)
+    remembered = [c for c in labels if c not in forget_labels]
+    concept = Concept(make_surrogate(cfg, model, frozen, surrogate_images), forget_labels)
+    return concept, make_replay(cfg, frozen, remembered, replay_set)
+
+
+def trained_weights(model: ConditionalGenerativeModel) -> dict[str, Tensor]:
+    """The weights training changes (``requires_grad``), detached: theta* of an anchor."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ewc_anchor(cfg: ForgetConfig, fisher: Fisher, theta_star: Mapping[str, Tensor]) -> EWCPenalty:
+    """Eq. 4c at ``theta_star`` with lambda = ``forget.ewc_lambda``; F and theta* are stored in
+    ``forget.anchor_dtype``, on theta*'s device."""
+    dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else torch.float32
+    device = next(iter(theta_star.values())).device
+    return EWCPenalty(fisher.values, theta_star, dtype=dtype, weight=cfg.ewc_lambda).to(device)
+
+
+def model_anchor(
+    cfg: ForgetConfig, fisher: Fisher | None, model: ConditionalGenerativeModel
+) -> EWCPenalty | None:
+    """The anchor at ``model``'s trained weights as they are now, with ``fisher`` (checked against the
+    model); None when ``forget.ewc_lambda`` is 0."""
+    if not cfg.ewc_lambda > 0:
+        return None
+    if fisher is None:
+        raise AmnesiaError("forget.ewc_lambda > 0 needs a Fisher: run `amnesia fisher` or set ewc_lambda=0")
+    fisher.check_matches(model)
+    return ewc_anchor(cfg, fisher, trained_weights(model))
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How ``forget`` trains: ``forget`` (steps, batch size per term, optimizer, EMA, clipping, checkpoint
+    and log intervals, and the loss's gamma, reduction and objective), the ``seed`` of its one generator,
+    ``mixed_precision`` ("no"; "bf16"/"fp16": the loss under autocast, float32 master weights) and
+    ``accumulation`` (> 1 sums the gradients of that many batches per optimizer step)."""
+
+    forget: ForgetConfig
+    seed: int
+    mixed_precision: str = "no"
+    accumulation: int = 1
+
+    def __post_init__(self) -> None:
+        if self.accumulation < 1:
+            raise AmnesiaError(f"gradient accumulation must be >= 1, got {self.accumulation}")
+
+
+class Adversary(Protocol):
+    """Finds forget conditions while training (``defences.Adversary``): on resume, those found before
+    ``start_step``; after each step, that step's. Both return the new conditions' indices."""
+
+    def resume(self, model: Any, start_step: int) -> list[int]: ...
+
+    def __call__(self, step: int, model: Any) -> list[int]: ...
+
+
+def forget(
+    model: ConditionalGenerativeModel,
+    concept: Concept,
+    replay: Replay | None,
+    anchor: Anchor | None,
+    loop: Loop,
+    *,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    key: str = "",
+    share: Share | None = None,
+    adversary: Adversary | None = None,
+) -> History:
+    """Fine-tune ``model`` in place so that it forgets ``concept`` (paper Eq. 4): every step fits a batch
+    of ``concept`` (4a), replays a batch of ``replay`` weighted by gamma (4b; None when gamma is 0) and adds
+    ``anchor`` (4c, lambda inside; None when lambda is 0). Only parameters with ``requires_grad`` train.
+
+    The model trains inside ``model.forgetting()`` (the DDPM: no label dropout); a diffusion model's two
+    terms share antithetic timesteps (``paired_noise``), as the reference code. With ``checkpoint_dir``, a
+    checkpoint made with the same ``key`` is resumed: the result is that of an uninterrupted run.
+
+    ``share`` (several processes, ``selective_amnesia.distributed``): every process draws each whole batch,
+    takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process weights
+    up to float rounding; process 0 writes the checkpoints. ``adversary`` (one process only) adds forget
+    conditions to ``concept`` while training.
+    """
+    cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
+    part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
+    if adversary is not None and share.several:
+        raise AmnesiaError("adversarial forget conditions run in one process only: drop the launcher")
+    torch.manual_seed(loop.seed)
+    generator = torch.Generator().manual_seed(loop.seed)
+    trainer = _forget_trainer(module, loop, generator, checkpoint_dir, key, share)
+    if adversary is not None:
+        concept.add(adversary.resume(model, trainer.start_step))
+    with model.forgetting():
+        module.train()
+        # DDP for several processes, made after every process loaded the checkpoint
+        wrapped = share.wrap(module, all_used=anchor is not None)
+        batch_terms = ForgetStep(
+            model, concept, replay, anchor, cfg, generator, loop.mixed_precision, wrapped, part
+        )
+        bar = tqdm(
+            range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress or not share.main
+        )
+        try:
+            for step in bar:
+                for i in range(loop.accumulation):
+                    # DDP averages the gradients in a step's last backward only
+                    with share.no_sync(wrapped, skip=i + 1 < loop.accumulation):
+                        terms = batch_terms()
+                        # summed over the processes: a NaN in any one stops them all
+                        trainer.check_finite(share.reduce(terms.total.detach()), step)
+                        trainer.backward(terms.total / loop.accumulation)
+                trainer.update(step)
+                faults.point("train.step")
+                if adversary is not None and (found := adversary(step, model)):
+                    concept.add(found)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    values = _logged(terms, share)
+                    trainer.log(step, values)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+                trainer.maybe_checkpoint(step, cfg.steps)
+        finally:
+            share.release()
+    return trainer.finish()
+
+
+def _module(model: ConditionalGenerativeModel) -> nn.Module:
+    """The model as the torch module every family is (the optimizer, checkpoints and DDP need one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} is not a torch.nn.Module")
+    return model
+
+
+def _forget_trainer(
+    model: nn.Module,
+    loop: Loop,
+    generator: torch.Generator,
+    checkpoint_dir: Path | None,
+    key: str,
+    share: Share,
+) -> Trainer:
+    """The forgetting loop's optimizer, EMA, clipping and checkpoints (resumed from ``checkpoint_dir`` when
+    it holds a checkpoint of ``key``); fp16 autocast gets a loss scaler."""
+    cfg = loop.forget
     trainer = Trainer(
         model,
         lr=cfg.lr,
@@ -385,65 +519,22 @@ def forget(
     )
     if not share.main:  # process 0 writes (and at the end removes) the checkpoint all resumed from
         trainer.checkpoint_dir = None
-    forget_ids = torch.tensor(forget_labels, dtype=torch.int64)
-    if adversary is not None:
-        if share.several:
-            raise AmnesiaError("adversarial forget conditions run in one process only: drop the launcher")
-        forget_ids = torch.cat([forget_ids, torch.tensor(adversary.resume(model, trainer.start_step))]).long()
-    autocast = _autocast(mixed_precision, device)
-    if mixed_precision == "fp16":
-        trainer.scaler = torch.amp.GradScaler(device.type)
-    switch: Any = model  # the DDPM's class_dropout flag; other families have none
-    had_dropout = getattr(switch, "class_dropout", None)
-    if had_dropout is not None:
-        switch.class_dropout = False  # the reference forgetting code never drops the label
-    model.train()
-    # DDP for several processes, made after every process loaded the checkpoint
-    wrapped = share.wrap(model, all_used=ewc is not None and cfg.ewc_lambda > 0)
-    bar = tqdm(
-        range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress or not share.main
-    )
-    try:
-        for step in bar:
-            for i in range(accumulation):
-                # DDP averages the gradients in a step's last backward only
-                with share.no_sync(wrapped, skip=i + 1 < accumulation):
-                    terms = _forget_terms(
-                        model,
-                        cfg,
-                        surrogate,
-                        replay,
-                        forget_ids,
-                        ewc,
-                        generator,
-                        device,
-                        autocast,
-                        wrapped=wrapped,
-                        part=part,
-                    )
-                    # summed over the processes: a NaN in any one stops them all
-                    trainer.check_finite(share.reduce(terms.total.detach()), step)
-                    trainer.backward(terms.total / accumulation)
-            trainer.update(step)
-            faults.point("train.step")
-            if adversary is not None and (found := adversary(step, model)):
-                forget_ids = torch.cat([forget_ids, torch.tensor(found, dtype=torch.int64)])
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                values = terms.as_floats()
-                if share.several:  # the whole batch's terms: each process's slice scaled to it, averaged
-                    mean = share.reduce(torch.tensor(list(values.values()), dtype=torch.float64), "mean")
-                    values = dict(zip(values, mean.tolist(), strict=True))
-                trainer.log(step, values)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
-            trainer.maybe_checkpoint(step, cfg.steps)
-    finally:
-        if had_dropout is not None:
-            switch.class_dropout = had_dropout
-        share.release()
-    return trainer.finish()
+    if loop.mixed_precision == "fp16":
+        trainer.scaler = torch.amp.GradScaler(next(model.parameters()).device.type)
+    return trainer
 
 
-def _autocast(mixed_precision: str, device: torch.device) -> Any:
+def _logged(terms: LossTerms, share: Share) -> dict[str, float]:
+    """The loss terms to log; with several processes the whole batch's (each process's slice scaled to
+    it, averaged)."""
+    values = terms.as_floats()
+    if share.several:
+        mean = share.reduce(torch.tensor(list(values.values()), dtype=torch.float64), "mean")
+        values = dict(zip(values, mean.tolist(), strict=True))
+    return values
+
+
+def _autocast(mixed_precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     if mixed_precision == "no":
         return contextlib.nullcontext
     if mixed_precision not in ("bf16", "fp16"):
@@ -452,80 +543,100 @@ def _autocast(mixed_precision: str, device: torch.device) -> Any:
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _forget_terms(
-    model: nn.Module,
-    cfg: ForgetConfig,
-    surrogate: Surrogate,
-    replay: Replay,
-    forget_ids: torch.Tensor,
-    ewc: nn.Module | None,
-    generator: torch.Generator,
-    device: torch.device,
-    autocast: Any,
-    *,
-    wrapped: nn.Module | None = None,
-    part: slice | None = None,
-) -> Any:
-    """One batch of Eq. 4's terms (the loss, not yet backpropagated).
+@dataclass
+class Batch:
+    """One step's rows of each term and their NELBO noise (None: ``nelbo`` draws it)."""
+
+    forget_x: Tensor
+    forget_c: Tensor
+    replay_x: Tensor | None = None
+    replay_c: Tensor | None = None
+    forget_noise: Any = None
+    replay_noise: Any = None
+
+
+class ForgetStep:
+    """One batch of Eq. 4's terms (the loss, not yet backpropagated) per call: ``draw`` then ``loss``.
 
     With ``wrapped`` (``Share.wrap(model)``) the loss is computed inside its forward: DDP's, with several
     processes. With ``part`` the whole batch and its noise are drawn, and the loss is that of the rows
     ``part`` (this process's slice), scaled so that DDP's average over the processes is the whole batch's.
     """
-    if hasattr(surrogate, "sample_with_conditions"):  # several concepts, each fitted to its own surrogate
-        forget_x, forget_c = surrogate.sample_with_conditions(cfg.batch_size, forget_ids, generator)
-        forget_x, forget_c = forget_x.to(device), forget_c.to(device)
-    elif len(forget_ids) == 1:
-        forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
-        forget_c = forget_ids.expand(cfg.batch_size).to(device)
-    else:  # several forget prompts: each sample names one, uniformly
-        forget_x = surrogate.sample(cfg.batch_size, generator).to(device)
-        forget_c = forget_ids[torch.randint(len(forget_ids), (cfg.batch_size,), generator=generator)]
-        forget_c = forget_c.to(device)
-    replay_x, replay_c = None, None
-    if cfg.replay_weight > 0:
-        replay_x, replay_c = (t.to(device) for t in replay.sample(cfg.batch_size, generator))
-    noise_f, noise_r = (
-        model.paired_noise(forget_x, replay_x, generator)  # type: ignore[operator]
-        if hasattr(model, "paired_noise")
-        else (None, None)
-    )
-    if part is not None:
-        (forget_x, forget_c, replay_x, replay_c), (noise_f, noise_r) = split_batch(
-            model, part, generator, device, (forget_x, forget_c, replay_x, replay_c), (noise_f, noise_r)
-        )
-        slices = cfg.batch_size // (part.stop - part.start)  # the number of processes
-    found: list[Any] = []
 
-    def compute(m: nn.Module) -> tuple[torch.Tensor]:
-        with autocast():
+    def __init__(
+        self,
+        model: ConditionalGenerativeModel,
+        concept: Concept,
+        replay: Replay | None,
+        anchor: Anchor | None,
+        cfg: ForgetConfig,
+        generator: torch.Generator,
+        mixed_precision: str = "no",
+        wrapped: nn.Module | None = None,
+        part: slice | None = None,
+    ) -> None:
+        if cfg.replay_weight > 0 and replay is None:
+            raise AmnesiaError("forget.replay_weight > 0 needs replay samples; none were given")
+        self.model, self.concept, self.replay, self.anchor, self.cfg = model, concept, replay, anchor, cfg
+        self.generator, self.wrapped, self.part = generator, wrapped, part
+        self.device = next(model.parameters()).device
+        self.autocast = _autocast(mixed_precision, self.device)
+
+    def __call__(self) -> LossTerms:
+        batch = self.draw()
+        if self.wrapped is None:
+            return self.loss(self.model, batch)
+        found: list[LossTerms] = []
+
+        def compute(m: ConditionalGenerativeModel) -> tuple[Tensor]:
+            found.append(self.loss(m, batch))
+            return (found[0].total,)  # DDP finds the used weights from the outputs: total reaches them all
+
+        self.wrapped(compute)
+        return found[0]
+
+    def draw(self) -> Batch:
+        """``batch_size`` rows of the concept, as many of replay (gamma > 0), and a diffusion model's
+        paired noise (both terms share antithetic timesteps); with ``part``, this process's rows."""
+        n, g, device = self.cfg.batch_size, self.generator, self.device
+        forget_x, forget_c = (t.to(device) for t in self.concept.sample(n, g))
+        replay_x, replay_c = None, None
+        if self.cfg.replay_weight > 0:
+            assert self.replay is not None  # checked in __init__
+            replay_x, replay_c = (t.to(device) for t in self.replay.sample(n, g))
+        noise: tuple[Any, Any] = (None, None)
+        if isinstance(self.model, ConditionalDiffusionModel):
+            noise = self.model.paired_noise(forget_x, replay_x, g)
+        if self.part is not None:
+            rows = (forget_x, forget_c, replay_x, replay_c)
+            (forget_x, forget_c, replay_x, replay_c), noise = split_batch(
+                self.model, self.part, g, device, rows, noise
+            )
+        return Batch(forget_x, forget_c, replay_x, replay_c, *noise)
+
+    def loss(self, model: ConditionalGenerativeModel, b: Batch) -> LossTerms:
+        cfg = self.cfg
+        with self.autocast():
             terms = selective_amnesia_loss(
-                m,
-                forget_x=forget_x,
-                forget_c=forget_c,
-                replay_x=replay_x,
-                replay_c=replay_c,
-                ewc=ewc,
-                ewc_lambda=cfg.ewc_lambda,
+                model,
+                forget_x=b.forget_x,
+                forget_c=b.forget_c,
+                replay_x=b.replay_x,
+                replay_c=b.replay_c,
+                anchor=self.anchor,
                 replay_weight=cfg.replay_weight,
                 reduction=cfg.reduction,
                 objective=cfg.objective,
-                generator=generator,
-                forget_noise=noise_f,
-                replay_noise=noise_r,
+                generator=self.generator,
+                forget_noise=b.forget_noise,
+                replay_noise=b.replay_noise,
             )
-        if part is not None and cfg.reduction == "sum":
+        if self.part is not None and cfg.reduction == "sum":
             # a slice's sum times the number of slices averages (DDP) to the whole batch's sum; the EWC
             # term is whole in every process, so its average counts it once
+            slices = cfg.batch_size // (self.part.stop - self.part.start)
             extra = (slices - 1) * (terms.forget + terms.replay)
             terms = dataclasses.replace(
                 terms, total=terms.total + extra, forget=terms.forget * slices, replay=terms.replay * slices
             )
-        found.append(terms)
-        return (terms.total,)  # DDP finds the used weights from the outputs: total reaches them all
-
-    if wrapped is None:
-        compute(model)
-    else:
-        wrapped(compute)
-    return found[0]
+        return terms
