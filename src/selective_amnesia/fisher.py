@@ -169,7 +169,11 @@ def supports_batched(model: nn.Module) -> bool:
     return all(id(p) in owned for p in model.parameters() if p.requires_grad)
 
 
-def _squared_grads_batched(model: nn.Module, x: Tensor, cond: Tensor, noise: Tensor) -> dict[str, Tensor]:
+def _squared_grads_batched(
+    model: ConditionalGenerativeModel, x: Tensor, cond: Tensor, noise: Tensor
+) -> dict[str, Tensor]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} is not a torch.nn.Module")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     inputs: dict[str, list[Tensor]] = {n: [] for n in linears}
     outputs: dict[str, list[Tensor]] = {n: [] for n in linears}
@@ -182,7 +186,7 @@ def _squared_grads_batched(model: nn.Module, x: Tensor, cond: Tensor, noise: Ten
 
         handles.append(mod.register_forward_hook(hook))
     try:
-        loss = model.nelbo(x, cond, noise=noise).sum()  # type: ignore[operator]
+        loss = model.nelbo(x, cond, noise=noise).sum()
     finally:
         for h in handles:
             h.remove()

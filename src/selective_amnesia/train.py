@@ -221,7 +221,7 @@ class Trainer:
 
 
 def pretrain(
-    model: nn.Module,
+    model: ConditionalGenerativeModel,
     data: ImageDataset,
     cfg: PretrainConfig,
     *,
@@ -235,9 +235,11 @@ def pretrain(
     With ``checkpoint_dir``, a checkpoint made with the same ``key`` is resumed, and the result is the
     same as an uninterrupted run.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} is not a torch.nn.Module")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    x_all, y_all = model.from_uint8(data.images), data.labels  # type: ignore[operator]
+    x_all, y_all = model.from_uint8(data.images), data.labels
     device = next(model.parameters()).device
     trainer = Trainer(
         model,
@@ -256,7 +258,7 @@ def pretrain(
     for step in bar:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         x, y = x_all[idx].to(device), y_all[idx].to(device)
-        loss = model.nelbo(x, y, generator=generator).sum()  # type: ignore[operator]
+        loss = model.nelbo(x, y, generator=generator).sum()
         trainer.check_finite(loss, step)
         trainer.step(loss, step)
         faults.point("train.step")
