@@ -79,7 +79,15 @@ def test_several_at_once_forgets_every_listed_class(tmp_path: Path, monkeypatch:
 def test_single_label_settings_hash_is_unchanged() -> None:
     # the keys added for sequences stay out of a single run's hash: earlier runs are still reused
     settings = to_dict(RunConfig().forget)
-    for k in ("checkpoint_every", "log_every", "sequence", "anchor", "online_alpha", "replay_forgotten"):
+    for k in (
+        "checkpoint_every",
+        "log_every",
+        "sequence",
+        "anchor",
+        "online_alpha",
+        "replay_forgotten",
+        "replay_model",
+    ):
         settings.pop(k)
     assert pipeline._forget_settings(RunConfig()) == settings
     assert load_config(None, ["forget.forget_label=[4]"]).forget.forget_label == 4
@@ -149,6 +157,9 @@ def test_sequence_steps_replay_and_anchor(tmp_path: Path, monkeypatch: pytest.Mo
         assert call["anchor"].weight == cfg.forget.ewc_lambda
     assert 3 not in set(torch.cat(second["replay_c"]).tolist())
     assert set(torch.cat(second["forget_c"]).tolist()) == {3}
+    # the kept classes are replayed from theta_0 with the original anchor (forget.replay_model: null)
+    replayer = second["replay"].kept.model.state_dict()
+    assert all(torch.equal(replayer[n], p) for n, p in base.state_dict().items())
     # resume: everything finished is reused, nothing is trained again
     rec.calls.clear()
     pipeline.run_pipeline(cfg, tmp_path)
@@ -160,6 +171,18 @@ def test_sequence_steps_replay_and_anchor(tmp_path: Path, monkeypatch: pytest.Mo
     pipeline.run_pipeline(omit, tmp_path)
     assert len(rec.calls) == 1  # step 1 reused, step 2 redone without class 0 in replay
     assert 0 not in set(torch.cat(rec.calls[0]["replay_c"]).tolist())
+    # forget.replay_model=latest: step 2 replays step 1's model (and is redone, not reused)
+    latest = load_config(
+        TINY, [*FAST, "pretrain.steps=5", "forget.sequence=[0,3]", "forget.replay_model=latest"]
+    )
+    rec.calls.clear()
+    pipeline.run_pipeline(latest, tmp_path)
+    assert len(rec.calls) == 1
+    step1 = pipeline.load_model(tmp_path / "steps" / "1").state_dict()
+    replayer = rec.calls[0]["replay"].kept.model.state_dict()
+    assert all(torch.equal(replayer[n], p) for n, p in step1.items())
+    with pytest.raises(AmnesiaError, match="replay_model"):
+        load_config(TINY, ["forget.replay_model=newest"])
 
 
 @pytest.mark.parametrize(

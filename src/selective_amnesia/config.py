@@ -193,6 +193,17 @@ class ForgetConfig:
     # how classes forgotten in earlier steps are replayed: "surrogate" (as their surrogate's images, so
     # they stay forgotten) or "omit" (not replayed at all); never as the model's own samples of them
     replay_forgotten: str = "surrogate"
+    # which model replays the kept classes at step k >= 2: "original" (theta_0) or "latest" (the step's
+    # starting model); null: by anchor (theta_0 for "original", the latest model for "online"/"latest").
+    # Replay from the latest model compounds the kept classes' loss of quality at every step
+    # (docs/sequential.md, Measurements)
+    replay_model: str | None = None
+
+    def replay_source(self) -> str:
+        """``replay_model``, or the anchor's choice when it is null."""
+        if self.replay_model is not None:
+            return self.replay_model
+        return "original" if self.anchor == "original" else "latest"
 
     def forget_labels(self) -> list[int]:
         """forget_label as a list (the classes one run forgets together)."""
@@ -253,6 +264,10 @@ class ForgetConfig:
         _check(
             self.replay_forgotten in ("surrogate", "omit"),
             f"forget.replay_forgotten must be surrogate or omit, got {self.replay_forgotten!r}",
+        )
+        _check(
+            self.replay_model in (None, "original", "latest"),
+            f"forget.replay_model must be original, latest or null, got {self.replay_model!r}",
         )
         _check(
             self.surrogate in ("uniform", "class", "folder"),

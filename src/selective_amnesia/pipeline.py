@@ -334,6 +334,7 @@ def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
     settings = to_dict(cfg.forget)
     settings.pop("checkpoint_every")
     settings.pop("log_every")
+    settings.pop("replay_model")  # decides steps >= 2 only (in their sequence key), never a single run
     for name, default in _SEQUENCE_DEFAULTS.items():
         if settings[name] == default:
             settings.pop(name)

@@ -8,7 +8,8 @@ classes. What changes between steps is what the loop is given:
 - the EWC anchor (``forget.anchor``): "original" keeps theta_0 and F(theta_0) for every step;
   "online" is online EWC (Schwarz et al. 2018): F~_k = alpha F~_(k-1) + F(theta_k), theta* = theta_k;
   "latest" is the plain recipe again on the latest model (theta_k and F(theta_k)), the baseline;
-- replay: the latest model's samples of the classes still kept, and the classes forgotten in earlier
+- replay: theta_0's (``forget.replay_model``; by default with the original anchor) or the latest model's
+  samples of the classes still kept, and the classes forgotten in earlier
   steps as their surrogate's images (``forget.replay_forgotten=surrogate``) or not at all ("omit"), so
   replay never re-teaches a forgotten class with the model's own drawings of it.
 
@@ -161,6 +162,7 @@ def step_key(f: ForgetConfig, k: int, forgotten_before: list[Any]) -> dict[str, 
         "online_alpha": f.online_alpha if f.anchor == "online" else None,
         "forgotten_before": list(forgotten_before),
         "replay_forgotten": f.replay_forgotten,
+        "replay_model": f.replay_source(),
     }
 
 
@@ -238,7 +240,8 @@ def run_sequence(
                 assert fisher is not None
                 anchor = ewc_anchor(f, fisher, trained_weights(base))
             as_surrogate = forgotten if f.replay_forgotten == "surrogate" else []
-            replay = _later_replay(scfg, latest, step_dir, kept, as_surrogate, surrogate_x)
+            source = base if f.replay_source() == "original" else latest  # forget.replay_model
+            replay = _later_replay(scfg, source, step_dir, kept, as_surrogate, surrogate_x)
             sequence_key = step_key(f, k, forgotten)
         forgotten += step
         saved = to_dict(cfg)  # what `amnesia evaluate` on this model measures: all classes forgotten so far
@@ -267,16 +270,16 @@ def run_sequence(
 
 def _later_replay(
     scfg: RunConfig,
-    latest: Any,
+    source: Any,
     step_dir: Path,
     kept: list[int],
     as_surrogate: list[int],
     surrogate_x: Tensor | None,
 ) -> Replay | None:
-    """Replay of step k >= 2 (``scfg``: the step's config): the latest model's samples of the ``kept``
-    classes (fresh, or a set stored in ``step_dir``) and the classes ``as_surrogate`` (forgotten in earlier
-    steps, with forget.replay_forgotten=surrogate) as their surrogate's images; None when
-    forget.replay_weight is 0 (no replay term)."""
+    """Replay of step k >= 2 (``scfg``: the step's config): ``source``'s samples of the ``kept`` classes
+    (theta_0 or the latest model, ``forget.replay_model``; fresh, or a set stored in ``step_dir``) and
+    the classes ``as_surrogate`` (forgotten in earlier steps, with forget.replay_forgotten=surrogate) as
+    their surrogate's images; None when forget.replay_weight is 0 (no replay term)."""
     from selective_amnesia.pipeline import stage_replay
     from selective_amnesia.train import make_surrogate
 
@@ -285,12 +288,12 @@ def _later_replay(
         return None
     kept_replay: Replay
     if f.replay == "stored":
-        stored = stage_replay(scfg, latest, step_dir, remembered=kept)
+        stored = stage_replay(scfg, source, step_dir, remembered=kept)
         assert stored is not None  # replay_weight > 0
         kept_replay = StoredReplay(*stored)
     else:
-        kept_replay = GenerativeReplay(frozen_copy(latest), kept)
+        kept_replay = GenerativeReplay(frozen_copy(source), kept)
     if not as_surrogate:
         return kept_replay
-    surrogate = make_surrogate(f, latest, None, surrogate_x)
+    surrogate = make_surrogate(f, source, None, surrogate_x)
     return ReplayForgottenAsSurrogate(kept_replay, kept, list(as_surrogate), surrogate)
