@@ -322,6 +322,20 @@ def _config_text(config: Any) -> str:
         return json.dumps(config, indent=2, default=str)
 
 
+def _figures(images: Mapping[str, str] | None, out_dir: Path) -> list[str]:
+    """A "Figures" section; the page carries its images (mail or attach it alone)."""
+    if not images:
+        return []
+    parts = ["<h2>Figures</h2>"]
+    for caption, name in images.items():
+        src = _embedded(out_dir / str(name))
+        parts.append(
+            f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
+            f"<figcaption>{html.escape(caption)} ({html.escape(str(name))})</figcaption></figure>"
+        )
+    return parts
+
+
 def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[str, str]) -> Path:
     """Write ``out_dir/report.html``, a single readable page summarising a forgetting run.
 
@@ -408,14 +422,7 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
         ]
         parts.append(_rows_table(rows))
 
-    if images:
-        parts.append("<h2>Figures</h2>")
-        for caption, name in images.items():
-            src = _embedded(out_dir / str(name))  # the page carries its images: mail or attach it alone
-            parts.append(
-                f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
-                f"<figcaption>{html.escape(caption)} ({html.escape(str(name))})</figcaption></figure>"
-            )
+    parts += _figures(images, out_dir)
 
     parts += [
         "<h2>Timings (seconds)</h2>",
@@ -485,14 +492,7 @@ def write_t2i_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapp
             "<h2>Replay prompts: movement from the base model</h2>",
             _kv_table(retention, ("measure", "value")),
         ]
-    if images:
-        parts.append("<h2>Figures</h2>")
-        for caption, name in images.items():
-            src = _embedded(out_dir / str(name))
-            parts.append(
-                f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
-                f"<figcaption>{html.escape(caption)} ({html.escape(str(name))})</figcaption></figure>"
-            )
+    parts += _figures(images, out_dir)
     parts += [
         "<h2>Timings (seconds)</h2>",
         _kv_table(report.get("timings"), ("stage", "seconds")),
