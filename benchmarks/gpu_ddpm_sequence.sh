@@ -66,6 +66,7 @@ COMMON=(pretrain.model_path=benchmarks/results/ddpm_mnist/base data.root=$STAGE/
 
 run() {  # name, overrides...
   local name=$1; shift
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="at_once seq_latest": a subset
   local t0=$SECONDS
   echo "== $name: amnesia run configs/ddpm_mnist.yaml ${COMMON[*]} $* ${EXTRA[*]}" | tee -a "$LOG"
   if "$PY" -m selective_amnesia.cli run configs/ddpm_mnist.yaml --out "$WORK/$name" "${COMMON[@]}" "$@" \
