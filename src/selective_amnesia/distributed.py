@@ -23,12 +23,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from selective_amnesia.errors import AmnesiaError
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
 # A barrier may wait for process 0 to train a base model or evaluate one alone (hours at paper scale);
 # a process that dies ends the others through the launcher, not through this timeout.
@@ -79,7 +82,8 @@ class Share:
             return t
         from accelerate.utils import reduce
 
-        return reduce(t.to(self.accelerator.device), reduction=op).to(t.device)
+        reduced: Tensor = reduce(t.to(self.accelerator.device), reduction=op)
+        return reduced.to(t.device)
 
     def agree(self, flags: Sequence[bool]) -> list[bool]:
         """Each flag true only if it is true in every process, so all take the same branch."""
@@ -113,7 +117,8 @@ class Share:
         from accelerate.utils import DistributedDataParallelKwargs
 
         self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=not all_used)
-        return self.accelerator.prepare_model(wrapped, device_placement=False)
+        prepared: nn.Module = self.accelerator.prepare_model(wrapped, device_placement=False)
+        return prepared
 
     def release(self) -> None:
         """Drop the accelerator's references to wrapped models (they keep DDP buffers alive)."""
@@ -179,7 +184,7 @@ def take(noise: Any, part: slice, device: torch.device | str | None = None) -> A
 
 
 def split_batch(
-    model: Any,
+    model: ConditionalGenerativeModel,
     part: slice,
     generator: torch.Generator,
     device: torch.device,

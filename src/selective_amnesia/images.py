@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-def as_uint8_nhwc(model: Any, x: Any) -> np.ndarray:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
+
+
+def as_uint8_nhwc(model: ConditionalGenerativeModel, x: Tensor) -> np.ndarray:
     """A model's float N x C x H x W samples -> uint8 N x H x W x C (the CLI's and the files' layout)."""
     return model.to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 

@@ -13,7 +13,7 @@ is explicit because it changes the scale of (4a)/(4b) relative to (4c), i.e. wha
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,10 @@ class _Anchor(torch.autograd.Function):
             for p, f, star in zip(ctx.saved_tensors, penalty.fishers(), penalty.anchors(), strict=True)
         ]
         return (None, *grads)
+
+
+# torch leaves autograd.Function.apply unannotated; _Anchor's returns forward's Tensor
+_anchor_apply: Callable[..., Tensor] = _Anchor.apply
 
 
 class Anchor(nn.Module):
@@ -110,8 +114,7 @@ class EWCPenalty(Anchor):
         return [getattr(self, f"theta_star_{i}") for i in range(len(self.names))]
 
     def penalty(self, params: Mapping[str, Tensor]) -> Tensor:
-        out: Tensor = _Anchor.apply(self, *(params[n] for n in self.names))
-        return out
+        return _anchor_apply(self, *(params[n] for n in self.names))
 
 
 @dataclass

@@ -85,7 +85,7 @@ def sample_per_label(
     if batch_size < 1:
         raise AmnesiaError(f"batch size must be >= 1, got {batch_size}")
     check_labels(labels, model.config.num_classes)
-    per_image = getattr(model, "per_image_seeds", False)
+    per_image = model.per_image_seeds
     if not per_image:
         batch_size = BLOCK  # one generator per label: the blocks must stay fixed
     images, out_labels = [], []
@@ -259,7 +259,7 @@ def cached_samples(
         "num": num_per_label,
         "sampler": dict(sorted(sampler.items())),
     }
-    per_image = getattr(model, "per_image_seeds", False)
+    per_image = model.per_image_seeds
     bar = tqdm(total=num_per_label * len(labels), desc="sampling", unit="img", disable=not progress)
     sets = []
     for label in labels:

@@ -116,7 +116,7 @@ def add_lora(
 def save_lora(model: nn.Module, path: str | Path) -> None:
     """Write the adapter the way diffusers' LoRA training script does: ``load_lora_weights`` loads it."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet: Any = model.unet

@@ -111,9 +111,10 @@ def _rebuild_tensor(
         or not (metadata is None or isinstance(metadata, dict))
     ):
         raise _RefusedGlobal("torch._utils._rebuild_tensor_v2 (called with unexpected arguments)")
-    return torch._utils._rebuild_tensor_v2(
+    tensor: Tensor = torch._utils._rebuild_tensor_v2(
         storage, offset, size, stride, requires_grad, collections.OrderedDict(), metadata
     )
+    return tensor
 
 
 _TENSOR_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {

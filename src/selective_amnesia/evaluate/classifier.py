@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,14 @@ class MNISTClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits (B, 10)."""
-        return self.fc2(self.dropout(self._penultimate(x)))
+        logits: Tensor = self.fc2(self.dropout(self._penultimate(x)))
+        return logits
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate activations (B, 50) after the ReLU: the embedding for FID and precision/recall."""
         return self._penultimate(x)
 
-    def _batched(self, x: Tensor, batch_size: int, fn: Any) -> Tensor:
+    def _batched(self, x: Tensor, batch_size: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         x = _as_unit_float(x, self.input_shape)
@@ -252,7 +254,7 @@ def _decode_meta(value: str) -> Any:
 
 def _load_cached(
     path: Path, recipe: ClassifierRecipe, seed: int, dataset_name: str
-) -> tuple[MNISTClassifier, dict]:
+) -> tuple[MNISTClassifier, dict[str, Any]]:
     tensors, raw_meta = load_tensors(path)  # corrupt files -> AmnesiaError
     fix = f"delete {path} to retrain it"
     try:
@@ -291,7 +293,9 @@ def judged_split(
     return _judged_view(load_dataset(dataset_name, split, root=data_root), image_size)
 
 
-def _info(path: Path, recipe: ClassifierRecipe, seed: int, meta: dict, source: str) -> dict:
+def _info(
+    path: Path, recipe: ClassifierRecipe, seed: int, meta: dict[str, Any], source: str
+) -> dict[str, Any]:
     return {
         "path": str(path),
         "recipe_hash": recipe.fingerprint(),
@@ -311,7 +315,7 @@ def train_and_save_classifier(
     data_root: str | None = None,
     progress: bool = True,
     image_size: int | None = None,
-) -> tuple[MNISTClassifier, dict]:
+) -> tuple[MNISTClassifier, dict[str, Any]]:
     """Train the judge for (dataset, recipe, seed) and write it to ``path`` in the cache format: the
     weights and, as metadata, the recipe, seed, test accuracy, training time and package versions."""
     name = judged_name(dataset_name, image_size)
@@ -340,7 +344,7 @@ def train_and_save_classifier(
 
 def load_packaged_classifier(
     recipe: ClassifierRecipe, seed: int, name: str
-) -> tuple[MNISTClassifier, dict] | None:
+) -> tuple[MNISTClassifier, dict[str, Any]] | None:
     """The packaged judge for exactly (name, recipe, seed) once its sha256 is checked; None when there is
     none. One that fails the check is refused with a warning (None: the caller trains it)."""
     from selective_amnesia.evaluate import packaged
@@ -374,7 +378,7 @@ def load_or_train_classifier(
     data_root: str | None = None,
     progress: bool = True,
     image_size: int | None = None,
-) -> tuple[MNISTClassifier, dict]:
+) -> tuple[MNISTClassifier, dict[str, Any]]:
     """Return the judge for (dataset, recipe, seed): from the cache, else packaged, else trained now.
 
     1. the cache file ``classifier-{dataset}-{recipe hash}-seed{seed}.safetensors`` in ``cache_dir``: one

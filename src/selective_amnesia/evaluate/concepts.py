@@ -9,8 +9,9 @@ for a kept class it is its accuracy. The kept classes' FID (first classifier's f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,9 +22,12 @@ from selective_amnesia.evaluate.classifier import MNISTClassifier
 from selective_amnesia.evaluate.metrics import frechet_distance
 from selective_amnesia.sampling import cached_samples
 
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
+
 
 def class_rates(
-    model: Any,
+    model: ConditionalGenerativeModel,
     classifiers: list[MNISTClassifier],
     labels: list[int],
     *,
@@ -53,7 +57,7 @@ def class_rates(
 
 
 def sequence_table(
-    models: list[Any],
+    models: Sequence[ConditionalGenerativeModel],
     steps: list[list[int]],
     classifiers: list[MNISTClassifier],
     real_test: ImageDataset,

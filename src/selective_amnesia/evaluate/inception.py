@@ -208,7 +208,8 @@ def inception_features(
     """
     x = check_images(images)
     extractor = InceptionFeatures(weights, batch_size=batch_size, device=device, progress=progress)
-    return extractor(x).cpu()
+    features: Tensor = extractor(x)
+    return features.cpu()
 
 
 def inception_fid(

@@ -11,7 +11,7 @@ learnt from scratch: a forgotten model that relearns much faster than that still
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,8 +21,14 @@ from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.evaluate.classifier import MNISTClassifier
 from selective_amnesia.sampling import sample_per_label
 
+if TYPE_CHECKING:
+    from selective_amnesia.config import RunConfig
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
-def drawn_as(model: Any, classifiers: list[MNISTClassifier], label: int, num: int, seed: int) -> float:
+
+def drawn_as(
+    model: ConditionalGenerativeModel, classifiers: list[MNISTClassifier], label: int, num: int, seed: int
+) -> float:
     """Fraction of ``num`` samples of ``label`` the classifiers call ``label`` (mean over seeds)."""
     with torch.no_grad():
         x, _ = sample_per_label(model, [label], num, seed)
@@ -32,7 +38,7 @@ def drawn_as(model: Any, classifiers: list[MNISTClassifier], label: int, num: in
 
 
 def relearn_curve(
-    model: Any,
+    model: ConditionalGenerativeModel,
     train: ImageDataset,
     classifiers: list[MNISTClassifier],
     *,
@@ -46,7 +52,7 @@ def relearn_curve(
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``model`` on ``num_images`` real images of ``label``; the fraction of its
     samples drawn as ``label`` after 0, steps/4, steps/2 and ``steps`` steps."""
-    if getattr(model, "family", None) != "cvae":
+    if getattr(model, "family", None) != "cvae":  # the registry has no "relearnable" entry yet
         raise AmnesiaError("--relearn fine-tunes the conditional VAE; this model is not one")
     if num_images < 1 or steps < 1:
         raise AmnesiaError(
@@ -84,8 +90,8 @@ def relearn_curve(
 
 
 def relearn_report(
-    cfg: Any,
-    model: Any,
+    cfg: RunConfig,
+    model: ConditionalGenerativeModel,
     model_dir: str,
     classifiers: list[MNISTClassifier],
     counts: list[int],
@@ -104,7 +110,7 @@ def relearn_report(
         ref_dir = str(Path(model_dir).parent / "base")
     ref_model = load_model(ref_dir).to(next(model.parameters()).device) if ref_dir else None
     train = load_dataset(cfg.data.dataset, "train", cfg.data.root, cfg.data.image_size)
-    common = {
+    common: dict[str, Any] = {
         "steps": steps,
         "lr": cfg.pretrain.lr,
         "batch_size": cfg.pretrain.batch_size,

@@ -15,6 +15,7 @@ from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
 from selective_amnesia.runstate import check_complete
 
 if TYPE_CHECKING:
+    from selective_amnesia.config import ModelConfig
     from selective_amnesia.models.text_to_image import TextToImageModel
 
     def _families_satisfy_the_contract(
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
         return vae, ddpm, t2i
 
 
-def build_model(family: str, **kwargs: Any) -> Any:
+def build_model(family: str, **kwargs: Any) -> ConditionalGenerativeModel:
     """Build a freshly initialised model of ``family`` from its config fields."""
     entry = FAMILIES.get(family) if isinstance(family, str) else None
     if entry is None or entry.classes is None:
@@ -36,18 +37,19 @@ def build_model(family: str, **kwargs: Any) -> Any:
     if unknown:
         raise AmnesiaError(f"unknown {family} model settings {sorted(unknown)}; known: {sorted(names)}")
     try:
-        return model_cls(config_cls(**kwargs))
+        model: ConditionalGenerativeModel = model_cls(config_cls(**kwargs))  # ``classes``: bare types
     except (TypeError, ValueError) as e:
         raise AmnesiaError(f"bad {family} model settings: {e}") from None
+    return model
 
 
-def build_model_from_config(model_cfg: Any) -> Any:
+def build_model_from_config(model_cfg: ModelConfig) -> ConditionalGenerativeModel:
     """A fresh model from a run config's ``model`` section (``ModelConfig``)."""
     entry = get_family(model_cfg.family)
     return build_model(entry.name, **(entry.settings(model_cfg) if entry.settings is not None else {}))
 
 
-def load_model(path: str | Path, *, check_state: bool = True) -> Any:
+def load_model(path: str | Path, *, check_state: bool = True) -> ConditionalGenerativeModel:
     """Load a model directory written by ``save_pretrained``; bad directories raise ``AmnesiaError``.
 
     ``check_state=False`` skips the ``amnesia_run.json`` check, for the command that is itself writing
@@ -64,20 +66,21 @@ def load_model(path: str | Path, *, check_state: bool = True) -> Any:
             f"{path} is not a complete model directory (no {' or '.join(names)})"
             + (": the command writing it was interrupted; rerun it to finish" if interrupted else "")
         )
-    marked = marked_family(path)  # a diffusers pipeline directory (model_index.json)
-    if marked is not None:
-        return marked.load(path)
-    meta = read_json(path / "config.json")
-    if not isinstance(meta, dict) or "family" not in meta:
-        raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")
-    family = meta["family"]
-    entry = declared_family(family)
+    entry = marked_family(path)  # a diffusers pipeline directory (model_index.json)
     if entry is None:
-        raise AmnesiaError(f"{path}: unknown model family {family!r}")
-    return entry.load(path)
+        meta = read_json(path / "config.json")
+        if not isinstance(meta, dict) or "family" not in meta:
+            raise AmnesiaError(f"{path}/config.json has no 'family': not a selective-amnesia model directory")
+        family = meta["family"]
+        entry = declared_family(family)
+        if entry is None:
+            raise AmnesiaError(f"{path}: unknown model family {family!r}")
+    # ``Family.load`` returns Any (families.py imports no model); every family's load gives one of these
+    model: ConditionalGenerativeModel = entry.load(path)
+    return model
 
 
-def load_weights_directory(path: Path, family: str) -> Any:
+def load_weights_directory(path: Path, family: str) -> ConditionalGenerativeModel:
     """A model of ``family`` from a directory of ``config.json`` (its config class's fields) and
     ``model.safetensors`` (its state dict): the layout of families without their own ``from_pretrained``."""
     meta = read_json(path / "config.json")

@@ -12,14 +12,17 @@ text-to-image adapter, both ``models.diffusion.DiffusionModel``). Both are ``run
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Cond = Tensor  # int64 (B,): class labels (cvae, ddpm) or indices into the prompt table (text_to_image)
+
+_Model = TypeVar("_Model", bound="ConditionalGenerativeModel")
 
 
 class ModelSettings(Protocol):
@@ -56,7 +59,8 @@ class ConditionalGenerativeModel(Protocol):
     inputs (the Fisher draws it once and shares it between estimators); ``draw_noise`` makes it.
     ``sample`` takes one generator, or with ``per_image_seeds`` also a list of one per image (so an
     image does not depend on the batch it was drawn in). ``forgetting()`` is the mode the forgetting
-    loop trains in: the DDPM's classifier-free-guidance label dropout is off inside it.
+    loop trains in: the DDPM's classifier-free-guidance label dropout is off inside it. The rest are the
+    ``torch.nn.Module`` methods the code calls on a model (every family is one).
     """
 
     @property
@@ -95,13 +99,27 @@ class ConditionalGenerativeModel(Protocol):
 
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None: ...
 
-    def parameters(self, recurse: bool = True) -> Any: ...
+    # ---- the torch.nn.Module methods used of a model ----
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Any: ...
+    ) -> Iterator[tuple[str, nn.Parameter]]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any: ...
+
+    def to(self: _Model, *args: Any, **kwargs: Any) -> _Model: ...  # nn.Module.to's overloads
+
+    def train(self: _Model, mode: bool = True) -> _Model: ...
+
+    def eval(self: _Model) -> _Model: ...
+
+    def requires_grad_(self: _Model, requires_grad: bool = True) -> _Model: ...
 
 
 @runtime_checkable

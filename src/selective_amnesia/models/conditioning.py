@@ -12,12 +12,15 @@ per batch and ``unet_kwargs`` turns a stacked dict into the keyword arguments of
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from selective_amnesia.errors import AmnesiaError
+
+if TYPE_CHECKING:  # the concrete module: mypy cannot see through diffusers' lazy top-level namespace
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 # one prompt's (or, stacked, a batch's) conditioning: "encoder_hidden_states" and, for SDXL, the
 # added conditions "text_embeds" and "time_ids" under their UNet names
@@ -67,11 +70,12 @@ class TextConditioning:
         for ``negative_prompt=None``: the embedding of ``""``."""
         return self.encode([""])
 
-    def check_unet(self, unet: Any) -> None:
+    def check_unet(self, unet: UNet2DConditionModel) -> None:
         """A clear error when the UNet expects other conditioning than this pipeline class gives."""
-        if getattr(unet.config, "addition_embed_type", None) is not None:
+        cfg: Any = unet.config  # diffusers' config attributes are dynamic
+        if getattr(cfg, "addition_embed_type", None) is not None:
             raise AmnesiaError(
-                f"this UNet has added conditioning ({unet.config.addition_embed_type}), which "
+                f"this UNet has added conditioning ({cfg.addition_embed_type}), which "
                 f"{self.pipeline_class} does not provide: is model_index.json's _class_name right?"
             )
 
@@ -130,8 +134,8 @@ class DualClipConditioning(TextConditioning):
     def index_entries(self) -> dict[str, Any]:
         return {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
 
-    def check_unet(self, unet: Any) -> None:
-        cfg = unet.config
+    def check_unet(self, unet: UNet2DConditionModel) -> None:
+        cfg: Any = unet.config  # diffusers' config attributes are dynamic
         if getattr(cfg, "addition_embed_type", None) != "text_time":
             raise AmnesiaError(
                 "an SDXL pipeline needs a UNet with addition_embed_type 'text_time'; this one has "
@@ -139,7 +143,8 @@ class DualClipConditioning(TextConditioning):
             )
         pooled = self.encode([""])["text_embeds"].shape[-1]
         passed = int(cfg.addition_time_embed_dim) * self.time_ids.numel() + pooled
-        expected = int(unet.add_embedding.linear_1.in_features)
+        embedding: Any = unet.add_embedding  # a TimestepEmbedding here; diffusers types it by another branch
+        expected = int(embedding.linear_1.in_features)
         if passed != expected:
             raise AmnesiaError(
                 f"the UNet's added embedding takes {expected} inputs but the time ids and the pooled text "

@@ -94,7 +94,8 @@ class ConditionalVAE(nn.Module):
         return nullcontext()
 
     def decode_logits(self, z: Tensor, cond: Tensor) -> Tensor:
-        return self.decoder(torch.cat([z, self._onehot(cond)], dim=1))
+        logits: Tensor = self.decoder(torch.cat([z, self._onehot(cond)], dim=1))
+        return logits
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The reparameterisation noise for one NELBO estimate per sample."""
@@ -111,7 +112,8 @@ class ConditionalVAE(nn.Module):
         if flat.shape[1] != self.x_dim:
             raise ValueError(f"expected images of shape (B, {self.image_shape}), got {tuple(x.shape)}")
         hidden = self.encoder(torch.cat([flat, self._onehot(cond)], dim=1))
-        mu, logvar = self.to_mu(hidden), self.to_logvar(hidden)
+        mu: Tensor = self.to_mu(hidden)
+        logvar: Tensor = self.to_logvar(hidden)
         eps = self.draw_noise(x, generator) if noise is None else noise
         z = mu + eps * torch.exp(0.5 * logvar)
         logits = self.decode_logits(z, cond)

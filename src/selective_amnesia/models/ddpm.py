@@ -138,7 +138,7 @@ def _unet_kwargs(c: DDPMConfig) -> dict[str, Any]:
     }
 
 
-class ConditionalDDPM(DiffusionModel):
+class ConditionalDDPM(DiffusionModel[DDPMConfig, "UNet2DModel"]):
     """Satisfies ``ConditionalGenerativeModel``; images are in [-1, 1], shape (B, C, H, W).
 
     ``nelbo`` is the paper's per-sample diffusion loss ||eps(x_t, t, c) - eps||^2 (summed over pixels)
@@ -211,7 +211,8 @@ class ConditionalDDPM(DiffusionModel):
 
     def predict(self, x_t: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         """eps(x_t, t, c); labels may include the null class."""
-        return self.unet(x_t, timesteps, class_labels=cond).sample
+        eps: Tensor = self.unet(x_t, timesteps, class_labels=cond).sample
+        return eps
 
     def _guided_pair(self, cond: Tensor, device: torch.device, dtype: torch.dtype) -> GuidedPair:
         labels = torch.cat([cond, torch.full_like(cond, self.null_class)])

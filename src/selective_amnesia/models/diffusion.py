@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.models.base import DiffusionSettings
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -35,6 +36,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # the conditional and the unconditional output of one UNet call on a doubled batch, at (x_t, t)
 GuidedPair = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
+# an adapter's config and UNet (the DDPM: ``DDPMConfig`` and diffusers' ``UNet2DModel``)
+ConfigT = TypeVar("ConfigT", bound=DiffusionSettings)
+UNetT = TypeVar("UNetT", bound=nn.Module)
+
 
 def guide(eps_c: Tensor, eps_null: Tensor, w: float, convention: str = "diffusers") -> Tensor:
     """Classifier-free guidance. "diffusers": eps_null + w (eps_c - eps_null) (the stock pipelines);
@@ -46,7 +51,7 @@ def guide(eps_c: Tensor, eps_null: Tensor, w: float, convention: str = "diffuser
     return eps_null + w * (eps_c - eps_null)
 
 
-def check_sampler_settings(config: Any) -> None:
+def check_sampler_settings(config: DiffusionSettings) -> None:
     """``ValueError`` unless ``config``'s sampler, num_inference_steps (in [1, num_train_timesteps]) and
     guidance_scale are valid: the sampler settings of both adapters' configs."""
     if config.sampler not in SAMPLERS:
@@ -71,13 +76,14 @@ class DDPMNoise(NamedTuple):
     drop: Tensor | None = None  # float (B,) uniform in [0, 1); label dropped where < class_dropout_prob
 
 
-class DiffusionModel(nn.Module):
+class DiffusionModel(nn.Module, Generic[ConfigT, UNetT]):
     """The shared diffusion machinery; subclasses set ``config`` (with ``num_train_timesteps``, ``sampler``,
     ``num_inference_steps``, ``guidance_scale``) and ``unet``, call ``_set_schedule`` in ``__init__``, and
-    provide ``image_shape``, ``predict``, ``_guided_pair``, ``check_labels`` and ``_check_cond``."""
+    provide ``image_shape``, ``predict``, ``_guided_pair``, ``check_labels`` and ``_check_cond``. The type
+    parameters are the types of ``config`` and ``unet``."""
 
-    config: Any
-    unet: Any
+    config: ConfigT
+    unet: UNetT
     scheduler: DDPMScheduler
     scheduler_config: dict[str, Any]
     prediction_type: str
@@ -320,7 +326,9 @@ class DiffusionModel(nn.Module):
         device, dtype = weight.device, weight.dtype
         scheduler = self.sampling_scheduler()
         scheduler.set_timesteps(steps, device=device)
-        x = randn_tensor((cond.shape[0], *self.image_shape), generator=generator, device=device, dtype=dtype)
+        x: Tensor = randn_tensor(
+            (cond.shape[0], *self.image_shape), generator=generator, device=device, dtype=dtype
+        )
         x = x * scheduler.init_noise_sigma
         guided_pair = self._guided_pair(cond.to(device), device, dtype)
         eta = self.ddim_eta

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,10 @@ from selective_amnesia.data import load_dataset
 from selective_amnesia.io import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageConfig, TextToImageModel, text_encoder_from_ref
 from selective_amnesia.train import Trainer
+
+if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' lazy top-level namespace
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +115,10 @@ def text_encoder_and_tokenizer(max_tokens: int) -> tuple[Any, Any]:
     return text_encoder, tokenizer
 
 
-def build_components(cfg: WorldConfig) -> tuple[Any, Any]:
+def build_components(cfg: WorldConfig) -> tuple[AutoencoderKL, UNet2DConditionModel]:
     """A fresh (AutoencoderKL, UNet2DConditionModel) pair of the world's shape."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     n_vae = len(cfg.vae_channels)
     vae = AutoencoderKL(
@@ -232,7 +237,7 @@ def build_world(
     vae, unet = build_components(cfg)
     vae_dir = out / "work" / "vae"
     if (vae_dir / "config.json").is_file() and (vae_dir / "train.json").is_file():
-        from diffusers import AutoencoderKL
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_dir)
         timings["vae_s"] = read_json(vae_dir / "train.json")["seconds"]

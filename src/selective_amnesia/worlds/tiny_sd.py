@@ -26,12 +26,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import created_mode
+
+if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' lazy top-level namespace
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 VARIANTS = ("sd1", "sd2-v", "sdxl")
 
@@ -158,10 +162,10 @@ def clip_text_encoder(*, hidden: int, act: str, pad_id: int, projection: bool = 
     return cls(config)
 
 
-def _vae(scaling_factor: float, force_upcast: bool) -> Any:
-    from diffusers import AutoencoderKL
+def _vae(scaling_factor: float, force_upcast: bool) -> AutoencoderKL:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-    return AutoencoderKL(
+    vae: AutoencoderKL = AutoencoderKL(  # Any to mypy: @register_to_config leaves __init__ unannotated
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
@@ -174,10 +178,11 @@ def _vae(scaling_factor: float, force_upcast: bool) -> Any:
         scaling_factor=scaling_factor,
         force_upcast=force_upcast,
     )
+    return vae
 
 
-def _unet(variant: str, cross_attention_dim: int, *, pooled_dim: int = 0) -> Any:
-    from diffusers import UNet2DConditionModel
+def _unet(variant: str, cross_attention_dim: int, *, pooled_dim: int = 0) -> UNet2DConditionModel:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     common: dict[str, Any] = {
         "sample_size": LATENT_SIZE,
@@ -188,15 +193,16 @@ def _unet(variant: str, cross_attention_dim: int, *, pooled_dim: int = 0) -> Any
         "norm_num_groups": 32,
         "cross_attention_dim": cross_attention_dim,
     }
+    unet: UNet2DConditionModel  # the calls are Any to mypy: @register_to_config leaves __init__ unannotated
     if variant == "sd1":
-        return UNet2DConditionModel(
+        unet = UNet2DConditionModel(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=8,  # SD 1.x: 8 heads everywhere (diffusers' name for the head count)
             **common,
         )
-    if variant == "sd2-v":
-        return UNet2DConditionModel(
+    elif variant == "sd2-v":
+        unet = UNet2DConditionModel(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=(2, 4),  # SD 2.x: heads per level, fixed head width (64 there, 16 here)
@@ -204,21 +210,23 @@ def _unet(variant: str, cross_attention_dim: int, *, pooled_dim: int = 0) -> Any
             upcast_attention=True,
             **common,
         )
-    # SDXL: no attention at the highest resolution, deeper transformers below, and the "text_time"
-    # added condition: the pooled second-encoder embedding next to 6 Fourier-embedded size numbers
-    # (original size, crop top-left, target size), as StableDiffusionXLPipeline._get_add_time_ids checks
-    time_dim = 8
-    return UNet2DConditionModel(
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
-        **common,
-    )
+    else:
+        # SDXL: no attention at the highest resolution, deeper transformers below, and the "text_time"
+        # added condition: the pooled second-encoder embedding next to 6 Fourier-embedded size numbers
+        # (original size, crop top-left, target size), as StableDiffusionXLPipeline._get_add_time_ids checks
+        time_dim = 8
+        unet = UNet2DConditionModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
+            **common,
+        )
+    return unet
 
 
 def build_pipeline(variant: str) -> Any:
