@@ -230,7 +230,15 @@ class ForgetConfig:
         return [[str(c) for c in s] for s in self._steps()]
 
     def __post_init__(self) -> None:
+        """Every setting checked, in this order (the first bad one is the error reported)."""
         _check(self.objective in ("surrogate", "naive"), "forget.objective must be surrogate or naive")
+        seen = self._check_steps()
+        self._check_anchor_and_surrogate(seen)
+        self._check_training()
+
+    def _check_steps(self) -> set[int | str]:
+        """forget_label / sequence: every step names classes, none twice; [c] is read as c. Returns the
+        classes (or concepts) forgotten over all steps."""
         if isinstance(self.forget_label, list) and len(self.forget_label) == 1:
             self.forget_label = self.forget_label[0]  # [3] is 3: one class, the single-concept run
         steps = self._steps()
@@ -254,6 +262,10 @@ class ForgetConfig:
             self.objective == "surrogate" or len(seen) == 1,
             "forget.objective=naive forgets a single class: use the surrogate objective for several",
         )
+        return seen
+
+    def _check_anchor_and_surrogate(self, seen: set[int | str]) -> None:
+        """The sequence's anchor and replay, and the surrogate q(x|c_f) (not a class being forgotten)."""
         _check(
             self.anchor in ("original", "online", "latest"),
             f"forget.anchor must be original, online or latest, got {self.anchor!r}",
@@ -286,6 +298,9 @@ class ForgetConfig:
             self.surrogate != "folder" or bool(self.surrogate_path),
             "forget.surrogate=folder needs forget.surrogate_path (a directory of images)",
         )
+
+    def _check_training(self) -> None:
+        """Replay, optimiser, EMA, anchor storage, checkpoints and the loss's weights."""
         _check(self.replay in ("fresh", "stored"), "forget.replay must be fresh or stored")
         _check(self.replay_per_class >= 1, "forget.replay_per_class must be >= 1")
         _check(0 <= self.ema_decay < 1, "forget.ema_decay must lie in [0, 1)")
