@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -1070,6 +1070,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command holding its output's lock. A failure is one line on stderr and exit status 2
+    (bad input, a failed write, out of memory); an interrupt exits 130, SIGTERM 143."""
     from selective_amnesia import runstate
 
     start = time.perf_counter()
@@ -1184,10 +1190,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def _record_failure(message: str) -> None:
     from selective_amnesia import runstate
 
-    try:
+    with suppress(OSError):  # the disk may be the problem; the state file still says "running"
         runstate.finish(message)
-    except OSError:  # the disk may be the problem; the state file still says "running"
-        pass
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -7,6 +7,7 @@ defaults are the fast MNIST conditional-VAE pipeline that ``amnesia run`` uses w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -806,17 +807,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except AmnesiaError:
-                pass
-        raise AmnesiaError(f"{key}: expected {tp}, got {short(value)}")
+        return _coerce_union(value, tp, key)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -829,30 +820,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise AmnesiaError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) >= 2**31:  # no count, size or seed here is meaningful that large
-                raise AmnesiaError(f"{key}: {short(value)} is out of range (|value| < 2**31)")
-            return value
-        raise AmnesiaError(f"{key}: expected an integer, got {short(value)}")
+        return _coerce_int(value, key)
     if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None or not math.isfinite(number):  # no setting means anything at NaN or inf
-            raise AmnesiaError(f"{key}: expected a finite number, got {short(value)}")
-        return number
+        return _coerce_float(value, key)
     if tp is str:
-        if isinstance(value, str) and len(value) > MAX_STRING:  # messages quote settings: keep them short
-            raise AmnesiaError(f"{key}: a string of {len(value):,} characters, more than {MAX_STRING:,}")
-        if isinstance(value, str):
-            return value
-        raise AmnesiaError(f"{key}: expected a string, got {short(value)}")
+        return _coerce_str(value, key)
     raise AmnesiaError(f"{key}: unsupported type {tp}")
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of the union ``tp`` that ``value`` fits (None for an optional setting's None)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, key)
+        except AmnesiaError:
+            pass
+    raise AmnesiaError(f"{key}: expected {tp}, got {short(value)}")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**31:  # no count, size or seed here is meaningful that large
+            raise AmnesiaError(f"{key}: {short(value)} is out of range (|value| < 2**31)")
+        return value
+    raise AmnesiaError(f"{key}: expected an integer, got {short(value)}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):  # no setting means anything at NaN or inf
+        raise AmnesiaError(f"{key}: expected a finite number, got {short(value)}")
+    return number
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if isinstance(value, str) and len(value) > MAX_STRING:  # messages quote settings: keep them short
+        raise AmnesiaError(f"{key}: a string of {len(value):,} characters, more than {MAX_STRING:,}")
+    if isinstance(value, str):
+        return value
+    raise AmnesiaError(f"{key}: expected a string, got {short(value)}")
 
 
 def _build(cls: Any, data: Any, prefix: str) -> Any:

@@ -398,15 +398,14 @@ def _write_images(
     """images.npz (every image with its condition and verdict) and grid.png (a row per condition)."""
     from selective_amnesia.evaluate.report import image_grid, save_png
 
-    with atomic_path(out / "images.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                images=images.permute(0, 2, 3, 1).contiguous().numpy(),
-                labels=labels.numpy().astype(np.int64),
-                prompts=np.array(result.conditions),
-                found=found.numpy(),
-            )
+    with atomic_path(out / "images.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            images=images.permute(0, 2, 3, 1).contiguous().numpy(),
+            labels=labels.numpy().astype(np.int64),
+            prompts=np.array(result.conditions),
+            found=found.numpy(),
+        )
     shown = [i for i in range(len(result.conditions))][:GRID_ROWS]
     cols = min(num_per_condition, GRID_COLUMNS)
     rows = [images[labels == i][:cols] for i in shown]
