@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -531,25 +531,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "environment": environment(),
     }
     if args.relearn:
-        from selective_amnesia.evaluate.relearn import relearn_report
-
-        try:
-            counts = [int(t) for t in str(args.relearn).split(",") if t.strip()]
-        except ValueError:
-            raise AmnesiaError(f"--relearn takes N or N,N,... images, got {args.relearn!r}") from None
-        if not counts or min(counts) < 1:
-            raise AmnesiaError(f"--relearn takes N >= 1 images, got {args.relearn!r}")
-        relearn = relearn_report(
-            cfg, model, args.model, classifiers, counts, args.relearn_steps, args.relearn_reference
-        )
-        result["relearn"] = relearn
-        for row in relearn["rows"]:
-            ref = row.get("reference", {}).get("drawn_as_class", {}).get(str(args.relearn_steps))
-            got = row["model"]["drawn_as_class"][str(args.relearn_steps)]
-            print(
-                f"relearn {row['class']} from {row['num_images']} images, {args.relearn_steps} steps: "
-                f"drawn as {row['class']} {got:.3f}" + (f" (reference {ref:.3f})" if ref is not None else "")
-            )
+        result["relearn"] = _relearn(cfg, model, args, classifiers)
     write_json(out, result)
     _remove_partial(out)
     print(
@@ -557,6 +539,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{metrics['remembered_accuracy']:.4f}, FID {metrics['fid']:.3f}; written to {args.out}"
     )
     return 0
+
+
+def _relearn(cfg: RunConfig, model: Any, args: argparse.Namespace, classifiers: Any) -> dict[str, Any]:
+    """``evaluate --relearn``: fine-tune copies on N real images of the forgotten class and print how
+    often each draws it again (against the reference model's rate where there is one)."""
+    from selective_amnesia.evaluate.relearn import relearn_report
+
+    try:
+        counts = [int(t) for t in str(args.relearn).split(",") if t.strip()]
+    except ValueError:
+        raise AmnesiaError(f"--relearn takes N or N,N,... images, got {args.relearn!r}") from None
+    if not counts or min(counts) < 1:
+        raise AmnesiaError(f"--relearn takes N >= 1 images, got {args.relearn!r}")
+    relearn = relearn_report(
+        cfg, model, args.model, classifiers, counts, args.relearn_steps, args.relearn_reference
+    )
+    for row in relearn["rows"]:
+        ref = row.get("reference", {}).get("drawn_as_class", {}).get(str(args.relearn_steps))
+        got = row["model"]["drawn_as_class"][str(args.relearn_steps)]
+        print(
+            f"relearn {row['class']} from {row['num_images']} images, {args.relearn_steps} steps: "
+            f"drawn as {row['class']} {got:.3f}" + (f" (reference {ref:.3f})" if ref is not None else "")
+        )
+    return relearn
 
 
 def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path, rows: Any) -> int:
@@ -758,22 +764,28 @@ def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``amnesia`` parser. ``command``: the subcommand about to run; the options of the heavy ones
-    (convert, world, attack) are added only for it (None: all of them, as for documentation)."""
-    fmt = _Formatter
-    parser = _Parser(
-        prog="amnesia",
-        formatter_class=fmt,
-        description="Make a trained conditional generative model forget a concept (Selective Amnesia).",
-        epilog="""first five minutes:
+_TOP_EPILOG = """first five minutes:
   amnesia run --out runs/mnist_cvae                 # base model, classifier, Fisher, forgetting, report
   amnesia sample --model runs/mnist_cvae/forget --labels 0,1,2 --num-per-label 8 --out grid.png
   amnesia evaluate --model runs/mnist_cvae/forget --out metrics.json
   amnesia config show                               # every setting; override any as key.sub=value
 
 Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_lambda=50
-`amnesia COMMAND --help` shows each command's options and examples.""",
+`amnesia COMMAND --help` shows each command's options and examples."""
+
+# the --force help of the commands that write a run or model directory, and of those that write a file
+_RERUN = "replace a finished --out made with other settings (default: refused; the same settings resume)"
+_OVERWRITE = "overwrite an existing --out (default: refused)"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``amnesia`` parser. ``command``: the subcommand about to run; the options of the heavy ones
+    (convert, world, attack) are added only for it (None: all of them, as for documentation)."""
+    parser = _Parser(
+        prog="amnesia",
+        formatter_class=_Formatter,
+        description="Make a trained conditional generative model forget a concept (Selective Amnesia).",
+        epilog=_TOP_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"amnesia (selective-amnesia) {__version__}")
     _verbosity(parser, top=True)
@@ -781,62 +793,102 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     assert isinstance(sub, _LazySubParsers)
     sub.fillers = {}
+    # the order of the calls is the order of `amnesia --help`'s command list
+    _add_training_commands(sub)
+    _add_sample_command(sub)
+    _add_evaluate_command(sub)
+    _add_config_command(sub)
+    _add_lazy_commands(sub)
+    if command is None or command == "attack":  # the attacks package imports torch: only when chosen
+        from selective_amnesia.attacks.cli import add_attack_parser
 
-    def add(
-        name: str, help_: str, fn: Any, *, config: bool = True, out: str | None = None, device: bool = True
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name, help=help_, description=help_, formatter_class=fmt, epilog=EXAMPLES.get(name)
+        add_attack_parser(sub, _Formatter)
+    else:
+        sub.add_parser(
+            "attack",
+            help="attack a text-to-image model's forgetting: paraphrases, soft prompts, discrete prompts",
         )
-        assert isinstance(p, _Parser)
-        p.set_defaults(fn=fn)
-        _verbosity(p, top=False)
-        if config:
-            p.add_argument(
-                "config_and_overrides",
-                nargs="*",
-                metavar="[CONFIG] [key.sub=value ...]",
-                help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
-            )
-            p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        if device:
-            p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
-        if out is not None:
-            p.add_argument("--force", action="store_true", help=out)
-        if name in ("run", "pretrain", "forget"):
-            p.add_argument(
-                "--report_to",
-                "--report-to",
-                choices=["none", "tensorboard"],
-                default=None,
-                help="also send the loss terms to TensorBoard (OUT/logs; needs the tensorboard package)",
-            )
-        return p
+    if command is None:  # everything filled in now (documentation, tests of the parser)
+        for name, filler in list(sub.fillers.items()):
+            filler(sub._name_parser_map[name])
+        sub.fillers.clear()
+    return parser
 
-    rerun = "replace a finished --out made with other settings (default: refused; the same settings resume)"
-    overwrite = "overwrite an existing --out (default: refused)"
-    p = add(
+
+def _add_command(
+    sub: _LazySubParsers,
+    name: str,
+    help_: str,
+    fn: Any,
+    *,
+    config: bool = True,
+    out: str | None = None,
+    device: bool = True,
+) -> argparse.ArgumentParser:
+    """A subcommand with the options most share: the config and overrides, --device, --force (``out``:
+    its help) and, for the training commands, --report_to."""
+    p = sub.add_parser(
+        name, help=help_, description=help_, formatter_class=_Formatter, epilog=EXAMPLES.get(name)
+    )
+    assert isinstance(p, _Parser)
+    p.set_defaults(fn=fn)
+    _verbosity(p, top=False)
+    if config:
+        p.add_argument(
+            "config_and_overrides",
+            nargs="*",
+            metavar="[CONFIG] [key.sub=value ...]",
+            help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
+        )
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if device:
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
+    if out is not None:
+        p.add_argument("--force", action="store_true", help=out)
+    if name in ("run", "pretrain", "forget"):
+        p.add_argument(
+            "--report_to",
+            "--report-to",
+            choices=["none", "tensorboard"],
+            default=None,
+            help="also send the loss terms to TensorBoard (OUT/logs; needs the tensorboard package)",
+        )
+    return p
+
+
+def _add_training_commands(sub: _LazySubParsers) -> None:
+    """run, pretrain, fisher and forget."""
+    p = _add_command(
+        sub,
         "run",
         "run the whole pipeline: base model, classifier, Fisher, forgetting, evaluation",
         cmd_run,
-        out=rerun,
+        out=_RERUN,
     )
     p.add_argument("--out", help="run directory (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p = add(
-        "pretrain", "train the base model theta* (model.* and pretrain.* settings)", cmd_pretrain, out=rerun
+    p = _add_command(
+        sub,
+        "pretrain",
+        "train the base model theta* (model.* and pretrain.* settings)",
+        cmd_pretrain,
+        out=_RERUN,
     )
     p.add_argument("--out", required=True, help="output model directory")
-    p = add("fisher", "estimate the diagonal Fisher of a model", cmd_fisher, out=overwrite)
+    p = _add_command(sub, "fisher", "estimate the diagonal Fisher of a model", cmd_fisher, out=_OVERWRITE)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p = add("forget", "fine-tune a model to forget forget.forget_label", cmd_forget, out=rerun)
+    p = _add_command(sub, "forget", "fine-tune a model to forget forget.forget_label", cmd_forget, out=_RERUN)
     p.add_argument("--model", required=True, help="model directory of theta*")
     p.add_argument(
         "--fisher", default=None, help="Fisher .safetensors of that model (needed if ewc_lambda > 0)"
     )
     p.add_argument("--out", required=True, help="output model directory")
-    p = add(
+
+
+def _add_sample_command(sub: _LazySubParsers) -> None:
+    p = _add_command(
+        sub,
         "sample",
         "write samples as .npz, a .png grid or a folder of PNGs",
         cmd_sample,
@@ -874,11 +926,15 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
         "--batch-size", type=int, default=256, help="images per model call (does not change the images)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p = add(
+
+
+def _add_evaluate_command(sub: _LazySubParsers) -> None:
+    p = _add_command(
+        sub,
         "evaluate",
         "evaluate a model's forgetting and retention metrics into a JSON file",
         cmd_evaluate,
-        out=overwrite,
+        out=_OVERWRITE,
     )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="output .json file")
@@ -904,7 +960,11 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
         help="--relearn: a model to relearn the same way for comparison (a base trained without the class); "
         "default: the run's base beside --model",
     )
-    p = add(
+
+
+def _add_config_command(sub: _LazySubParsers) -> None:
+    p = _add_command(
+        sub,
         "config",
         "show the resolved config: every key with its value, type and meaning (no --out needed)",
         cmd_config,
@@ -921,61 +981,54 @@ Overrides go after the options: amnesia run configs/x.yaml --out d forget.ewc_la
     p.add_argument("--keys", action="store_true", help="only the key reference table")
     p.set_defaults(no_progress=False)
 
-    def convert_options(p: argparse.ArgumentParser) -> None:
-        from selective_amnesia.convert import add_convert_arguments
 
-        add_convert_arguments(p)
+def _convert_options(p: argparse.ArgumentParser) -> None:
+    from selective_amnesia.convert import add_convert_arguments
 
-    p = add(
+    add_convert_arguments(p)
+
+
+def _world_options(p: argparse.ArgumentParser) -> None:
+    from selective_amnesia.worlds.tiny_sd import add_world_arguments
+
+    add_world_arguments(p)
+
+
+def _classifier_options(p: argparse.ArgumentParser) -> None:
+    from selective_amnesia.cli_classifiers import add_arguments
+
+    add_arguments(p)
+
+
+def _add_lazy_commands(sub: _LazySubParsers) -> None:
+    """convert, world and classifiers: their options are filled in only when they are chosen."""
+    _add_command(
+        sub,
         "convert",
         "convert a legacy .pt/.pth/.ckpt/.pkl (the paper's reference code) to safetensors, safely",
         _lazy_fn("selective_amnesia.convert", "cmd_convert"),
         config=False,
         device=False,
     )
-    sub.fillers["convert"] = convert_options
-
-    def world_options(p: argparse.ArgumentParser) -> None:
-        from selective_amnesia.worlds.tiny_sd import add_world_arguments
-
-        add_world_arguments(p)
-
-    p = add(
+    sub.fillers["convert"] = _convert_options
+    _add_command(
+        sub,
         "world",
         "build a small world to try things on (tiny-sd: a random SD pipeline)",
         _lazy_fn("selective_amnesia.worlds.tiny_sd", "cmd_world"),
         config=False,
         device=False,
     )
-    sub.fillers["world"] = world_options
-
-    def classifier_options(p: argparse.ArgumentParser) -> None:
-        from selective_amnesia.cli_classifiers import add_arguments
-
-        add_arguments(p)
-
-    p = add(
+    sub.fillers["world"] = _world_options
+    _add_command(
+        sub,
         "classifiers",
         "list the evaluation classifiers shipped with the package; --retrain compares them with a retraining",
         _lazy_fn("selective_amnesia.cli_classifiers", "cmd_classifiers"),
         config=False,
         device=False,
     )
-    sub.fillers["classifiers"] = classifier_options
-    if command is None or command == "attack":  # the attacks package imports torch: only when chosen
-        from selective_amnesia.attacks.cli import add_attack_parser
-
-        add_attack_parser(sub, fmt)
-    else:
-        sub.add_parser(
-            "attack",
-            help="attack a text-to-image model's forgetting: paraphrases, soft prompts, discrete prompts",
-        )
-    if command is None:  # everything filled in now (documentation, tests of the parser)
-        for name, filler in list(sub.fillers.items()):
-            filler(sub._name_parser_map[name])
-        sub.fillers.clear()
-    return parser
+    sub.fillers["classifiers"] = _classifier_options
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -1017,6 +1070,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command holding its output's lock. A failure is one line on stderr and exit status 2
+    (bad input, a failed write, out of memory); an interrupt exits 130, SIGTERM 143."""
     from selective_amnesia import runstate
 
     start = time.perf_counter()
@@ -1131,10 +1190,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def _record_failure(message: str) -> None:
     from selective_amnesia import runstate
 
-    try:
+    with suppress(OSError):  # the disk may be the problem; the state file still says "running"
         runstate.finish(message)
-    except OSError:  # the disk may be the problem; the state file still says "running"
-        pass
 
 
 def _out_of_memory(e: BaseException) -> bool:

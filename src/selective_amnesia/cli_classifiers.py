@@ -123,14 +123,11 @@ def _target(cfg: Any) -> tuple[str, int | None]:
 
 def _retrain(args: argparse.Namespace) -> int:
     from selective_amnesia.config import load_config, to_dict
-    from selective_amnesia.evaluate import packaged
     from selective_amnesia.evaluate.classifier import (
         ClassifierRecipe,
-        classifier_accuracy,
         classifier_cache_path,
         judged_name,
         judged_split,
-        load_packaged_classifier,
         train_and_save_classifier,
     )
     from selective_amnesia.progress import note
@@ -141,18 +138,7 @@ def _retrain(args: argparse.Namespace) -> int:
     dataset, image_size = _target(cfg)
     name = judged_name(dataset, image_size)
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else list(c["seeds"])
-    if args.retrain_dir is not None:
-        out = Path(args.retrain_dir)
-        if out.exists() and not out.is_dir():
-            raise AmnesiaError(f"--out {out} is a file: name a folder for the retrained judges")
-        for seed in seeds:
-            if (there := classifier_cache_path(out, recipe, seed, name)).exists():
-                raise AmnesiaError(f"{there} exists: remove it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        holder: Any = None
-    else:
-        holder = tempfile.TemporaryDirectory(prefix="amnesia-judges-")
-        out = Path(holder.name)
+    out, holder = _retrain_dir(args.retrain_dir, recipe, seeds, name)
     quiet = bool(getattr(args, "quiet", False))
     progress = not (quiet or args.no_progress)
     test = judged_split(dataset, "test", cfg.data.root, image_size)
@@ -170,26 +156,11 @@ def _retrain(args: argparse.Namespace) -> int:
                 image_size,
             )
             new_pred = model.predict_proba(test.images).argmax(1)
-            row = [name, recipe.fingerprint(), str(seed), "-", f"{info['test_accuracy']:.4f}", "-", "-"]
-            judge = packaged.find_packaged(name, recipe.fingerprint(), seed)
-            if judge is None:
-                row[3] = "not packaged"
-            elif (problem := packaged.verify(judge)) is not None:
-                row[3] = "sha256 MISMATCH"
-                note(problem)
-            else:
-                loaded = load_packaged_classifier(recipe, seed, name)
-                if loaded is None:
-                    raise AmnesiaError(f"{judge.path} could not be loaded (see the warning above)")
-                old = loaded[0]
-                old_pred = old.predict_proba(test.images).argmax(1)
-                row[3] = f"{classifier_accuracy(old, test):.4f}"
-                row[5] = f"{float((old_pred == new_pred).double().mean()):.2%}"
-                theirs = old.state_dict()
-                same = all(torch_equal(theirs[k], v) for k, v in model.state_dict().items())
-                row[6] = "yes" if same else "no"
-            row.append(f"{info['train_seconds']:.0f}")
-            rows.append(row)
+            packaged_acc, agree, bitwise = _compare_with_packaged(name, recipe, seed, model, new_pred, test)
+            retrained_acc, seconds = f"{info['test_accuracy']:.4f}", f"{info['train_seconds']:.0f}"
+            rows.append(
+                [name, recipe.fingerprint(), str(seed), packaged_acc, retrained_acc, agree, bitwise, seconds]
+            )
     finally:
         if holder is not None:
             holder.cleanup()
@@ -206,6 +177,51 @@ def _retrain(args: argparse.Namespace) -> int:
     ]
     print(_table(header, rows))
     return 0
+
+
+def _retrain_dir(retrain_dir: str | None, recipe: Any, seeds: list[int], name: str) -> tuple[Path, Any]:
+    """Where the retrained judges go: (folder, None) for --out DIR, refused where one of them would
+    overwrite a file; else (a temporary folder, its holder, to be cleaned up)."""
+    from selective_amnesia.evaluate.classifier import classifier_cache_path
+
+    if retrain_dir is None:
+        holder = tempfile.TemporaryDirectory(prefix="amnesia-judges-")
+        return Path(holder.name), holder
+    out = Path(retrain_dir)
+    if out.exists() and not out.is_dir():
+        raise AmnesiaError(f"--out {out} is a file: name a folder for the retrained judges")
+    for seed in seeds:
+        if (there := classifier_cache_path(out, recipe, seed, name)).exists():
+            raise AmnesiaError(f"{there} exists: remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+def _compare_with_packaged(
+    name: str, recipe: Any, seed: int, model: Any, new_pred: Any, test: Any
+) -> tuple[str, str, str]:
+    """The packaged judge of this recipe and seed against the retrained one: (its test accuracy, how often
+    their argmax agrees, whether the weights are bitwise equal); "-" where there is none to compare."""
+    from selective_amnesia.evaluate import packaged
+    from selective_amnesia.evaluate.classifier import classifier_accuracy, load_packaged_classifier
+    from selective_amnesia.progress import note
+
+    judge = packaged.find_packaged(name, recipe.fingerprint(), seed)
+    if judge is None:
+        return "not packaged", "-", "-"
+    if (problem := packaged.verify(judge)) is not None:
+        note(problem)
+        return "sha256 MISMATCH", "-", "-"
+    loaded = load_packaged_classifier(recipe, seed, name)
+    if loaded is None:
+        raise AmnesiaError(f"{judge.path} could not be loaded (see the warning above)")
+    old = loaded[0]
+    old_pred = old.predict_proba(test.images).argmax(1)
+    accuracy = f"{classifier_accuracy(old, test):.4f}"
+    agree = f"{float((old_pred == new_pred).double().mean()):.2%}"
+    theirs = old.state_dict()
+    same = all(torch_equal(theirs[k], v) for k, v in model.state_dict().items())
+    return accuracy, agree, "yes" if same else "no"
 
 
 def torch_equal(a: Any, b: Any) -> bool:

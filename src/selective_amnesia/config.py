@@ -7,6 +7,7 @@ defaults are the fast MNIST conditional-VAE pipeline that ``amnesia run`` uses w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -230,7 +231,15 @@ class ForgetConfig:
         return [[str(c) for c in s] for s in self._steps()]
 
     def __post_init__(self) -> None:
+        """Every setting checked, in this order (the first bad one is the error reported)."""
         _check(self.objective in ("surrogate", "naive"), "forget.objective must be surrogate or naive")
+        seen = self._check_steps()
+        self._check_anchor_and_surrogate(seen)
+        self._check_training()
+
+    def _check_steps(self) -> set[int | str]:
+        """forget_label / sequence: every step names classes, none twice; [c] is read as c. Returns the
+        classes (or concepts) forgotten over all steps."""
         if isinstance(self.forget_label, list) and len(self.forget_label) == 1:
             self.forget_label = self.forget_label[0]  # [3] is 3: one class, the single-concept run
         steps = self._steps()
@@ -254,6 +263,10 @@ class ForgetConfig:
             self.objective == "surrogate" or len(seen) == 1,
             "forget.objective=naive forgets a single class: use the surrogate objective for several",
         )
+        return seen
+
+    def _check_anchor_and_surrogate(self, seen: set[int | str]) -> None:
+        """The sequence's anchor and replay, and the surrogate q(x|c_f) (not a class being forgotten)."""
         _check(
             self.anchor in ("original", "online", "latest"),
             f"forget.anchor must be original, online or latest, got {self.anchor!r}",
@@ -286,6 +299,9 @@ class ForgetConfig:
             self.surrogate != "folder" or bool(self.surrogate_path),
             "forget.surrogate=folder needs forget.surrogate_path (a directory of images)",
         )
+
+    def _check_training(self) -> None:
+        """Replay, optimiser, EMA, anchor storage, checkpoints and the loss's weights."""
         _check(self.replay in ("fresh", "stored"), "forget.replay must be fresh or stored")
         _check(self.replay_per_class >= 1, "forget.replay_per_class must be >= 1")
         _check(0 <= self.ema_decay < 1, "forget.ema_decay must lie in [0, 1)")
@@ -791,17 +807,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except AmnesiaError:
-                pass
-        raise AmnesiaError(f"{key}: expected {tp}, got {short(value)}")
+        return _coerce_union(value, tp, key)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -814,30 +820,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise AmnesiaError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) >= 2**31:  # no count, size or seed here is meaningful that large
-                raise AmnesiaError(f"{key}: {short(value)} is out of range (|value| < 2**31)")
-            return value
-        raise AmnesiaError(f"{key}: expected an integer, got {short(value)}")
+        return _coerce_int(value, key)
     if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None or not math.isfinite(number):  # no setting means anything at NaN or inf
-            raise AmnesiaError(f"{key}: expected a finite number, got {short(value)}")
-        return number
+        return _coerce_float(value, key)
     if tp is str:
-        if isinstance(value, str) and len(value) > MAX_STRING:  # messages quote settings: keep them short
-            raise AmnesiaError(f"{key}: a string of {len(value):,} characters, more than {MAX_STRING:,}")
-        if isinstance(value, str):
-            return value
-        raise AmnesiaError(f"{key}: expected a string, got {short(value)}")
+        return _coerce_str(value, key)
     raise AmnesiaError(f"{key}: unsupported type {tp}")
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of the union ``tp`` that ``value`` fits (None for an optional setting's None)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, key)
+        except AmnesiaError:
+            pass
+    raise AmnesiaError(f"{key}: expected {tp}, got {short(value)}")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**31:  # no count, size or seed here is meaningful that large
+            raise AmnesiaError(f"{key}: {short(value)} is out of range (|value| < 2**31)")
+        return value
+    raise AmnesiaError(f"{key}: expected an integer, got {short(value)}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):  # no setting means anything at NaN or inf
+        raise AmnesiaError(f"{key}: expected a finite number, got {short(value)}")
+    return number
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if isinstance(value, str) and len(value) > MAX_STRING:  # messages quote settings: keep them short
+        raise AmnesiaError(f"{key}: a string of {len(value):,} characters, more than {MAX_STRING:,}")
+    if isinstance(value, str):
+        return value
+    raise AmnesiaError(f"{key}: expected a string, got {short(value)}")
 
 
 def _build(cls: Any, data: Any, prefix: str) -> Any:

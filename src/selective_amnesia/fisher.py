@@ -228,27 +228,13 @@ def estimate_fisher(
     ``checkpoint_every`` samples (at block boundaries); a later call with the same settings resumes and
     gives the bitwise-identical result. The directory is removed when the estimate is complete.
     """
-    if estimator not in ESTIMATORS:
-        raise AmnesiaError(f"unknown Fisher estimator {estimator!r}: choose one of {ESTIMATORS}")
-    if num_samples < 1 or chunk_size < 1:
-        raise AmnesiaError("fisher.num_samples and fisher.chunk_size must be >= 1")
-    label_t = torch.as_tensor(labels, dtype=torch.int64)
-    if label_t.numel() == 0:
-        raise AmnesiaError("the Fisher needs at least one class to sample")
+    label_t = _checked_labels(labels, estimator, num_samples, chunk_size)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{type(model).__name__} is not a torch.nn.Module")
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    if estimator == "batched" and not supports_batched(model):
-        log.info("model has non-linear parameterised layers: the batched estimator falls back to vmap")
-        estimator = "vmap"
-    estimators: dict[str, Callable[[Any, Tensor, Tensor, Any], dict[str, Tensor]]] = {
-        "batched": _squared_grads_batched,
-        "vmap": _squared_grads_vmap,
-        "loop": _squared_grads_loop,
-    }
-    fn = estimators[estimator]
+    estimator, fn = _squared_grads_fn(model, estimator)
     acc = {
         n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if p.requires_grad
     }
@@ -260,19 +246,7 @@ def estimate_fisher(
     done, elapsed = partial.resume(acc, generator)
     start = time.perf_counter() - elapsed
     with tqdm(total=num_samples, desc=f"fisher ({estimator})", disable=not progress, unit="sample") as bar:
-        bar.update(done)
-        while done < num_samples:
-            block = min(SAMPLE_BLOCK, num_samples - done)
-            x, cond, noise = _sample_batch(model, label_t, block, generator)
-            for lo in range(0, block, chunk_size):
-                sl = slice(lo, lo + chunk_size)
-                for name, sq in fn(model, x[sl], cond[sl], _rows(noise, sl)).items():
-                    acc[name] += sq
-            done += block
-            bar.update(block)
-            faults.point("fisher.block")
-            if done < num_samples:
-                partial.maybe_save(done, acc, generator, seconds=time.perf_counter() - start)
+        _accumulate(model, fn, label_t, acc, generator, partial, bar, done, start, num_samples, chunk_size)
     model.train(was_training)
     values = {n: (a / num_samples).to(torch.float32) for n, a in acc.items()}
     meta = {
@@ -286,6 +260,64 @@ def estimate_fisher(
     partial.remove()
     log.info("Fisher from %d samples (%s) in %.1fs", num_samples, estimator, meta["seconds"])
     return Fisher(values, meta)
+
+
+def _checked_labels(labels: list[int] | Tensor, estimator: str, num_samples: int, chunk_size: int) -> Tensor:
+    """``estimate_fisher``'s settings checked (``AmnesiaError``); returns the labels as an int64 tensor."""
+    if estimator not in ESTIMATORS:
+        raise AmnesiaError(f"unknown Fisher estimator {estimator!r}: choose one of {ESTIMATORS}")
+    if num_samples < 1 or chunk_size < 1:
+        raise AmnesiaError("fisher.num_samples and fisher.chunk_size must be >= 1")
+    label_t = torch.as_tensor(labels, dtype=torch.int64)
+    if label_t.numel() == 0:
+        raise AmnesiaError("the Fisher needs at least one class to sample")
+    return label_t
+
+
+_SquaredGrads = Callable[[Any, Tensor, Tensor, Any], dict[str, Tensor]]
+
+
+def _squared_grads_fn(model: nn.Module, estimator: str) -> tuple[str, _SquaredGrads]:
+    """The estimator that runs (``batched`` falls back to ``vmap`` off its fast path) and its function."""
+    if estimator == "batched" and not supports_batched(model):
+        log.info("model has non-linear parameterised layers: the batched estimator falls back to vmap")
+        estimator = "vmap"
+    estimators: dict[str, _SquaredGrads] = {
+        "batched": _squared_grads_batched,
+        "vmap": _squared_grads_vmap,
+        "loop": _squared_grads_loop,
+    }
+    return estimator, estimators[estimator]
+
+
+def _accumulate(
+    model: ConditionalGenerativeModel,
+    fn: _SquaredGrads,
+    labels: Tensor,
+    acc: dict[str, Tensor],
+    generator: torch.Generator,
+    partial: PartialSums,
+    bar: Any,
+    done: int,
+    start: float,
+    num_samples: int,
+    chunk_size: int,
+) -> None:
+    """Add the squared per-sample gradients of samples ``done`` to ``num_samples`` to ``acc``, drawn in
+    blocks of ``SAMPLE_BLOCK`` and passed to ``fn`` in chunks; a checkpoint may follow each block."""
+    bar.update(done)
+    while done < num_samples:
+        block = min(SAMPLE_BLOCK, num_samples - done)
+        x, cond, noise = _sample_batch(model, labels, block, generator)
+        for lo in range(0, block, chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            for name, sq in fn(model, x[sl], cond[sl], _rows(noise, sl)).items():
+                acc[name] += sq
+        done += block
+        bar.update(block)
+        faults.point("fisher.block")
+        if done < num_samples:
+            partial.maybe_save(done, acc, generator, seconds=time.perf_counter() - start)
 
 
 class PartialSums:

@@ -32,7 +32,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -185,119 +187,192 @@ def estimate_diffusion_fisher(
     if world_size > 1 and reduce is None:
         raise AmnesiaError("several processes need a reduce function to sum their Fisher parts")
     _check_args(model, num_samples, labels, estimator, timesteps_per_sample, timestep_chunk)
-    label_t = torch.as_tensor(labels, dtype=torch.int64)
-    n_t = model.config.num_train_timesteps
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    if not params:
-        raise AmnesiaError("the model has no trainable parameters: nothing to estimate a Fisher for")
-    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    # subsampled only: the sum_t v_t part (all_timesteps keeps scalars, not a second copy of the UNet)
-    var_acc = [
-        torch.zeros_like(p, dtype=torch.float64)
-        if estimator == "subsampled"
-        else torch.zeros((), dtype=torch.float64)
-        for p in params
-    ]
-    device = params[0].device
-    sample_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator().manual_seed(seed + 1)  # CPU: same numbers on any device
-    sampler = effective_sampler(model)
-    model_hash = state_hash(model.state_dict())
-    # what the labels mean (a text-to-image model's prompt table: index 0 is whatever prompt came first)
-    # and which weights are estimated belong in the key too
-    table = getattr(model, "prompts", None)
-    meaning = [table[i] for i in label_t.tolist()] if isinstance(table, list) else None
-    key = repr(
-        (model_hash, num_samples, label_t.tolist(), meaning, [n for n, _ in named], estimator)
-        + (timesteps_per_sample, timestep_chunk, seed, n_t, rank, world_size, sampler, SAMPLE_BLOCK)
+    run = _Estimate(
+        model,
+        _Settings(
+            num_samples, labels, estimator, timesteps_per_sample, timestep_chunk, seed, rank, world_size
+        ),
+        checkpoint_dir,
+        checkpoint_every,
     )
-    accs = {f"mean.{n}": a for (n, _), a in zip(named, acc, strict=True)}
-    accs |= {f"var.{n}": v for (n, _), v in zip(named, var_acc, strict=True)}
-    partial = PartialSums(checkpoint_dir, checkpoint_every, key)
-    done, elapsed = partial.resume(accs, sample_gen, noise_gen)
-    start = time.perf_counter() - elapsed
-
-    def save(i: int) -> None:  # every image block; every checkpoint_every samples of gradients
-        partial.save(i, accs, sample_gen, noise_gen, seconds=time.perf_counter() - start)
-
     was_training = model.training
     model.eval()  # no dropout: the Fisher is of the deterministic network at theta*
     try:
-        x_all, c_all = _draw_samples(
-            model, label_t, num_samples, sample_gen, partial, lambda: save(0), progress
+        run.accumulate(progress)
+    finally:
+        model.train(was_training)
+    return run.result(reduce)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """``estimate_diffusion_fisher``'s arguments that decide its result (and its checkpoints' key)."""
+
+    num_samples: int
+    labels: list[int]
+    estimator: str
+    timesteps_per_sample: int
+    timestep_chunk: int
+    seed: int
+    rank: int
+    world_size: int
+
+
+class _Estimate:
+    """One estimate in progress: the float64 sums, the two generators, the checkpoint it resumes from.
+
+    ``acc`` holds the squared gradients (all_timesteps) or the squared-mean part (subsampled), ``var_acc``
+    subsampled's variance part (all_timesteps keeps scalars there, not a second copy of the UNet).
+    """
+
+    def __init__(
+        self,
+        model: ConditionalDiffusionModel,
+        settings: _Settings,
+        checkpoint_dir: Path | None,
+        checkpoint_every: int,
+    ) -> None:
+        s = settings
+        self.model, self.s, self.checkpoint_every = model, s, checkpoint_every
+        self.label_t = torch.as_tensor(s.labels, dtype=torch.int64)
+        self.n_t = model.config.num_train_timesteps
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        if not self.params:
+            raise AmnesiaError("the model has no trainable parameters: nothing to estimate a Fisher for")
+        self.acc = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        self.var_acc = [
+            torch.zeros_like(p, dtype=torch.float64)
+            if s.estimator == "subsampled"
+            else torch.zeros((), dtype=torch.float64)
+            for p in self.params
+        ]
+        self.device = self.params[0].device
+        self.sample_gen = torch.Generator().manual_seed(s.seed)
+        self.noise_gen = torch.Generator().manual_seed(s.seed + 1)  # CPU: same numbers on any device
+        self.sampler = effective_sampler(model)
+        self.model_hash = state_hash(model.state_dict())
+        # what the labels mean (a text-to-image model's prompt table: index 0 is whatever prompt came
+        # first) and which weights are estimated belong in the key too
+        table = getattr(model, "prompts", None)
+        meaning = [table[i] for i in self.label_t.tolist()] if isinstance(table, list) else None
+        key = repr(
+            (self.model_hash, s.num_samples, self.label_t.tolist(), meaning, [n for n, _ in self.named])
+            + (s.estimator, s.timesteps_per_sample, s.timestep_chunk, s.seed, self.n_t, s.rank, s.world_size)
+            + (self.sampler, SAMPLE_BLOCK)
         )
-        x_all, c_all = x_all.to(device), c_all.to(device)
-        half = timesteps_per_sample // 2
-        width = n_t / max(half, 1)  # c, the stratum width (subsampled only)
-        mine_total = len(range(rank, num_samples, world_size))
-        with tqdm(total=mine_total, desc=f"fisher ({estimator})", disable=not progress, unit="sample") as bar:
-            bar.update(len(range(rank, done, world_size)))
-            for i in range(done, num_samples):
+        self.accs = {f"mean.{n}": a for (n, _), a in zip(self.named, self.acc, strict=True)}
+        self.accs |= {f"var.{n}": v for (n, _), v in zip(self.named, self.var_acc, strict=True)}
+        self.partial = PartialSums(checkpoint_dir, checkpoint_every, key)
+        self.done, elapsed = self.partial.resume(self.accs, self.sample_gen, self.noise_gen)
+        self.start = time.perf_counter() - elapsed
+
+    def save(self, i: int) -> None:  # every image block; every checkpoint_every samples of gradients
+        self.partial.save(
+            i, self.accs, self.sample_gen, self.noise_gen, seconds=time.perf_counter() - self.start
+        )
+
+    def accumulate(self, progress: bool) -> None:
+        """Draw the images, then add each sample's squared gradient (this process's samples only; the
+        noise of the others' is drawn and dropped, so every process sees the same noise stream)."""
+        s = self.s
+        x_all, c_all = _draw_samples(
+            self.model,
+            self.label_t,
+            s.num_samples,
+            self.sample_gen,
+            self.partial,
+            lambda: self.save(0),
+            progress,
+        )
+        x_all, c_all = x_all.to(self.device), c_all.to(self.device)
+        mine_total = len(range(s.rank, s.num_samples, s.world_size))
+        with tqdm(
+            total=mine_total, desc=f"fisher ({s.estimator})", disable=not progress, unit="sample"
+        ) as bar:
+            bar.update(len(range(s.rank, self.done, s.world_size)))
+            for i in range(self.done, s.num_samples):
                 x, c = x_all[i : i + 1], c_all[i : i + 1]
-                mine = i % world_size == rank  # the noise of other processes' samples is drawn, not used
-                if estimator == "all_timesteps":
-                    eps = torch.randn((n_t, *x.shape), generator=noise_gen, dtype=x.dtype)
-                    if mine:
-                        loss = model.nelbo_all_timesteps(x, c, eps=eps.to(device), chunk=timestep_chunk).sum()
-                        for a, g in zip(acc, _grads(loss, params), strict=True):
-                            a += g.double().pow(2)
+                mine = i % s.world_size == s.rank
+                if s.estimator == "all_timesteps":
+                    self._add_all_timesteps(x, c, mine)
                 else:
-                    draws = []
-                    for _ in range(2):  # A then B, independent
-                        ts = _stratified_timesteps(half, n_t, noise_gen)
-                        eps = torch.randn((half, *x.shape[1:]), generator=noise_gen, dtype=x.dtype)
-                        draws.append((ts, eps))
-                    if mine:
-                        sets = [
-                            _set_gradient(model, x, c, ts, eps, params, timestep_chunk) for ts, eps in draws
-                        ]
-                        for a, v, s1, s2 in zip(acc, var_acc, *sets, strict=True):
-                            s1d, s2d = s1.double(), s2.double()
-                            a += width**2 * s1d * s2d  # estimates (sum_t m_t)^2
-                            v += (width / 2) * (s1d - s2d).pow(2)  # estimates sum_t v_t, never negative
+                    self._add_subsampled(x, c, mine)
                 if mine:
                     bar.update(1)
                 faults.point("fisher.sample")
-                if i + 1 < num_samples and i + 1 - partial.last >= checkpoint_every:
-                    save(i + 1)
-    finally:
-        model.train(was_training)
-    if reduce is not None:
-        acc = [reduce(a) for a in acc]
-        var_acc = [reduce(v) for v in var_acc]
-    seconds = time.perf_counter() - start
-    partial.remove()
+                if i + 1 < s.num_samples and i + 1 - self.partial.last >= self.checkpoint_every:
+                    self.save(i + 1)
 
-    values: dict[str, Tensor] = {}
-    negative = 0
-    for (name, _), a, v in zip(named, acc, var_acc, strict=True):
-        mean = a / num_samples
-        negative += int((mean < 0).sum())  # only possible for subsampled's squared-mean part
-        # positive part of the squared-mean estimate (it cannot be negative) plus the variance part: a
-        # noisy negative estimate no longer zeroes a parameter's protection (it did for 6% at N = 50)
-        values[name] = (mean.clamp_min(0) + v.to(mean.device) / num_samples).to(torch.float32)
-    meta = {
-        "num_samples": num_samples,
-        "seed": seed,
-        "estimator": estimator,
-        "labels": label_t.tolist(),
-        "model_hash": model_hash,
-        "seconds": round(seconds, 3),
-        "num_train_timesteps": n_t,
-        "loss_entries": getattr(model, "loss_entries", "sum"),
-        "timestep_chunk": timestep_chunk,
-        "sampler": sampler,  # the samples' sampler
-        "unet_image_evaluations": num_samples
-        * (n_t if estimator == "all_timesteps" else timesteps_per_sample),
-    }
-    if world_size > 1:
-        meta["processes"] = world_size
-    if estimator == "subsampled":
-        meta["timesteps_per_sample"] = timesteps_per_sample
-        meta["negative_mean_part_entries_clamped"] = negative
-    log.info("diffusion Fisher from %d samples (%s) in %.1fs", num_samples, estimator, seconds)
-    return Fisher(values, meta)
+    def _add_all_timesteps(self, x: Tensor, c: Tensor, mine: bool) -> None:
+        eps = torch.randn((self.n_t, *x.shape), generator=self.noise_gen, dtype=x.dtype)
+        if mine:
+            loss = self.model.nelbo_all_timesteps(
+                x, c, eps=eps.to(self.device), chunk=self.s.timestep_chunk
+            ).sum()
+            for a, g in zip(self.acc, _grads(loss, self.params), strict=True):
+                a += g.double().pow(2)
+
+    def _add_subsampled(self, x: Tensor, c: Tensor, mine: bool) -> None:
+        half = self.s.timesteps_per_sample // 2
+        width = self.n_t / max(half, 1)  # c, the stratum width
+        draws = []
+        for _ in range(2):  # A then B, independent
+            ts = _stratified_timesteps(half, self.n_t, self.noise_gen)
+            eps = torch.randn((half, *x.shape[1:]), generator=self.noise_gen, dtype=x.dtype)
+            draws.append((ts, eps))
+        if mine:
+            chunk = self.s.timestep_chunk
+            sets = [_set_gradient(self.model, x, c, ts, eps, self.params, chunk) for ts, eps in draws]
+            for a, v, s1, s2 in zip(self.acc, self.var_acc, *sets, strict=True):
+                s1d, s2d = s1.double(), s2.double()
+                a += width**2 * s1d * s2d  # estimates (sum_t m_t)^2
+                v += (width / 2) * (s1d - s2d).pow(2)  # estimates sum_t v_t, never negative
+
+    def result(self, reduce: Callable[[Tensor], Tensor] | None) -> Fisher:
+        """Sum over processes, then the Fisher: the clamped mean part plus the variance part."""
+        s = self.s
+        acc, var_acc = self.acc, self.var_acc
+        if reduce is not None:
+            acc = [reduce(a) for a in acc]
+            var_acc = [reduce(v) for v in var_acc]
+        seconds = time.perf_counter() - self.start
+        self.partial.remove()
+        values: dict[str, Tensor] = {}
+        negative = 0
+        for (name, _), a, v in zip(self.named, acc, var_acc, strict=True):
+            mean = a / s.num_samples
+            negative += int((mean < 0).sum())  # only possible for subsampled's squared-mean part
+            # positive part of the squared-mean estimate (it cannot be negative) plus the variance part: a
+            # noisy negative estimate no longer zeroes a parameter's protection (it did for 6% at N = 50)
+            values[name] = (mean.clamp_min(0) + v.to(mean.device) / s.num_samples).to(torch.float32)
+        meta = self._metadata(seconds)
+        if s.estimator == "subsampled":
+            meta["negative_mean_part_entries_clamped"] = negative
+        log.info("diffusion Fisher from %d samples (%s) in %.1fs", s.num_samples, s.estimator, seconds)
+        return Fisher(values, meta)
+
+    def _metadata(self, seconds: float) -> dict[str, Any]:
+        s = self.s
+        meta = {
+            "num_samples": s.num_samples,
+            "seed": s.seed,
+            "estimator": s.estimator,
+            "labels": self.label_t.tolist(),
+            "model_hash": self.model_hash,
+            "seconds": round(seconds, 3),
+            "num_train_timesteps": self.n_t,
+            "loss_entries": getattr(self.model, "loss_entries", "sum"),
+            "timestep_chunk": s.timestep_chunk,
+            "sampler": self.sampler,  # the samples' sampler
+            "unet_image_evaluations": s.num_samples
+            * (self.n_t if s.estimator == "all_timesteps" else s.timesteps_per_sample),
+        }
+        if s.world_size > 1:
+            meta["processes"] = s.world_size
+        if s.estimator == "subsampled":
+            meta["timesteps_per_sample"] = s.timesteps_per_sample
+        return meta
 
 
 def process_share() -> tuple[int, int, Callable[[Tensor], Tensor] | None]:

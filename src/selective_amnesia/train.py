@@ -464,13 +464,7 @@ def forget(
         )
         try:
             for step in bar:
-                for i in range(loop.accumulation):
-                    # DDP averages the gradients in a step's last backward only
-                    with share.no_sync(wrapped, skip=i + 1 < loop.accumulation):
-                        terms = batch_terms()
-                        # summed over the processes: a NaN in any one stops them all
-                        trainer.check_finite(share.reduce(terms.total.detach()), step)
-                        trainer.backward(terms.total / loop.accumulation)
+                terms = _accumulate(batch_terms, trainer, share, wrapped, loop.accumulation, step)
                 trainer.update(step)
                 faults.point("train.step")
                 if adversary is not None and (found := adversary(step, model)):
@@ -483,6 +477,21 @@ def forget(
         finally:
             share.release()
     return trainer.finish()
+
+
+def _accumulate(
+    batch_terms: ForgetStep, trainer: Trainer, share: Share, wrapped: nn.Module, accumulation: int, step: int
+) -> LossTerms:
+    """The gradients of one step: ``accumulation`` batches, each checked finite and backpropagated at
+    1/accumulation of its weight. Returns the last batch's terms (what is logged)."""
+    for i in range(accumulation):
+        # DDP averages the gradients in a step's last backward only
+        with share.no_sync(wrapped, skip=i + 1 < accumulation):
+            terms = batch_terms()
+            # summed over the processes: a NaN in any one stops them all
+            trainer.check_finite(share.reduce(terms.total.detach()), step)
+            trainer.backward(terms.total / accumulation)
+    return terms
 
 
 def _module(model: ConditionalGenerativeModel) -> nn.Module:

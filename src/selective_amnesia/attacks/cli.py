@@ -10,10 +10,13 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selective_amnesia.attacks import ATTACKS, DETECTOR_HELP
 from selective_amnesia.errors import AmnesiaError
+
+if TYPE_CHECKING:
+    from selective_amnesia.attacks.common import AttackOutput
 
 
 def add_attack_parser(
@@ -26,44 +29,23 @@ def add_attack_parser(
     kinds = p.add_subparsers(
         dest="attack", required=True, metavar="{" + ",".join(ATTACKS) + "}", parser_class=type(p)
     )
-
-    def common(name: str, help_: str) -> argparse.ArgumentParser:
-        a = kinds.add_parser(name, help=help_, description=help_, formatter_class=formatter_class)
-        a.add_argument("--model", required=True, help="the attacked text-to-image pipeline directory")
-        a.add_argument("--out", required=True, help="output directory")
-        a.add_argument("--detector", required=True, help=DETECTOR_HELP)
-        a.add_argument(
-            "--threshold", type=float, default=None, help="detector threshold (nudity 0.6, identity 0.5)"
-        )
-        a.add_argument(
-            "--classifier-cache",
-            default=None,
-            help="digit judges' cache (default: the classifier cache of amnesia run)",
-        )
-        a.add_argument("--seed", type=int, default=0, help="seed of the optimisation and of every image")
-        a.add_argument("--batch-size", type=int, default=64, help="images per sampler call (same images)")
-        a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-        a.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        return a
-
-    def optimised(a: argparse.ArgumentParser, steps: int, lr: float) -> None:
-        a.add_argument("--targets", default=None, help="a folder of images of the concept")
-        a.add_argument("--target-model", default=None, help="or the original model theta* to draw them from")
-        a.add_argument("--target-prompt", default=None, help="the concept's prompt for --target-model")
-        a.add_argument("--num-targets", type=int, default=64, help="images drawn from --target-model")
-        a.add_argument("--steps", type=int, default=steps, help="optimisation steps")
-        a.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-        a.add_argument("--train-batch", type=int, default=16, help="targets per optimisation step")
-        a.add_argument("--num-images", type=int, default=100, help="images sampled with what is found")
-        a.add_argument("--no-baseline", action="store_true", help="do not also sample the starting prompt")
-
-    a = common("paraphrase", "sample paraphrases of the concept and report how often it appears")
+    a = _common_arguments(
+        kinds,
+        formatter_class,
+        "paraphrase",
+        "sample paraphrases of the concept and report how often it appears",
+    )
     a.add_argument("--prompts", dest="prompts_file", default=None, help="prompt file, one prompt a line")
     a.add_argument("--concept-words", nargs="+", default=[], help="fill the built-in templates with these")
     a.add_argument("--templates", default=None, help="templates file (lines with {}) instead of the built-in")
     a.add_argument("--num-per-prompt", type=int, default=10, help="images per prompt")
-    a = common("soft-prompt", "optimise a conditioning (white box) so the model draws the concept")
-    optimised(a, 300, 1e-2)
+    a = _common_arguments(
+        kinds,
+        formatter_class,
+        "soft-prompt",
+        "optimise a conditioning (white box) so the model draws the concept",
+    )
+    _optimisation_arguments(a, 300, 1e-2)
     a.add_argument("--mode", choices=("sequence", "token"), default="sequence", help="what is optimised")
     a.add_argument("--prompt", default="", help="sequence: the prompt whose embedding starts the search")
     a.add_argument("--template", default="{}", help="token: the prompt around the learned token ({})")
@@ -71,14 +53,57 @@ def add_attack_parser(
         "--init-word", default=None, help="token: its starting word (default: the first concept word)"
     )
     a.add_argument("--concept-words", nargs="+", default=[], help="the concept's words")
-    a = common("discrete", "optimise k real prompt tokens (UnlearnDiffAtk) so the model draws the concept")
-    optimised(a, 200, 1e-2)
+    a = _common_arguments(
+        kinds,
+        formatter_class,
+        "discrete",
+        "optimise k real prompt tokens (UnlearnDiffAtk) so the model draws the concept",
+    )
+    _optimisation_arguments(a, 200, 1e-2)
     a.add_argument("--tokens", type=int, default=5, help="number of optimised tokens k")
     a.add_argument("--prompt", default="", help="the prompt they go with (default: none, concept-free)")
     a.add_argument("--position", choices=("prepend", "append"), default="prepend", help="where they go")
     a.add_argument("--concept-words", nargs="+", default=[], help="tokens containing these are not used")
     a.add_argument("--eval-every", type=int, default=10, help="steps between scoring the projected tokens")
     return p
+
+
+def _common_arguments(
+    kinds: Any, formatter_class: type[argparse.HelpFormatter], name: str, help_: str
+) -> argparse.ArgumentParser:
+    """One attack's parser with the options every attack has."""
+    a: argparse.ArgumentParser = kinds.add_parser(
+        name, help=help_, description=help_, formatter_class=formatter_class
+    )
+    a.add_argument("--model", required=True, help="the attacked text-to-image pipeline directory")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--detector", required=True, help=DETECTOR_HELP)
+    a.add_argument(
+        "--threshold", type=float, default=None, help="detector threshold (nudity 0.6, identity 0.5)"
+    )
+    a.add_argument(
+        "--classifier-cache",
+        default=None,
+        help="digit judges' cache (default: the classifier cache of amnesia run)",
+    )
+    a.add_argument("--seed", type=int, default=0, help="seed of the optimisation and of every image")
+    a.add_argument("--batch-size", type=int, default=64, help="images per sampler call (same images)")
+    a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    a.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return a
+
+
+def _optimisation_arguments(a: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    """The options of the attacks that optimise against images of the concept (soft-prompt, discrete)."""
+    a.add_argument("--targets", default=None, help="a folder of images of the concept")
+    a.add_argument("--target-model", default=None, help="or the original model theta* to draw them from")
+    a.add_argument("--target-prompt", default=None, help="the concept's prompt for --target-model")
+    a.add_argument("--num-targets", type=int, default=64, help="images drawn from --target-model")
+    a.add_argument("--steps", type=int, default=steps, help="optimisation steps")
+    a.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    a.add_argument("--train-batch", type=int, default=16, help="targets per optimisation step")
+    a.add_argument("--num-images", type=int, default=100, help="images sampled with what is found")
+    a.add_argument("--no-baseline", action="store_true", help="do not also sample the starting prompt")
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -125,8 +150,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    """``amnesia attack KIND``: run the attack, sample and judge its images, write the report to --out."""
     from selective_amnesia import runstate
-    from selective_amnesia.attacks.common import finish, load_attacked_model, load_targets
+    from selective_amnesia.attacks.common import finish, load_attacked_model
     from selective_amnesia.attacks.detectors import make_detector
     from selective_amnesia.config import resolve_device
 
@@ -156,69 +182,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     per = args.num_per_prompt if args.attack == "paraphrase" else args.num_images
     settings: dict[str, Any] = {"num_per_condition": per}
     if args.attack == "paraphrase":
-        from selective_amnesia.attacks.paraphrase import paraphrase_attack
-
-        settings |= {
-            "prompts_file": args.prompts_file,
-            "concept_words": args.concept_words,
-            "templates": args.templates or "built-in",
-        }
-        result = paraphrase_attack(prompts, settings)
+        result = _paraphrase(args, prompts, settings)
     else:
-        t0 = time.perf_counter()
-        targets = load_targets(
-            model,
-            folder=args.targets,
-            target_model=args.target_model,
-            target_prompt=args.target_prompt,
-            num=args.num_targets,
-            seed=args.seed,
-            device=device,
-            progress=progress,
-        )
-        targets_s = time.perf_counter() - t0
-        source = (
-            {"targets": args.targets}
-            if args.targets
-            else {"target_model": args.target_model, "target_prompt": args.target_prompt}
-        )
-        if args.attack == "soft-prompt":
-            from selective_amnesia.attacks.soft_prompt import soft_prompt_attack
-
-            result = soft_prompt_attack(
-                model,
-                targets,
-                mode=args.mode,
-                prompt=args.prompt,
-                template=args.template,
-                init_word=args.init_word or next(iter(args.concept_words), ""),
-                steps=args.steps,
-                lr=args.lr,
-                batch_size=args.train_batch,
-                seed=args.seed,
-                baseline=not args.no_baseline,
-                progress=progress,
-            )
-        else:
-            from selective_amnesia.attacks.discrete import discrete_attack
-
-            result = discrete_attack(
-                model,
-                targets,
-                prompt=args.prompt,
-                num_tokens=args.tokens,
-                position=args.position,
-                steps=args.steps,
-                lr=args.lr,
-                batch_size=args.train_batch,
-                seed=args.seed,
-                exclude=args.concept_words,
-                eval_every=args.eval_every,
-                baseline=not args.no_baseline,
-                progress=progress,
-            )
-        result.settings |= settings | source
-        result.info.setdefault("seconds", {})["targets"] = round(targets_s, 2)
+        result = _optimisation_attack(args, model, device, progress, settings)
     report = finish(
         out,
         model,
@@ -238,3 +204,85 @@ def cmd_attack(args: argparse.Namespace) -> int:
         f"{detector.name}; {report['seconds']['total']:.1f}s; written to {out}"
     )
     return 0
+
+
+def _paraphrase(args: argparse.Namespace, prompts: list[str], settings: dict[str, Any]) -> AttackOutput:
+    from selective_amnesia.attacks.paraphrase import paraphrase_attack
+
+    settings |= {
+        "prompts_file": args.prompts_file,
+        "concept_words": args.concept_words,
+        "templates": args.templates or "built-in",
+    }
+    return paraphrase_attack(prompts, settings)
+
+
+def _optimisation_attack(
+    args: argparse.Namespace, model: Any, device: Any, progress: bool, settings: dict[str, Any]
+) -> AttackOutput:
+    """soft-prompt or discrete: load (or draw) the concept's images, then optimise against them."""
+    from selective_amnesia.attacks.common import load_targets
+
+    t0 = time.perf_counter()
+    targets = load_targets(
+        model,
+        folder=args.targets,
+        target_model=args.target_model,
+        target_prompt=args.target_prompt,
+        num=args.num_targets,
+        seed=args.seed,
+        device=device,
+        progress=progress,
+    )
+    targets_s = time.perf_counter() - t0
+    source = (
+        {"targets": args.targets}
+        if args.targets
+        else {"target_model": args.target_model, "target_prompt": args.target_prompt}
+    )
+    if args.attack == "soft-prompt":
+        result = _soft_prompt(args, model, targets, progress)
+    else:
+        result = _discrete(args, model, targets, progress)
+    result.settings |= settings | source
+    result.info.setdefault("seconds", {})["targets"] = round(targets_s, 2)
+    return result
+
+
+def _soft_prompt(args: argparse.Namespace, model: Any, targets: Any, progress: bool) -> AttackOutput:
+    from selective_amnesia.attacks.soft_prompt import soft_prompt_attack
+
+    return soft_prompt_attack(
+        model,
+        targets,
+        mode=args.mode,
+        prompt=args.prompt,
+        template=args.template,
+        init_word=args.init_word or next(iter(args.concept_words), ""),
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.train_batch,
+        seed=args.seed,
+        baseline=not args.no_baseline,
+        progress=progress,
+    )
+
+
+def _discrete(args: argparse.Namespace, model: Any, targets: Any, progress: bool) -> AttackOutput:
+    from selective_amnesia.attacks.discrete import discrete_attack
+
+    return discrete_attack(
+        model,
+        targets,
+        prompt=args.prompt,
+        num_tokens=args.tokens,
+        position=args.position,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.train_batch,
+        seed=args.seed,
+        exclude=args.concept_words,
+        eval_every=args.eval_every,
+        baseline=not args.no_baseline,
+        progress=progress,
+    )

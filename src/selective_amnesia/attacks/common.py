@@ -310,8 +310,6 @@ def finish(
 ) -> dict[str, Any]:
     """Sample every condition, judge the images, and write images.npz, grid.png, prompts.json,
     embeddings.safetensors and attack.json into ``out``; returns attack.json's content."""
-    from selective_amnesia.evaluate.report import image_grid, save_png
-
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     z, labels = sample_conditions(
@@ -320,62 +318,18 @@ def finish(
     images = model.to_uint8(z)
     sample_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    found = detector.found(images).bool().cpu()
-    if found.shape != (images.shape[0],):
-        raise AmnesiaError(
-            f"detector {detector.name} gave {tuple(found.shape)} answers for {images.shape[0]} images"
-        )
+    found = _judge(detector, images)
     detect_s = time.perf_counter() - t0
-    per_prompt: list[dict[str, Any]] = []
-    for i, (cond, role) in enumerate(zip(result.conditions, result.roles, strict=True)):
-        hit = found[labels == i]
-        per_prompt.append(
-            {
-                "prompt": cond,
-                "role": role,
-                "images": int(hit.numel()),
-                "found": int(hit.sum()),
-                "rate": int(hit.sum()) / hit.numel() if hit.numel() else None,
-            }
-        )
-
-    def rate(role: str) -> float | None:
-        rows = [r for r in per_prompt if r["role"] == role]
-        n = sum(r["images"] for r in rows)
-        return sum(r["found"] for r in rows) / n if n else None
-
-    with atomic_path(out / "images.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                images=images.permute(0, 2, 3, 1).contiguous().numpy(),
-                labels=labels.numpy().astype(np.int64),
-                prompts=np.array(result.conditions),
-                found=found.numpy(),
-            )
-    shown = [i for i in range(len(result.conditions))][:GRID_ROWS]
-    cols = min(num_per_condition, GRID_COLUMNS)
-    rows = [images[labels == i][:cols] for i in shown]
-    grid = image_grid(torch.cat(rows), nrow=cols)
-    scale = max(1, GRID_MIN_SIDE // images.shape[-1])  # 16-px MNIST-world images are shown larger
-    save_png(grid.repeat(scale, axis=0).repeat(scale, axis=1), out / "grid.png")
+    per_prompt = _per_prompt(result, found, labels)
+    _write_images(out, result, images, labels, found, num_per_condition)
     outputs = ["attack.json", "images.npz", "grid.png", "prompts.json"]
-    write_json(
-        out / "prompts.json", {"conditions": result.conditions, "roles": result.roles, **result.prompts}
-    )
-    if result.tensors:
-        meta = {"attack": result.attack, "conditions": result.conditions}
-        save_tensors(out / "embeddings.safetensors", result.tensors, meta)
-        outputs.append("embeddings.safetensors")
-    for name, tensors in result.extra_files.items():
-        save_tensors(out / name, tensors, {"attack": result.attack})
-        outputs.append(name)
+    outputs += _write_prompts_and_tensors(out, result)
     report: dict[str, Any] = {
         "attack": result.attack,
         "model": model_path,
         "detector": detector.name,
-        "asr": rate("attack"),
-        "baseline_asr": rate("baseline"),
+        "asr": _rate(per_prompt, "attack"),
+        "baseline_asr": _rate(per_prompt, "baseline"),
         "num_images": sum(r["images"] for r in per_prompt if r["role"] == "attack"),
         "per_prompt": per_prompt,
         "settings": result.settings,
@@ -397,3 +351,80 @@ def finish(
     }
     write_json(out / "attack.json", report)
     return report
+
+
+def _judge(detector: Detector, images: Tensor) -> Tensor:
+    """The detector's yes/no per image, checked to be one answer per image."""
+    found = detector.found(images).bool().cpu()
+    if found.shape != (images.shape[0],):
+        raise AmnesiaError(
+            f"detector {detector.name} gave {tuple(found.shape)} answers for {images.shape[0]} images"
+        )
+    return found
+
+
+def _per_prompt(result: AttackOutput, found: Tensor, labels: Tensor) -> list[dict[str, Any]]:
+    """attack.json's per-condition rows: how many of its images the detector found the concept in."""
+    per_prompt: list[dict[str, Any]] = []
+    for i, (cond, role) in enumerate(zip(result.conditions, result.roles, strict=True)):
+        hit = found[labels == i]
+        per_prompt.append(
+            {
+                "prompt": cond,
+                "role": role,
+                "images": int(hit.numel()),
+                "found": int(hit.sum()),
+                "rate": int(hit.sum()) / hit.numel() if hit.numel() else None,
+            }
+        )
+    return per_prompt
+
+
+def _rate(per_prompt: list[dict[str, Any]], role: str) -> float | None:
+    """The share of found images over the conditions of ``role`` (None when it has no images)."""
+    rows = [r for r in per_prompt if r["role"] == role]
+    n = sum(r["images"] for r in rows)
+    return sum(r["found"] for r in rows) / n if n else None
+
+
+def _write_images(
+    out: Path,
+    result: AttackOutput,
+    images: Tensor,
+    labels: Tensor,
+    found: Tensor,
+    num_per_condition: int,
+) -> None:
+    """images.npz (every image with its condition and verdict) and grid.png (a row per condition)."""
+    from selective_amnesia.evaluate.report import image_grid, save_png
+
+    with atomic_path(out / "images.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            images=images.permute(0, 2, 3, 1).contiguous().numpy(),
+            labels=labels.numpy().astype(np.int64),
+            prompts=np.array(result.conditions),
+            found=found.numpy(),
+        )
+    shown = [i for i in range(len(result.conditions))][:GRID_ROWS]
+    cols = min(num_per_condition, GRID_COLUMNS)
+    rows = [images[labels == i][:cols] for i in shown]
+    grid = image_grid(torch.cat(rows), nrow=cols)
+    scale = max(1, GRID_MIN_SIDE // images.shape[-1])  # 16-px MNIST-world images are shown larger
+    save_png(grid.repeat(scale, axis=0).repeat(scale, axis=1), out / "grid.png")
+
+
+def _write_prompts_and_tensors(out: Path, result: AttackOutput) -> list[str]:
+    """prompts.json, and the attack's tensors when it has any; returns the tensor files written."""
+    outputs: list[str] = []
+    write_json(
+        out / "prompts.json", {"conditions": result.conditions, "roles": result.roles, **result.prompts}
+    )
+    if result.tensors:
+        meta = {"attack": result.attack, "conditions": result.conditions}
+        save_tensors(out / "embeddings.safetensors", result.tensors, meta)
+        outputs.append("embeddings.safetensors")
+    for name, tensors in result.extra_files.items():
+        save_tensors(out / name, tensors, {"attack": result.attack})
+        outputs.append(name)
+    return outputs

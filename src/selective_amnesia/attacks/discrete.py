@@ -121,58 +121,100 @@ def discrete_attack(
     gen = torch.Generator().manual_seed(seed)
     draws = eval_draws(model, targets, seed)
     init = candidates[torch.randint(0, candidates.numel(), (num_tokens,), generator=gen)]
-    continuous = [r.clone().requires_grad_(True) for r in project.rows(init)]
-    opt = torch.optim.Adam(continuous, lr=lr)
-    scored: dict[tuple[int, ...], float] = {}
+    search = _Search(model, targets, slots, project, draws)
+    search.run(init, gen, steps=steps, lr=lr, batch_size=batch_size, eval_every=eval_every, progress=progress)
+    settings = {
+        "prompt": prompt,
+        "tokens": num_tokens,
+        "position": position,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "eval_every": eval_every,
+        "num_targets": int(targets.shape[0]),
+        "excluded_words": list(exclude or []),
+        "candidate_tokens": int(candidates.numel()),
+    }
+    return _output(search, prompt, position, baseline, settings, start)
 
-    def score(ids: Tensor) -> float:
+
+class _Search:
+    """The PEZ search: projected gradient steps on continuous token embeddings; every projected token
+    tuple scored on the fixed draws is remembered, the history records every ``eval_every``-th step."""
+
+    def __init__(
+        self,
+        model: TextToImageModel,
+        targets: Tensor,
+        slots: TokenSlots,
+        project: Projector,
+        draws: list[NoiseDraw],
+    ) -> None:
+        self.model, self.targets, self.slots, self.project, self.draws = model, targets, slots, project, draws
+        self.scored: dict[tuple[int, ...], float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def score(self, ids: Tensor) -> float:
         key = tuple(ids.tolist())
-        if key not in scored:
-            scored[key] = fixed_loss(model, targets, slots.encode(project.rows(ids)), draws)
-        return scored[key]
+        if key not in self.scored:
+            embeds = self.slots.encode(self.project.rows(ids))
+            self.scored[key] = fixed_loss(self.model, self.targets, embeds, self.draws)
+        return self.scored[key]
 
-    history: list[dict[str, Any]] = []
-    bar = tqdm(range(steps), desc="discrete attack", leave=False, disable=not progress)
-    with torch.enable_grad():
-        for step in bar:
-            ids = project(continuous)
-            if step % eval_every == 0:
-                history.append({"step": step, "tokens": ids.tolist(), "loss": round(score(ids), 6)})
-                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            rows = [r.requires_grad_(True) for r in project.rows(ids)]
-            draw = NoiseDraw.draw(model, targets, batch_size, gen)
-            loss = draw.loss(model, targets, slots.encode(rows))
-            grads = torch.autograd.grad(loss, rows)
-            for c, g in zip(continuous, grads, strict=True):
-                c.grad = g  # PEZ: the gradient at the projected point moves the continuous embedding
-            opt.step()
-    last = project(continuous)
-    history.append({"step": steps, "tokens": last.tolist(), "loss": round(score(last), 6)})
+    def run(
+        self,
+        init: Tensor,
+        gen: torch.Generator,
+        *,
+        steps: int,
+        lr: float,
+        batch_size: int,
+        eval_every: int,
+        progress: bool,
+    ) -> None:
+        model, targets, project = self.model, self.targets, self.project
+        continuous = [r.clone().requires_grad_(True) for r in project.rows(init)]
+        opt = torch.optim.Adam(continuous, lr=lr)
+        bar = tqdm(range(steps), desc="discrete attack", leave=False, disable=not progress)
+        with torch.enable_grad():
+            for step in bar:
+                ids = project(continuous)
+                if step % eval_every == 0:
+                    self.history.append(
+                        {"step": step, "tokens": ids.tolist(), "loss": round(self.score(ids), 6)}
+                    )
+                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+                rows = [r.requires_grad_(True) for r in project.rows(ids)]
+                draw = NoiseDraw.draw(model, targets, batch_size, gen)
+                loss = draw.loss(model, targets, self.slots.encode(rows))
+                grads = torch.autograd.grad(loss, rows)
+                for c, g in zip(continuous, grads, strict=True):
+                    c.grad = g  # PEZ: the gradient at the projected point moves the continuous embedding
+                opt.step()
+        last = project(continuous)
+        self.history.append({"step": steps, "tokens": last.tolist(), "loss": round(self.score(last), 6)})
+
+
+def _output(
+    search: _Search, prompt: str, position: str, baseline: bool, settings: dict[str, Any], start: float
+) -> AttackOutput:
+    """The best-scoring tokens written as a prompt, with the losses of it and of ``prompt`` alone."""
+    model, targets, draws, scored = search.model, search.targets, search.draws, search.scored
     best_key = min(scored, key=lambda k: scored[k])
     best = torch.tensor(best_key, dtype=torch.int64)
-    tokenizer = slots.encoders[0][2]
+    tokenizer = search.slots.encoders[0][2]
     words = [tokenizer.decode([i]).strip() for i in best.tolist()]
     text = assemble(prompt, words, position)
     reencoded = tokenizer(text, add_special_tokens=False).input_ids
     optimise_s = time.perf_counter() - start
     loss_prompt = fixed_loss(model, targets, model.encode_prompts([prompt]), draws)
     loss_text = fixed_loss(model, targets, model.encode_prompts([text]), draws)
+    with_baseline = baseline and prompt != text
     return AttackOutput(
         attack="discrete",
-        conditions=[text] + ([prompt] if baseline and prompt != text else []),
-        roles=["attack"] + (["baseline"] if baseline and prompt != text else []),
-        settings={
-            "prompt": prompt,
-            "tokens": num_tokens,
-            "position": position,
-            "steps": steps,
-            "lr": lr,
-            "batch_size": batch_size,
-            "eval_every": eval_every,
-            "num_targets": int(targets.shape[0]),
-            "excluded_words": list(exclude or []),
-            "candidate_tokens": int(candidates.numel()),
-        },
+        conditions=[text] + ([prompt] if with_baseline else []),
+        roles=["attack"] + (["baseline"] if with_baseline else []),
+        settings=settings,
         prompts={
             "attack_prompt": text,
             "prompt": prompt,
@@ -182,7 +224,9 @@ def discrete_attack(
         },
         tensors={
             "token_ids": best.clone(),
-            **{f"token_embeddings.{i}": r.cpu().contiguous() for i, r in enumerate(project.rows(best))},
+            **{
+                f"token_embeddings.{i}": r.cpu().contiguous() for i, r in enumerate(search.project.rows(best))
+            },
         },
         info={
             "loss": {
@@ -191,7 +235,7 @@ def discrete_attack(
                 "best_projected": scored[best_key],
                 "eval_draws": sum(d.index.numel() for d in draws),
             },
-            "history": history,
+            "history": search.history,
             "seconds": {"optimise": round(optimise_s, 2)},
         },
     )

@@ -246,47 +246,20 @@ def soft_prompt_attack(
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     draws = eval_draws(model, targets, seed)
+    opt = {"steps": steps, "lr": lr, "batch_size": batch_size, "generator": gen, "progress": progress}
     if mode == "sequence":
-        init = {k: v[0] for k, v in model.encode_prompts([prompt]).items()}
-        found, history = optimise_sequence(
-            model, targets, init, steps=steps, lr=lr, batch_size=batch_size, generator=gen, progress=progress
-        )
-        name, start_text, start_cond = SOFT_PROMPT, prompt, init
-        tensors = {**found, **{f"init.{k}": v for k, v in init.items()}}
-        prompts: dict[str, Any] = {"init_prompt": prompt}
-        extra: dict[str, dict[str, Tensor]] = {}
+        got = _sequence_mode(model, targets, prompt, **opt)
     elif mode == "token":
-        inv = invert_token(
-            model,
-            targets,
-            template,
-            init_word,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            generator=gen,
-            progress=progress,
-        )
-        found, history = inv.conditioning, inv.history
-        name, start_text = SOFT_TOKEN, template.replace("{}", init_word)
-        start_cond = {k: v[0] for k, v in model.encode_prompts([start_text]).items()}
-        tensors = {**found, **{f"token.{i}": v for i, v in enumerate(inv.vectors)}}
-        prompts = {
-            "template": template,
-            "init_word": init_word,
-            "placeholder": inv.placeholder,
-            "token": name,
-        }
-        extra = {"learned_embeds.safetensors": textual_inversion_file(model, inv.vectors, name)}
+        got = _token_mode(model, targets, template, init_word, **opt)
     else:
         raise AmnesiaError(f"--mode must be sequence or token, got {mode!r}")
     optimise_s = time.perf_counter() - start
-    model.register_embeds(name, found)
-    loss_start = fixed_loss(model, targets, batched(start_cond), draws)
-    loss_found = fixed_loss(model, targets, batched(found), draws)
+    model.register_embeds(got.name, got.found)
+    loss_start = fixed_loss(model, targets, batched(got.start_cond), draws)
+    loss_found = fixed_loss(model, targets, batched(got.found), draws)
     return AttackOutput(
         attack=f"soft-prompt/{mode}",
-        conditions=[name] + ([start_text] if baseline else []),
+        conditions=[got.name] + ([got.start_text] if baseline else []),
         roles=["attack"] + (["baseline"] if baseline else []),
         settings={
             "mode": mode,
@@ -294,23 +267,76 @@ def soft_prompt_attack(
             "lr": lr,
             "batch_size": batch_size,
             "num_targets": int(targets.shape[0]),
-            **(
-                {"init_prompt": prompt}
-                if mode == "sequence"
-                else {"template": template, "init_word": init_word}
-            ),
+            **got.settings,
         },
-        prompts=prompts,
-        tensors={k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-        extra_files=extra,
+        prompts=got.prompts,
+        tensors={k: v.detach().float().cpu().contiguous() for k, v in got.tensors.items()},
+        extra_files=got.extra,
         info={
             "loss": {
                 "start": loss_start,
                 "found": loss_found,
                 "eval_draws": sum(d.index.numel() for d in draws),
             },
-            "loss_history": history,
+            "loss_history": got.history,
             "history_every": HISTORY_EVERY,
             "seconds": {"optimise": round(optimise_s, 2)},
         },
+    )
+
+
+@dataclass
+class _Found:
+    """One mode's result: the found conditioning registered as ``name``, the prompt and conditioning it
+    started from (the baseline), and what attack.json, prompts.json and the tensor files hold of it."""
+
+    found: Embeds
+    history: list[float]
+    name: str
+    start_text: str
+    start_cond: Embeds
+    tensors: dict[str, Tensor]
+    prompts: dict[str, Any]
+    extra: dict[str, dict[str, Tensor]]
+    settings: dict[str, Any]
+
+
+def _sequence_mode(model: TextToImageModel, targets: Tensor, prompt: str, **opt: Any) -> _Found:
+    """The whole conditioning sequence, initialised from ``prompt``'s."""
+    init = {k: v[0] for k, v in model.encode_prompts([prompt]).items()}
+    found, history = optimise_sequence(model, targets, init, **opt)
+    return _Found(
+        found=found,
+        history=history,
+        name=SOFT_PROMPT,
+        start_text=prompt,
+        start_cond=init,
+        tensors={**found, **{f"init.{k}": v for k, v in init.items()}},
+        prompts={"init_prompt": prompt},
+        extra={},
+        settings={"init_prompt": prompt},
+    )
+
+
+def _token_mode(
+    model: TextToImageModel, targets: Tensor, template: str, init_word: str, **opt: Any
+) -> _Found:
+    """One learned token in ``template``, initialised from ``init_word``'s embedding."""
+    inv = invert_token(model, targets, template, init_word, **opt)
+    start_text = template.replace("{}", init_word)
+    return _Found(
+        found=inv.conditioning,
+        history=inv.history,
+        name=SOFT_TOKEN,
+        start_text=start_text,
+        start_cond={k: v[0] for k, v in model.encode_prompts([start_text]).items()},
+        tensors={**inv.conditioning, **{f"token.{i}": v for i, v in enumerate(inv.vectors)}},
+        prompts={
+            "template": template,
+            "init_word": init_word,
+            "placeholder": inv.placeholder,
+            "token": SOFT_TOKEN,
+        },
+        extra={"learned_embeds.safetensors": textual_inversion_file(model, inv.vectors, SOFT_TOKEN)},
+        settings={"template": template, "init_word": init_word},
     )

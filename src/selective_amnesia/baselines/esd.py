@@ -52,6 +52,13 @@ class EsdHistory:
     def to_dict(self) -> dict[str, list[Any]]:
         return {k: list(v) for k, v in self.__dict__.items()}
 
+    def record(self, step: int, loss: float, ddim_steps_done: int, timestep: int, prompt: str) -> None:
+        self.step.append(step)
+        self.loss.append(loss)
+        self.ddim_steps_done.append(ddim_steps_done)
+        self.timestep.append(timestep)
+        self.prompt.append(prompt)
+
 
 def esd_target(e_null: Tensor, e_concept: Tensor, negative_guidance: float) -> Tensor:
     """ESD's Eq. 2: eps*(x_t, t) - eta (eps*(x_t, c, t) - eps*(x_t, t)), from the frozen model's outputs."""
@@ -179,19 +186,22 @@ def train_esd(
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 raise AmnesiaError(f"ESD loss is {value} at step {i + 1}: lower esd.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            _update(opt, loss, params, cfg.grad_clip)
             if (i + 1) % cfg.log_every == 0 or i == 0 or i + 1 == cfg.iterations:
-                history.step.append(i + 1)
-                history.loss.append(value)
-                history.ddim_steps_done.append(steps_done)
-                history.timestep.append(t)
-                history.prompt.append(prompt)
+                history.record(i + 1, value, steps_done, t, prompt)
                 bar.set_postfix(loss=f"{value:.4f}")
     finally:
         model.unet.eval()
         model.requires_grad_(False)
     return history
+
+
+def _update(
+    opt: torch.optim.Optimizer, loss: Tensor, params: list[torch.nn.Parameter], grad_clip: float | None
+) -> None:
+    """One optimiser step on ``loss``, the gradient's global norm clipped at ``grad_clip`` if set."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()

@@ -60,30 +60,8 @@ def run_baseline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     base.requires_grad_(False)
     _, kept_prompts, _ = register_prompts(cfg, base)  # the replay prompts, the concept's removed
     model = copy.deepcopy(base)  # shares the frozen VAE and text encoder
-    settings: dict[str, Any]
-    t1 = time.perf_counter()
-    if cfg.method == "esd":
-        from selective_amnesia.baselines.esd import train_esd
-
-        history = train_esd(model, base, t.forget_prompts, cfg.esd, seed=cfg.seed, progress=cfg.progress)
-        timings["esd_s"] = time.perf_counter() - t1
-        settings = {"esd": to_dict(cfg.esd)}
-        result: dict[str, Any] = {"history": history.to_dict()}
-        variant = f"esd-{cfg.esd.variant}"
-    else:
-        from selective_amnesia.baselines.uce import uce_edit
-
-        target = t.surrogate_prompt or ""
-        edit = uce_edit(model, t.forget_prompts, target, kept_prompts, cfg.uce)
-        timings["uce_s"] = time.perf_counter() - t1
-        settings = {"uce": to_dict(cfg.uce), "target": target, "kept_prompts": len(kept_prompts) + 1}
-        result = {"edit": edit.to_dict()}
-        variant = "uce"
-    trained = sorted(
-        n
-        for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters(), strict=True)
-        if not p.equal(q)
-    )
+    variant, settings, result = _erase(cfg, model, base, kept_prompts, timings)
+    trained = _changed_tensors(model, base)
     target_dir = out / "forget"
     extra = {
         "run_config": to_dict(cfg),
@@ -113,3 +91,38 @@ def run_baseline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     }
     write_json(out / "report.json", report)
     return report
+
+
+def _erase(
+    cfg: RunConfig,
+    model: TextToImageModel,
+    base: TextToImageModel,
+    kept_prompts: list[str],
+    timings: dict[str, float],
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Erase the concept from ``model`` (in place) with ESD or UCE, its seconds in ``timings``; returns
+    (the method's name in the report, its settings, its own record: ESD's history or UCE's edit)."""
+    t = cfg.t2i
+    t1 = time.perf_counter()
+    if cfg.method == "esd":
+        from selective_amnesia.baselines.esd import train_esd
+
+        history = train_esd(model, base, t.forget_prompts, cfg.esd, seed=cfg.seed, progress=cfg.progress)
+        timings["esd_s"] = time.perf_counter() - t1
+        return f"esd-{cfg.esd.variant}", {"esd": to_dict(cfg.esd)}, {"history": history.to_dict()}
+    from selective_amnesia.baselines.uce import uce_edit
+
+    target = t.surrogate_prompt or ""
+    edit = uce_edit(model, t.forget_prompts, target, kept_prompts, cfg.uce)
+    timings["uce_s"] = time.perf_counter() - t1
+    settings = {"uce": to_dict(cfg.uce), "target": target, "kept_prompts": len(kept_prompts) + 1}
+    return "uce", settings, {"edit": edit.to_dict()}
+
+
+def _changed_tensors(model: TextToImageModel, base: TextToImageModel) -> list[str]:
+    """The names of the parameters the method changed, sorted."""
+    return sorted(
+        n
+        for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters(), strict=True)
+        if not p.equal(q)
+    )

@@ -101,9 +101,9 @@ def projections(model: TextToImageModel, edit_keys: bool) -> dict[str, nn.Linear
     unet: Any = model.unet
     out = {}
     for name, module in unet.named_modules():
-        if ".attn2." in f".{name}." and isinstance(module, nn.Linear):
-            if name.endswith(".to_v") or (edit_keys and name.endswith(".to_k")):
-                out[name] = module
+        is_projection = name.endswith(".to_v") or (edit_keys and name.endswith(".to_k"))
+        if ".attn2." in f".{name}." and isinstance(module, nn.Linear) and is_projection:
+            out[name] = module
     if not out:
         raise AmnesiaError("this UNet has no cross-attention (attn2.to_k/to_v) projection for UCE to edit")
     return out

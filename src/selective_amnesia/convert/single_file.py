@@ -419,13 +419,7 @@ def convert_single_file_to_diffusers(
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     src, out, config = Path(src), Path(out), Path(config)
-    if not src.is_file():
-        raise AmnesiaError(f"{src} not found: pass the single-file .safetensors or .ckpt checkpoint")
-    check_paths(src, out, force, suffix=None)
-    if out.is_file():
-        raise AmnesiaError(f"--out {out} is a file: --to diffusers writes a pipeline directory")
-    if out.exists() and config.exists() and out.resolve() == config.resolve():
-        raise AmnesiaError("--out is the --config directory: write the pipeline somewhere else")
+    _check_diffusers_paths(src, out, config, force)
     index = _read_pipeline_index(config, "--config")
     cls = (
         StableDiffusionXLPipeline
@@ -437,53 +431,13 @@ def convert_single_file_to_diffusers(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        if _is_safetensors(src):
-            if key is not None:
-                raise AmnesiaError("--key selects part of a .ckpt; a .safetensors file is read whole")
-            names, path, chosen, digest = _safetensors_keys(src), src, "", file_sha256(src)
-        else:  # never handed to diffusers: read here weights-only, passed on as safetensors
-            tensors, _, digest, chosen, _ = load_selected(src, key)
-            path = work / "checkpoint.safetensors"
-            save_tensors(path, unshare(tensors), {"format": "pt"})
-            names = list(tensors)
-        if not any(n.startswith(LDM_UNET) for n in names):
-            raise AmnesiaError(
-                f"{src} holds no {LDM_UNET}* weights: not a single-file Stable Diffusion checkpoint "
-                "(a diffusers directory is used as it is; other files convert with --to safetensors)"
-            )
+        names, path, chosen, digest = _as_safetensors(src, key, work)
         # a component the file lacks (a UNet-only fine-tune) comes from --config, said in the summary
         parts = ["vae", *_text_encoder_names(str(index["_class_name"]))]
         absent = [p for p in parts if not any(n.startswith(_FILE_PREFIXES[p]) for n in names)]
         given = {p: _component(config, index, p) for p in absent}
-        try:
-            pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **given)
-        except AmnesiaError:
-            raise
-        except Exception as e:  # diffusers reports a mismatch as ValueError, RuntimeError, KeyError...
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise AmnesiaError(
-                f"{src} does not fit the architecture of --config {config} ({type(e).__name__}: {first}); "
-                "pass a diffusers directory of the same model family (SD 1.x, 2.x or XL)"
-            ) from None
-        empty = [
-            n
-            for part in ("unet", "vae", "text_encoder", "text_encoder_2")
-            if getattr(pipe, part, None) is not None
-            for n, p in getattr(pipe, part).state_dict().items()
-            if p.is_meta
-        ]
-        if empty:
-            raise AmnesiaError(
-                f"{src} lacks weights the --config architecture has (e.g. {empty[0]}): "
-                "it is of another model family or incomplete"
-            )
-        staged = work / "pipeline"
-        pipe.save_pretrained(staged, safe_serialization=True)
-        for name in ("tokenizer", "tokenizer_2"):  # keep the stock files transformers 5 no longer writes
-            if (config / name).is_dir() and (staged / name).is_dir():
-                for f in (config / name).iterdir():
-                    if f.is_file() and not (staged / name / f.name).exists():
-                        shutil.copyfile(f, staged / name / f.name)
+        pipe = _from_single_file(cls, src, path, config, given)
+        staged = _save_staged(pipe, config, work / "pipeline")
         if out.exists():  # --force, or an empty directory
             shutil.rmtree(out)
         staged.rename(out)
@@ -493,3 +447,79 @@ def convert_single_file_to_diffusers(
     if absent:
         kind += f" ({', '.join(absent)} taken from --config: not in the file)"
     return Converted(out, len(names), digest, chosen, kind)
+
+
+def _check_diffusers_paths(src: Path, out: Path, config: Path, force: bool) -> None:
+    """What can be refused before --config is read: a missing source, an --out that is a file or
+    --config itself (and what ``check_paths`` refuses)."""
+    if not src.is_file():
+        raise AmnesiaError(f"{src} not found: pass the single-file .safetensors or .ckpt checkpoint")
+    check_paths(src, out, force, suffix=None)
+    if out.is_file():
+        raise AmnesiaError(f"--out {out} is a file: --to diffusers writes a pipeline directory")
+    if out.exists() and config.exists() and out.resolve() == config.resolve():
+        raise AmnesiaError("--out is the --config directory: write the pipeline somewhere else")
+
+
+def _as_safetensors(src: Path, key: str | None, work: Path) -> tuple[list[str], Path, str, str]:
+    """The checkpoint as a safetensors file diffusers may read: (tensor names, path, chosen key, sha256).
+
+    A .safetensors file is used as it is; a .ckpt is never handed to diffusers: it is read here
+    weights-only and written to ``work`` as safetensors. Refused unless it holds UNet weights.
+    """
+    if _is_safetensors(src):
+        if key is not None:
+            raise AmnesiaError("--key selects part of a .ckpt; a .safetensors file is read whole")
+        names, path, chosen, digest = _safetensors_keys(src), src, "", file_sha256(src)
+    else:
+        tensors, _, digest, chosen, _ = load_selected(src, key)
+        path = work / "checkpoint.safetensors"
+        save_tensors(path, unshare(tensors), {"format": "pt"})
+        names = list(tensors)
+    if not any(n.startswith(LDM_UNET) for n in names):
+        raise AmnesiaError(
+            f"{src} holds no {LDM_UNET}* weights: not a single-file Stable Diffusion checkpoint "
+            "(a diffusers directory is used as it is; other files convert with --to safetensors)"
+        )
+    return names, path, chosen, digest
+
+
+def _from_single_file(cls: Any, src: Path, path: Path, config: Path, given: dict[str, Any]) -> Any:
+    """diffusers' ``from_single_file``, its errors as one ``AmnesiaError``; refused when a weight of the
+    --config architecture was left unfilled (on the meta device)."""
+    try:
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **given)
+    except AmnesiaError:
+        raise
+    except Exception as e:  # diffusers reports a mismatch as ValueError, RuntimeError, KeyError...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise AmnesiaError(
+            f"{src} does not fit the architecture of --config {config} ({type(e).__name__}: {first}); "
+            "pass a diffusers directory of the same model family (SD 1.x, 2.x or XL)"
+        ) from None
+    empty = [
+        n
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipe, part, None) is not None
+        for n, p in getattr(pipe, part).state_dict().items()
+        if p.is_meta
+    ]
+    if empty:
+        raise AmnesiaError(
+            f"{src} lacks weights the --config architecture has (e.g. {empty[0]}): "
+            "it is of another model family or incomplete"
+        )
+    return pipe
+
+
+def _save_staged(pipe: Any, config: Path, staged: Path) -> Path:
+    """Save the pipeline to ``staged``, with the tokenizer files of --config that it does not write."""
+    import shutil
+
+    pipe.save_pretrained(staged, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # keep the stock files transformers 5 no longer writes
+        if (config / name).is_dir() and (staged / name).is_dir():
+            for f in (config / name).iterdir():
+                if f.is_file() and not (staged / name / f.name).exists():
+                    shutil.copyfile(f, staged / name / f.name)
+    return staged

@@ -84,18 +84,33 @@ def assess_model(
     out["num_real_images"] = int(real_feats.shape[0])
     out["feature_extractor"] = "penultimate 50-d features of the first classifier seed"
     if cfg.inception_fid:
-        from selective_amnesia.evaluate.inception import inception_fid
-
-        keep = torch.isin(real_test.labels, torch.tensor(remembered))
-        device = str(next(model.parameters()).device)  # Inception runs where the model runs
-        incep = inception_fid(
-            real_test.images[keep], u_r, weights=cfg.inception_weights, device=device, progress=progress
-        )
-        out["inception_fid"] = incep["inception_fid"]
-        out["inception_feature_extractor"] = incep["feature_extractor"]
-        out["inception_num_real"], out["inception_num_fake"] = incep["num_real"], incep["num_fake"]
+        out.update(_inception(model, real_test, remembered, u_r, cfg, progress))
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
+
+
+def _inception(
+    model: Any,
+    real_test: ImageDataset,
+    remembered: list[int],
+    u_r: torch.Tensor,
+    cfg: EvaluateConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    """The TF-FID Inception FID of the remembered classes' samples ``u_r`` against their real test images."""
+    from selective_amnesia.evaluate.inception import inception_fid
+
+    keep = torch.isin(real_test.labels, torch.tensor(remembered))
+    device = str(next(model.parameters()).device)  # Inception runs where the model runs
+    incep = inception_fid(
+        real_test.images[keep], u_r, weights=cfg.inception_weights, device=device, progress=progress
+    )
+    return {
+        "inception_fid": incep["inception_fid"],
+        "inception_feature_extractor": incep["feature_extractor"],
+        "inception_num_real": incep["num_real"],
+        "inception_num_fake": incep["num_fake"],
+    }
 
 
 def _forget_metrics(probs: torch.Tensor, y: torch.Tensor, forgotten: list[int]) -> dict[str, Any]:

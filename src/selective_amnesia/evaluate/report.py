@@ -371,12 +371,7 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
     seeds = [m.get("classifier_seeds") for m in (base, forget) if isinstance(m, Mapping)]
     seeds_text = _fmt(next((s for s in seeds if s is not None), None))
 
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+    parts = _page_start(title) + [
         f"<p>Forgotten class c<sub>f</sub> = <b>{_fmt(forget_label)}</b>. "
         f"Classifier seeds averaged: {seeds_text}.</p>",
         f"<h2>Forgotten class (c<sub>f</sub> = {_fmt(forget_label)})</h2>",
@@ -390,6 +385,20 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
         "real test images, in the evaluation classifier's penultimate-feature space (not Inception).</p>",
     ]
     parts += _sequence_section(report.get("sequence"))
+    parts += _extra_metric_sections(base, forget)
+    parts += _classifiers_section(report.get("classifiers"))
+    parts += _figures(images, out_dir)
+    parts += _closing_sections(report)
+    path = out_dir / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def _extra_metric_sections(base: Any, forget: Any) -> list[str]:
+    """The metrics' scalar keys beyond the known rows: "Other metrics", and "How the metrics were measured"
+    for those that describe the measurement."""
+    parts = []
     extra_keys = [
         k
         for m in (base, forget)
@@ -406,37 +415,49 @@ def write_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapping[
     if meta_keys:
         parts.append("<h3>How the metrics were measured</h3>")
         parts.append(_metric_table([(k, html.escape(k)) for k in meta_keys], base, forget))
-    classifiers = report.get("classifiers")
-    if isinstance(classifiers, list) and classifiers:
-        parts.append("<h3>Evaluation classifiers used</h3>")
-        rows = [
-            {
-                "seed": c.get("seed"),
-                "recipe hash": c.get("recipe_hash"),
-                "test accuracy": c.get("test_accuracy"),
-                "cached": c.get("cached"),
-                "file": c.get("path"),
-            }
-            for c in classifiers
-            if isinstance(c, Mapping)
-        ]
-        parts.append(_rows_table(rows))
+    return parts
 
-    parts += _figures(images, out_dir)
 
-    parts += [
+def _classifiers_section(classifiers: Any) -> list[str]:
+    """The run's evaluation classifiers, by seed and recipe hash (nothing when there are none)."""
+    if not (isinstance(classifiers, list) and classifiers):
+        return []
+    rows = [
+        {
+            "seed": c.get("seed"),
+            "recipe hash": c.get("recipe_hash"),
+            "test accuracy": c.get("test_accuracy"),
+            "cached": c.get("cached"),
+            "file": c.get("path"),
+        }
+        for c in classifiers
+        if isinstance(c, Mapping)
+    ]
+    return ["<h3>Evaluation classifiers used</h3>", _rows_table(rows)]
+
+
+def _page_start(title: str) -> list[str]:
+    """The page's head (title, style sheet) and its heading."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+
+
+def _closing_sections(report: Mapping[str, Any], environment: bool = True) -> list[str]:
+    """Timings, the resolved config and (``environment``) the package versions, then the page's end."""
+    parts = [
         "<h2>Timings (seconds)</h2>",
         _kv_table(report.get("timings"), ("stage", "seconds")),
         "<h2>Resolved config</h2>",
         f"<pre>{html.escape(_config_text(report.get('config')))}</pre>",
-        "<h2>Environment</h2>",
-        _kv_table(report.get("environment"), ("package", "version")),
-        "</body></html>",
     ]
-    path = out_dir / "report.html"
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return path
+    if environment:
+        parts += ["<h2>Environment</h2>", _kv_table(report.get("environment"), ("package", "version"))]
+    return parts + ["</body></html>"]
 
 
 T2I_TABLE_NOTE = (
@@ -453,12 +474,7 @@ def write_t2i_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapp
     (``report["sequence"]`` or ``report["concepts_table"]``), the figures, timings and config."""
     out_dir = Path(out_dir)
     title = str(report.get("title") or f"Selective Amnesia: {report.get('name', 'text-to-image')}")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+    parts = _page_start(title) + [
         f"<p>Forgotten model: {html.escape(str(report.get('output', MISSING)))}.</p>",
         "<h2>Concepts</h2>",
     ]
@@ -493,13 +509,7 @@ def write_t2i_html_report(out_dir: Path, report: Mapping[str, Any], images: Mapp
             _kv_table(retention, ("measure", "value")),
         ]
     parts += _figures(images, out_dir)
-    parts += [
-        "<h2>Timings (seconds)</h2>",
-        _kv_table(report.get("timings"), ("stage", "seconds")),
-        "<h2>Resolved config</h2>",
-        f"<pre>{html.escape(_config_text(report.get('config')))}</pre>",
-        "</body></html>",
-    ]
+    parts += _closing_sections(report, environment=False)
     path = out_dir / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")

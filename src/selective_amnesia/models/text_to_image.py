@@ -124,6 +124,59 @@ def _text_encoder_class(name: str) -> Any:
     return cls
 
 
+def _read_index(path: Path) -> tuple[dict[str, Any], bool, bool]:
+    """A pipeline directory's ``model_index.json``, checked: (index, whether it is SDXL's two text
+    encoders, force_zeros_for_empty_prompt)."""
+    index = read_json(path / "model_index.json")
+    if not isinstance(index, dict) or "unet" not in index:
+        raise AmnesiaError(f"{path}/model_index.json has no unet: not a text-to-image pipeline directory")
+    class_name = index.get("_class_name", ClipConditioning.pipeline_class)
+    if class_name not in PIPELINE_CLASSES:
+        raise AmnesiaError(
+            f"{path}: pipeline class {class_name!r} is not supported; supported: {sorted(PIPELINE_CLASSES)}"
+        )
+    dual = PIPELINE_CLASSES[class_name] is DualClipConditioning
+    force_zeros = index.get("force_zeros_for_empty_prompt", True)
+    if not isinstance(force_zeros, bool):
+        raise AmnesiaError(f"{path}/model_index.json: force_zeros_for_empty_prompt must be true or false")
+    return index, dual, force_zeros
+
+
+def _load_components(
+    path: Path, index: dict[str, Any], dual: bool, torch_dtype: torch.dtype
+) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """The UNet, VAE, [text encoder, tokenizer, (text encoder 2, tokenizer 2)] and the scheduler config
+    of a pipeline directory; a missing or broken file raises ``AmnesiaError``."""
+    import transformers
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    kw: dict[str, Any] = {"torch_dtype": torch_dtype}  # float32 unless asked: weights may be stored in fp16
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, **kw)
+        encoders = []
+        for name in ("text_encoder", "text_encoder_2") if dual else ("text_encoder",):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                path / TextConditioning.tokenizer_name(name)
+            )
+            if name == "text_encoder" and (path / TEXT_ENCODER_REF).is_file():
+                ref = read_json(path / TEXT_ENCODER_REF)
+                text_encoder = text_encoder_from_ref(ref)
+                text_encoder._amnesia_ref = ref
+            else:
+                te_cls = _text_encoder_class(str(index[name][1]))
+                text_encoder = te_cls.from_pretrained(path / name, use_safetensors=True)
+            encoders += [text_encoder, tokenizer]
+        sched = read_json(path / "scheduler" / "scheduler_config.json")
+    except AmnesiaError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AmnesiaError(f"{path}: cannot load the pipeline components ({first})") from None
+    return unet, vae, encoders, sched
+
+
 class TextToImageModel(DiffusionModel):
     """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents.
 
@@ -443,52 +496,14 @@ class TextToImageModel(DiffusionModel):
         directories raise ``AmnesiaError``; nothing is downloaded.
         """
         import transformers
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
         from diffusers.utils import logging as diffusers_logging
 
         # the libraries' per-file loading bars would interleave with our own progress and error lines
         transformers.utils.logging.disable_progress_bar()
         diffusers_logging.disable_progress_bar()
         path = Path(path)
-        index = read_json(path / "model_index.json")
-        if not isinstance(index, dict) or "unet" not in index:
-            raise AmnesiaError(f"{path}/model_index.json has no unet: not a text-to-image pipeline directory")
-        class_name = index.get("_class_name", ClipConditioning.pipeline_class)
-        if class_name not in PIPELINE_CLASSES:
-            raise AmnesiaError(
-                f"{path}: pipeline class {class_name!r} is not supported; "
-                f"supported: {sorted(PIPELINE_CLASSES)}"
-            )
-        dual = PIPELINE_CLASSES[class_name] is DualClipConditioning
-        force_zeros = index.get("force_zeros_for_empty_prompt", True)
-        if not isinstance(force_zeros, bool):
-            raise AmnesiaError(f"{path}/model_index.json: force_zeros_for_empty_prompt must be true or false")
-        kw: dict[str, Any] = {
-            "torch_dtype": torch_dtype
-        }  # float32 unless asked: weights may be stored in fp16
-        try:
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **kw)
-            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, **kw)
-            encoders = []
-            for name in ("text_encoder", "text_encoder_2") if dual else ("text_encoder",):
-                tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    path / TextConditioning.tokenizer_name(name)
-                )
-                if name == "text_encoder" and (path / TEXT_ENCODER_REF).is_file():
-                    ref = read_json(path / TEXT_ENCODER_REF)
-                    text_encoder = text_encoder_from_ref(ref)
-                    text_encoder._amnesia_ref = ref
-                else:
-                    te_cls = _text_encoder_class(str(index[name][1]))
-                    text_encoder = te_cls.from_pretrained(path / name, use_safetensors=True)
-                encoders += [text_encoder, tokenizer]
-            sched = read_json(path / "scheduler" / "scheduler_config.json")
-        except AmnesiaError:
-            raise
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise AmnesiaError(f"{path}: cannot load the pipeline components ({first})") from None
+        index, dual, force_zeros = _read_index(path)
+        unet, vae, encoders, sched = _load_components(path, index, dual, torch_dtype)
         meta = index.get(META_KEY, {})
         n_t = int(sched.get("num_train_timesteps", 1000))
         names = {"sampler", "num_inference_steps", "guidance_scale"}
