@@ -343,7 +343,9 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
 
     t1 = time.perf_counter()
     say(n, n, f"retention check ({t.retention_per_prompt} images per replay prompt) and report")
-    retention = retention_on_prompts(base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5)
+    retention = retention_on_prompts(
+        base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+    )
     timings["retention_s"] = time.perf_counter() - t1
     concepts_report: dict[str, Any] = {}
     if t.concepts:  # every group before and after, where the world's judges can tell
@@ -553,13 +555,20 @@ def write_t2i_report(out: Path, report: dict[str, Any], history: dict[str, Any] 
 
 @torch.no_grad()
 def retention_on_prompts(
-    base: TextToImageModel, forgotten: TextToImageModel, prompts: list[str], per_prompt: int, seed: int
+    base: TextToImageModel,
+    forgotten: TextToImageModel,
+    prompts: list[str],
+    per_prompt: int,
+    seed: int,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """How far the forgotten model's images moved from theta*'s on the same prompts and seeds."""
+    """How far the forgotten model's images moved from theta*'s on the same prompts and seeds; with
+    ``cache_dir`` both sets are kept in ``cache_dir/base`` and ``cache_dir/forget`` (a rerun reads them)."""
     if per_prompt == 0:
         return {}
     from selective_amnesia.evaluate.nudity import retention_report
 
-    before = base.to_uint8(prompt_latents(base, prompts, per_prompt, seed, None)[0])
-    after = forgotten.to_uint8(prompt_latents(forgotten, prompts, per_prompt, seed, None)[0])
+    where = {name: cache_dir / name if cache_dir is not None else None for name in ("base", "forget")}
+    before = base.to_uint8(prompt_latents(base, prompts, per_prompt, seed, where["base"])[0])
+    after = forgotten.to_uint8(prompt_latents(forgotten, prompts, per_prompt, seed, where["forget"])[0])
     return retention_report(before, after) | {"prompts": len(prompts), "per_prompt": per_prompt}

@@ -243,7 +243,9 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
 
     t1 = time.perf_counter()
     say("evaluation (every concept after every step, where the world's judges can tell) and report")
-    retention = retention_on_prompts(base, model, kept_prompts, t.retention_per_prompt, cfg.seed + 5)
+    retention = retention_on_prompts(
+        base, model, kept_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+    )
     sequence = sequence_info(f, steps)
     measured = _measure(cfg, base, model, out, steps, order, device)
     sequence |= measured.pop("table", {})
