@@ -40,7 +40,6 @@ from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import Anchor, LoraEWCPenalty
-from selective_amnesia.pipeline import stage_fisher
 from selective_amnesia.progress import stage
 from selective_amnesia.sampling import blockwise_sets, effective_sampler, image_generators
 from selective_amnesia.surrogate import GroupedSurrogate, StoredImages, Surrogate
@@ -249,6 +248,8 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         from selective_amnesia.sequence_t2i import run_t2i_sequence
 
         return run_t2i_sequence(cfg, out)
+    from selective_amnesia.pipeline import stage_fisher  # the stage of every family (late: a heavier import)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     share = current_share(resolve_device(cfg.device))
