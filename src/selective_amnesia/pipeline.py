@@ -267,9 +267,8 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
     path = out / "fisher.safetensors"
     wanted = _fisher_settings(cfg, model)
     cached = Fisher.load(path) if path.is_file() else None
-    fits = cached is not None and settings_hash({k: cached.metadata.get(k) for k in wanted}) == settings_hash(
-        wanted
-    )
+    made_with = {k: cached.metadata.get(k) for k in wanted} if cached is not None else None
+    fits = made_with is not None and settings_hash(made_with) == settings_hash(wanted)
     if share.agree([fits])[0]:  # every process decides before process 0 may write
         assert cached is not None
         cached.check_matches(model, str(path))

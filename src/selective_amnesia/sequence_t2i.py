@@ -92,7 +92,8 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     groups = {g.name: g for g in t.groups()}
     steps = f.steps_names()
     order = [groups[name] for step in steps for name in step]  # the groups in the order they go
-    # every group's prompts and the replay prompts kept by all steps: the prompts of every Fisher
+    # every group's prompts and the replay prompts, registered first (the prompt table's order): the
+    # prompts of every Fisher (stage_fisher registers them again: the same indices)
     _, replay_all, _ = register_prompts(cfg, base)
     lines = read_prompts(t.replay_prompts)
     conditions, template_replay = defended_groups(cfg, base, order, replay_all)
