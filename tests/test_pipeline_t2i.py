@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from selective_amnesia.config import load_config
 from selective_amnesia.errors import AmnesiaError
@@ -121,3 +123,112 @@ def test_a_stock_sd_layout_pipeline_forgets_and_reloads(tiny_sd: Path, tmp_path:
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "forget")  # text encoder copied
     image = pipe("a photo of brad pitt", num_inference_steps=2, output_type="pt").images  # type: ignore[operator]
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
+# ---- reuse and resume (one rule with the class pipeline: cache_keys.finished, pipeline.stage_fisher) ----
+
+
+def _small(world: Path, where: Path, *extra: str) -> object:
+    """The tiny world with two replay prompts: a run of seconds."""
+    prompts = where / "replay.txt"
+    prompts.write_text("a handwritten 1\nthe digit 3\n")
+    return _cfg(world, f"t2i.replay_prompts={prompts}", "t2i.surrogate_count=2", "forget.steps=4", *extra)
+
+
+class _Stop(Exception):
+    """Stands for an interruption (a crash, Ctrl-C) in the middle of forgetting."""
+
+
+def _count_training(monkeypatch: pytest.MonkeyPatch, stop_at: int | None = None) -> list[int]:
+    """Count the forgetting calls and the training steps they take (``calls[0]``, ``calls[1]``); with
+    ``stop_at``, interrupt the training at that step."""
+    from selective_amnesia import faults, pipeline_t2i
+
+    calls = [0, 0]
+    train, point = pipeline_t2i.forget, faults.point
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return train(*args, **kwargs)  # type: ignore[arg-type]
+
+    def step(name: str) -> None:
+        if name == "train.step":
+            calls[1] += 1
+            if calls[1] == stop_at:
+                raise _Stop
+        point(name)
+
+    monkeypatch.setattr(pipeline_t2i, "forget", counted)
+    monkeypatch.setattr(faults, "point", step)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    """One uninterrupted tiny run (lambda > 0: its Fisher is estimated in the run)."""
+    out = tmp_path_factory.mktemp("small")
+    report = run_text_to_image(_small(tiny_world, out), out / "run")  # type: ignore[arg-type]
+    return out / "run", report
+
+
+def test_a_rerun_reuses_the_finished_forgetting_stage(
+    tiny_world: Path,
+    small_run: tuple[Path, dict[str, object]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run, first = small_run
+    unet = run / "forget" / "unet" / "diffusion_pytorch_model.safetensors"
+    written = unet.stat().st_mtime_ns
+    calls = _count_training(monkeypatch)
+    again = run_text_to_image(_small(tiny_world, run.parent), run)  # type: ignore[arg-type]
+    assert calls == [0, 0]  # nothing trained: OUT/forget was made from the same settings
+    assert unet.stat().st_mtime_ns == written  # and not written again
+    assert again["retention"] == first["retention"]
+    assert again["trained_parameters"] == first["trained_parameters"]
+    # another forgetting setting trains again (the Fisher and the generated sets are still reused)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    other = run_text_to_image(_small(tiny_world, run.parent, "forget.lr=1e-3"), copy)  # type: ignore[arg-type]
+    assert calls == [1, 4] and other["retention"] != first["retention"]
+
+
+def test_a_run_whose_fisher_was_estimated_in_it_resumes_its_forgetting(
+    tiny_world: Path,
+    small_run: tuple[Path, dict[str, object]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forgetting key holds the Fisher's metadata: the same for the Fisher estimated by the interrupted
+    run and for the one the rerun reads back from OUT/fisher.safetensors, so the checkpoint resumes."""
+    cfg = _small(tiny_world, tmp_path)  # forget.checkpoint_every=2
+    _count_training(monkeypatch, stop_at=3)  # after the checkpoint at step 2
+    with pytest.raises(_Stop):
+        run_text_to_image(cfg, tmp_path / "run")  # type: ignore[arg-type]
+    assert (tmp_path / "run" / "fisher.safetensors").is_file()
+    assert (tmp_path / "run" / "forget_checkpoint").is_dir()
+    calls = _count_training(monkeypatch)
+    run_text_to_image(cfg, tmp_path / "run")  # type: ignore[arg-type]
+    assert calls == [1, 2]  # steps 3 and 4 only: resumed from the checkpoint at step 2
+    unet = "forget/unet/diffusion_pytorch_model.safetensors"
+    resumed, whole = load_file(tmp_path / "run" / unet), load_file(small_run[0] / unet)
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # the uninterrupted run's weights
+
+
+def test_lora_runs_start_from_the_same_adapter_and_a_rerun_reuses_it(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("t2i.lora_rank=2", "t2i.output=lora", "forget.lr=1e-2")
+    first = run_text_to_image(_small(tiny_world, tmp_path, *extra), tmp_path / "a")  # type: ignore[arg-type]
+    torch.rand(3)  # the global generator moves on between the runs, as it does in a longer process
+    run_text_to_image(_small(tiny_world, tmp_path, *extra), tmp_path / "b")  # type: ignore[arg-type]
+    adapter = "forget_lora/pytorch_lora_weights.safetensors"
+    a, b = load_file(tmp_path / "a" / adapter), load_file(tmp_path / "b" / adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the seed alone decides
+    calls = _count_training(monkeypatch)
+    again = run_text_to_image(_small(tiny_world, tmp_path, *extra), tmp_path / "a")  # type: ignore[arg-type]
+    assert calls == [0, 0]  # the finished adapter is reused, loaded into the same peft layers
+    assert (
+        again["retention"] == first["retention"]
+        and again["trained_parameters"] == first["trained_parameters"]
+    )

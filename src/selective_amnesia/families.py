@@ -38,7 +38,8 @@ class Family:
     load: Callable[[Path], Any]  # a checked, complete model directory -> the model (``load_model``)
     fisher_estimators: Callable[[], tuple[str, ...]]  # the fisher.estimator values that apply to it
     # the Fisher of a loaded model with a run's fisher.* settings, resumable from a checkpoint folder
-    # (``amnesia fisher``, the class pipeline's Fisher stage): (cfg, model, checkpoint_dir) -> Fisher
+    # (``amnesia fisher``; every pipeline's Fisher stage, ``pipeline.stage_fisher``): (cfg, model,
+    # checkpoint_dir) -> Fisher, whose metadata holds what ``fisher_settings`` names
     fisher: Callable[[RunConfig, Any, Path | None], Fisher]
     # conditioned on text prompts: run by pipeline_t2i (run and forget write a run directory), sampled with
     # --prompt, evaluated by prompt metrics, erasable by the baselines (method esd/uce); else on class
@@ -46,8 +47,8 @@ class Family:
     prompted: bool = False
     diffusion: bool = False  # sampled by a diffusion sampler: --guidance-scale and --steps apply
     fisher_checkpoint_every: int = 10  # fisher.checkpoint_every=null means this many samples
-    # the class pipeline under several processes: one Fisher estimate shared by all of them (each keeps
-    # its own checkpoint folder); False: each process estimates its own, process 0 alone checkpoints
+    # a pipeline under several processes: one Fisher estimate shared by all of them (each keeps its
+    # own checkpoint folder); False: each process estimates its own, process 0 alone checkpoints
     fisher_shared: bool = True
     # what a stored Fisher must also have been made with to be reused, beyond the model's hash, the
     # number of samples and the seed: (cfg, model) -> settings
@@ -117,14 +118,17 @@ def _vae_estimators() -> tuple[str, ...]:
     return ESTIMATORS
 
 
-def _class_fisher_settings(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> dict[str, Any]:
-    """The Fisher settings every class-conditional family's estimator takes."""
+def _class_fisher_settings(
+    cfg: RunConfig, model: Any, checkpoint_dir: Path | None, labels: list[int] | None = None
+) -> dict[str, Any]:
+    """The Fisher settings every estimator takes; its samples' conditions are ``labels``, by default
+    all the classes of a class-conditional model."""
     from selective_amnesia.pipeline import model_labels
 
     f = cfg.fisher
     return {
         "num_samples": f.num_samples,
-        "labels": model_labels(model),
+        "labels": model_labels(model) if labels is None else labels,
         "estimator": f.estimator,
         "seed": cfg.seed,
         "progress": cfg.progress,
@@ -194,12 +198,16 @@ def _ddpm_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
     return settings
 
 
-def _ddpm_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fisher:
+def _diffusion_fisher(
+    cfg: RunConfig, model: Any, checkpoint_dir: Path | None, labels: list[int] | None = None
+) -> Fisher:
+    """The diffusion Fisher over ``labels`` (default: every class), shared by the processes under
+    ``accelerate launch`` (each keeps its own checkpoint folder)."""
     from selective_amnesia.distributed import remove_if_empty
     from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
 
     f = cfg.fisher
-    common = _class_fisher_settings(cfg, model, checkpoint_dir)
+    common = _class_fisher_settings(cfg, model, checkpoint_dir, labels)
     rank, world, reduce = process_share()  # several processes under `accelerate launch`
     common["progress"] = cfg.progress and rank == 0
     if checkpoint_dir is not None and world > 1:
@@ -218,6 +226,10 @@ def _ddpm_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fis
     return fisher
 
 
+def _ddpm_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fisher:
+    return _diffusion_fisher(cfg, model, checkpoint_dir)
+
+
 # ---- text_to_image ------------------------------------------------------------------------------
 
 
@@ -229,15 +241,40 @@ def _t2i_load(path: Path) -> Any:
     return TextToImageModel.from_pretrained(path)
 
 
+def _t2i_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+    """The diffusion estimator's settings, the loss's scale, the prompts the Fisher is over (the run's
+    forget and replay prompts) and which weights it is of (the hash of the selected weights' names)."""
+    from selective_amnesia.cache_keys import settings_hash
+    from selective_amnesia.pipeline_t2i import register_prompts
+    from selective_amnesia.sampling import effective_sampler
+
+    f = cfg.fisher
+    forget_ids, _, replay_ids = register_prompts(cfg, model)
+    settings: dict[str, Any] = {
+        "estimator": f.estimator,
+        "sampler": effective_sampler(model),  # draws its samples
+        "loss_entries": model.loss_entries,  # a Fisher of the summed loss (before it was averaged) is redone
+        "prompts": [model.prompts[i] for i in forget_ids + replay_ids],
+        "parameters": settings_hash(sorted(n for n, p in model.named_parameters() if p.requires_grad)),
+    }
+    if f.estimator == "subsampled":
+        settings["timesteps_per_sample"] = f.timesteps_per_sample
+    return settings
+
+
 def _t2i_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fisher:
-    """Over the run's forget and replay prompts, for the selected weights."""
-    from selective_amnesia.pipeline_t2i import register_prompts, select_weights, t2i_fisher
+    """Over the run's forget and replay prompts, for the selected weights (``t2i.train``; with LoRA, the
+    base weights of the adapted modules); its metadata holds ``_t2i_fisher_settings``."""
+    from selective_amnesia.pipeline_t2i import register_prompts, select_weights
 
     if not cfg.t2i.forget_prompts:
         raise AmnesiaError("t2i.forget_prompts: name the concept to forget (a list of prompts)")
     forget_ids, _, replay_ids = register_prompts(cfg, model)
     select_weights(cfg, model)
-    return t2i_fisher(cfg, model, forget_ids + replay_ids, None, checkpoint_dir)
+    fisher = _diffusion_fisher(cfg, model, checkpoint_dir, forget_ids + replay_ids)
+    for name, value in _t2i_fisher_settings(cfg, model).items():  # the prompts and the weights' names
+        fisher.metadata.setdefault(name, value)
+    return fisher
 
 
 # ---- the registry -------------------------------------------------------------------------------
@@ -279,6 +316,7 @@ FAMILIES: dict[str, Family] = {
         load=_t2i_load,
         fisher_estimators=_diffusion_estimators,
         fisher=_t2i_fisher,
+        fisher_settings=_t2i_fisher_settings,
         prompted=True,
         diffusion=True,
         marker="model_index.json",

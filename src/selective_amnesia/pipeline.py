@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from selective_amnesia import sampling as sampling_module
+from selective_amnesia.cache_keys import finished, settings_hash
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
 from selective_amnesia.distributed import current_share
@@ -28,17 +28,22 @@ from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassif
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.families import get_family
 from selective_amnesia.fisher import Fisher
-from selective_amnesia.io import environment, load_tensors, partial_dir, read_json, state_hash, write_json
+from selective_amnesia.io import (
+    InvalidJSON,
+    environment,
+    load_tensors,
+    parse_json,
+    partial_dir,
+    read_json,
+    state_hash,
+    write_json,
+)
 from selective_amnesia.models import build_model_from_config, load_model
 from selective_amnesia.progress import bar_name, stage
 from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
 
 log = logging.getLogger(__name__)
-
-
-def settings_hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_labels(model: Any) -> list[int]:
@@ -90,14 +95,6 @@ def evaluate_with_config(
 
 def _as_label(classes: list[int]) -> int | list[int]:
     return classes[0] if len(classes) == 1 else classes
-
-
-def _reusable(path: Path, key: str) -> bool:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        return False
-    meta = read_json(cfg_file)
-    return isinstance(meta, dict) and meta.get("settings_hash") == key
 
 
 def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
@@ -205,9 +202,10 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
         return model, {"source": cfg.pretrain.model_path, "seconds": 0.0}
     key = settings_hash(cfg.seed, to_dict(cfg.data), _model_settings(cfg), _pretrain_settings(cfg))
     # every process decides before process 0 may write (agree is a collective)
-    if share.agree([_reusable(model_dir, key)])[0]:
+    done = finished(model_dir, key, share)
+    if done is not None:
         log.info("reusing base model in %s", model_dir)
-        seconds = read_json(model_dir / "config.json").get("pretrain_history", {}).get("seconds", 0.0)
+        seconds = done.get("pretrain_history", {}).get("seconds", 0.0)
         model = load_model(model_dir, check_state=False).to(device)  # we are its writer
         _apply_sampler_defaults(cfg, model, model_dir, write=share.main)
         return model, {"source": str(model_dir), "reused": True, "seconds": seconds}
@@ -235,30 +233,52 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def _fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
-    """What a stored Fisher must have been made with to be reused."""
+    """What a stored Fisher must have been made with to be reused: the model's hash, the number of
+    samples, the seed, and what its family adds (the diffusion estimator's settings; a text-to-image
+    model's prompts and selected weights)."""
     f = cfg.fisher
     settings = {"model_hash": state_hash(model.state_dict()), "num_samples": f.num_samples, "seed": cfg.seed}
     settings.update(get_family(model.family).fisher_settings(cfg, model))  # e.g. the diffusion estimator's
     return settings
 
 
+def as_read_back(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` as ``Fisher.load`` reads it back from the file ``Fisher.save`` writes (each value as
+    JSON; a string that is JSON text, e.g. a hash of digits only, comes back as its value): a Fisher
+    estimated now and the same Fisher read back by a rerun give every key made from it the same value."""
+    out: dict[str, Any] = {}
+    for k, v in metadata.items():
+        raw = v if isinstance(v, str) else json.dumps(v)
+        try:
+            out[k] = parse_json(raw, f"Fisher metadata {k}")
+        except InvalidJSON:
+            out[k] = raw
+    return out
+
+
 def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
-    """The Fisher at theta*: ``fisher.path``, a matching ``out/fisher.safetensors``, or estimated now."""
+    """The Fisher of ``model`` at its current weights, for every family: ``fisher.path``, else
+    ``out/fisher.safetensors`` when it was made with the same settings (``_fisher_settings``, compared
+    by their settings hash), else estimated now by the family's estimator and written there (its settings
+    are in its metadata). An interrupted estimate resumes from ``out/fisher.safetensors.partial``."""
     if cfg.fisher.path:
         return Fisher.load(cfg.fisher.path, model)
     share = current_share(resolve_device(cfg.device))
     path = out / "fisher.safetensors"
-    cached = Fisher.load(path, model) if path.is_file() else None
     wanted = _fisher_settings(cfg, model)
-    fits = cached is not None and all(cached.metadata.get(k) == v for k, v in wanted.items())
+    cached = Fisher.load(path) if path.is_file() else None
+    made_with = {k: cached.metadata.get(k) for k in wanted} if cached is not None else None
+    fits = made_with is not None and settings_hash(made_with) == settings_hash(wanted)
     if share.agree([fits])[0]:  # every process decides before process 0 may write
         assert cached is not None
+        cached.check_matches(model, str(path))
         log.info("reusing Fisher %s", path)
         return cached
     # the diffusion Fisher is shared by the processes (each keeps its own checkpoint folder); the
     # VAE's, seconds long, is estimated by each, checkpointed by process 0 only
     shared = get_family(model.family).fisher_shared
     fisher = fisher_from_config(cfg, model, partial_dir(path) if shared or share.main else None)
+    fisher.metadata = as_read_back(fisher.metadata)
     if share.main:
         fisher.save(path)
     return fisher
@@ -381,11 +401,11 @@ def stage_forget(
     if anchor is not None:
         parts.append(state_hash(anchor.state_dict()))
     key = settings_hash(*parts)
-    if share.agree([_reusable(target, key)])[0]:
+    done = finished(target, key, share)
+    if done is not None:
         log.info("reusing forgotten model in %s", target)
-        meta = read_json(target / "config.json")
         reused = load_model(target, check_state=False)  # we are its writer
-        return reused.to(next(base.parameters()).device), meta["history"]
+        return reused.to(next(base.parameters()).device), done["history"]
     model = copy.deepcopy(base)  # theta* itself stays untouched: it is the baseline
     f, images = cfg.forget, surrogate_x if surrogate_x is not None else surrogate_images(cfg, base, out)
     if sequence_key is None:  # a single run (a sequence's first step is one): replay of theta*

@@ -4,10 +4,14 @@
     theta* (a local diffusers pipeline) -> surrogate set q(x|c_f) -> replay set -> Fisher ->
     forgetting (Eq. 4) -> a diffusers pipeline or LoRA adapter -> retention report
 
-Every generated set is cached in the run directory, keyed by the weights, seed, count, sampler and
-prompt, so an interrupted run resumes and a rerun reuses; each prompt's images come from per-image
-generators seeded by (seed, prompt, index), so a set does not depend on batching or on which other
-prompts are in the run.
+The stages are the class pipeline's (``selective_amnesia.pipeline``) with prompts in place of classes,
+and reuse what they made by the same rules (``selective_amnesia.cache_keys``): every generated set is
+cached in the run directory, keyed by the weights, seed, count, sampler and prompt, so an interrupted
+run resumes and a rerun reuses; the Fisher is ``pipeline.stage_fisher``'s (``OUT/fisher.safetensors``);
+a finished forgetting stage (``OUT/forget`` or ``OUT/forget_lora``) made from the same settings, theta*,
+Fisher and sets is reused, an interrupted one resumes from ``OUT/forget_checkpoint``. Each prompt's
+images come from per-image generators seeded by (seed, prompt, index), so a set does not depend on
+batching or on which other prompts are in the run.
 """
 
 from __future__ import annotations
@@ -26,21 +30,28 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
+from selective_amnesia.cache_keys import ADAPTER_META, block_set, finished, settings_hash
 from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
 from selective_amnesia.data import load_image_folder
 from selective_amnesia.defences import Adversary, defended_groups
-from selective_amnesia.distributed import Share, current_share, remove_if_empty
+from selective_amnesia.distributed import Share, current_share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
-from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
-from selective_amnesia.io import partial_dir, read_json, state_hash, write_json
+from selective_amnesia.io import read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import Anchor, LoraEWCPenalty
 from selective_amnesia.progress import stage
-from selective_amnesia.sampling import BlockSet, blockwise_sets, effective_sampler, image_generators
+from selective_amnesia.sampling import blockwise_sets, effective_sampler, image_generators
 from selective_amnesia.surrogate import GroupedSurrogate, StoredImages, Surrogate
 from selective_amnesia.train import Concept, Loop, forget, make_replay, model_anchor, theta_star_sampler
-from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
+from selective_amnesia.trainable import (
+    ADAPTER,
+    add_lora,
+    lora_target_modules,
+    merge_lora,
+    save_lora,
+    select_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +96,10 @@ def prompt_latents(
 ) -> tuple[Tensor, Tensor]:
     """``per_prompt`` latents of every prompt from ``model`` and their prompt indices (model's table).
 
-    Each prompt's set is cached in ``cache_dir`` (one safetensors file per prompt) and reused only if
-    it came from the same weights, seed, count, sampler and prompt. With several processes (``share``)
-    the batches are split among them and every process gets the whole set (``blockwise_sets``).
+    Each prompt's set is cached in ``cache_dir`` (one safetensors file per prompt, ``cache_keys.block_set``)
+    and reused only if it came from the same weights, seed, count, sampler and prompt. With several
+    processes (``share``) the batches are split among them and every process gets the whole set
+    (``blockwise_sets``).
     """
     if per_prompt < 1:
         raise AmnesiaError(f"images per prompt must be >= 1, got {per_prompt}")
@@ -97,12 +109,7 @@ def prompt_latents(
     bar = tqdm(total=per_prompt * len(prompts), desc="generating", unit="img", disable=not progress)
     sets = []
     for prompt, pid in zip(prompts, ids.tolist(), strict=True):
-        key = repr({"model": weights, "seed": seed, "n": per_prompt, "sampler": sampler, "prompt": prompt})
-        path = (
-            cache_dir / f"{hashlib.sha256(prompt.encode()).hexdigest()[:16]}.safetensors"
-            if cache_dir
-            else None
-        )
+        key = {"model": weights, "seed": seed, "n": per_prompt, "sampler": sampler, "prompt": prompt}
 
         def make(lo: int, n: int, prompt: str = prompt, pid: int = pid) -> Tensor:
             gens = image_generators(seed, prompt_seed(prompt), lo, n)
@@ -112,7 +119,7 @@ def prompt_latents(
             return z
 
         # each finished batch is kept while the set is made, so an interrupted set resumes
-        sets.append(BlockSet(path, key, per_prompt, batch_size, make, "latents"))
+        sets.append(block_set(cache_dir, {"prompt": prompt}, key, per_prompt, batch_size, make, "latents"))
     out = blockwise_sets(sets, share)
     bar.close()
     out_ids = [
@@ -128,6 +135,30 @@ def t2i_settings(t: TextToImageSection) -> dict[str, Any]:
     if not settings["concepts"]:
         settings.pop("concepts")
     return settings
+
+
+# forget settings in no forgetting key: those that decide a sequence's steps >= 2 only (they are in their
+# step_key), so a sequence's step 1 is the same whatever its anchor or replay choice, and the checkpoint
+# and log intervals, which change nothing
+FORGET_NOT_IN_KEY = (
+    "sequence",
+    "anchor",
+    "online_alpha",
+    "replay_forgotten",
+    "replay_model",
+    "checkpoint_every",
+    "log_every",
+)
+
+
+def forget_key(cfg: RunConfig, start: str, fisher_meta: Any, sets: str, *more: Any) -> str:
+    """The settings hash of a text-to-image forgetting stage (a single run's, a sequence step's): the
+    ``forget`` and ``t2i`` settings, the seed, the starting weights' hash ``start``, the anchor's Fisher
+    metadata (``stage_fisher``'s, the same for a Fisher estimated now and one read back from its file),
+    the generated sets' hash ``sets`` (their files may change without any setting changing) and ``more``
+    (a sequence step's groups and step key). Its checkpoint is kept under the same key."""
+    settings = {name: v for name, v in to_dict(cfg.forget).items() if name not in FORGET_NOT_IN_KEY}
+    return settings_hash(settings, t2i_settings(cfg.t2i), cfg.seed, start, fisher_meta, sets, *more)
 
 
 def register_prompts(cfg: RunConfig, model: TextToImageModel) -> tuple[list[int], list[str], list[int]]:
@@ -150,61 +181,6 @@ def select_weights(cfg: RunConfig, model: TextToImageModel) -> list[str]:
     for n, p in model.named_parameters():
         p.requires_grad_(n in wanted)
     return modules
-
-
-def t2i_fisher(
-    cfg: RunConfig,
-    model: TextToImageModel,
-    labels: list[int],
-    path: Path | None,
-    partial: Path | None = None,
-) -> Fisher:
-    """The diffusion Fisher of the selected weights over ``labels`` (prompt indices), cached at ``path``
-    by its settings; ``partial`` keeps the progress of an estimate so an interrupted one resumes.
-    Under ``accelerate launch`` the processes share the samples and sum their parts."""
-    f = cfg.fisher
-    if f.path:
-        return Fisher.load(f.path, model)
-    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    wanted = {
-        "model_hash": state_hash(model.state_dict()),
-        "num_samples": f.num_samples,
-        "seed": cfg.seed,
-        "estimator": f.estimator,
-        "prompts": [model.prompts[i] for i in labels],
-        "parameters": hashlib.sha256("\n".join(trainable).encode()).hexdigest()[:16],
-        "sampler": effective_sampler(model),
-        "loss_entries": model.loss_entries,  # a Fisher of the summed loss (before it was averaged) is redone
-        "timesteps_per_sample": f.timesteps_per_sample if f.estimator == "subsampled" else None,
-    }
-    if path is not None and path.is_file():
-        cached = Fisher.load(path)
-        if cached.metadata.get("settings") == wanted:
-            log.info("reusing Fisher %s", path)
-            cached.check_matches(model, str(path))
-            return cached
-    rank, world, reduce = process_share()
-    fisher = estimate_diffusion_fisher(
-        model,
-        num_samples=f.num_samples,
-        labels=labels,
-        estimator=f.estimator,
-        timesteps_per_sample=f.timesteps_per_sample,
-        timestep_chunk=f.timestep_chunk,
-        seed=cfg.seed,
-        progress=cfg.progress and rank == 0,
-        rank=rank,
-        world_size=world,
-        reduce=reduce,
-        checkpoint_dir=None if partial is None else (partial / f"rank{rank}" if world > 1 else partial),
-        checkpoint_every=f.checkpoint_interval(model.family),
-    )
-    fisher.metadata["settings"] = wanted
-    if partial is not None and world > 1:
-        remove_if_empty(partial)  # the processes' own folders are gone; the last one out removes it
-    if path is not None and rank == 0:
-        fisher.save(path)
-    return fisher
 
 
 def surrogate_latents(
@@ -272,6 +248,8 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         from selective_amnesia.sequence_t2i import run_t2i_sequence
 
         return run_t2i_sequence(cfg, out)
+    from selective_amnesia.pipeline import stage_fisher  # the stage of every family (late: a heavier import)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     share = current_share(resolve_device(cfg.device))
@@ -282,8 +260,6 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     base.set_sampler(t.sampler, t.num_inference_steps, t.guidance_scale)  # None: the pipeline's own
     groups = t.groups()  # one concept, or several (t2i.concepts) forgotten together
     forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
-    # the Fisher is over the run's own prompts: the defences below add conditions, not importance
-    fisher_labels = forget_ids + replay_ids
     group_ids, template_replay = defended_groups(cfg, base, groups, replay_prompts)
     forget_ids = [i for ids in group_ids for i in ids]
 
@@ -324,80 +300,53 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t1 = time.perf_counter()
     fisher = None
     if cfg.forget.ewc_lambda > 0:
-        path = out / "fisher.safetensors"
         say(3, n, f"Fisher ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
-        fisher = t2i_fisher(cfg, model, fisher_labels, path, partial_dir(path))
+        # over the run's own forget and replay prompts: the defences add conditions, not importance
+        fisher = stage_fisher(cfg, model, out)
     timings["fisher_s"] = time.perf_counter() - t1
 
-    anchor: Anchor | None = None
-    ewc_meta = fisher.metadata if fisher is not None else None
-    if lora_modules:
-        layers = add_lora(model, lora_modules, t.lora_rank, float(t.lora_alpha or t.lora_rank))
-        if fisher is not None:  # F of the base weights, on the adapted effective weights
-            anchor = LoraEWCPenalty(fisher.values, layers, weight=cfg.forget.ewc_lambda).to(device)
-            fisher = None  # the anchor keeps the adapted weights' entries only
-    adversary = _adversary(cfg, base, model, out, share)
-    if t.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t1 = time.perf_counter()
     say(n - 1, n, f"forgetting ({len(forget_ids)} forget conditions, {cfg.forget.steps:,} steps)")
     # everything the fine-tune depends on: settings, theta*, the Fisher and the two image sets (whose
     # files may change without any setting changing)
     sets = state_hash({"replay": replay_set[0], "replay_ids": replay_set[1], "surrogate": surrogate})
-    key = hashlib.sha256(
-        repr(
-            (to_dict(cfg.forget), t2i_settings(t), state_hash(base.state_dict()), cfg.seed, ewc_meta, sets)
-        ).encode()
-    ).hexdigest()[:16]
-    if not lora_modules:  # the anchor at theta*: the weights as they are now
-        anchor = model_anchor(cfg.forget, fisher, model)
-    kept = [i for i in replay_ids if i not in forget_ids]
-    history = forget(
-        model,
-        Concept(forget_surrogate(group_ids, surrogates), forget_ids),
-        make_replay(cfg.forget, theta_star_sampler(cfg.forget, model), kept, replay_set),
-        anchor,
-        Loop(cfg.forget, cfg.seed, t.mixed_precision, t.gradient_accumulation),
-        progress=cfg.progress,
-        checkpoint_dir=out / "forget_checkpoint",
-        key=key,
-        share=share,
-        adversary=adversary,
-    )
+    fisher_meta = fisher.metadata if fisher is not None else None
+    key = forget_key(cfg, state_hash(base.state_dict()), fisher_meta, sets)
+    target = forgotten_dir(out, t)
+    done = finished(target, key, share)
+    if done is not None:  # a finished forgetting stage of the same settings, theta*, Fisher and sets
+        log.info("reusing forgotten model in %s", target)
+        reuse_forgotten(model, target, t)
+        history = done["history"]
+        trained, adversarial = done["trained_parameters"], done["adversarial_conditions"]
+    else:
+        kept = [i for i in replay_ids if i not in forget_ids]
+        concept = Concept(forget_surrogate(group_ids, surrogates), forget_ids)
+        model, history, trained, adversarial = _forget(
+            cfg, base, model, lora_modules, fisher, key, concept, (kept, replay_set), out, share
+        )
     timings["forget_s"] = time.perf_counter() - t1
-    if t.gradient_checkpointing:
-        model.unet.disable_gradient_checkpointing()
     if not share.main:  # every process holds the same forgotten weights; process 0 writes them
         share.barrier()
         return read_json(out / "report.json")
-    extra = {"run_config": to_dict(cfg), "history": history.to_dict(), "forget_prompts": t.forget_prompts}
-    if t.concepts:
-        extra["concepts"] = [g.name for g in groups]
-    if t.output == "lora":
-        target = out / "forget_lora"
-        # diffusers writes the adapter in place: write it to a fresh directory and swap it in, so a
-        # reader of forget_lora sees the old adapter or the new one, never half of one
-        staging = out / ".forget_lora.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_lora(model, staging)
-        write_json(staging / "amnesia.json", extra | {"base_model": str(Path(t.model).resolve())})
-        faults.point("model.weights_written")
-        old = out / ".forget_lora.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if lora_modules:
-            merge_lora(model)
-        target = out / "forget"
-        model.save_pretrained(target, extra=extra, reference_text_encoder=True)
+    if done is None:
+        extra = {
+            "settings_hash": key,
+            "run_config": to_dict(cfg),
+            "history": history,
+            "forget_prompts": t.forget_prompts,
+            "trained_parameters": trained,
+            "adversarial_conditions": adversarial,
+        }
+        if t.concepts:
+            extra["concepts"] = [g.name for g in groups]
+        save_forgotten(model, target, t, extra, adapter=bool(lora_modules))
 
     t1 = time.perf_counter()
     say(n, n, f"retention check ({t.retention_per_prompt} images per replay prompt) and report")
-    retention = retention_on_prompts(base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5)
+    retention = retention_on_prompts(
+        base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+    )
     timings["retention_s"] = time.perf_counter() - t1
     concepts_report: dict[str, Any] = {}
     if t.concepts:  # every group before and after, where the world's judges can tell
@@ -413,7 +362,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "replay_prompts": len(replay_prompts),
         "replay_images": int(replay_set[0].shape[0]),
         "forget_conditions": len(forget_ids),
-        "adversarial_conditions": len(adversary.found) if adversary is not None else 0,
+        "adversarial_conditions": adversarial,
         "trained_parameters": trained,
         "retention": retention,
         "timings": timings,
@@ -421,9 +370,106 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     } | concepts_report
     write_json(out / "report.json", report)
     if t.concepts:
-        write_t2i_report(out, report, history.to_dict())
+        write_t2i_report(out, report, history)
     share.barrier()
     return report
+
+
+def _forget(
+    cfg: RunConfig,
+    base: TextToImageModel,
+    model: TextToImageModel,
+    lora_modules: list[str],
+    fisher: Fisher | None,
+    key: str,
+    concept: Concept,
+    replay: tuple[list[int], tuple[Tensor, Tensor]],
+    out: Path,
+    share: Share,
+) -> tuple[TextToImageModel, dict[str, Any], int, int]:
+    """Fine-tune ``model`` (theta*'s copy, its weights selected) to forget ``concept`` with ``train.forget``,
+    replaying ``replay`` (the kept conditions and the stored replay set), resumable from
+    ``out/forget_checkpoint`` under ``key``. With LoRA the adapter is added first, its initial weights
+    drawn from the run's seed alone (a rerun makes the same adapter), and anchored by the Fisher of the
+    base weights. Returns the model, its loss history, the number of trained weights and of adversarial
+    conditions found."""
+    t = cfg.t2i
+    device = next(model.parameters()).device
+    anchor: Anchor | None = None
+    if lora_modules:
+        torch.manual_seed(cfg.seed)  # the adapter's initial weights depend on the seed alone
+        layers = add_lora(model, lora_modules, t.lora_rank, float(t.lora_alpha or t.lora_rank))
+        if fisher is not None:  # F of the base weights, on the adapted effective weights
+            anchor = LoraEWCPenalty(fisher.values, layers, weight=cfg.forget.ewc_lambda).to(device)
+    else:  # the anchor at theta*: the weights as they are now
+        anchor = model_anchor(cfg.forget, fisher, model)
+    adversary = _adversary(cfg, base, model, out, share)
+    if t.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept, replay_set = replay
+    history = forget(
+        model,
+        concept,
+        make_replay(cfg.forget, theta_star_sampler(cfg.forget, model), kept, replay_set),
+        anchor,
+        Loop(cfg.forget, cfg.seed, t.mixed_precision, t.gradient_accumulation),
+        progress=cfg.progress,
+        checkpoint_dir=out / "forget_checkpoint",
+        key=key,
+        share=share,
+        adversary=adversary,
+    )
+    if t.gradient_checkpointing:
+        model.unet.disable_gradient_checkpointing()
+    return model, history.to_dict(), trained, len(adversary.found) if adversary is not None else 0
+
+
+def forgotten_dir(out: Path, t: TextToImageSection) -> Path:
+    """Where a single run writes the forgotten model: ``out/forget_lora`` (``t2i.output=lora``) or
+    ``out/forget`` (a stock diffusers pipeline)."""
+    return out / ("forget_lora" if t.output == "lora" else "forget")
+
+
+def save_forgotten(
+    model: TextToImageModel, target: Path, t: TextToImageSection, extra: dict[str, Any], *, adapter: bool
+) -> None:
+    """Write the forgotten model to ``target`` with ``extra`` (its settings hash, history...) in its
+    metadata: the LoRA adapter (``t2i.output=lora``; ``amnesia.json`` holds the metadata) or a stock
+    diffusers pipeline (``model_index.json``, written last; an ``adapter`` is merged into the UNet first)."""
+    if t.output == "lora":
+        out = target.parent
+        # diffusers writes the adapter in place: write it to a fresh directory and swap it in, so a
+        # reader of forget_lora sees the old adapter or the new one, never half of one
+        staging = out / ".forget_lora.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_lora(model, staging)
+        write_json(staging / ADAPTER_META, extra | {"base_model": str(Path(t.model).resolve())})
+        faults.point("model.weights_written")
+        old = out / ".forget_lora.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if adapter:
+        merge_lora(model)
+    model.save_pretrained(target, extra=extra, reference_text_encoder=True)
+
+
+def reuse_forgotten(model: TextToImageModel, target: Path, t: TextToImageSection) -> None:
+    """Give ``model`` (theta*'s copy) the forgotten weights ``save_forgotten`` wrote to ``target``: the
+    adapter (``t2i.output=lora``: the same peft layers the run trained), or the pipeline's UNet (an
+    adapter merged into it)."""
+    if t.output == "lora":
+        model.unet.load_lora_adapter(
+            str(target), weight_name="pytorch_lora_weights.safetensors", prefix="unet", adapter_name=ADAPTER
+        )
+        return
+    done = TextToImageModel.from_pretrained(target)
+    model.load_state_dict(done.state_dict())
+    del done
 
 
 def surrogate_names(groups: list[ConceptGroup]) -> str:
@@ -510,13 +556,20 @@ def write_t2i_report(out: Path, report: dict[str, Any], history: dict[str, Any] 
 
 @torch.no_grad()
 def retention_on_prompts(
-    base: TextToImageModel, forgotten: TextToImageModel, prompts: list[str], per_prompt: int, seed: int
+    base: TextToImageModel,
+    forgotten: TextToImageModel,
+    prompts: list[str],
+    per_prompt: int,
+    seed: int,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """How far the forgotten model's images moved from theta*'s on the same prompts and seeds."""
+    """How far the forgotten model's images moved from theta*'s on the same prompts and seeds; with
+    ``cache_dir`` both sets are kept in ``cache_dir/base`` and ``cache_dir/forget`` (a rerun reads them)."""
     if per_prompt == 0:
         return {}
     from selective_amnesia.evaluate.nudity import retention_report
 
-    before = base.to_uint8(prompt_latents(base, prompts, per_prompt, seed, None)[0])
-    after = forgotten.to_uint8(prompt_latents(forgotten, prompts, per_prompt, seed, None)[0])
+    where = {name: cache_dir / name if cache_dir is not None else None for name in ("base", "forget")}
+    before = base.to_uint8(prompt_latents(base, prompts, per_prompt, seed, where["base"])[0])
+    after = forgotten.to_uint8(prompt_latents(forgotten, prompts, per_prompt, seed, where["forget"])[0])
     return retention_report(before, after) | {"prompts": len(prompts), "per_prompt": per_prompt}

@@ -37,16 +37,18 @@ from typing import Any
 
 import torch
 
+from selective_amnesia.cache_keys import finished
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.defences import defended_groups
 from selective_amnesia.distributed import current_share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
-from selective_amnesia.io import partial_dir, read_json, state_hash
-from selective_amnesia.models.text_to_image import META_KEY, TextToImageModel
+from selective_amnesia.io import state_hash
+from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.objective import Anchor
-from selective_amnesia.pipeline import settings_hash
+from selective_amnesia.pipeline import stage_fisher
 from selective_amnesia.pipeline_t2i import (
+    forget_key,
     forget_surrogate,
     group_rows,
     prompt_latents,
@@ -56,8 +58,6 @@ from selective_amnesia.pipeline_t2i import (
     select_weights,
     surrogate_latents,
     surrogate_names,
-    t2i_fisher,
-    t2i_settings,
     write_t2i_report,
 )
 from selective_amnesia.progress import stage
@@ -71,27 +71,6 @@ from selective_amnesia.sequence import (
 )
 from selective_amnesia.surrogate import StoredImages, Surrogate
 from selective_amnesia.train import Concept, Loop, ewc_anchor, forget, model_anchor
-
-# settings that decide a step only from step 2 on (they are in its step_key): left out of every step's
-# settings, so step 1 is the same whatever the anchor or replay choice; the checkpoint and log intervals
-# change nothing
-_NOT_IN_STEP_KEY = (
-    "sequence",
-    "anchor",
-    "online_alpha",
-    "replay_forgotten",
-    "replay_model",
-    "checkpoint_every",
-    "log_every",
-)
-
-
-def _reusable(step_dir: Path, key: str) -> bool:
-    index = step_dir / "model_index.json"  # written last: an interrupted save is not reused
-    if not index.is_file():
-        return False
-    meta = read_json(index)
-    return isinstance(meta, dict) and (meta.get(META_KEY) or {}).get("settings_hash") == key
 
 
 def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
@@ -113,9 +92,9 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     groups = {g.name: g for g in t.groups()}
     steps = f.steps_names()
     order = [groups[name] for step in steps for name in step]  # the groups in the order they go
-    # every group's prompts and the replay prompts kept by all steps: the prompts of every Fisher
-    forget_ids, replay_all, replay_ids = register_prompts(cfg, base)
-    fisher_labels = forget_ids + replay_ids
+    # every group's prompts and the replay prompts, registered first (the prompt table's order): the
+    # prompts of every Fisher (stage_fisher registers them again: the same indices)
+    _, replay_all, _ = register_prompts(cfg, base)
     lines = read_prompts(t.replay_prompts)
     conditions, template_replay = defended_groups(cfg, base, order, replay_all)
     conds = {g.name: ids for g, ids in zip(order, conditions, strict=True)}
@@ -142,8 +121,7 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t1 = time.perf_counter()
     if use_ewc:
         say(f"Fisher of theta_0 ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
-        path = out / "fisher.safetensors"
-        fisher0 = t2i_fisher(cfg, model, fisher_labels, path, partial_dir(path))
+        fisher0 = stage_fisher(cfg, model, out)  # OUT/fisher.safetensors
     timings["fisher_s"] = time.perf_counter() - t1
     base_hash = state_hash(base.state_dict())
     anchors = AnchorFishers(f, fisher0, len(steps))
@@ -198,13 +176,10 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
                 anchor_meta = {"fisher": fisher0.metadata, "theta_0": base_hash}
             else:
                 prev = out / "steps" / str(k - 1)
-                fisher_path = prev / "fisher.safetensors"  # F(theta_(k-1)), beside theta_(k-1)
-                estimate = functools.partial(
-                    t2i_fisher, own_fisher, model, fisher_labels, fisher_path, partial_dir(fisher_path)
-                )
+                # F(theta_(k-1)), beside theta_(k-1)
+                estimate = functools.partial(stage_fisher, own_fisher, model, prev)
                 anchor_fisher = anchors.for_step(k, estimate, prev)
                 anchor_meta = anchor_fisher.metadata
-        settings = {name: v for name, v in to_dict(f).items() if name not in _NOT_IN_STEP_KEY}
         sets = state_hash(
             {
                 "replay": replay_set[0],
@@ -212,24 +187,15 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
                 "surrogate": torch.cat([surrogates[name] for name in step]),
             }
         )
-        parts: list[Any] = [
-            settings,
-            t2i_settings(t),
-            cfg.seed,
-            state_hash(model.state_dict()),  # theta_(k-1)
-            anchor_meta,
-            sets,
-            step,
-        ]
-        if k > 1:
-            parts.append(step_key(f, k, forgotten))
-        key = settings_hash(*parts)  # JSON: a Fisher's metadata read back from its file hashes the same
+        more: list[Any] = [step] if k == 1 else [step, step_key(f, k, forgotten)]
+        key = forget_key(cfg, state_hash(model.state_dict()), anchor_meta, sets, *more)  # from theta_(k-1)
         forgotten += step
-        reused = _reusable(step_dir, key)
-        if reused:
+        meta = finished(step_dir, key)
+        reused = meta is not None
+        if meta is not None:
             done = TextToImageModel.from_pretrained(step_dir)
             model.load_state_dict(done.state_dict())
-            history = read_json(step_dir / "model_index.json")[META_KEY]["history"]
+            history = meta["history"]
             del done
         else:
             if t.gradient_checkpointing:
@@ -278,7 +244,9 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
 
     t1 = time.perf_counter()
     say("evaluation (every concept after every step, where the world's judges can tell) and report")
-    retention = retention_on_prompts(base, model, kept_prompts, t.retention_per_prompt, cfg.seed + 5)
+    retention = retention_on_prompts(
+        base, model, kept_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+    )
     sequence = sequence_info(f, steps)
     measured = _measure(cfg, base, model, out, steps, order, device)
     sequence |= measured.pop("table", {})

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib
 import logging
 import math
@@ -28,8 +27,9 @@ import torch
 from torch import Tensor
 
 from selective_amnesia import faults
+from selective_amnesia.cache_keys import cached_set
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import cached_tensor, state_hash
+from selective_amnesia.io import state_hash
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def generate_rows(
 ) -> Tensor:
     """uint8 images (N, C, H, W), image i from ``rows[i]`` with that row's seed and guidance scale.
 
-    With ``cache_dir`` every finished batch is kept there (keyed by the weights, prompts, seeds and
-    sampler), so an interrupted evaluation resumes at the first missing batch.
+    With ``cache_dir`` every finished batch is kept there (``cache_keys.cached_set``, keyed by the
+    weights, prompts, seeds and sampler), so an interrupted evaluation resumes at the first missing batch.
 
     Guidance scale is one per ``sample`` call, so rows are batched by scale; every image has its own CPU
     generator seeded with ``row.seed``, which makes an image independent of its batch-mates and equal
@@ -142,10 +142,7 @@ def generate_rows(
         for w, positions in groups.items():
             for lo in range(0, len(positions), batch_size):
                 chunk = positions[lo : lo + batch_size]
-                key = repr((weights, [(rows[p].prompt, rows[p].seed) for p in chunk], w, num_inference_steps))
-                path = None
-                if cache_dir is not None:
-                    path = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+                key = [weights, [(rows[p].prompt, rows[p].seed) for p in chunk], w, num_inference_steps]
 
                 def make(chunk: list[int] = chunk, w: float = w) -> Tensor:
                     cond = model.prompt_ids([rows[p].prompt for p in chunk])
@@ -155,7 +152,8 @@ def generate_rows(
                     )
                     return model.to_uint8(latents).cpu()
 
-                images, made = cached_tensor(path, key, "images", make)
+                # one file per batch, named by its key (a batch of other rows or weights is another file)
+                images, made = cached_set(cache_dir, key, key, make)
                 if made:
                     faults.point("evaluate.batch")
                 for p, img in zip(chunk, images, strict=True):
