@@ -44,8 +44,10 @@ def _split_positionals(items: list[str]) -> tuple[str | None, list[str]]:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     """The command's config, loaded once (``main`` loads it first, to check outputs against its paths)."""
+    from selective_amnesia.config import RunConfig, load_config
+
     cached = getattr(args, "loaded_config", None)
-    if cached is not None:
+    if isinstance(cached, RunConfig):
         return cached
     path, overrides = _split_positionals(args.config_and_overrides)
     if args.no_progress or getattr(args, "quiet", False):
@@ -60,13 +62,11 @@ def _config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"device={device}")
     if getattr(args, "report_to", None) is not None:
         overrides.append(f"report_to={args.report_to}")
-    from selective_amnesia.config import load_config
-
     cfg = load_config(path, overrides)
     if cfg.t2i.model:  # a Hub id names the snapshot in the user's HF cache
         cfg.t2i.model = resolve_model(cfg.t2i.model)
     args.loaded_config = cfg
-    return args.loaded_config
+    return cfg
 
 
 def resolve_model(value: str) -> str:
@@ -726,7 +726,7 @@ a config or override may change them, but naming another forget label or data se
 }
 
 
-class _LazySubParsers(argparse._SubParsersAction):
+class _LazySubParsers(argparse._SubParsersAction[argparse.ArgumentParser]):
     """Subcommands whose options live in heavy modules (torch) get them only when they are chosen, so
     the parser and ``--help`` are built without importing torch."""
 

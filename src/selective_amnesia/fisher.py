@@ -157,7 +157,8 @@ def _squared_grads_vmap(
     buffers = dict(wrapper.named_buffers())
 
     def one(p: dict[str, Tensor], xi: Tensor, ci: Tensor, ni: Any) -> Tensor:
-        return functional_call(wrapper, (p, buffers), (xi[None], ci[None], _rows(ni, None))).sum()
+        out: Tensor = functional_call(wrapper, (p, buffers), (xi[None], ci[None], _rows(ni, None)))
+        return out.sum()
 
     grads = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, x, cond, noise)
     return {n.removeprefix("model."): g.double().pow(2).sum(0) for n, g in grads.items()}

@@ -388,6 +388,7 @@ def process_share() -> tuple[int, int, Callable[[Tensor], Tensor] | None]:
     state = PartialState(cpu=not torch.cuda.is_available())
 
     def total(t: Tensor) -> Tensor:
-        return reduce(t.to(state.device), reduction="sum").to(t.device)
+        summed: Tensor = reduce(t.to(state.device), reduction="sum")
+        return summed.to(t.device)
 
     return state.process_index, state.num_processes, total

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import copy
-from typing import Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
-def frozen_copy(model: nn.Module) -> nn.Module:
+_Freezable = TypeVar("_Freezable", bound="_Module")
+
+
+class _Module(Protocol):
+    """What ``frozen_copy`` uses: a torch module, or a model seen as ``ConditionalGenerativeModel``."""
+
+    def eval(self: _Freezable) -> _Freezable: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+def frozen_copy(model: _Freezable) -> _Freezable:
     """A deep copy with gradients off, in eval mode: theta* as the replay source (as in Avalanche)."""
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
@@ -24,7 +38,7 @@ class Replay(Protocol):
 class GenerativeReplay:
     """Draws c ~ p_r(c) uniformly over ``labels`` and x ~ p(x|theta*, c), fresh each call."""
 
-    def __init__(self, frozen_model: nn.Module, labels: list[int]) -> None:
+    def __init__(self, frozen_model: ConditionalGenerativeModel, labels: list[int]) -> None:
         if not labels:
             raise ValueError("generative replay needs at least one remembered class")
         self.model = frozen_model
@@ -32,7 +46,7 @@ class GenerativeReplay:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         cond = self.labels[torch.randint(len(self.labels), (n,), generator=generator)]
-        return self.model.sample(cond, generator=generator), cond  # type: ignore[operator]
+        return self.model.sample(cond, generator=generator), cond
 
 
 class StoredReplay:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
 
 class Surrogate(Protocol):
@@ -27,12 +30,12 @@ class UniformNoise:
 class ModelSamples:
     """Samples of one class from a frozen model: the naive objective's x ~ p(x|theta*, c_f)."""
 
-    def __init__(self, model: object, label: int) -> None:
+    def __init__(self, model: ConditionalGenerativeModel, label: int) -> None:
         self.model, self.label = model, label
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         cond = torch.full((n,), self.label, dtype=torch.int64)
-        return self.model.sample(cond, generator=generator)  # type: ignore[attr-defined]
+        return self.model.sample(cond, generator=generator)
 
 
 class StoredImages:

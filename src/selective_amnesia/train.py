@@ -65,12 +65,12 @@ def make_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, eps=eps)
     if name == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            from bitsandbytes.optim.adamw import AdamW8bit
         except ImportError:
             raise AmnesiaError(
                 "optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)"
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, eps=eps)
+        return AdamW8bit(params, lr=lr, weight_decay=weight_decay, eps=eps)
     raise AmnesiaError(f"optimizer must be adam, adamw or adamw8bit, got {name!r}")
 
 
@@ -273,7 +273,7 @@ def pretrain(
 def make_surrogate(
     cfg: ForgetConfig,
     model: ConditionalGenerativeModel,
-    frozen: nn.Module | None,
+    frozen: ConditionalGenerativeModel | None,
     surrogate_images: Tensor | None = None,
 ) -> Surrogate:
     """q(x|c_f) for the surrogate objective, or samples of c_f from theta* (``frozen``) for the naive one.
@@ -317,18 +317,20 @@ class Concept:
         return x, self.conditions[torch.randint(len(self.conditions), (n,), generator=generator)]
 
 
-def theta_star_sampler(cfg: ForgetConfig, model: ConditionalGenerativeModel) -> nn.Module | None:
+def theta_star_sampler(
+    cfg: ForgetConfig, model: ConditionalGenerativeModel
+) -> ConditionalGenerativeModel | None:
     """theta* as a frozen copy of ``model`` when something samples from it while training (fresh replay,
     the naive objective), else None: a stored set needs none (a whole UNet saved, 3.2 GiB for SD). Taken
     before training, so before a checkpoint may overwrite the weights."""
     if cfg.objective == "naive" or (cfg.replay == "fresh" and cfg.replay_weight > 0):
-        return frozen_copy(_module(model))
+        return frozen_copy(model)
     return None
 
 
 def make_replay(
     cfg: ForgetConfig,
-    frozen: nn.Module | None,
+    frozen: ConditionalGenerativeModel | None,
     remembered: list[int],
     replay_set: tuple[Tensor, Tensor] | None = None,
 ) -> Replay | None:

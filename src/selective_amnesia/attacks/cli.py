@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 
 
 def add_attack_parser(
-    subparsers: Any, formatter_class: type[argparse.HelpFormatter]
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    formatter_class: type[argparse.HelpFormatter],
 ) -> argparse.ArgumentParser:
     """Add ``attack`` and its three attacks to the CLI's subparsers; returns the ``attack`` parser."""
     help_ = "attack a text-to-image model's forgetting: paraphrases, soft prompts, discrete prompts"
-    p = subparsers.add_parser("attack", help=help_, description=help_, formatter_class=formatter_class)
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "attack", help=help_, description=help_, formatter_class=formatter_class
+    )
     p.set_defaults(fn=cmd_attack)
-    kinds = p.add_subparsers(
+    kinds: argparse._SubParsersAction[argparse.ArgumentParser] = p.add_subparsers(
         dest="attack", required=True, metavar="{" + ",".join(ATTACKS) + "}", parser_class=type(p)
     )
     a = _common_arguments(
@@ -69,7 +72,10 @@ def add_attack_parser(
 
 
 def _common_arguments(
-    kinds: Any, formatter_class: type[argparse.HelpFormatter], name: str, help_: str
+    kinds: argparse._SubParsersAction[argparse.ArgumentParser],
+    formatter_class: type[argparse.HelpFormatter],
+    name: str,
+    help_: str,
 ) -> argparse.ArgumentParser:
     """One attack's parser with the options every attack has."""
     a: argparse.ArgumentParser = kinds.add_parser(

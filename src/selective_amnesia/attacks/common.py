@@ -34,7 +34,8 @@ GRID_ROWS, GRID_COLUMNS, GRID_MIN_SIDE = 16, 8, 64
 
 
 def unet_weight(model: TextToImageModel) -> Tensor:
-    return next(model.unet.parameters())
+    weight: Tensor = next(model.unet.parameters())
+    return weight
 
 
 def expand(embeds: Embeds, batch: int) -> Embeds:
@@ -58,7 +59,7 @@ def denoising_loss(
     z_t = s * x + s1 * eps
     target = eps if model.prediction_type == "epsilon" else s * eps - s1 * x
     text = {k: v.to(w.device, w.dtype) for k, v in embeds.items()}
-    pred = model.unet(z_t, timesteps, **unet_kwargs(text)).sample
+    pred: Tensor = model.unet(z_t, timesteps, **unet_kwargs(text)).sample
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 

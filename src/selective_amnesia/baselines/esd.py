@@ -110,7 +110,7 @@ def sample_until(
     scheduler = model.sampling_scheduler("ddim")
     scheduler.set_timesteps(n_steps, device=start.device)
     b = start.shape[0]
-    x = start * scheduler.init_noise_sigma
+    x: Tensor = start * scheduler.init_noise_sigma
     both = _pair(model.null_embeds, concept, b, x)
     for t in scheduler.timesteps[:steps_done]:
         inp = scheduler.scale_model_input(torch.cat([x, x]), t)

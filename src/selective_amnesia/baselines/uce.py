@@ -62,7 +62,9 @@ def closed_form_edit(
         raise AmnesiaError(
             "UCE's matrix (sum c c^T) is singular (uce.lamb=0): set uce.lamb > 0 or keep more prompts"
         )
-    return torch.linalg.solve(mat2, mat1.T).T  # W = mat1 mat2^-1  <=>  mat2 W^T = mat1^T (mat2 symmetric)
+    # W = mat1 mat2^-1  <=>  mat2 W^T = mat1^T (mat2 symmetric)
+    w_new: Tensor = torch.linalg.solve(mat2, mat1.T).T
+    return w_new
 
 
 def last_word_index(model: TextToImageModel, prompt: str) -> int:

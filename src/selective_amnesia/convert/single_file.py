@@ -238,7 +238,7 @@ def _read_pipeline_index(directory: Path, flag: str) -> dict[str, Any]:
 
     if not (directory / "model_index.json").is_file():
         raise AmnesiaError(f"{flag} {directory} is not a diffusers pipeline directory (no model_index.json)")
-    index = read_json(directory / "model_index.json")
+    index: dict[str, Any] = read_json(directory / "model_index.json")
     kind = index.get("_class_name") if isinstance(index, dict) else None
     if kind not in SINGLE_FILE_PIPELINES:
         raise AmnesiaError(

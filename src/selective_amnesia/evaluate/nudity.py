@@ -150,7 +150,8 @@ def generate_rows(
                     latents = model.sample(
                         cond, generator=gens, guidance_scale=w, num_inference_steps=num_inference_steps
                     )
-                    return model.to_uint8(latents).cpu()
+                    images: Tensor = model.to_uint8(latents).cpu()
+                    return images
 
                 # one file per batch, named by its key (a batch of other rows or weights is another file)
                 images, made = cached_set(cache_dir, key, key, make)

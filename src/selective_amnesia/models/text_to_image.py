@@ -177,7 +177,7 @@ def _load_components(
     return unet, vae, encoders, sched
 
 
-class TextToImageModel(DiffusionModel):
+class TextToImageModel(DiffusionModel[TextToImageConfig, "UNet2DConditionModel"]):
     """Satisfies ``ConditionalGenerativeModel`` for latent text-to-image diffusion; ``x`` are latents.
 
     SD 1.x/2.x: ``TextToImageModel(unet, vae, text_encoder, tokenizer, scheduler_config)``; SDXL: also
@@ -346,7 +346,8 @@ class TextToImageModel(DiffusionModel):
         core's ``eps_loss`` (the name ``nelbo_all_timesteps``, the Fisher and the attacks use) averages
         ||model(z_t, t, text) - target||^2 over latent entries, as the reference."""
         text = _embeds_to(self._cond_embeds(cond), x_t.device, x_t.dtype)
-        return self.unet(x_t, timesteps, **unet_kwargs(text)).sample
+        eps: Tensor = self.unet(x_t, timesteps, **unet_kwargs(text)).sample
+        return eps
 
     def _guided_pair(self, cond: Tensor, device: torch.device, dtype: torch.dtype) -> GuidedPair:
         # as the stock pipeline: the unconditional half first
@@ -371,7 +372,7 @@ class TextToImageModel(DiffusionModel):
     ) -> None:
         """Change the sampling defaults given (not None): what ``sample`` uses and ``save_pretrained``
         stores."""
-        given = {
+        given: dict[str, Any] = {
             "sampler": sampler,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
