@@ -726,7 +726,13 @@ a config or override may change them, but naming another forget label or data se
 }
 
 
-class _LazySubParsers(argparse._SubParsersAction[argparse.ArgumentParser]):
+if TYPE_CHECKING:
+    _SubParsersBase = argparse._SubParsersAction[argparse.ArgumentParser]
+else:  # not subscriptable at run time
+    _SubParsersBase = argparse._SubParsersAction
+
+
+class _LazySubParsers(_SubParsersBase):
     """Subcommands whose options live in heavy modules (torch) get them only when they are chosen, so
     the parser and ``--help`` are built without importing torch."""
 

@@ -23,9 +23,11 @@ from selective_amnesia.errors import AmnesiaError
 if TYPE_CHECKING:
     from selective_amnesia.config import ModelConfig, RunConfig
     from selective_amnesia.fisher import Fisher
+    from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
+    from selective_amnesia.models.text_to_image import TextToImageModel
 
 
-def _no_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+def _no_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
     return {}
 
 
@@ -35,12 +37,14 @@ class Family:
 
     name: str  # model.family, the "family" of a model's config.json, a loaded model's ``.family``
     title: str  # how messages name its models ("a text-to-image model")
-    load: Callable[[Path], Any]  # a checked, complete model directory -> the model (``load_model``)
+    load: Callable[
+        [Path], ConditionalGenerativeModel
+    ]  # a checked, complete model directory -> the model (``load_model``)
     fisher_estimators: Callable[[], tuple[str, ...]]  # the fisher.estimator values that apply to it
     # the Fisher of a loaded model with a run's fisher.* settings, resumable from a checkpoint folder
     # (``amnesia fisher``; every pipeline's Fisher stage, ``pipeline.stage_fisher``): (cfg, model,
     # checkpoint_dir) -> Fisher, whose metadata holds what ``fisher_settings`` names
-    fisher: Callable[[RunConfig, Any, Path | None], Fisher]
+    fisher: Callable[[RunConfig, ConditionalGenerativeModel, Path | None], Fisher]
     # conditioned on text prompts: run by pipeline_t2i (run and forget write a run directory), sampled with
     # --prompt, evaluated by prompt metrics, erasable by the baselines (method esd/uce); else on class
     # labels 0..9 and run by the class pipeline (pipeline.run_pipeline), sampled with --labels
@@ -52,7 +56,7 @@ class Family:
     fisher_shared: bool = True
     # what a stored Fisher must also have been made with to be reused, beyond the model's hash, the
     # number of samples and the seed: (cfg, model) -> settings
-    fisher_settings: Callable[[RunConfig, Any], dict[str, Any]] = _no_settings
+    fisher_settings: Callable[[RunConfig, ConditionalGenerativeModel], dict[str, Any]] = _no_settings
     # a file whose presence names the family of a model directory (a diffusers pipeline's
     # model_index.json); None: the directory's config.json says {"family": name}
     marker: str | None = None
@@ -71,6 +75,8 @@ class Family:
     sampler_defaults: Callable[[ModelConfig], dict[str, Any]] | None = None
     # (dataset, image size) of the evaluation judges, when they are not the run's data.* ones
     judges: tuple[str, int | None] | None = None
+    # ``evaluate --relearn`` fine-tunes its models on real images of a class (the paper's relearning test)
+    relearnable: bool = False
 
     @property
     def trainable(self) -> bool:
@@ -106,7 +112,7 @@ def _cvae_size(fields: Mapping[str, Any], source: str) -> tuple[int, int] | None
     return None if config is None else (num_parameters(config), 0)
 
 
-def _cvae_load(path: Path) -> Any:
+def _cvae_load(path: Path) -> ConditionalGenerativeModel:
     from selective_amnesia.models import load_weights_directory
 
     return load_weights_directory(path, "cvae")
@@ -119,7 +125,10 @@ def _vae_estimators() -> tuple[str, ...]:
 
 
 def _class_fisher_settings(
-    cfg: RunConfig, model: Any, checkpoint_dir: Path | None, labels: list[int] | None = None
+    cfg: RunConfig,
+    model: ConditionalGenerativeModel,
+    checkpoint_dir: Path | None,
+    labels: list[int] | None = None,
 ) -> dict[str, Any]:
     """The Fisher settings every estimator takes; its samples' conditions are ``labels``, by default
     all the classes of a class-conditional model."""
@@ -137,7 +146,7 @@ def _class_fisher_settings(
     }
 
 
-def _vae_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fisher:
+def _vae_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None) -> Fisher:
     from selective_amnesia.fisher import estimate_fisher
 
     common = _class_fisher_settings(cfg, model, checkpoint_dir)
@@ -169,7 +178,7 @@ def _ddpm_size(fields: Mapping[str, Any], source: str) -> tuple[int, int] | None
     return None if config is None else (unet_parameters(config), extra)
 
 
-def _ddpm_load(path: Path) -> Any:
+def _ddpm_load(path: Path) -> ConditionalGenerativeModel:
     from selective_amnesia.models.ddpm import ConditionalDDPM
 
     return ConditionalDDPM.from_pretrained(path)
@@ -187,7 +196,7 @@ def _diffusion_estimators() -> tuple[str, ...]:
     return DIFFUSION_ESTIMATORS
 
 
-def _ddpm_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+def _ddpm_fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
     from selective_amnesia.sampling import SAMPLER_DEFAULTS
 
     f = cfg.fisher
@@ -199,7 +208,10 @@ def _ddpm_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
 
 
 def _diffusion_fisher(
-    cfg: RunConfig, model: Any, checkpoint_dir: Path | None, labels: list[int] | None = None
+    cfg: RunConfig,
+    model: ConditionalDiffusionModel,
+    checkpoint_dir: Path | None,
+    labels: list[int] | None = None,
 ) -> Fisher:
     """The diffusion Fisher over ``labels`` (default: every class), shared by the processes under
     ``accelerate launch`` (each keeps its own checkpoint folder)."""
@@ -226,14 +238,18 @@ def _diffusion_fisher(
     return fisher
 
 
-def _ddpm_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fisher:
+def _ddpm_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None) -> Fisher:
+    from selective_amnesia.models.ddpm import ConditionalDDPM
+
+    if not isinstance(model, ConditionalDDPM):
+        raise TypeError(f"the ddpm Fisher needs a ConditionalDDPM, got {type(model).__name__}")
     return _diffusion_fisher(cfg, model, checkpoint_dir)
 
 
 # ---- text_to_image ------------------------------------------------------------------------------
 
 
-def _t2i_load(path: Path) -> Any:
+def _t2i_load(path: Path) -> ConditionalGenerativeModel:
     from selective_amnesia.models.text_to_image import TextToImageModel
 
     # from_pretrained picks SD 1.x/2.x or SDXL conditioning by model_index.json's _class_name (there, so
@@ -241,7 +257,15 @@ def _t2i_load(path: Path) -> Any:
     return TextToImageModel.from_pretrained(path)
 
 
-def _t2i_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+def _text_to_image(model: ConditionalGenerativeModel) -> TextToImageModel:
+    from selective_amnesia.models.text_to_image import TextToImageModel
+
+    if not isinstance(model, TextToImageModel):
+        raise TypeError(f"a text_to_image family function got a {type(model).__name__}")
+    return model
+
+
+def _t2i_fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
     """The diffusion estimator's settings, the loss's scale, the prompts the Fisher is over (the run's
     forget and replay prompts) and which weights it is of (the hash of the selected weights' names)."""
     from selective_amnesia.cache_keys import settings_hash
@@ -249,6 +273,7 @@ def _t2i_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
     from selective_amnesia.sampling import effective_sampler
 
     f = cfg.fisher
+    model = _text_to_image(model)
     forget_ids, _, replay_ids = register_prompts(cfg, model)
     settings: dict[str, Any] = {
         "estimator": f.estimator,
@@ -262,13 +287,14 @@ def _t2i_fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
     return settings
 
 
-def _t2i_fisher(cfg: RunConfig, model: Any, checkpoint_dir: Path | None) -> Fisher:
+def _t2i_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None) -> Fisher:
     """Over the run's forget and replay prompts, for the selected weights (``t2i.train``; with LoRA, the
     base weights of the adapted modules); its metadata holds ``_t2i_fisher_settings``."""
     from selective_amnesia.pipeline_t2i import register_prompts, select_weights
 
     if not cfg.t2i.forget_prompts:
         raise AmnesiaError("t2i.forget_prompts: name the concept to forget (a list of prompts)")
+    model = _text_to_image(model)
     forget_ids, _, replay_ids = register_prompts(cfg, model)
     select_weights(cfg, model)
     fisher = _diffusion_fisher(cfg, model, checkpoint_dir, forget_ids + replay_ids)
@@ -294,6 +320,7 @@ FAMILIES: dict[str, Family] = {
         settings_key="model.hidden_dims/latent_dim",
         size=_cvae_size,
         weights_file="model.safetensors",
+        relearnable=True,
     ),
     "ddpm": Family(
         name="ddpm",

@@ -19,6 +19,7 @@ from selective_amnesia.data import ImageDataset
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.evaluate.classifier import MNISTClassifier
+from selective_amnesia.families import get_family
 from selective_amnesia.sampling import sample_per_label
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def relearn_curve(
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``model`` on ``num_images`` real images of ``label``; the fraction of its
     samples drawn as ``label`` after 0, steps/4, steps/2 and ``steps`` steps."""
-    if getattr(model, "family", None) != "cvae":  # the registry has no "relearnable" entry yet
+    if not get_family(model.family).relearnable:
         raise AmnesiaError("--relearn fine-tunes the conditional VAE; this model is not one")
     if num_images < 1 or steps < 1:
         raise AmnesiaError(

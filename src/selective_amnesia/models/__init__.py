@@ -75,9 +75,7 @@ def load_model(path: str | Path, *, check_state: bool = True) -> ConditionalGene
         entry = declared_family(family)
         if entry is None:
             raise AmnesiaError(f"{path}: unknown model family {family!r}")
-    # ``Family.load`` returns Any (families.py imports no model); every family's load gives one of these
-    model: ConditionalGenerativeModel = entry.load(path)
-    return model
+    return entry.load(path)
 
 
 def load_weights_directory(path: Path, family: str) -> ConditionalGenerativeModel:
