@@ -25,6 +25,8 @@ from selective_amnesia.families import FAMILIES, Family, declared_family, get_fa
 # registry imports none of them)
 if TYPE_CHECKING:
     from selective_amnesia.config import RunConfig
+    from selective_amnesia.evaluate.nudity import PromptRow
+    from selective_amnesia.models.text_to_image import TextToImageModel
 
 EXIT_BAD_INPUT = 2
 
@@ -390,7 +392,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.model).to(device)
     family = get_family(model.family)
     if family.prompted:
+        from selective_amnesia.models.text_to_image import TextToImageModel
+
         _check_sample_args(args, family)
+        assert isinstance(model, TextToImageModel)  # the prompted family's model
         return _sample_prompts(model, args, out, prompts)
     _check_sample_args(args, family)  # a directory that did not say its family
     assert args.labels is not None
@@ -453,7 +458,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _sample_prompts(model: Any, args: argparse.Namespace, out: Path, prompts: list[str]) -> int:
+def _sample_prompts(model: TextToImageModel, args: argparse.Namespace, out: Path, prompts: list[str]) -> int:
     """Text-to-image: --num-per-label images of each prompt; image i of a prompt depends only on
     (seed, prompt, i). The .npz holds images, labels (index into prompts) and prompts."""
     from selective_amnesia.images import as_uint8_nhwc, write_samples
@@ -507,6 +512,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows = read_i2p_csv(args.i2p_csv)
     model = load_model(args.model).to(resolve_device(cfg.device))
     if get_family(model.family).prompted:
+        from selective_amnesia.models.text_to_image import TextToImageModel
+
+        assert isinstance(model, TextToImageModel)  # the prompted family's model
         return _evaluate_text_to_image(model, args, out, rows)
     if args.i2p_csv or args.identity_scorer:
         raise AmnesiaError("--i2p-csv and --identity-scorer apply to text-to-image models")
@@ -565,7 +573,9 @@ def _relearn(cfg: RunConfig, model: Any, args: argparse.Namespace, classifiers: 
     return relearn
 
 
-def _evaluate_text_to_image(model: Any, args: argparse.Namespace, out: Path, rows: Any) -> int:
+def _evaluate_text_to_image(
+    model: TextToImageModel, args: argparse.Namespace, out: Path, rows: list[PromptRow] | None
+) -> int:
     """NudeNet over an I2P-format CSV (each row's seed and guidance scale): EXPOSED classes as boxes and
     images at --threshold, face presence, and an optional identity scorer (module:attr)."""
     from selective_amnesia.evaluate import nudity

@@ -91,8 +91,8 @@ class Fisher:
             )
         # a Fisher of another per-sample loss scale (entries summed vs averaged) gives lambda another meaning;
         # Fishers written before the key existed were of the summed loss
-        want, got = getattr(model, "loss_entries", None), self.metadata.get("loss_entries", "sum")
-        if want is not None and got != want:
+        want, got = model.loss_entries, self.metadata.get("loss_entries", "sum")
+        if got != want:
             raise AmnesiaError(
                 f"{source} was estimated with the loss's {got} over entries, this model uses their {want} "
                 "(the reference's scale): estimate it again with `amnesia fisher`"

@@ -362,7 +362,7 @@ class _Estimate:
             "model_hash": self.model_hash,
             "seconds": round(seconds, 3),
             "num_train_timesteps": self.n_t,
-            "loss_entries": getattr(self.model, "loss_entries", "sum"),
+            "loss_entries": self.model.loss_entries,
             "timestep_chunk": s.timestep_chunk,
             "sampler": self.sampler,  # the samples' sampler
             "unet_image_evaluations": s.num_samples

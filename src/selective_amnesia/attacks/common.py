@@ -214,7 +214,7 @@ def load_attacked_model(path: str | Path, device: str) -> TextToImageModel:
     model = load_model(path)
     if not isinstance(model, TextToImageModel):
         raise AmnesiaError(
-            f"{path} is a {getattr(model, 'family', type(model).__name__)} model without a text encoder: "
+            f"{path} is a {model.family} model without a text encoder: "
             "attacks need a text-to-image pipeline directory"
         )
     return model.to(device)

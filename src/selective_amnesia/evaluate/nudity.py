@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from selective_amnesia import faults
 from selective_amnesia.cache_keys import cached_set
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import state_hash
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.text_to_image import TextToImageModel
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ def read_i2p_csv(path: str | Path) -> list[PromptRow]:
 
 
 def generate_rows(
-    model: Any,
+    model: TextToImageModel,
     rows: list[PromptRow],
     *,
     batch_size: int = 8,
