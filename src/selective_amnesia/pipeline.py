@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def model_labels(model: Any) -> list[int]:
+def model_labels(model: ConditionalGenerativeModel) -> list[int]:
     return list(range(model.config.num_classes))
 
 
@@ -63,7 +63,7 @@ def forgotten_classes(cfg: RunConfig) -> list[int]:
     return [c for step in cfg.forget.steps_labels() for c in step]
 
 
-def checked_labels(cfg: RunConfig, model: Any) -> list[int]:
+def checked_labels(cfg: RunConfig, model: ConditionalGenerativeModel) -> list[int]:
     """The model's classes, after checking that every class to forget is one of them and one is kept."""
     labels = model_labels(model)
     concepts = forgotten_classes(cfg)
@@ -79,9 +79,9 @@ def checked_labels(cfg: RunConfig, model: Any) -> list[int]:
 
 def evaluate_with_config(
     cfg: RunConfig,
-    model: Any,
+    model: ConditionalGenerativeModel,
     classifiers: list[MNISTClassifier],
-    test: Any,
+    test: ImageDataset,
     real_feats: torch.Tensor | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
@@ -136,10 +136,10 @@ def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
         load_tensors(cfg.fisher.path)
 
 
-def load_model_data(cfg: RunConfig, split: str, model: Any) -> ImageDataset:
+def load_model_data(cfg: RunConfig, split: str, model: ConditionalGenerativeModel) -> ImageDataset:
     """The dataset at the model's resolution (``data.image_size``), checked against the model's shape."""
     data = load_dataset(cfg.data.dataset, split, cfg.data.root, cfg.data.image_size)
-    shape = tuple(getattr(model, "image_shape", data.images.shape[1:]))
+    shape = tuple(model.image_shape)
     if tuple(data.images.shape[1:]) != shape:
         raise AmnesiaError(
             f"{cfg.data.dataset} images are {tuple(data.images.shape[1:])} after data.image_size="
@@ -178,7 +178,9 @@ def _model_settings(cfg: RunConfig) -> dict[str, Any]:
     return settings
 
 
-def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path, *, write: bool = True) -> None:
+def _apply_sampler_defaults(
+    cfg: RunConfig, model: ConditionalGenerativeModel, model_dir: Path, *, write: bool = True
+) -> None:
     """A reused diffusion base takes the config's sampler defaults (they do not change the weights);
     its config.json is updated (when ``write``) so that ``amnesia sample`` on the directory uses them too."""
     defaults = get_family(model.family).sampler_defaults
@@ -197,7 +199,7 @@ def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path, *, writ
     log.info("base model sampler defaults set to %s", wanted)
 
 
-def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
+def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[ConditionalGenerativeModel, dict[str, Any]]:
     """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``.
 
     Training resumes from ``model_dir/checkpoint`` when one with the same settings exists. With several
@@ -240,7 +242,7 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     return model, {"source": str(model_dir), "seconds": history.seconds}
 
 
-def _fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+def _fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
     """What a stored Fisher must have been made with to be reused: the model's hash, the number of
     samples, the seed, and what its family adds (the diffusion estimator's settings; a text-to-image
     model's prompts and selected weights)."""
@@ -264,7 +266,7 @@ def as_read_back(metadata: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
+def stage_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, out: Path) -> Fisher:
     """The Fisher of ``model`` at its current weights, for every family: ``fisher.path``, else
     ``out/fisher.safetensors`` when it was made with the same settings (``_fisher_settings``, compared
     by their settings hash), else estimated now by the family's estimator and written there (its settings
@@ -292,7 +294,9 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
     return fisher
 
 
-def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None = None) -> Fisher:
+def fisher_from_config(
+    cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None = None
+) -> Fisher:
     """Estimate the Fisher of ``model`` with the ``fisher.*`` settings, by its family's estimator (a
     class-conditional model's: over all its classes); ``checkpoint_dir`` keeps its progress so an
     interrupted estimate resumes."""
@@ -300,7 +304,7 @@ def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None =
 
 
 def stage_replay(
-    cfg: RunConfig, base: Any, out: Path, remembered: list[int] | None = None
+    cfg: RunConfig, base: ConditionalGenerativeModel, out: Path, remembered: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The stored replay set (``forget.replay=stored``): replay_per_class samples of each remembered
     class (``remembered``, else all but the ones to forget) from theta*, generated once into
@@ -322,7 +326,7 @@ def stage_replay(
     return base.from_uint8(images), labels
 
 
-def surrogate_images(cfg: RunConfig, base: Any, out: Path) -> torch.Tensor | None:
+def surrogate_images(cfg: RunConfig, base: ConditionalGenerativeModel, out: Path) -> torch.Tensor | None:
     """q(x|c_f)'s images for ``forget.surrogate`` "class" (theta*'s samples) or "folder"; else None."""
     f = cfg.forget
     if f.objective != "surrogate" or f.surrogate == "uniform":
@@ -583,7 +587,9 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
     }
 
 
-def sample_grid(model: Any, labels: list[int], per_class: int, seed: int) -> np.ndarray:
+def sample_grid(
+    model: ConditionalGenerativeModel, labels: list[int], per_class: int, seed: int
+) -> np.ndarray:
     """Rows = classes, columns = samples: the report's before/after picture."""
     x, _ = sample_per_label(model, labels, per_class, seed)
     return image_grid(model.to_uint8(x), nrow=per_class)

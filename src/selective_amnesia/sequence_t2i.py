@@ -416,7 +416,7 @@ def _measure(
     last: TextToImageModel,
     out: Path,
     steps: list[list[str]],
-    order: list[Any],
+    order: list[ConceptGroup],
     device: str,
 ) -> dict[str, Any]:
     """The concept x step table of theta_0 .. theta_K by the world's judges ("table"), and the judges
