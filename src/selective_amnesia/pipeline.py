@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,10 +43,18 @@ from selective_amnesia.progress import bar_name, stage
 from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
 from selective_amnesia.train import forget, pretrain
 
+if TYPE_CHECKING:
+    from selective_amnesia.distributed import Share
+    from selective_amnesia.models.base import ConditionalGenerativeModel
+    from selective_amnesia.objective import EWCPenalty
+    from selective_amnesia.replay import Replay
+    from selective_amnesia.sequence import SequenceResult
+    from selective_amnesia.train import History
+
 log = logging.getLogger(__name__)
 
 
-def model_labels(model: Any) -> list[int]:
+def model_labels(model: ConditionalGenerativeModel) -> list[int]:
     return list(range(model.config.num_classes))
 
 
@@ -55,7 +63,7 @@ def forgotten_classes(cfg: RunConfig) -> list[int]:
     return [c for step in cfg.forget.steps_labels() for c in step]
 
 
-def checked_labels(cfg: RunConfig, model: Any) -> list[int]:
+def checked_labels(cfg: RunConfig, model: ConditionalGenerativeModel) -> list[int]:
     """The model's classes, after checking that every class to forget is one of them and one is kept."""
     labels = model_labels(model)
     concepts = forgotten_classes(cfg)
@@ -71,9 +79,9 @@ def checked_labels(cfg: RunConfig, model: Any) -> list[int]:
 
 def evaluate_with_config(
     cfg: RunConfig,
-    model: Any,
+    model: ConditionalGenerativeModel,
     classifiers: list[MNISTClassifier],
-    test: Any,
+    test: ImageDataset,
     real_feats: torch.Tensor | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
@@ -128,10 +136,10 @@ def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
         load_tensors(cfg.fisher.path)
 
 
-def load_model_data(cfg: RunConfig, split: str, model: Any) -> ImageDataset:
+def load_model_data(cfg: RunConfig, split: str, model: ConditionalGenerativeModel) -> ImageDataset:
     """The dataset at the model's resolution (``data.image_size``), checked against the model's shape."""
     data = load_dataset(cfg.data.dataset, split, cfg.data.root, cfg.data.image_size)
-    shape = tuple(getattr(model, "image_shape", data.images.shape[1:]))
+    shape = tuple(model.image_shape)
     if tuple(data.images.shape[1:]) != shape:
         raise AmnesiaError(
             f"{cfg.data.dataset} images are {tuple(data.images.shape[1:])} after data.image_size="
@@ -170,7 +178,9 @@ def _model_settings(cfg: RunConfig) -> dict[str, Any]:
     return settings
 
 
-def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path, *, write: bool = True) -> None:
+def _apply_sampler_defaults(
+    cfg: RunConfig, model: ConditionalGenerativeModel, model_dir: Path, *, write: bool = True
+) -> None:
     """A reused diffusion base takes the config's sampler defaults (they do not change the weights);
     its config.json is updated (when ``write``) so that ``amnesia sample`` on the directory uses them too."""
     defaults = get_family(model.family).sampler_defaults
@@ -189,7 +199,7 @@ def _apply_sampler_defaults(cfg: RunConfig, model: Any, model_dir: Path, *, writ
     log.info("base model sampler defaults set to %s", wanted)
 
 
-def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
+def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[ConditionalGenerativeModel, dict[str, Any]]:
     """theta*: the model named by ``pretrain.model_path``, or one trained here into ``model_dir``.
 
     Training resumes from ``model_dir/checkpoint`` when one with the same settings exists. With several
@@ -232,7 +242,7 @@ def stage_base(cfg: RunConfig, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     return model, {"source": str(model_dir), "seconds": history.seconds}
 
 
-def _fisher_settings(cfg: RunConfig, model: Any) -> dict[str, Any]:
+def _fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
     """What a stored Fisher must have been made with to be reused: the model's hash, the number of
     samples, the seed, and what its family adds (the diffusion estimator's settings; a text-to-image
     model's prompts and selected weights)."""
@@ -256,7 +266,7 @@ def as_read_back(metadata: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
+def stage_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, out: Path) -> Fisher:
     """The Fisher of ``model`` at its current weights, for every family: ``fisher.path``, else
     ``out/fisher.safetensors`` when it was made with the same settings (``_fisher_settings``, compared
     by their settings hash), else estimated now by the family's estimator and written there (its settings
@@ -284,7 +294,9 @@ def stage_fisher(cfg: RunConfig, model: Any, out: Path) -> Fisher:
     return fisher
 
 
-def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None = None) -> Fisher:
+def fisher_from_config(
+    cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None = None
+) -> Fisher:
     """Estimate the Fisher of ``model`` with the ``fisher.*`` settings, by its family's estimator (a
     class-conditional model's: over all its classes); ``checkpoint_dir`` keeps its progress so an
     interrupted estimate resumes."""
@@ -292,7 +304,7 @@ def fisher_from_config(cfg: RunConfig, model: Any, checkpoint_dir: Path | None =
 
 
 def stage_replay(
-    cfg: RunConfig, base: Any, out: Path, remembered: list[int] | None = None
+    cfg: RunConfig, base: ConditionalGenerativeModel, out: Path, remembered: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The stored replay set (``forget.replay=stored``): replay_per_class samples of each remembered
     class (``remembered``, else all but the ones to forget) from theta*, generated once into
@@ -314,7 +326,7 @@ def stage_replay(
     return base.from_uint8(images), labels
 
 
-def surrogate_images(cfg: RunConfig, base: Any, out: Path) -> torch.Tensor | None:
+def surrogate_images(cfg: RunConfig, base: ConditionalGenerativeModel, out: Path) -> torch.Tensor | None:
     """q(x|c_f)'s images for ``forget.surrogate`` "class" (theta*'s samples) or "folder"; else None."""
     f = cfg.forget
     if f.objective != "surrogate" or f.surrogate == "uniform":
@@ -363,18 +375,18 @@ def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
 
 def stage_forget(
     cfg: RunConfig,
-    base: Any,
+    base: ConditionalGenerativeModel,
     fisher: Fisher | None,
     out: Path,
     replay_set: tuple[torch.Tensor, torch.Tensor] | None = None,
     target: Path | None = None,
     *,
-    replay: Any = None,
-    anchor: Any = None,
+    replay: Replay | None = None,
+    anchor: EWCPenalty | None = None,
     surrogate_x: torch.Tensor | None = None,
     sequence_key: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[ConditionalGenerativeModel, dict[str, Any]]:
     """Fine-tune a copy of theta* to forget ``forget.forget_label`` (one class or several together);
     saved to ``target`` (``out/forget``).
 
@@ -385,10 +397,54 @@ def stage_forget(
     result) and ``extra`` metadata, and with forget.anchor=original theta_0's ``anchor``; otherwise the
     anchor is ``fisher`` at the step's starting weights.
     """
-    from selective_amnesia.train import Concept, Loop, class_forgetting, make_surrogate, model_anchor
-
     share = current_share(resolve_device(cfg.device))
     target = target if target is not None else out / "forget"
+    key = _forget_key(cfg, base, fisher, replay_set, sequence_key, anchor)
+    done = finished(target, key, share)
+    if done is not None:
+        log.info("reusing forgotten model in %s", target)
+        reused = load_model(target, check_state=False)  # we are its writer
+        return reused.to(next(base.parameters()).device), done["history"]
+    model = copy.deepcopy(base)  # theta* itself stays untouched: it is the baseline
+    images = surrogate_x if surrogate_x is not None else surrogate_images(cfg, base, out)
+    history = _forget_copy(
+        cfg,
+        model,
+        fisher,
+        key,
+        target,
+        share,
+        replay_set,
+        replay,
+        anchor,
+        images,
+        later=sequence_key is not None,
+    )
+    if share.main:
+        model.save_pretrained(
+            target,
+            extra={
+                "settings_hash": key,
+                "run_config": to_dict(cfg),
+                "history": history.to_dict(),
+                "forget_label": cfg.forget.forget_label,
+                **(extra or {}),
+            },
+        )
+    share.barrier()
+    return model, history.to_dict()
+
+
+def _forget_key(
+    cfg: RunConfig,
+    base: ConditionalGenerativeModel,
+    fisher: Fisher | None,
+    replay_set: tuple[torch.Tensor, torch.Tensor] | None,
+    sequence_key: dict[str, Any] | None,
+    anchor: EWCPenalty | None,
+) -> str:
+    """The settings hash of ``stage_forget``'s result (its parts and their order are those of every
+    finished run: changing them would redo them all)."""
     parts: list[Any] = [
         cfg.seed,
         _forget_settings(cfg),
@@ -400,15 +456,30 @@ def stage_forget(
         parts.append(sequence_key)
     if anchor is not None:
         parts.append(state_hash(anchor.state_dict()))
-    key = settings_hash(*parts)
-    done = finished(target, key, share)
-    if done is not None:
-        log.info("reusing forgotten model in %s", target)
-        reused = load_model(target, check_state=False)  # we are its writer
-        return reused.to(next(base.parameters()).device), done["history"]
-    model = copy.deepcopy(base)  # theta* itself stays untouched: it is the baseline
-    f, images = cfg.forget, surrogate_x if surrogate_x is not None else surrogate_images(cfg, base, out)
-    if sequence_key is None:  # a single run (a sequence's first step is one): replay of theta*
+    return settings_hash(*parts)
+
+
+def _forget_copy(
+    cfg: RunConfig,
+    model: ConditionalGenerativeModel,
+    fisher: Fisher | None,
+    key: str,
+    target: Path,
+    share: Share,
+    replay_set: tuple[torch.Tensor, torch.Tensor] | None,
+    replay: Replay | None,
+    anchor: EWCPenalty | None,
+    images: torch.Tensor | None,
+    *,
+    later: bool,
+) -> History:
+    """Fine-tune ``model`` (theta*'s copy) with ``train.forget``; returns its loss history. A single
+    run (a sequence's first step is one) replays theta*; a ``later`` step of a sequence brings its
+    ``replay``. The anchor is ``anchor``, else the Fisher at the model's starting weights."""
+    from selective_amnesia.train import Concept, Loop, class_forgetting, make_surrogate, model_anchor
+
+    f = cfg.forget
+    if not later:  # a single run (a sequence's first step is one): replay of theta*
         concept, replay = class_forgetting(
             f, model, model_labels(model), replay_set=replay_set, surrogate_images=images
         )
@@ -425,19 +496,7 @@ def stage_forget(
         key=key,
         share=share,
     )
-    if share.main:
-        model.save_pretrained(
-            target,
-            extra={
-                "settings_hash": key,
-                "run_config": to_dict(cfg),
-                "history": history.to_dict(),
-                "forget_label": cfg.forget.forget_label,
-                **(extra or {}),
-            },
-        )
-    share.barrier()
-    return model, history.to_dict()
+    return history
 
 
 def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[str, Any]]]:
@@ -528,7 +587,9 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
     }
 
 
-def sample_grid(model: Any, labels: list[int], per_class: int, seed: int) -> np.ndarray:
+def sample_grid(
+    model: ConditionalGenerativeModel, labels: list[int], per_class: int, seed: int
+) -> np.ndarray:
     """Rows = classes, columns = samples: the report's before/after picture."""
     x, _ = sample_per_label(model, labels, per_class, seed)
     return image_grid(model.to_uint8(x), nrow=per_class)
@@ -551,78 +612,163 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if share.main:
         write_json(out / "config.json", to_dict(cfg))
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    sequential = cfg.forget.sequence is not None
-    # a sequence makes each step's replay set itself (from the latest model)
-    n = 6 if cfg.forget.replay == "stored" and cfg.forget.replay_weight > 0 and not sequential else 5
-
-    t = time.perf_counter()
-    if share.main:
-        n_seeds = len(cfg.classifier.seeds)
-        stage(1, n, f"evaluation classifiers ({n_seeds} seeds: cached, packaged or trained once)")
-    classifiers, classifier_info = load_classifiers(cfg) if share.main else ([], [])
-    # one-time cost (cached afterwards), kept out of total_s
-    timings["classifier_training_s"] = sum(i["train_seconds"] for i in classifier_info if not i["cached"])
-    excluded = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if share.main:
-        what = cfg.pretrain.model_path or f"{cfg.model.family}, {cfg.pretrain.steps:,} steps"
-        stage(2, n, f"base model theta* ({what})")
-    base, base_info = stage_base(cfg, out / "base")
-    timings["pretrain_s"] = base_info["seconds"] if base_info.get("reused") else time.perf_counter() - t
+    run = _PipelineRun(cfg, out, share, t0=time.perf_counter())
+    classifiers, classifier_info = _run_classifiers(run)
+    base, base_info = _run_base(run)
     labels = checked_labels(cfg, base)  # before the Fisher, which would be wasted otherwise
-
+    fisher = _run_fisher(run, base)
+    replay_set = _run_replay(run, base)
     t = time.perf_counter()
-    if share.main:
-        skip = " (skipped: forget.ewc_lambda=0)" if cfg.forget.ewc_lambda == 0 else ""
-        stage(3, n, f"Fisher ({cfg.fisher.num_samples:,} samples){skip}")
-    fisher = stage_fisher(cfg, base, out) if cfg.forget.ewc_lambda > 0 else None
-    timings["fisher_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if share.main and n == 6:
-        stage(4, n, f"replay set ({cfg.forget.replay_per_class:,} samples per remembered class)")
-    with bar_name(sampling_module, "replay set: sampling theta*'s remembered classes"):
-        replay_set = stage_replay(cfg, base, out) if not sequential else None
-    timings["replay_generation_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    f = cfg.forget
-    sequence_result = None
-    if sequential:
-        from selective_amnesia.sequence import run_sequence
-
-        def announce(k: int, total: int, step: list[int]) -> None:
-            if share.main:
-                stage(
-                    n - 1,
-                    n,
-                    f"forgetting step {k}/{total}: class {_as_label(step)} ({f.steps:,} steps, "
-                    f"lambda {f.ewc_lambda:g}, anchor {f.anchor})",
-                )
-
-        sequence_result = run_sequence(cfg, base, fisher, out, progress_stage=announce)
-        forgotten, history = sequence_result.models[-1], sequence_result.histories[-1]
-    else:
-        if share.main:
-            stage(n - 1, n, f"forgetting class {f.forget_label} ({f.steps:,} steps, lambda {f.ewc_lambda:g})")
-        forgotten, history = stage_forget(cfg, base, fisher, out, replay_set)
-    timings["forget_s"] = time.perf_counter() - t
+    forgotten, history, sequence_result = _run_forgetting(run, base, fisher, replay_set)
+    run.timings["forget_s"] = time.perf_counter() - t
     if not share.main:
         share.barrier()  # process 0 evaluates and writes the report
-        return read_json(out / "report.json")
+        report: dict[str, Any] = read_json(out / "report.json")
+        return report
 
     t = time.perf_counter()
+    metrics, figures, sequence_report = _run_evaluation(
+        run, base, forgotten, history, labels, classifiers, sequence_result
+    )
+    run.timings["evaluate_s"] = time.perf_counter() - t
+    run.finish_timings()
+    report = _pipeline_report(run, metrics, base_info, fisher, classifier_info, history, sequence_report)
+    write_json(out / "report.json", report)
+    write_html_report(out, report, figures)
+    share.barrier()
+    return report
+
+
+@dataclasses.dataclass
+class _PipelineRun:
+    """What the stages of one ``run_pipeline`` share: its config, directory, processes and timings."""
+
+    cfg: RunConfig
+    out: Path
+    share: Share
+    t0: float
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    excluded: float = 0.0  # seconds kept out of wall_s (classifier loading or training)
+
+    @property
+    def sequential(self) -> bool:
+        return self.cfg.forget.sequence is not None
+
+    @property
+    def n(self) -> int:
+        """The number of stages: a sequence makes each step's replay set itself (from the latest model)."""
+        f = self.cfg.forget
+        return 6 if f.replay == "stored" and f.replay_weight > 0 and not self.sequential else 5
+
+    def stage(self, k: int, title: str) -> None:
+        if self.share.main:
+            stage(k, self.n, title)
+
+    def finish_timings(self) -> None:
+        timings = self.timings
+        # the stages' own times: a base model trained by an earlier, interrupted call counts with its
+        # recorded training time, so total_s is the cost of the whole pipeline however it was run
+        timings["total_s"] = sum(v for k, v in timings.items() if k != "classifier_training_s")
+        timings["wall_s"] = time.perf_counter() - self.t0 - self.excluded
+        # what the person actually waited, classifier training and every reused stage's load included
+        timings["wall_with_waits_s"] = time.perf_counter() - self.t0
+
+
+def _run_classifiers(run: _PipelineRun) -> tuple[list[MNISTClassifier], list[dict[str, Any]]]:
+    """Stage 1: the evaluation classifiers (process 0 only)."""
+    cfg, main = run.cfg, run.share.main
+    t = time.perf_counter()
+    run.stage(
+        1, f"evaluation classifiers ({len(cfg.classifier.seeds)} seeds: cached, packaged or trained once)"
+    )
+    classifiers, classifier_info = load_classifiers(cfg) if main else ([], [])
+    # one-time cost (cached afterwards), kept out of total_s
+    run.timings["classifier_training_s"] = sum(i["train_seconds"] for i in classifier_info if not i["cached"])
+    run.excluded = time.perf_counter() - t
+    return classifiers, classifier_info
+
+
+def _run_base(run: _PipelineRun) -> tuple[ConditionalGenerativeModel, dict[str, Any]]:
+    """Stage 2: theta*."""
+    cfg = run.cfg
+    t = time.perf_counter()
+    what = cfg.pretrain.model_path or f"{cfg.model.family}, {cfg.pretrain.steps:,} steps"
+    run.stage(2, f"base model theta* ({what})")
+    base, base_info = stage_base(cfg, run.out / "base")
+    run.timings["pretrain_s"] = base_info["seconds"] if base_info.get("reused") else time.perf_counter() - t
+    return base, base_info
+
+
+def _run_fisher(run: _PipelineRun, base: ConditionalGenerativeModel) -> Fisher | None:
+    """Stage 3: F(theta*), none with forget.ewc_lambda=0."""
+    cfg = run.cfg
+    t = time.perf_counter()
+    skip = " (skipped: forget.ewc_lambda=0)" if cfg.forget.ewc_lambda == 0 else ""
+    run.stage(3, f"Fisher ({cfg.fisher.num_samples:,} samples){skip}")
+    fisher = stage_fisher(cfg, base, run.out) if cfg.forget.ewc_lambda > 0 else None
+    run.timings["fisher_s"] = time.perf_counter() - t
+    return fisher
+
+
+def _run_replay(
+    run: _PipelineRun, base: ConditionalGenerativeModel
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stage 4 (of 6): the stored replay set of a single run."""
+    cfg = run.cfg
+    t = time.perf_counter()
+    if run.n == 6:
+        run.stage(4, f"replay set ({cfg.forget.replay_per_class:,} samples per remembered class)")
+    with bar_name(sampling_module, "replay set: sampling theta*'s remembered classes"):
+        replay_set = stage_replay(cfg, base, run.out) if not run.sequential else None
+    run.timings["replay_generation_s"] = time.perf_counter() - t
+    return replay_set
+
+
+def _run_forgetting(
+    run: _PipelineRun,
+    base: ConditionalGenerativeModel,
+    fisher: Fisher | None,
+    replay_set: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[ConditionalGenerativeModel, dict[str, Any], SequenceResult | None]:
+    """The forgetting stage: one fine-tune, or a sequence's steps (``selective_amnesia.sequence``)."""
+    cfg, f, n = run.cfg, run.cfg.forget, run.n
+    if not run.sequential:
+        run.stage(n - 1, f"forgetting class {f.forget_label} ({f.steps:,} steps, lambda {f.ewc_lambda:g})")
+        forgotten, history = stage_forget(cfg, base, fisher, run.out, replay_set)
+        return forgotten, history, None
+    from selective_amnesia.sequence import run_sequence
+
+    def announce(k: int, total: int, step: list[int]) -> None:
+        run.stage(
+            n - 1,
+            f"forgetting step {k}/{total}: class {_as_label(step)} ({f.steps:,} steps, "
+            f"lambda {f.ewc_lambda:g}, anchor {f.anchor})",
+        )
+
+    result = run_sequence(cfg, base, fisher, run.out, progress_stage=announce)
+    return result.models[-1], result.histories[-1], result
+
+
+def _run_evaluation(
+    run: _PipelineRun,
+    base: ConditionalGenerativeModel,
+    forgotten: ConditionalGenerativeModel,
+    history: dict[str, Any],
+    labels: list[int],
+    classifiers: list[MNISTClassifier],
+    sequence_result: SequenceResult | None,
+) -> tuple[dict[str, Any], dict[str, str], dict[str, Any] | None]:
+    """The last stage (process 0): metrics of theta* and the forgotten model, the pictures, and a
+    sequence's table; returns the metrics, the report's figures and the sequence's report section."""
+    cfg, out = run.cfg, run.out
     test = load_model_data(cfg, "test", base)
     metrics: dict[str, Any] = {}
     grids: dict[str, np.ndarray] = {}
     remembered = [c for c in labels if c not in forgotten_classes(cfg)]
     real_feats = real_features(classifiers[0], test, remembered)
     stage(
-        n,
-        n,
+        run.n,
+        run.n,
         f"evaluation (base and forgotten model, {cfg.evaluate.num_forget_samples:,} samples of c_f each)",
     )
     for name, model in (("base", base), ("forget", forgotten)):
@@ -641,42 +787,59 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "Samples after forgetting, one row per class": "samples_forget.png",
         "Loss terms over forgetting steps": "losses.png",
     }
-    sequence_report = None
-    if sequence_result is not None:
-        from selective_amnesia.evaluate.concepts import sequence_table
-        from selective_amnesia.evaluate.report import plot_sequence
+    if sequence_result is None:
+        return metrics, figures, None
+    sequence_report = _sequence_report(cfg, out, sequence_result, classifiers, test, labels)
+    figures["Each step: forgotten classes drawn as themselves, kept classes drawn correctly"] = "sequence.png"
+    return metrics, figures, sequence_report
 
-        sequence_report = sequence_table(
-            sequence_result.models,
-            sequence_result.steps,
-            classifiers,
-            test,
-            labels,
-            num_per_class=cfg.evaluate.num_per_class,
-            seed=cfg.seed + 1,
-            cache_root=out / "samples" / "steps",
-            progress=cfg.progress,
-        )
-        sequence_report.update(sequence_result.info)
-        plot_sequence(sequence_report, out / "sequence.png")
-        figures["Each step: forgotten classes drawn as themselves, kept classes drawn correctly"] = (
-            "sequence.png"
-        )
-    timings["evaluate_s"] = time.perf_counter() - t
-    # the stages' own times: a base model trained by an earlier, interrupted call counts with its
-    # recorded training time, so total_s is the cost of the whole pipeline however it was run
-    timings["total_s"] = sum(v for k, v in timings.items() if k != "classifier_training_s")
-    timings["wall_s"] = time.perf_counter() - t0 - excluded
-    # what the person actually waited, classifier training and every reused stage's load included
-    timings["wall_with_waits_s"] = time.perf_counter() - t0
 
+def _sequence_report(
+    cfg: RunConfig,
+    out: Path,
+    result: SequenceResult,
+    classifiers: list[MNISTClassifier],
+    test: ImageDataset,
+    labels: list[int],
+) -> dict[str, Any]:
+    """A sequence's table (every model theta_0 .. theta_K on every class) and ``out/sequence.png``."""
+    from selective_amnesia.evaluate.concepts import sequence_table
+    from selective_amnesia.evaluate.report import plot_sequence
+
+    sequence_report = sequence_table(
+        result.models,
+        result.steps,
+        classifiers,
+        test,
+        labels,
+        num_per_class=cfg.evaluate.num_per_class,
+        seed=cfg.seed + 1,
+        cache_root=out / "samples" / "steps",
+        progress=cfg.progress,
+    )
+    sequence_report.update(result.info)
+    plot_sequence(sequence_report, out / "sequence.png")
+    return sequence_report
+
+
+def _pipeline_report(
+    run: _PipelineRun,
+    metrics: dict[str, Any],
+    base_info: dict[str, Any],
+    fisher: Fisher | None,
+    classifier_info: list[dict[str, Any]],
+    history: dict[str, Any],
+    sequence_report: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """report.json's content."""
+    cfg = run.cfg
     concepts = _as_label(forgotten_classes(cfg))
-    what = f"class {concepts}" if not sequential else f"classes {concepts} one step after another"
-    report = {
+    what = f"class {concepts}" if not run.sequential else f"classes {concepts} one step after another"
+    report: dict[str, Any] = {
         "title": f"Selective Amnesia: {cfg.name}, forgetting {what}",
         "forget_label": concepts,
         "metrics": metrics,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "timings": {k: round(v, 2) for k, v in run.timings.items()},
         "base_model": base_info,
         "fisher": fisher.metadata if fisher is not None else None,
         "classifiers": classifier_info,
@@ -687,7 +850,4 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     }
     if sequence_report is not None:
         report["sequence"] = sequence_report
-    write_json(out / "report.json", report)
-    write_html_report(out, report, figures)
-    share.barrier()
     return report

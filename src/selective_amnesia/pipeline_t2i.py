@@ -17,6 +17,7 @@ batching or on which other prompts are in the run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -248,37 +249,103 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         from selective_amnesia.sequence_t2i import run_t2i_sequence
 
         return run_t2i_sequence(cfg, out)
-    from selective_amnesia.pipeline import stage_fisher  # the stage of every family (late: a heavier import)
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     share = current_share(resolve_device(cfg.device))
     device = share.device or resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    run = _T2IRun(cfg, out, share, time.perf_counter())
     base = TextToImageModel.from_pretrained(t.model).to(device)
     base.set_sampler(t.sampler, t.num_inference_steps, t.guidance_scale)  # None: the pipeline's own
     groups = t.groups()  # one concept, or several (t2i.concepts) forgotten together
     forget_ids, replay_prompts, replay_ids = register_prompts(cfg, base)
     group_ids, template_replay = defended_groups(cfg, base, groups, replay_prompts)
     forget_ids = [i for ids in group_ids for i in ids]
+    surrogates = _t2i_surrogates(run, base, groups)
+    replay_set = _t2i_replay(run, base, replay_prompts, template_replay, replay_ids)
+    model = copy.deepcopy(base)  # shares the frozen VAE and text encoder (see TextToImageModel)
+    lora_modules = select_weights(cfg, model)
+    fisher = _t2i_fisher(run, model)
+    result = _t2i_forgetting(
+        run, base, model, lora_modules, fisher, (group_ids, forget_ids, surrogates), (replay_ids, replay_set)
+    )
+    if not share.main:  # every process holds the same forgotten weights; process 0 writes them
+        share.barrier()
+        report: dict[str, Any] = read_json(out / "report.json")
+        return report
+    if result.done is None:
+        _save_single_run(cfg, result, groups, adapter=bool(lora_modules))
+    report = _single_run_report(
+        run, base, result, (groups, group_ids, surrogates), replay_prompts, replay_set, forget_ids
+    )
+    write_json(out / "report.json", report)
+    if t.concepts:
+        write_t2i_report(out, report, result.history)
+    share.barrier()
+    return report
 
-    n = 5 if cfg.forget.ewc_lambda > 0 else 4
-    say = stage if share.main else (lambda k, n, title: None)
+
+@dataclasses.dataclass
+class _T2IRun:
+    """What the stages of one single text-to-image run share: config, directory, processes, timings."""
+
+    cfg: RunConfig
+    out: Path
+    share: Share
+    t0: float
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return 5 if self.cfg.forget.ewc_lambda > 0 else 4
+
+    def say(self, k: int, title: str) -> None:
+        if self.share.main:
+            stage(k, self.n, title)
+
+
+@dataclasses.dataclass
+class _Forgotten:
+    """The forgetting stage's result: the model, its loss history, the number of trained weights and
+    adversarial conditions, its settings hash and directory, and the finished run's metadata if reused."""
+
+    model: TextToImageModel
+    history: dict[str, Any]
+    trained: int
+    adversarial: int
+    key: str
+    target: Path
+    done: dict[str, Any] | None
+
+
+def _t2i_surrogates(run: _T2IRun, base: TextToImageModel, groups: list[ConceptGroup]) -> list[Tensor]:
+    """Stage 1: each group's surrogate set q(x|c_f)."""
     t1 = time.perf_counter()
-    say(1, n, f"surrogate set ({t.surrogate_count} images of {surrogate_names(groups)})")
-    surrogates = [surrogate_latents(cfg, g, base, out, share) for g in groups]
-    surrogate = surrogates[0] if len(groups) == 1 else torch.cat(surrogates)  # for the key below
-    timings["surrogate_s"] = time.perf_counter() - t1
+    run.say(1, f"surrogate set ({run.cfg.t2i.surrogate_count} images of {surrogate_names(groups)})")
+    surrogates = [surrogate_latents(run.cfg, g, base, run.out, run.share) for g in groups]
+    run.timings["surrogate_s"] = time.perf_counter() - t1
+    return surrogates
+
+
+def _t2i_replay(
+    run: _T2IRun,
+    base: TextToImageModel,
+    replay_prompts: list[str],
+    template_replay: list[str],
+    replay_ids: list[int],
+) -> tuple[Tensor, Tensor]:
+    """Stage 2: theta*'s replay set over the replay prompts (and the defences' template prompts, whose
+    ids are added to ``replay_ids``)."""
+    cfg, t, out, share = run.cfg, run.cfg.t2i, run.out, run.share
     t1 = time.perf_counter()
-    say(2, n, f"replay set ({t.replay_per_prompt} images per replay prompt, {len(replay_prompts)} prompts)")
+    run.say(2, f"replay set ({t.replay_per_prompt} images per replay prompt, {len(replay_prompts)} prompts)")
+    progress = cfg.progress and share.main
     replay_set = prompt_latents(
         base,
         replay_prompts,
         t.replay_per_prompt,
         cfg.seed + 3,
         out / "replay",
-        progress=cfg.progress and share.main,
+        progress=progress,
         share=share,
     )
     if template_replay:  # the defences' templates filled with the kept concepts' words
@@ -288,25 +355,48 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             t.template_replay_per_prompt,
             cfg.seed + 7,
             out / "template_replay",
-            progress=cfg.progress and share.main,
+            progress=progress,
             share=share,
         )
         replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
         replay_ids += base.prompt_ids(template_replay).tolist()
-    timings["replay_generation_s"] = time.perf_counter() - t1
+    run.timings["replay_generation_s"] = time.perf_counter() - t1
+    return replay_set
 
-    model = copy.deepcopy(base)  # shares the frozen VAE and text encoder (see TextToImageModel)
-    lora_modules = select_weights(cfg, model)
+
+def _t2i_fisher(run: _T2IRun, model: TextToImageModel) -> Fisher | None:
+    """Stage 3: the Fisher of theta* (its selected weights), none with forget.ewc_lambda=0."""
+    from selective_amnesia.pipeline import stage_fisher  # the stage of every family (late: a heavier import)
+
+    cfg = run.cfg
     t1 = time.perf_counter()
     fisher = None
     if cfg.forget.ewc_lambda > 0:
-        say(3, n, f"Fisher ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
+        run.say(3, f"Fisher ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
         # over the run's own forget and replay prompts: the defences add conditions, not importance
-        fisher = stage_fisher(cfg, model, out)
-    timings["fisher_s"] = time.perf_counter() - t1
+        fisher = stage_fisher(cfg, model, run.out)
+    run.timings["fisher_s"] = time.perf_counter() - t1
+    return fisher
 
+
+def _t2i_forgetting(
+    run: _T2IRun,
+    base: TextToImageModel,
+    model: TextToImageModel,
+    lora_modules: list[str],
+    fisher: Fisher | None,
+    forget_sets: tuple[list[list[int]], list[int], list[Tensor]],
+    replay: tuple[list[int], tuple[Tensor, Tensor]],
+) -> _Forgotten:
+    """The forgetting stage: reused when finished with the same settings, theta*, Fisher and sets;
+    else fine-tuned (``_forget``). ``forget_sets``: each group's conditions, all of them, and each
+    group's surrogate set; ``replay``: the replay prompts' ids and the replay set."""
+    cfg, t, out, share = run.cfg, run.cfg.t2i, run.out, run.share
+    group_ids, forget_ids, surrogates = forget_sets
+    replay_ids, replay_set = replay
+    surrogate = surrogates[0] if len(group_ids) == 1 else torch.cat(surrogates)  # for the key below
     t1 = time.perf_counter()
-    say(n - 1, n, f"forgetting ({len(forget_ids)} forget conditions, {cfg.forget.steps:,} steps)")
+    run.say(run.n - 1, f"forgetting ({len(forget_ids)} forget conditions, {cfg.forget.steps:,} steps)")
     # everything the fine-tune depends on: settings, theta*, the Fisher and the two image sets (whose
     # files may change without any setting changing)
     sets = state_hash({"replay": replay_set[0], "replay_ids": replay_set[1], "surrogate": surrogate})
@@ -325,54 +415,69 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         model, history, trained, adversarial = _forget(
             cfg, base, model, lora_modules, fisher, key, concept, (kept, replay_set), out, share
         )
-    timings["forget_s"] = time.perf_counter() - t1
-    if not share.main:  # every process holds the same forgotten weights; process 0 writes them
-        share.barrier()
-        return read_json(out / "report.json")
-    if done is None:
-        extra = {
-            "settings_hash": key,
-            "run_config": to_dict(cfg),
-            "history": history,
-            "forget_prompts": t.forget_prompts,
-            "trained_parameters": trained,
-            "adversarial_conditions": adversarial,
-        }
-        if t.concepts:
-            extra["concepts"] = [g.name for g in groups]
-        save_forgotten(model, target, t, extra, adapter=bool(lora_modules))
+    run.timings["forget_s"] = time.perf_counter() - t1
+    return _Forgotten(model, history, trained, adversarial, key, target, done)
 
+
+def _save_single_run(
+    cfg: RunConfig, result: _Forgotten, groups: list[ConceptGroup], *, adapter: bool
+) -> None:
+    """Write a newly forgotten model (process 0) with its settings hash, history and prompts."""
+    t = cfg.t2i
+    extra = {
+        "settings_hash": result.key,
+        "run_config": to_dict(cfg),
+        "history": result.history,
+        "forget_prompts": t.forget_prompts,
+        "trained_parameters": result.trained,
+        "adversarial_conditions": result.adversarial,
+    }
+    if t.concepts:
+        extra["concepts"] = [g.name for g in groups]
+    save_forgotten(result.model, result.target, t, extra, adapter=adapter)
+
+
+def _single_run_report(
+    run: _T2IRun,
+    base: TextToImageModel,
+    result: _Forgotten,
+    concepts: tuple[list[ConceptGroup], list[list[int]], list[Tensor]],
+    replay_prompts: list[str],
+    replay_set: tuple[Tensor, Tensor],
+    forget_ids: list[int],
+) -> dict[str, Any]:
+    """The last stage (process 0): the retention check, each group before and after where the world's
+    judges can tell (``concepts``: the groups, their conditions and surrogate sets), and report.json's
+    content."""
+    cfg, t, out = run.cfg, run.cfg.t2i, run.out
+    groups, group_ids, surrogates = concepts
+    timings = run.timings
     t1 = time.perf_counter()
-    say(n, n, f"retention check ({t.retention_per_prompt} images per replay prompt) and report")
+    run.say(run.n, f"retention check ({t.retention_per_prompt} images per replay prompt) and report")
     retention = retention_on_prompts(
-        base, model, replay_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+        base, result.model, replay_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
     )
     timings["retention_s"] = time.perf_counter() - t1
     concepts_report: dict[str, Any] = {}
     if t.concepts:  # every group before and after, where the world's judges can tell
         t1 = time.perf_counter()
-        concepts_report = measure_groups(cfg, base, model, groups, group_ids, surrogates, out)
+        concepts_report = measure_groups(cfg, base, result.model, groups, group_ids, surrogates, out)
         timings["evaluate_s"] = time.perf_counter() - t1
-    timings["total_s"] = time.perf_counter() - t0
-    report = {
+    timings["total_s"] = time.perf_counter() - run.t0
+    return {
         "name": cfg.name,
-        "output": str(target),
+        "output": str(result.target),
         "forget_prompts": t.forget_prompts,
         "surrogate": t.surrogate_prompt or t.surrogate_path,
         "replay_prompts": len(replay_prompts),
         "replay_images": int(replay_set[0].shape[0]),
         "forget_conditions": len(forget_ids),
-        "adversarial_conditions": adversarial,
-        "trained_parameters": trained,
+        "adversarial_conditions": result.adversarial,
+        "trained_parameters": result.trained,
         "retention": retention,
         "timings": timings,
         "config": to_dict(cfg),
     } | concepts_report
-    write_json(out / "report.json", report)
-    if t.concepts:
-        write_t2i_report(out, report, history)
-    share.barrier()
-    return report
 
 
 def _forget(

@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from selective_amnesia.fisher import Fisher, online_fisher
 from selective_amnesia.objective import EWCPenalty
 from selective_amnesia.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
 from selective_amnesia.surrogate import Surrogate
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class ReplayForgottenAsSurrogate:
 class SequenceResult:
     """The models theta_0 .. theta_K (theta_0 the base), each step's loss history and what was done."""
 
-    models: list[Any]
+    models: list[ConditionalGenerativeModel]
     histories: list[dict[str, Any]]
     steps: list[list[int]]
     info: dict[str, Any] = field(default_factory=dict)
@@ -187,80 +190,51 @@ def copy_last_step(out: Path, num_steps: int, ignore: tuple[str, ...] = ("checkp
     return final
 
 
+def step_dir(out: Path, k: int) -> Path:
+    """Where step k of a sequence writes its model (and its Fishers and replay sets): ``out/steps/k``."""
+    return out / "steps" / str(k)
+
+
 def run_sequence(
     cfg: RunConfig,
-    base: Any,
+    base: ConditionalGenerativeModel,
     fisher: Fisher | None,
     out: Path,
     *,
-    progress_stage: Any = None,
+    progress_stage: Callable[[int, int, list[int]], None] | None = None,
 ) -> SequenceResult:
     """Forget ``cfg.forget.sequence`` step by step from ``base`` (theta_0, whose Fisher is ``fisher``)."""
-    from selective_amnesia.pipeline import (
-        model_labels,
-        stage_fisher,
-        stage_forget,
-        stage_replay,
-        surrogate_images,
-    )
-    from selective_amnesia.train import ewc_anchor, trained_weights
+    from selective_amnesia.pipeline import model_labels, stage_forget, surrogate_images
 
     f = cfg.forget
     labels = model_labels(base)
     check_sequence(cfg, labels)
     steps = f.steps_labels()
-    use_ewc = f.ewc_lambda > 0
     surrogate_x = surrogate_images(cfg, base, out)  # q(x|c_f) once, from theta_0, for every step
-    models: list[Any] = [base]
+    run = _ClassSequence(cfg, base, fisher, out, AnchorFishers(f, fisher, len(steps)), surrogate_x)
+    models: list[ConditionalGenerativeModel] = [base]
     histories: list[dict[str, Any]] = []
-    anchors = AnchorFishers(f, fisher, len(steps))
     forgotten: list[int] = []
     for k, step in enumerate(steps, start=1):
-        step_dir = out / "steps" / str(k)
         scfg = step_config(cfg, step)
         latest = models[-1]
         if progress_stage is not None:
             progress_stage(k, len(steps), step)
         kept = [c for c in labels if c not in forgotten and c not in step]
-        replay: Replay | None = None
-        replay_set = None
-        anchor: EWCPenalty | None = None
-        anchor_fisher = fisher
-        sequence_key: dict[str, Any] | None = None
-        if k == 1:  # the first step is a single run of its classes
-            replay_set = stage_replay(scfg, base, out, remembered=kept)
-        else:
-            if use_ewc and f.anchor != "original":
-                own = dataclasses.replace(scfg, fisher=dataclasses.replace(scfg.fisher, path=None))
-                prev_dir = out / "steps" / str(k - 1)
-                # F(theta_(k-1)), kept beside theta_(k-1)
-                estimate = functools.partial(stage_fisher, own, latest, prev_dir)
-                anchor_fisher = anchors.for_step(k, estimate, prev_dir)
-            elif use_ewc:  # theta_0 and F(theta_0), not the step's start
-                assert fisher is not None
-                anchor = ewc_anchor(f, fisher, trained_weights(base))
-            as_surrogate = forgotten if f.replay_forgotten == "surrogate" else []
-            source = base if f.replay_source() == "original" else latest  # forget.replay_model
-            replay = _later_replay(scfg, source, step_dir, kept, as_surrogate, surrogate_x)
-            sequence_key = step_key(f, k, forgotten)
+        inputs = _step_inputs(run, k, scfg, latest, forgotten, kept)
         forgotten += step
-        saved = to_dict(cfg)  # what `amnesia evaluate` on this model measures: all classes forgotten so far
-        saved["forget"].update(
-            forget_label=forgotten[0] if len(forgotten) == 1 else list(forgotten), sequence=None
-        )
-        meta = {"run_config": saved, "sequence": {"step": k, "steps": steps[:k], "anchor": f.anchor}}
         model, history = stage_forget(
             scfg,
             latest,
-            anchor_fisher,
+            inputs.anchor_fisher,
             out,
-            replay_set,
-            target=step_dir,
-            replay=replay,
-            anchor=anchor,
+            inputs.replay_set,
+            target=step_dir(out, k),
+            replay=inputs.replay,
+            anchor=inputs.anchor,
             surrogate_x=surrogate_x,
-            sequence_key=sequence_key,
-            extra=meta,
+            sequence_key=inputs.sequence_key,
+            extra=_step_extra(cfg, k, steps, forgotten),
         )
         models.append(model)
         histories.append(history)
@@ -268,9 +242,77 @@ def run_sequence(
     return SequenceResult(models, histories, steps, sequence_info(f, steps))
 
 
+@dataclass
+class _ClassSequence:
+    """What every step of a class sequence shares: the config, theta_0, F(theta_0), the run directory,
+    the anchors' Fishers and the surrogate's images."""
+
+    cfg: RunConfig
+    base: ConditionalGenerativeModel
+    fisher: Fisher | None
+    out: Path
+    anchors: AnchorFishers
+    surrogate_x: Tensor | None
+
+
+@dataclass
+class _StepInputs:
+    """What ``stage_forget`` is given for one step besides the step's config and starting model."""
+
+    anchor_fisher: Fisher | None
+    replay_set: tuple[Tensor, Tensor] | None = None
+    replay: Replay | None = None
+    anchor: EWCPenalty | None = None
+    sequence_key: dict[str, Any] | None = None
+
+
+def _step_inputs(
+    run: _ClassSequence,
+    k: int,
+    scfg: RunConfig,
+    latest: ConditionalGenerativeModel,
+    forgotten: list[int],
+    kept: list[int],
+) -> _StepInputs:
+    """Step k's replay, anchor and key: the first step is a single run of its classes (theta*'s stored
+    replay set); a later one brings its own replay, its anchor and its ``step_key``."""
+    from selective_amnesia.pipeline import stage_fisher, stage_replay
+    from selective_amnesia.train import ewc_anchor, trained_weights
+
+    f, base, fisher, out = run.cfg.forget, run.base, run.fisher, run.out
+    if k == 1:  # the first step is a single run of its classes
+        return _StepInputs(fisher, replay_set=stage_replay(scfg, base, out, remembered=kept))
+    use_ewc = f.ewc_lambda > 0
+    anchor: EWCPenalty | None = None
+    anchor_fisher = fisher
+    if use_ewc and f.anchor != "original":
+        own = dataclasses.replace(scfg, fisher=dataclasses.replace(scfg.fisher, path=None))
+        prev_dir = step_dir(out, k - 1)
+        # F(theta_(k-1)), kept beside theta_(k-1)
+        estimate = functools.partial(stage_fisher, own, latest, prev_dir)
+        anchor_fisher = run.anchors.for_step(k, estimate, prev_dir)
+    elif use_ewc:  # theta_0 and F(theta_0), not the step's start
+        assert fisher is not None
+        anchor = ewc_anchor(f, fisher, trained_weights(base))
+    as_surrogate = forgotten if f.replay_forgotten == "surrogate" else []
+    source = base if f.replay_source() == "original" else latest  # forget.replay_model
+    replay = _later_replay(scfg, source, step_dir(out, k), kept, as_surrogate, run.surrogate_x)
+    return _StepInputs(anchor_fisher, replay=replay, anchor=anchor, sequence_key=step_key(f, k, forgotten))
+
+
+def _step_extra(cfg: RunConfig, k: int, steps: list[list[int]], forgotten: list[int]) -> dict[str, Any]:
+    """Step k's model metadata: a run config naming every class forgotten so far (what ``amnesia
+    evaluate`` on this model measures) and its place in the sequence."""
+    saved = to_dict(cfg)
+    saved["forget"].update(
+        forget_label=forgotten[0] if len(forgotten) == 1 else list(forgotten), sequence=None
+    )
+    return {"run_config": saved, "sequence": {"step": k, "steps": steps[:k], "anchor": cfg.forget.anchor}}
+
+
 def _later_replay(
     scfg: RunConfig,
-    source: Any,
+    source: ConditionalGenerativeModel,
     step_dir: Path,
     kept: list[int],
     as_surrogate: list[int],
@@ -292,7 +334,7 @@ def _later_replay(
         assert stored is not None  # replay_weight > 0
         kept_replay = StoredReplay(*stored)
     else:
-        kept_replay = GenerativeReplay(frozen_copy(source), kept)
+        kept_replay = GenerativeReplay(frozen_copy(cast(torch.nn.Module, source)), kept)
     if not as_surrogate:
         return kept_replay
     surrogate = make_surrogate(f, source, None, surrogate_x)

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from selective_amnesia.cache_keys import finished
-from selective_amnesia.config import RunConfig, resolve_device, to_dict
+from selective_amnesia.config import ConceptGroup, RunConfig, resolve_device, to_dict
 from selective_amnesia.defences import defended_groups
-from selective_amnesia.distributed import current_share
+from selective_amnesia.distributed import Share, current_share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import state_hash
@@ -67,6 +68,7 @@ from selective_amnesia.sequence import (
     ReplayForgottenAsSurrogate,
     copy_last_step,
     sequence_info,
+    step_dir,
     step_key,
 )
 from selective_amnesia.surrogate import StoredImages, Surrogate
@@ -76,7 +78,7 @@ from selective_amnesia.train import Concept, Loop, ewc_anchor, forget, model_anc
 def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """Forget the groups of ``forget.sequence`` step by step from ``t2i.model``; write ``OUT/steps/k``,
     ``OUT/forget``, ``OUT/report.json`` and ``OUT/report.html``."""
-    t, f = cfg.t2i, cfg.forget
+    t = cfg.t2i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     share = current_share(resolve_device(cfg.device))
@@ -85,180 +87,297 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             "forget.sequence in text-to-image runs in one process: drop the launcher (accelerate/torchrun)"
         )
     device = share.device or resolve_device(cfg.device)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(t.model).to(device)
     base.set_sampler(t.sampler, t.num_inference_steps, t.guidance_scale)
+    seq = _sequence_prompts(cfg, out, share, base, t0)
+    model = _sequence_start(seq)
+    forgotten: list[str] = []
+    step_log: list[dict[str, Any]] = []
+    history: dict[str, Any] = {}
+    kept_prompts: list[str] = []
+    for k, step in enumerate(seq.steps, start=1):
+        kept_prompts, history, entry = _t2i_step(seq, model, k, step, forgotten)
+        step_log.append(entry)
+    seq.timings["forget_s"] = sum(s["seconds"] for s in step_log)
+    final = copy_last_step(
+        out,
+        len(seq.steps),
+        ignore=("checkpoint", "replay", "template_replay", "fisher*.safetensors", "*.partial"),
+    )
+    model.eval()
+    report = _sequence_report(seq, model, final, kept_prompts, step_log, device)
+    from selective_amnesia.io import write_json
+
+    write_json(out / "report.json", report)
+    write_t2i_report(out, report, history)
+    return report
+
+
+@dataclasses.dataclass
+class _T2ISequence:
+    """What every stage and step of a text-to-image sequence shares: the config, run directory and
+    processes, theta_0, the steps and groups, the prompts' conditions, the surrogate sets, the Fishers
+    and the timings."""
+
+    cfg: RunConfig
+    out: Path
+    share: Share
+    base: TextToImageModel
+    steps: list[list[str]]
+    groups: dict[str, ConceptGroup]
+    order: list[ConceptGroup]  # the groups in the order they go
+    lines: list[str]  # t2i.replay_prompts
+    template_replay: list[str]
+    conds: dict[str, list[int]]  # each group's forget conditions (its defences' included)
+    prompt_ids: dict[str, list[int]]  # each group's forget prompts
+    t0: float
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    surrogates: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    trainable: list[str] = dataclasses.field(default_factory=list)
+    fisher0: Fisher | None = None
+    base_hash: str = ""
+    anchors: AnchorFishers | None = None
+    n_stage: int = 1
+
+    @property
+    def n(self) -> int:
+        return len(self.steps) + (3 if self.cfg.forget.ewc_lambda > 0 else 2)
+
+    def say(self, title: str) -> None:
+        stage(self.n_stage, self.n, title)
+        self.n_stage += 1
+
+
+def _sequence_prompts(
+    cfg: RunConfig, out: Path, share: Share, base: TextToImageModel, t0: float
+) -> _T2ISequence:
+    """The steps, groups and prompts' conditions of a sequence. Every group's prompts and the replay
+    prompts are registered first (the prompt table's order): the prompts of every Fisher
+    (stage_fisher registers them again: the same indices)."""
+    t = cfg.t2i
     groups = {g.name: g for g in t.groups()}
-    steps = f.steps_names()
-    order = [groups[name] for step in steps for name in step]  # the groups in the order they go
-    # every group's prompts and the replay prompts, registered first (the prompt table's order): the
-    # prompts of every Fisher (stage_fisher registers them again: the same indices)
+    steps = cfg.forget.steps_names()
+    order = [groups[name] for step in steps for name in step]
     _, replay_all, _ = register_prompts(cfg, base)
     lines = read_prompts(t.replay_prompts)
     conditions, template_replay = defended_groups(cfg, base, order, replay_all)
     conds = {g.name: ids for g, ids in zip(order, conditions, strict=True)}
     prompt_ids = {g.name: base.prompt_ids(g.forget_prompts).tolist() for g in order}
     base.prompt_ids(lines + template_replay)  # the whole table, before the model is copied from it
-    use_ewc = f.ewc_lambda > 0
-    n = len(steps) + (3 if use_ewc else 2)
-    n_stage = 1
+    return _T2ISequence(
+        cfg, out, share, base, steps, groups, order, lines, template_replay, conds, prompt_ids, t0
+    )
 
-    def say(title: str) -> None:
-        nonlocal n_stage
-        stage(n_stage, n, title)
-        n_stage += 1
 
+def _sequence_start(seq: _T2ISequence) -> TextToImageModel:
+    """The surrogate sets (from theta_0) and F(theta_0); returns the model the steps train."""
+    cfg, t, base = seq.cfg, seq.cfg.t2i, seq.base
     t1 = time.perf_counter()
-    say(f"surrogate sets ({t.surrogate_count} images of {surrogate_names(order)}), from theta_0")
-    surrogates = {g.name: surrogate_latents(cfg, g, base, out, share) for g in order}
-    timings["surrogate_s"] = time.perf_counter() - t1
+    seq.say(f"surrogate sets ({t.surrogate_count} images of {surrogate_names(seq.order)}), from theta_0")
+    seq.surrogates = {g.name: surrogate_latents(cfg, g, base, seq.out, seq.share) for g in seq.order}
+    seq.timings["surrogate_s"] = time.perf_counter() - t1
 
     model = copy.deepcopy(base)  # trained step after step; shares the frozen VAE and text encoder
     select_weights(cfg, model)  # t2i.lora_rank is 0 in a sequence (config)
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    fisher0: Fisher | None = None
+    seq.trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     t1 = time.perf_counter()
-    if use_ewc:
-        say(f"Fisher of theta_0 ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
-        fisher0 = stage_fisher(cfg, model, out)  # OUT/fisher.safetensors
-    timings["fisher_s"] = time.perf_counter() - t1
-    base_hash = state_hash(base.state_dict())
-    anchors = AnchorFishers(f, fisher0, len(steps))
-    own_fisher = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, path=None))
-    forgotten: list[str] = []
-    step_log: list[dict[str, Any]] = []
-    history: dict[str, Any] = {}
-    kept_prompts: list[str] = []
-    for k, step in enumerate(steps, start=1):
-        t1 = time.perf_counter()
-        step_dir = out / "steps" / str(k)
-        gone = {p for name in forgotten + step for p in groups[name].forget_prompts}
-        kept_prompts = [p for p in lines if p not in gone]  # never empty: config's check_ready
-        from_base = k == 1 or f.replay_source() == "original"  # forget.replay_model
-        say(
-            f"step {k}/{len(steps)}: forgetting {', '.join(step)} ({f.steps:,} steps, anchor {f.anchor}, "
-            f"replay: {len(kept_prompts)} kept prompts from the {'base' if from_base else 'latest'} model)"
-        )
-        model.eval()
-        source = base if from_base else model
-        where = out if k == 1 else step_dir  # step 1's sets are a single run's (theta_0's)
-        replay_set = prompt_latents(
-            source, kept_prompts, t.replay_per_prompt, cfg.seed + 3, where / "replay", progress=cfg.progress
-        )
-        kept_labels = model.prompt_ids(kept_prompts).tolist()
-        if template_replay:
-            z, c = prompt_latents(
-                source,
-                template_replay,
-                t.template_replay_per_prompt,
-                cfg.seed + 7,
-                where / "template_replay",
-                progress=cfg.progress,
-            )
-            replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
-            kept_labels += model.prompt_ids(template_replay).tolist()
-        earlier = [i for name in forgotten for i in prompt_ids[name]]
-        replay: Replay = StoredReplay(*replay_set)
-        if forgotten and f.replay_forgotten == "surrogate":
-            own: dict[int, Surrogate] = {
-                i: StoredImages(surrogates[name]) for name in forgotten for i in prompt_ids[name]
-            }
-            replay = ReplayForgottenAsSurrogate(replay, kept_labels, earlier, own)
-        original: Anchor | None = None  # theta_0 and F(theta_0) (forget.anchor=original)
-        anchor_fisher = fisher0
-        anchor_meta: Any = fisher0.metadata if fisher0 is not None else None
-        if k > 1 and use_ewc:
-            assert fisher0 is not None
-            if f.anchor == "original":  # theta_0 and F(theta_0), not the step's start
-                params = dict(base.named_parameters())
-                original = ewc_anchor(f, fisher0, {name: params[name].detach() for name in trainable})
-                anchor_meta = {"fisher": fisher0.metadata, "theta_0": base_hash}
-            else:
-                prev = out / "steps" / str(k - 1)
-                # F(theta_(k-1)), beside theta_(k-1)
-                estimate = functools.partial(stage_fisher, own_fisher, model, prev)
-                anchor_fisher = anchors.for_step(k, estimate, prev)
-                anchor_meta = anchor_fisher.metadata
-        sets = state_hash(
-            {
-                "replay": replay_set[0],
-                "replay_ids": replay_set[1],
-                "surrogate": torch.cat([surrogates[name] for name in step]),
-            }
-        )
-        more: list[Any] = [step] if k == 1 else [step, step_key(f, k, forgotten)]
-        key = forget_key(cfg, state_hash(model.state_dict()), anchor_meta, sets, *more)  # from theta_(k-1)
-        forgotten += step
-        meta = finished(step_dir, key)
-        reused = meta is not None
-        if meta is not None:
-            done = TextToImageModel.from_pretrained(step_dir)
-            model.load_state_dict(done.state_dict())
-            history = meta["history"]
-            del done
-        else:
-            if t.gradient_checkpointing:
-                model.unet.enable_gradient_checkpointing()
-            step_conds = [i for name in step for i in conds[name]]
-            surrogate = forget_surrogate([conds[name] for name in step], [surrogates[name] for name in step])
-            history = forget(
-                model,
-                Concept(surrogate, step_conds),
-                replay,
-                original if original is not None else model_anchor(f, anchor_fisher, model),
-                Loop(f, cfg.seed, t.mixed_precision, t.gradient_accumulation),
-                progress=cfg.progress,
-                checkpoint_dir=step_dir / "checkpoint",
-                key=key,
-                share=share,
-            ).to_dict()
-            if t.gradient_checkpointing:
-                model.unet.disable_gradient_checkpointing()
-            model.save_pretrained(
-                step_dir,
-                extra=_step_meta(cfg, key, history, k, steps, forgotten),
-                reference_text_encoder=True,
-            )
-        del original
-        step_log.append(
-            {
-                "step": k,
-                "concepts": step,
-                "dir": f"steps/{k}",
-                "reused": reused,
-                "kept_prompts": len(kept_prompts),
-                "replay_images": int(replay_set[0].shape[0]),
-                "forget_conditions": sum(len(conds[name]) for name in step),
-                "seconds": time.perf_counter() - t1,
-                "forget_seconds": history.get("seconds"),
-            }
-        )
-    timings["forget_s"] = sum(s["seconds"] for s in step_log)
-    final = copy_last_step(
-        out,
-        len(steps),
-        ignore=("checkpoint", "replay", "template_replay", "fisher*.safetensors", "*.partial"),
+    if cfg.forget.ewc_lambda > 0:
+        seq.say(f"Fisher of theta_0 ({cfg.fisher.num_samples:,} samples, {cfg.fisher.estimator})")
+        seq.fisher0 = stage_fisher(cfg, model, seq.out)  # OUT/fisher.safetensors
+    seq.timings["fisher_s"] = time.perf_counter() - t1
+    seq.base_hash = state_hash(base.state_dict())
+    seq.anchors = AnchorFishers(cfg.forget, seq.fisher0, len(seq.steps))
+    return model
+
+
+def _t2i_step(
+    seq: _T2ISequence, model: TextToImageModel, k: int, step: list[str], forgotten: list[str]
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Step k: forget the groups ``step`` in ``model`` (theta_(k-1); ``forgotten``: the groups of the
+    earlier steps, to which ``step`` is added), or reuse the finished step. Returns the kept prompts,
+    the step's loss history and its entry in the report's ``steps``."""
+    f = seq.cfg.forget
+    t1 = time.perf_counter()
+    gone = {p for name in forgotten + step for p in seq.groups[name].forget_prompts}
+    kept_prompts = [p for p in seq.lines if p not in gone]  # never empty: config's check_ready
+    from_base = k == 1 or f.replay_source() == "original"  # forget.replay_model
+    seq.say(
+        f"step {k}/{len(seq.steps)}: forgetting {', '.join(step)} ({f.steps:,} steps, anchor {f.anchor}, "
+        f"replay: {len(kept_prompts)} kept prompts from the {'base' if from_base else 'latest'} model)"
     )
     model.eval()
-
-    t1 = time.perf_counter()
-    say("evaluation (every concept after every step, where the world's judges can tell) and report")
-    retention = retention_on_prompts(
-        base, model, kept_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+    source = seq.base if from_base else model
+    replay_set, replay = _step_replay(seq, k, source, model, kept_prompts, forgotten)
+    original, anchor_fisher, anchor_meta = _step_anchor(seq, k, model)
+    sets = state_hash(
+        {
+            "replay": replay_set[0],
+            "replay_ids": replay_set[1],
+            "surrogate": torch.cat([seq.surrogates[name] for name in step]),
+        }
     )
-    sequence = sequence_info(f, steps)
-    measured = _measure(cfg, base, model, out, steps, order, device)
+    more: list[Any] = [step] if k == 1 else [step, step_key(f, k, forgotten)]
+    key = forget_key(seq.cfg, state_hash(model.state_dict()), anchor_meta, sets, *more)  # from theta_(k-1)
+    forgotten += step
+    meta = finished(step_dir(seq.out, k), key)
+    reused = meta is not None
+    if meta is not None:
+        done = TextToImageModel.from_pretrained(step_dir(seq.out, k))
+        model.load_state_dict(done.state_dict())
+        history = meta["history"]
+        del done
+    else:
+        history = _train_step(seq, model, k, step, key, replay, (original, anchor_fisher), forgotten)
+    del original
+    entry = {
+        "step": k,
+        "concepts": step,
+        "dir": f"steps/{k}",
+        "reused": reused,
+        "kept_prompts": len(kept_prompts),
+        "replay_images": int(replay_set[0].shape[0]),
+        "forget_conditions": sum(len(seq.conds[name]) for name in step),
+        "seconds": time.perf_counter() - t1,
+        "forget_seconds": history.get("seconds"),
+    }
+    return kept_prompts, history, entry
+
+
+def _step_replay(
+    seq: _T2ISequence,
+    k: int,
+    source: TextToImageModel,
+    model: TextToImageModel,
+    kept_prompts: list[str],
+    forgotten: list[str],
+) -> tuple[tuple[Tensor, Tensor], Replay]:
+    """Step k's replay set (``source``'s images of the kept prompts and the defences' template prompts;
+    step 1's are a single run's, theta_0's, in ``OUT``) and its replay, the groups ``forgotten`` in
+    earlier steps as their surrogates' images (forget.replay_forgotten=surrogate)."""
+    cfg, t, f = seq.cfg, seq.cfg.t2i, seq.cfg.forget
+    where = seq.out if k == 1 else step_dir(seq.out, k)  # step 1's sets are a single run's (theta_0's)
+    replay_set = prompt_latents(
+        source, kept_prompts, t.replay_per_prompt, cfg.seed + 3, where / "replay", progress=cfg.progress
+    )
+    kept_labels = model.prompt_ids(kept_prompts).tolist()
+    if seq.template_replay:
+        z, c = prompt_latents(
+            source,
+            seq.template_replay,
+            t.template_replay_per_prompt,
+            cfg.seed + 7,
+            where / "template_replay",
+            progress=cfg.progress,
+        )
+        replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
+        kept_labels += model.prompt_ids(seq.template_replay).tolist()
+    earlier = [i for name in forgotten for i in seq.prompt_ids[name]]
+    replay: Replay = StoredReplay(*replay_set)
+    if forgotten and f.replay_forgotten == "surrogate":
+        own: dict[int, Surrogate] = {
+            i: StoredImages(seq.surrogates[name]) for name in forgotten for i in seq.prompt_ids[name]
+        }
+        replay = ReplayForgottenAsSurrogate(replay, kept_labels, earlier, own)
+    return replay_set, replay
+
+
+def _step_anchor(
+    seq: _T2ISequence, k: int, model: TextToImageModel
+) -> tuple[Anchor | None, Fisher | None, Any]:
+    """Step k's EWC anchor: theta_0's (forget.anchor=original; step 1's is the Fisher at theta_0 too) or
+    the Fisher ``AnchorFishers`` gives at theta_(k-1); returns the anchor made here (or None), the
+    Fisher to anchor the model's weights with, and what the step's key records of them."""
+    f, fisher0 = seq.cfg.forget, seq.fisher0
+    original: Anchor | None = None  # theta_0 and F(theta_0) (forget.anchor=original)
+    anchor_fisher = fisher0
+    anchor_meta: Any = fisher0.metadata if fisher0 is not None else None
+    if k > 1 and f.ewc_lambda > 0:
+        assert fisher0 is not None and seq.anchors is not None
+        if f.anchor == "original":  # theta_0 and F(theta_0), not the step's start
+            params = dict(seq.base.named_parameters())
+            original = ewc_anchor(f, fisher0, {name: params[name].detach() for name in seq.trainable})
+            anchor_meta = {"fisher": fisher0.metadata, "theta_0": seq.base_hash}
+        else:
+            prev = step_dir(seq.out, k - 1)
+            own_fisher = dataclasses.replace(seq.cfg, fisher=dataclasses.replace(seq.cfg.fisher, path=None))
+            # F(theta_(k-1)), beside theta_(k-1)
+            estimate = functools.partial(stage_fisher, own_fisher, model, prev)
+            anchor_fisher = seq.anchors.for_step(k, estimate, prev)
+            anchor_meta = anchor_fisher.metadata
+    return original, anchor_fisher, anchor_meta
+
+
+def _train_step(
+    seq: _T2ISequence,
+    model: TextToImageModel,
+    k: int,
+    step: list[str],
+    key: str,
+    replay: Replay,
+    anchors: tuple[Anchor | None, Fisher | None],
+    forgotten: list[str],
+) -> dict[str, Any]:
+    """Fine-tune ``model`` to forget the groups ``step`` (resumable from ``OUT/steps/k/checkpoint``) and
+    write it to ``OUT/steps/k``; ``anchors``: theta_0's anchor, else the Fisher to anchor the model's
+    own weights with. Returns the loss history."""
+    cfg, t, f = seq.cfg, seq.cfg.t2i, seq.cfg.forget
+    original, anchor_fisher = anchors
+    target = step_dir(seq.out, k)
+    if t.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    step_conds = [i for name in step for i in seq.conds[name]]
+    surrogate = forget_surrogate([seq.conds[name] for name in step], [seq.surrogates[name] for name in step])
+    history = forget(
+        model,
+        Concept(surrogate, step_conds),
+        replay,
+        original if original is not None else model_anchor(f, anchor_fisher, model),
+        Loop(f, cfg.seed, t.mixed_precision, t.gradient_accumulation),
+        progress=cfg.progress,
+        checkpoint_dir=target / "checkpoint",
+        key=key,
+        share=seq.share,
+    ).to_dict()
+    if t.gradient_checkpointing:
+        model.unet.disable_gradient_checkpointing()
+    model.save_pretrained(
+        target,
+        extra=_step_meta(cfg, key, history, k, seq.steps, forgotten),
+        reference_text_encoder=True,
+    )
+    return history
+
+
+def _sequence_report(
+    seq: _T2ISequence,
+    model: TextToImageModel,
+    final: Path,
+    kept_prompts: list[str],
+    step_log: list[dict[str, Any]],
+    device: str,
+) -> dict[str, Any]:
+    """The last stage: the retention check, every concept after every step where the world's judges can
+    tell, and report.json's content."""
+    cfg, t, out, timings = seq.cfg, seq.cfg.t2i, seq.out, seq.timings
+    t1 = time.perf_counter()
+    seq.say("evaluation (every concept after every step, where the world's judges can tell) and report")
+    retention = retention_on_prompts(
+        seq.base, model, kept_prompts, t.retention_per_prompt, cfg.seed + 5, out / "retention"
+    )
+    sequence = sequence_info(cfg.forget, seq.steps)
+    measured = _measure(cfg, seq.base, model, out, seq.steps, seq.order, device)
     sequence |= measured.pop("table", {})
     timings["evaluate_s"] = time.perf_counter() - t1
-    timings["total_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - seq.t0
     timings["wall_s"] = timings["total_s"]
-    report: dict[str, Any] = {
+    order, conds = seq.order, seq.conds
+    return {
         "name": cfg.name,
         "output": str(final),
         "forget_prompts": t.forget_prompts,
         "concepts": group_rows(
-            order, [conds[g.name] for g in order], {name: k for k, s in enumerate(steps, 1) for name in s}
+            order, [conds[g.name] for g in order], {name: k for k, s in enumerate(seq.steps, 1) for name in s}
         ),
         "replay_prompts": len(kept_prompts),
         "replay_images": step_log[-1]["replay_images"],
@@ -270,11 +389,6 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "timings": timings,
         "config": to_dict(cfg),
     } | measured
-    from selective_amnesia.io import write_json
-
-    write_json(out / "report.json", report)
-    write_t2i_report(out, report, history)
-    return report
 
 
 def _step_meta(
@@ -302,7 +416,7 @@ def _measure(
     last: TextToImageModel,
     out: Path,
     steps: list[list[str]],
-    order: list[Any],
+    order: list[ConceptGroup],
     device: str,
 ) -> dict[str, Any]:
     """The concept x step table of theta_0 .. theta_K by the world's judges ("table"), and the judges
