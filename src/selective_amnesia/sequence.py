@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -334,7 +334,7 @@ def _later_replay(
         assert stored is not None  # replay_weight > 0
         kept_replay = StoredReplay(*stored)
     else:
-        kept_replay = GenerativeReplay(frozen_copy(cast(torch.nn.Module, source)), kept)
+        kept_replay = GenerativeReplay(frozen_copy(source), kept)
     if not as_surrogate:
         return kept_replay
     surrogate = make_surrogate(f, source, None, surrogate_x)
