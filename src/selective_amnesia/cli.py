@@ -26,6 +26,7 @@ from selective_amnesia.families import FAMILIES, Family, declared_family, get_fa
 if TYPE_CHECKING:
     from selective_amnesia.config import RunConfig
     from selective_amnesia.evaluate.nudity import PromptRow
+    from selective_amnesia.models.base import ConditionalGenerativeModel
     from selective_amnesia.models.text_to_image import TextToImageModel
 
 EXIT_BAD_INPUT = 2
@@ -549,7 +550,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relearn(cfg: RunConfig, model: Any, args: argparse.Namespace, classifiers: Any) -> dict[str, Any]:
+def _relearn(
+    cfg: RunConfig, model: ConditionalGenerativeModel, args: argparse.Namespace, classifiers: Any
+) -> dict[str, Any]:
     """``evaluate --relearn``: fine-tune copies on N real images of the forgotten class and print how
     often each draws it again (against the reference model's rate where there is one)."""
     from selective_amnesia.evaluate.relearn import relearn_report

@@ -17,6 +17,7 @@ from selective_amnesia.errors import AmnesiaError
 
 if TYPE_CHECKING:
     from selective_amnesia.attacks.common import AttackOutput
+    from selective_amnesia.models.text_to_image import TextToImageModel
 
 
 def add_attack_parser(
@@ -224,7 +225,7 @@ def _paraphrase(args: argparse.Namespace, prompts: list[str], settings: dict[str
 
 
 def _optimisation_attack(
-    args: argparse.Namespace, model: Any, device: Any, progress: bool, settings: dict[str, Any]
+    args: argparse.Namespace, model: TextToImageModel, device: Any, progress: bool, settings: dict[str, Any]
 ) -> AttackOutput:
     """soft-prompt or discrete: load (or draw) the concept's images, then optimise against them."""
     from selective_amnesia.attacks.common import load_targets
@@ -255,7 +256,9 @@ def _optimisation_attack(
     return result
 
 
-def _soft_prompt(args: argparse.Namespace, model: Any, targets: Any, progress: bool) -> AttackOutput:
+def _soft_prompt(
+    args: argparse.Namespace, model: TextToImageModel, targets: Any, progress: bool
+) -> AttackOutput:
     from selective_amnesia.attacks.soft_prompt import soft_prompt_attack
 
     return soft_prompt_attack(
@@ -274,7 +277,9 @@ def _soft_prompt(args: argparse.Namespace, model: Any, targets: Any, progress: b
     )
 
 
-def _discrete(args: argparse.Namespace, model: Any, targets: Any, progress: bool) -> AttackOutput:
+def _discrete(
+    args: argparse.Namespace, model: TextToImageModel, targets: Any, progress: bool
+) -> AttackOutput:
     from selective_amnesia.attacks.discrete import discrete_attack
 
     return discrete_attack(

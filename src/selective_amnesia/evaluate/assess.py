@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from selective_amnesia.evaluate.metrics import (
 )
 from selective_amnesia.sampling import cached_samples
 
+if TYPE_CHECKING:
+    from selective_amnesia.models.base import ConditionalGenerativeModel
+
 
 def for_classifier(images: torch.Tensor, classifier: MNISTClassifier) -> torch.Tensor:
     """uint8 images at the model's size -> float [0, 1] at the classifier's input size (the dataset's
@@ -34,7 +37,7 @@ def for_classifier(images: torch.Tensor, classifier: MNISTClassifier) -> torch.T
 
 
 def assess_model(
-    model: Any,
+    model: ConditionalGenerativeModel,
     classifiers: list[MNISTClassifier],
     real_test: ImageDataset,
     *,
@@ -90,7 +93,7 @@ def assess_model(
 
 
 def _inception(
-    model: Any,
+    model: ConditionalGenerativeModel,
     real_test: ImageDataset,
     remembered: list[int],
     u_r: torch.Tensor,

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from selective_amnesia.config import ConceptGroup, RunConfig
+
+if TYPE_CHECKING:
+    from selective_amnesia.models.text_to_image import TextToImageModel
 
 JUDGE = (
     "fraction of a concept's images (a group: its forget prompts; a kept digit: the world's captions of "
@@ -82,7 +85,7 @@ def load_judges(cfg: RunConfig, image_size: int) -> tuple[list[Any], list[dict[s
 
 @torch.no_grad()
 def judge_prompts(
-    model: Any,
+    model: TextToImageModel,
     judges: list[Any],
     digit: int,
     prompts: list[str],
