@@ -70,7 +70,9 @@ def make_optimizer(
             raise AmnesiaError(
                 "optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)"
             ) from None
-        return AdamW8bit(params, lr=lr, weight_decay=weight_decay, eps=eps)
+        # typed local: without bitsandbytes installed, mypy sees AdamW8bit as Any
+        optimizer: torch.optim.Optimizer = AdamW8bit(params, lr=lr, weight_decay=weight_decay, eps=eps)
+        return optimizer
     raise AmnesiaError(f"optimizer must be adam, adamw or adamw8bit, got {name!r}")
 
 
