@@ -834,6 +834,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _config_argument(p: argparse.ArgumentParser) -> None:
+    """The positional config file and key=value overrides every config-taking command reads."""
+    p.add_argument(
+        "config_and_overrides",
+        nargs="*",
+        metavar="[CONFIG] [key.sub=value ...]",
+        help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
+    )
+
+
 def _add_command(
     sub: _LazySubParsers,
     name: str,
@@ -853,12 +863,7 @@ def _add_command(
     p.set_defaults(fn=fn)
     _verbosity(p, top=False)
     if config:
-        p.add_argument(
-            "config_and_overrides",
-            nargs="*",
-            metavar="[CONFIG] [key.sub=value ...]",
-            help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
-        )
+        _config_argument(p)
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if device:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -991,12 +996,7 @@ def _add_config_command(sub: _LazySubParsers) -> None:
         device=False,
     )
     p.add_argument("action", choices=["show"], help="show: print the config and the key reference")
-    p.add_argument(
-        "config_and_overrides",
-        nargs="*",
-        metavar="[CONFIG] [key.sub=value ...]",
-        help="YAML config (default: the fast MNIST CVAE pipeline) and overrides",
-    )
+    _config_argument(p)
     p.add_argument("--keys", action="store_true", help="only the key reference table")
     p.set_defaults(no_progress=False)
 
