@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from selective_amnesia.config import ForgetConfig, load_config
-from selective_amnesia.fisher import estimate_fisher
-from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
+from selective_amnesia.core.fisher import estimate_fisher
+from selective_amnesia.core.fisher_diffusion import estimate_diffusion_fisher
+from selective_amnesia.core.train import Loop, class_forgetting, forget
 from selective_amnesia.io import environment, write_json
 from selective_amnesia.models import build_model_from_config
-from selective_amnesia.train import Loop, class_forgetting, forget
 
 
 def side_by_side(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> dict[str, Any]:

@@ -17,12 +17,12 @@ import copy
 from pathlib import Path
 
 from selective_amnesia.config import load_config
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.core.sampling import sample_per_label
+from selective_amnesia.core.train import Loop, class_forgetting, forget, model_anchor
 from selective_amnesia.evaluate.assess import for_classifier
-from selective_amnesia.fisher import Fisher
 from selective_amnesia.models import load_model
 from selective_amnesia.pipeline import load_classifiers, stage_replay
-from selective_amnesia.sampling import sample_per_label
-from selective_amnesia.train import Loop, class_forgetting, forget, model_anchor
 
 CONFIG = "configs/ddpm_mnist.yaml"
 

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from selective_amnesia.fisher import Fisher
+from selective_amnesia.core.fisher import Fisher
 
 
 def main() -> None:

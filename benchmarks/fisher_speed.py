@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from selective_amnesia.fisher import estimate_fisher
+from selective_amnesia.core.fisher import estimate_fisher
 from selective_amnesia.models import build_model, load_model
 
 

@@ -1,4 +1,4 @@
-"""The forgetting step of ``selective_amnesia.train`` on a full-size SD-1.x UNet (random weights): the
+"""The forgetting step of ``selective_amnesia.core.train`` on a full-size SD-1.x UNet (random weights): the
 memory of every part, step time, and the projection of a whole SD-1.x concept onto one GPU.
 
 Nothing of the step is reimplemented. The UNet (SD 1.4/1.5 config, 859.5M params, no download) sits in the
@@ -225,7 +225,7 @@ def autograd_anchor(penalty: Any) -> Any:
     the float32 theta - theta* of every weight for the backward. Same buffers and lambda as ``penalty``."""
     import torch
 
-    from selective_amnesia.objective import Anchor
+    from selective_amnesia.core.objective import Anchor
 
     class AutogradAnchor(Anchor):
         def penalty(self, params: Mapping[str, Any]) -> Any:
@@ -290,11 +290,11 @@ def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
     import torch
 
     from selective_amnesia.config import ForgetConfig
-    from selective_amnesia.objective import EWCPenalty, LoraEWCPenalty
-    from selective_amnesia.replay import StoredReplay
-    from selective_amnesia.surrogate import StoredImages
-    from selective_amnesia.train import Concept, ForgetStep, Trainer
-    from selective_amnesia.trainable import add_lora, lora_target_modules, select_trainable
+    from selective_amnesia.core.objective import EWCPenalty, LoraEWCPenalty
+    from selective_amnesia.core.replay import StoredReplay
+    from selective_amnesia.core.surrogate import StoredImages
+    from selective_amnesia.core.train import Concept, ForgetStep, Trainer
+    from selective_amnesia.core.trainable import add_lora, lora_target_modules, select_trainable
 
     c = parse_config(args.variant)
     out.update(c)

@@ -19,10 +19,10 @@ from selective_amnesia.baselines.esd import (
 )
 from selective_amnesia.baselines.uce import closed_form_edit, edit_rows, keep_rows, uce_edit
 from selective_amnesia.config import EsdConfig, UceConfig, load_config
+from selective_amnesia.core.trainable import NOXATTN_FROZEN
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.conditioning import HIDDEN, unet_kwargs
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.trainable import NOXATTN_FROZEN
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten 7", "the number seven"]

@@ -1,4 +1,4 @@
-"""The one key and the one reuse rule of every stage and cache (selective_amnesia.cache_keys)."""
+"""The one key and the one reuse rule of every stage and cache (selective_amnesia.core.cache_keys)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ from pathlib import Path
 
 import torch
 
-from selective_amnesia.cache_keys import block_set, cached_set, finished, reusable, set_file, settings_hash
+from selective_amnesia.core.cache_keys import (
+    block_set,
+    cached_set,
+    finished,
+    reusable,
+    set_file,
+    settings_hash,
+)
+from selective_amnesia.core.sampling import blockwise_sets
 from selective_amnesia.io import load_tensors, write_json
-from selective_amnesia.sampling import blockwise_sets
 
 
 def test_settings_hash_ignores_key_order_and_tuples() -> None:

@@ -154,7 +154,7 @@ def test_bad_input_gives_one_line_and_exit_2(
     tiny_run: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
-    from selective_amnesia.fisher import estimate_fisher
+    from selective_amnesia.core.fisher import estimate_fisher
     from selective_amnesia.models import build_model
 
     other = build_model("cvae", hidden_dims=[8], latent_dim=2)

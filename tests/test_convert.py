@@ -27,8 +27,8 @@ from selective_amnesia.convert import (
     file_sha256,
     load_legacy,
 )
+from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
 from selective_amnesia.models import load_model
 
 

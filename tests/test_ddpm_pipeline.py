@@ -12,10 +12,10 @@ from PIL import Image
 
 from selective_amnesia.cli import main
 from selective_amnesia.config import load_config
+from selective_amnesia.core.sampling import cached_samples, sample_per_label
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models import load_model
 from selective_amnesia.pipeline import run_pipeline, stage_base, stage_fisher, stage_forget, stage_replay
-from selective_amnesia.sampling import cached_samples, sample_per_label
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "ddpm_mnist_tiny.yaml"
@@ -75,7 +75,7 @@ def test_sample_cli_works_on_the_forgotten_model(ddpm_run: Path, tmp_path: Path)
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
     """Make the training step raise after ``calls`` optimizer steps, like a killed process."""
-    from selective_amnesia import train
+    from selective_amnesia.core import train
 
     original = train.Trainer.update  # every loop's optimizer step goes through it
     count = {"n": 0}

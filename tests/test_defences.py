@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from selective_amnesia.config import load_config
-from selective_amnesia.defences import defended_conditions, noisy_embeddings, read_templates, template_prompts
+from selective_amnesia.core.defences import (
+    defended_conditions,
+    noisy_embeddings,
+    read_templates,
+    template_prompts,
+)
+from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
 from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline_t2i import register_prompts, run_text_to_image
@@ -111,7 +116,7 @@ def test_a_run_with_defences_trains_on_them_and_keeps_the_fisher(tiny_world: Pat
 def test_adversarial_conditions_join_the_forget_set_and_come_back_on_resume(
     tiny_world: Path, tmp_path: Path
 ) -> None:
-    from selective_amnesia.defences import Adversary
+    from selective_amnesia.core.defences import Adversary
     from selective_amnesia.io import load_tensors
 
     cfg = _cfg(

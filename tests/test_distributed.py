@@ -25,13 +25,13 @@ import torch
 from conftest import TINY_CONFIG, tiny_ddpm
 from safetensors.torch import load_file
 
-from selective_amnesia import train
 from selective_amnesia.cli import main
 from selective_amnesia.config import load_config
-from selective_amnesia.distributed import Share
+from selective_amnesia.core import train
+from selective_amnesia.core.distributed import Share
+from selective_amnesia.core.objective import EWCPenalty
+from selective_amnesia.core.replay import GenerativeReplay, StoredReplay, frozen_copy
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.objective import EWCPenalty
-from selective_amnesia.replay import GenerativeReplay, StoredReplay, frozen_copy
 
 REPO = Path(__file__).resolve().parents[1]
 GRAD_RTOL = 1e-5  # |g_two - g_one| <= GRAD_RTOL * max|g_one|, every entry

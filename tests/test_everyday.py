@@ -189,9 +189,9 @@ def test_sample_writes_a_png_folder_and_a_grid(tiny_run: Path, tmp_path: Path) -
 def test_python_api_and_cli_agree_on_the_layout(tiny_run: Path, tmp_path: Path) -> None:
     import numpy as np
 
+    from selective_amnesia.core.sampling import sample_per_label
     from selective_amnesia.images import as_uint8_nhwc
     from selective_amnesia.models import load_model
-    from selective_amnesia.sampling import sample_per_label
 
     model = load_model(tiny_run / "forget")
     x, _ = sample_per_label(model, [3], 2, seed=4, progress=False)

@@ -16,6 +16,8 @@ import torch
 
 from selective_amnesia import families
 from selective_amnesia.config import FisherConfig, ModelConfig, RunConfig, load_config
+from selective_amnesia.core.fisher import ESTIMATORS
+from selective_amnesia.core.fisher_diffusion import DIFFUSION_ESTIMATORS
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.families import (
     FAMILIES,
@@ -26,8 +28,6 @@ from selective_amnesia.families import (
     get_family,
     marked_family,
 )
-from selective_amnesia.fisher import ESTIMATORS
-from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS
 from selective_amnesia.models import build_model, build_model_from_config, load_model
 from selective_amnesia.models.cvae import ConditionalVAE
 from selective_amnesia.models.ddpm import ConditionalDDPM

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from selective_amnesia.core.fisher import Fisher, estimate_fisher, supports_batched
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher, estimate_fisher, supports_batched
 from selective_amnesia.models import build_model
 
 LABELS = list(range(10))

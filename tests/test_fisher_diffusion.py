@@ -11,9 +11,9 @@ import torch
 from conftest import tiny_ddpm
 from torch import Tensor, nn
 
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.core.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
-from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
 
 LABELS = [0, 1, 2]

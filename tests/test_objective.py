@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from selective_amnesia.fisher import estimate_fisher
-from selective_amnesia.objective import EWCPenalty, reduce_nelbo, selective_amnesia_loss
+from selective_amnesia.core.fisher import estimate_fisher
+from selective_amnesia.core.objective import EWCPenalty, reduce_nelbo, selective_amnesia_loss
 
 
 def _ewc(model: torch.nn.Module, weight: float = 1.0) -> EWCPenalty:

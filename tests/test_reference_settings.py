@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from selective_amnesia.config import load_config
+from selective_amnesia.core.objective import EWCPenalty
+from selective_amnesia.core.train import Trainer, make_optimizer
+from selective_amnesia.core.trainable import select_trainable
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
 from selective_amnesia.models.diffusion import guide
-from selective_amnesia.objective import EWCPenalty
-from selective_amnesia.train import Trainer, make_optimizer
-from selective_amnesia.trainable import select_trainable
 
 
 def test_guidance_conventions_by_hand() -> None:

@@ -18,10 +18,10 @@ from selective_amnesia import runstate
 from selective_amnesia.checkpoint import load_training_state
 from selective_amnesia.cli import main
 from selective_amnesia.config import ForgetConfig
+from selective_amnesia.core.fisher import estimate_fisher
+from selective_amnesia.core.train import Loop, class_forgetting, forget
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import estimate_fisher
 from selective_amnesia.io import read_json
-from selective_amnesia.train import Loop, class_forgetting, forget
 
 
 def test_a_second_writer_of_the_same_out_is_refused(
@@ -78,7 +78,7 @@ def test_readers_refuse_a_directory_whose_run_failed(tmp_path: Path, tiny_cvae: 
 
 def _change_step(monkeypatch: pytest.MonkeyPatch, step: int, change: Callable[[Any], None]) -> None:
     """Apply ``change`` to the loss terms of forgetting step ``step`` (one batch per step)."""
-    import selective_amnesia.train as train
+    import selective_amnesia.core.train as train
 
     real = train.ForgetStep.__call__
     calls = {"n": 0}
@@ -125,7 +125,7 @@ def test_divergence_keeps_the_last_good_checkpoint(
 def test_an_interrupted_fisher_resumes_to_the_same_values(
     tmp_path: Path, tiny_cvae: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import selective_amnesia.fisher as fisher_mod
+    import selective_amnesia.core.fisher as fisher_mod
 
     kwargs = {"num_samples": 700, "labels": list(range(10)), "progress": False, "checkpoint_every": 256}
     reference = estimate_fisher(tiny_cvae, **kwargs)  # type: ignore[arg-type]
@@ -244,7 +244,7 @@ def test_a_fisher_checkpoint_is_not_resumed_for_other_prompts(
 ) -> None:
     """Prompt indices are positions in a table: the checkpoint key must hold the prompts themselves."""
     from selective_amnesia import faults
-    from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher
+    from selective_amnesia.core.fisher_diffusion import estimate_diffusion_fisher
     from selective_amnesia.models.text_to_image import TextToImageModel
 
     def fisher(prompt: str, checkpoint_dir: Path | None) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from conftest import TINY_CONFIG
 
 from selective_amnesia import runstate
 from selective_amnesia.cli import main
-from selective_amnesia.fisher import Fisher, estimate_fisher
+from selective_amnesia.core.fisher import Fisher, estimate_fisher
 from selective_amnesia.io import read_json
 from selective_amnesia.models import build_model
 

@@ -180,7 +180,7 @@ def test_unsupported_pipelines_are_refused(tiny: Callable[[str], Path], tmp_path
 def test_sdxl_lora_applies_in_the_stock_pipeline_as_in_ours(
     tiny: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    from selective_amnesia.trainable import add_lora, lora_target_modules, save_lora
+    from selective_amnesia.core.trainable import add_lora, lora_target_modules, save_lora
 
     model = TextToImageModel.from_pretrained(tiny("sdxl"))
     add_lora(model, lora_target_modules(model, "all", [], ["to_q", "to_k", "to_v", "to_out.0"]), 2, 4.0)

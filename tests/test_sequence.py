@@ -12,11 +12,11 @@ import torch
 from selective_amnesia import pipeline
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig, load_config, to_dict
+from selective_amnesia.core.fisher import Fisher, online_fisher
+from selective_amnesia.core.replay import GenerativeReplay
+from selective_amnesia.core.surrogate import StoredImages
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher, online_fisher
-from selective_amnesia.replay import GenerativeReplay
 from selective_amnesia.sequence import ReplayForgottenAsSurrogate
-from selective_amnesia.surrogate import StoredImages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "mnist_cvae_tiny.yaml"
@@ -32,7 +32,7 @@ class Recorder:
     """Wraps train.forget as the pipeline calls it: keeps each call's forget and replay conditions."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import selective_amnesia.train as train
+        import selective_amnesia.core.train as train
 
         self.calls: list[dict[str, Any]] = []
         real_loss, real_forget = train.selective_amnesia_loss, train.forget

@@ -15,13 +15,13 @@ import yaml
 from selective_amnesia import pipeline_t2i, sequence_t2i
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig, load_config, to_dict
+from selective_amnesia.core.objective import EWCPenalty
+from selective_amnesia.core.replay import StoredReplay
+from selective_amnesia.core.surrogate import GroupedSurrogate, StoredImages
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.objective import EWCPenalty
 from selective_amnesia.pipeline_t2i import run_text_to_image, t2i_settings
-from selective_amnesia.replay import StoredReplay
 from selective_amnesia.sequence import ReplayForgottenAsSurrogate
-from selective_amnesia.surrogate import GroupedSurrogate, StoredImages
 
 REPO = Path(__file__).resolve().parents[1]
 SEVEN = ["a handwritten 7", "the digit 7"]
@@ -85,7 +85,7 @@ class Recorder:
     """Every forgetting loop the runs start: its arguments and each batch's conditions and images."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import selective_amnesia.train as train
+        import selective_amnesia.core.train as train
 
         self.calls: list[dict[str, Any]] = []
         real_loss, real_forget = train.selective_amnesia_loss, train.forget

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from selective_amnesia.core.objective import LoraEWCPenalty
+from selective_amnesia.core.trainable import (
+    add_lora,
+    lora_target_modules,
+    merge_lora,
+    save_lora,
+    select_trainable,
+)
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import read_json
 from selective_amnesia.models import load_model
 from selective_amnesia.models.text_to_image import TEXT_ENCODER_REF, TextToImageModel, text_encoder_from_ref
-from selective_amnesia.objective import LoraEWCPenalty
-from selective_amnesia.trainable import add_lora, lora_target_modules, merge_lora, save_lora, select_trainable
 
 
 def _stock_pipeline(path: Path) -> object:

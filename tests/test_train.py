@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from selective_amnesia.config import ForgetConfig, PretrainConfig
+from selective_amnesia.core.fisher import estimate_fisher
+from selective_amnesia.core.train import Loop, class_forgetting, forget, model_anchor, pretrain
 from selective_amnesia.data import load_dataset
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, train_classifier
-from selective_amnesia.fisher import estimate_fisher
 from selective_amnesia.models import build_model
-from selective_amnesia.train import Loop, class_forgetting, forget, model_anchor, pretrain
 
 LABELS = list(range(10))
 
@@ -69,7 +69,7 @@ def test_replay_weight_needs_replay_and_loop_settings_are_checked(tiny_cvae: tor
 def test_one_seed_makes_forgetting_reproducible(tiny_cvae: torch.nn.Module) -> None:
     import copy
 
-    from selective_amnesia.fisher import estimate_fisher
+    from selective_amnesia.core.fisher import estimate_fisher
 
     fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
     cfg = ForgetConfig(steps=5, batch_size=8, log_every=1)

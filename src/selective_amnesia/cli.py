@@ -259,7 +259,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
-    from selective_amnesia.distributed import current_share
+    from selective_amnesia.core.distributed import current_share
     from selective_amnesia.io import partial_dir
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import fisher_from_config
@@ -285,7 +285,7 @@ def _main_process() -> bool:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
-    from selective_amnesia.fisher import Fisher
+    from selective_amnesia.core.fisher import Fisher
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import check_inputs, checked_labels, stage_forget, stage_replay
 
@@ -383,9 +383,9 @@ def _check_sample_args(args: argparse.Namespace, family: Family | None) -> list[
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
+    from selective_amnesia.core.sampling import sample_per_label
     from selective_amnesia.images import as_uint8_nhwc, write_samples
     from selective_amnesia.models import load_model
-    from selective_amnesia.sampling import sample_per_label
 
     out = Path(args.out)
     prompts = _check_sample_args(args, _peek_family(args.model))

@@ -25,7 +25,7 @@ from selective_amnesia.families import all_fisher_estimators, family_names, get_
 from selective_amnesia.io import check_model_size, parse_yaml, read_bytes_limited, short
 from selective_amnesia.models.ddpm import DDPMConfig
 
-T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.trainable
+T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.core.trainable
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)

@@ -22,7 +22,7 @@ from selective_amnesia.errors import AmnesiaError
 
 if TYPE_CHECKING:
     from selective_amnesia.config import ModelConfig, RunConfig
-    from selective_amnesia.fisher import Fisher
+    from selective_amnesia.core.fisher import Fisher
     from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
     from selective_amnesia.models.text_to_image import TextToImageModel
 
@@ -119,7 +119,7 @@ def _cvae_load(path: Path) -> ConditionalGenerativeModel:
 
 
 def _vae_estimators() -> tuple[str, ...]:
-    from selective_amnesia.fisher import ESTIMATORS
+    from selective_amnesia.core.fisher import ESTIMATORS
 
     return ESTIMATORS
 
@@ -147,7 +147,7 @@ def _class_fisher_settings(
 
 
 def _vae_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None) -> Fisher:
-    from selective_amnesia.fisher import estimate_fisher
+    from selective_amnesia.core.fisher import estimate_fisher
 
     common = _class_fisher_settings(cfg, model, checkpoint_dir)
     return estimate_fisher(model, chunk_size=cfg.fisher.chunk_size, **common)
@@ -185,19 +185,19 @@ def _ddpm_load(path: Path) -> ConditionalGenerativeModel:
 
 
 def _ddpm_sampler_defaults(model: ModelConfig) -> dict[str, Any]:
-    from selective_amnesia.sampling import SAMPLER_DEFAULTS
+    from selective_amnesia.core.sampling import SAMPLER_DEFAULTS
 
     return {name: getattr(model.ddpm, name) for name in SAMPLER_DEFAULTS}
 
 
 def _diffusion_estimators() -> tuple[str, ...]:
-    from selective_amnesia.fisher_diffusion import DIFFUSION_ESTIMATORS
+    from selective_amnesia.core.fisher_diffusion import DIFFUSION_ESTIMATORS
 
     return DIFFUSION_ESTIMATORS
 
 
 def _ddpm_fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
-    from selective_amnesia.sampling import SAMPLER_DEFAULTS
+    from selective_amnesia.core.sampling import SAMPLER_DEFAULTS
 
     f = cfg.fisher
     settings: dict[str, Any] = {"estimator": f.estimator}
@@ -215,8 +215,8 @@ def _diffusion_fisher(
 ) -> Fisher:
     """The diffusion Fisher over ``labels`` (default: every class), shared by the processes under
     ``accelerate launch`` (each keeps its own checkpoint folder)."""
-    from selective_amnesia.distributed import remove_if_empty
-    from selective_amnesia.fisher_diffusion import estimate_diffusion_fisher, process_share
+    from selective_amnesia.core.distributed import remove_if_empty
+    from selective_amnesia.core.fisher_diffusion import estimate_diffusion_fisher, process_share
 
     f = cfg.fisher
     common = _class_fisher_settings(cfg, model, checkpoint_dir, labels)
@@ -268,9 +268,9 @@ def _text_to_image(model: ConditionalGenerativeModel) -> TextToImageModel:
 def _t2i_fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> dict[str, Any]:
     """The diffusion estimator's settings, the loss's scale, the prompts the Fisher is over (the run's
     forget and replay prompts) and which weights it is of (the hash of the selected weights' names)."""
-    from selective_amnesia.cache_keys import settings_hash
+    from selective_amnesia.core.cache_keys import settings_hash
+    from selective_amnesia.core.sampling import effective_sampler
     from selective_amnesia.pipeline_t2i import register_prompts
-    from selective_amnesia.sampling import effective_sampler
 
     f = cfg.fisher
     model = _text_to_image(model)

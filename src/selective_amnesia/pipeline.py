@@ -17,17 +17,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from selective_amnesia import sampling as sampling_module
-from selective_amnesia.cache_keys import finished, settings_hash
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
+from selective_amnesia.core import sampling as sampling_module
+from selective_amnesia.core.cache_keys import finished, settings_hash
+from selective_amnesia.core.distributed import current_share
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.core.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
+from selective_amnesia.core.train import forget, pretrain
 from selective_amnesia.data import ImageDataset, load_dataset, load_image_folder
-from selective_amnesia.distributed import current_share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.families import get_family
-from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import (
     InvalidJSON,
     environment,
@@ -40,16 +42,14 @@ from selective_amnesia.io import (
 )
 from selective_amnesia.models import build_model_from_config, load_model
 from selective_amnesia.progress import bar_name, stage
-from selective_amnesia.sampling import SAMPLER_DEFAULTS, cached_samples, sample_per_label
-from selective_amnesia.train import forget, pretrain
 
 if TYPE_CHECKING:
-    from selective_amnesia.distributed import Share
+    from selective_amnesia.core.distributed import Share
+    from selective_amnesia.core.objective import EWCPenalty
+    from selective_amnesia.core.replay import Replay
+    from selective_amnesia.core.train import History
     from selective_amnesia.models.base import ConditionalGenerativeModel
-    from selective_amnesia.objective import EWCPenalty
-    from selective_amnesia.replay import Replay
     from selective_amnesia.sequence import SequenceResult
-    from selective_amnesia.train import History
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def _forget_copy(
     """Fine-tune ``model`` (theta*'s copy) with ``train.forget``; returns its loss history. A single
     run (a sequence's first step is one) replays theta*; a ``later`` step of a sequence brings its
     ``replay``. The anchor is ``anchor``, else the Fisher at the model's starting weights."""
-    from selective_amnesia.train import Concept, Loop, class_forgetting, make_surrogate, model_anchor
+    from selective_amnesia.core.train import Concept, Loop, class_forgetting, make_surrogate, model_anchor
 
     f = cfg.forget
     if not later:  # a single run (a sequence's first step is one): replay of theta*
@@ -604,7 +604,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """Base model, classifiers, Fisher, forgetting, evaluation and report, in ``out``.
 
     Under ``accelerate launch``/``torchrun`` the processes share the Fisher, the generated sets and
-    each forgetting step's batch (``selective_amnesia.distributed``); process 0 alone trains a missing
+    each forgetting step's batch (``selective_amnesia.core.distributed``); process 0 alone trains a missing
     base model, evaluates and writes the report, which the others read back and return.
     """
     share = current_share(resolve_device(cfg.device))

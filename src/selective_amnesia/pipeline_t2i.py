@@ -5,7 +5,7 @@
     forgetting (Eq. 4) -> a diffusers pipeline or LoRA adapter -> retention report
 
 The stages are the class pipeline's (``selective_amnesia.pipeline``) with prompts in place of classes,
-and reuse what they made by the same rules (``selective_amnesia.cache_keys``): every generated set is
+and reuse what they made by the same rules (``selective_amnesia.core.cache_keys``): every generated set is
 cached in the run directory, keyed by the weights, seed, count, sampler and prompt, so an interrupted
 run resumes and a rerun reuses; the Fisher is ``pipeline.stage_fisher``'s (``OUT/fisher.safetensors``);
 a finished forgetting stage (``OUT/forget`` or ``OUT/forget_lora``) made from the same settings, theta*,
@@ -31,21 +31,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
-from selective_amnesia.cache_keys import ADAPTER_META, block_set, finished, settings_hash
 from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
-from selective_amnesia.data import load_image_folder
-from selective_amnesia.defences import Adversary, defended_groups
-from selective_amnesia.distributed import Share, current_share
-from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
-from selective_amnesia.io import read_json, state_hash, write_json
-from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.objective import Anchor, LoraEWCPenalty
-from selective_amnesia.progress import stage
-from selective_amnesia.sampling import blockwise_sets, effective_sampler, image_generators
-from selective_amnesia.surrogate import GroupedSurrogate, StoredImages, Surrogate
-from selective_amnesia.train import Concept, Loop, forget, make_replay, model_anchor, theta_star_sampler
-from selective_amnesia.trainable import (
+from selective_amnesia.core.cache_keys import ADAPTER_META, block_set, finished, settings_hash
+from selective_amnesia.core.defences import Adversary, defended_groups
+from selective_amnesia.core.distributed import Share, current_share
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.core.objective import Anchor, LoraEWCPenalty
+from selective_amnesia.core.sampling import blockwise_sets, effective_sampler, image_generators
+from selective_amnesia.core.surrogate import GroupedSurrogate, StoredImages, Surrogate
+from selective_amnesia.core.train import Concept, Loop, forget, make_replay, model_anchor, theta_star_sampler
+from selective_amnesia.core.trainable import (
     ADAPTER,
     add_lora,
     lora_target_modules,
@@ -53,6 +48,11 @@ from selective_amnesia.trainable import (
     save_lora,
     select_trainable,
 )
+from selective_amnesia.data import load_image_folder
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import read_json, state_hash, write_json
+from selective_amnesia.models.text_to_image import TextToImageModel
+from selective_amnesia.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     pipeline directory) or ``out/forget_lora`` (an adapter) and ``out/report.json``.
 
     Under ``accelerate launch``/``torchrun`` the processes share the generated sets, the Fisher and each
-    forgetting step's batch (``selective_amnesia.distributed``); process 0 writes the outputs and the
+    forgetting step's batch (``selective_amnesia.core.distributed``); process 0 writes the outputs and the
     report, which the others read back and return."""
     if cfg.method != "sa":  # the ESD/UCE baselines of the same harness (docs/baselines.md)
         from selective_amnesia.baselines.run import run_baseline

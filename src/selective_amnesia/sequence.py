@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from selective_amnesia.config import ForgetConfig, RunConfig, to_dict
+from selective_amnesia.core.fisher import Fisher, online_fisher
+from selective_amnesia.core.objective import EWCPenalty
+from selective_amnesia.core.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
+from selective_amnesia.core.surrogate import Surrogate
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher, online_fisher
-from selective_amnesia.objective import EWCPenalty
-from selective_amnesia.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
-from selective_amnesia.surrogate import Surrogate
 
 if TYPE_CHECKING:
     from selective_amnesia.models.base import ConditionalGenerativeModel
@@ -276,8 +276,8 @@ def _step_inputs(
 ) -> _StepInputs:
     """Step k's replay, anchor and key: the first step is a single run of its classes (theta*'s stored
     replay set); a later one brings its own replay, its anchor and its ``step_key``."""
+    from selective_amnesia.core.train import ewc_anchor, trained_weights
     from selective_amnesia.pipeline import stage_fisher, stage_replay
-    from selective_amnesia.train import ewc_anchor, trained_weights
 
     f, base, fisher, out = run.cfg.forget, run.base, run.fisher, run.out
     if k == 1:  # the first step is a single run of its classes
@@ -322,8 +322,8 @@ def _later_replay(
     (theta_0 or the latest model, ``forget.replay_model``; fresh, or a set stored in ``step_dir``) and
     the classes ``as_surrogate`` (forgotten in earlier steps, with forget.replay_forgotten=surrogate) as
     their surrogate's images; None when forget.replay_weight is 0 (no replay term)."""
+    from selective_amnesia.core.train import make_surrogate
     from selective_amnesia.pipeline import stage_replay
-    from selective_amnesia.train import make_surrogate
 
     f = scfg.forget
     if f.replay_weight == 0:

@@ -38,15 +38,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selective_amnesia.cache_keys import finished
 from selective_amnesia.config import ConceptGroup, RunConfig, resolve_device, to_dict
-from selective_amnesia.defences import defended_groups
-from selective_amnesia.distributed import Share, current_share
+from selective_amnesia.core.cache_keys import finished
+from selective_amnesia.core.defences import defended_groups
+from selective_amnesia.core.distributed import Share, current_share
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.core.objective import Anchor
+from selective_amnesia.core.replay import Replay, StoredReplay
+from selective_amnesia.core.surrogate import StoredImages, Surrogate
+from selective_amnesia.core.train import Concept, Loop, ewc_anchor, forget, model_anchor
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
 from selective_amnesia.io import state_hash
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.objective import Anchor
 from selective_amnesia.pipeline import stage_fisher
 from selective_amnesia.pipeline_t2i import (
     forget_key,
@@ -62,7 +65,6 @@ from selective_amnesia.pipeline_t2i import (
     write_t2i_report,
 )
 from selective_amnesia.progress import stage
-from selective_amnesia.replay import Replay, StoredReplay
 from selective_amnesia.sequence import (
     AnchorFishers,
     ReplayForgottenAsSurrogate,
@@ -71,8 +73,6 @@ from selective_amnesia.sequence import (
     step_dir,
     step_key,
 )
-from selective_amnesia.surrogate import StoredImages, Surrogate
-from selective_amnesia.train import Concept, Loop, ewc_anchor, forget, model_anchor
 
 
 def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:

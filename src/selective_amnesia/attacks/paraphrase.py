@@ -17,7 +17,7 @@ from selective_amnesia.errors import AmnesiaError
 def expand_templates(words: list[str], templates: str | Path | None = None) -> list[str]:
     """Every template line (one ``{}`` each) filled with every word: the forgetting defences' expansion
     (``defences.template_prompts``), so an attack asks in exactly the words a defended run trained on."""
-    from selective_amnesia.defences import read_templates, template_prompts
+    from selective_amnesia.core.defences import read_templates, template_prompts
 
     words = [w.strip() for w in words]
     if any(not w for w in words):

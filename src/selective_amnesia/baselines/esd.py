@@ -10,7 +10,7 @@ with x_t made the way the authors' ``train-esd.py`` makes it: DDIM sampling (eta
 guidance ``start_guidance``) from pure noise with the model *being trained*, under the concept's prompt,
 for a random number of the ``ddim_steps`` steps; the loss is then taken at a DDPM timestep drawn inside
 the DDIM step's interval. ``esd-x`` trains the cross-attention weights (``attn2``), ``esd-u`` the
-reference's ``noxattn`` set (``selective_amnesia.trainable``). For a v-prediction UNet the same affine
+reference's ``noxattn`` set (``selective_amnesia.core.trainable``). For a v-prediction UNet the same affine
 combination is applied to its v outputs, which is the same target (v is affine in eps at fixed x_t, t and
 the weights 1 + eta and -eta sum to 1).
 """
@@ -27,14 +27,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia.config import EsdConfig
+from selective_amnesia.core.trainable import select_trainable
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.conditioning import Embeds, unet_kwargs
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.trainable import select_trainable
 
 log = logging.getLogger(__name__)
 
-# esd.variant -> the selection of selective_amnesia.trainable: "x" = the authors' ESD-x (``xattn``),
+# esd.variant -> the selection of selective_amnesia.core.trainable: "x" = the authors' ESD-x (``xattn``),
 # "u" = ESD-u (``noxattn``: all but cross-attention, the time embedding and the output layers)
 VARIANT_TRAIN = {"x": "cross_attention", "u": "non_cross_attention"}
 

@@ -288,7 +288,7 @@ def convert_fisher(
     reference names (DDPM ``temb.*``, SD ``diffusion_model.*``) have no exact counterpart and are refused.
     The Fisher must have been computed at the model's weights; the file cannot show that.
     """
-    from selective_amnesia.fisher import Fisher
+    from selective_amnesia.core.fisher import Fisher
     from selective_amnesia.models import load_model
 
     src, out = Path(src), Path(out)

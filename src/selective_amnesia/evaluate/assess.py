@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selective_amnesia.config import EvaluateConfig
+from selective_amnesia.core.sampling import cached_samples
 from selective_amnesia.data import ImageDataset, resize_images
 from selective_amnesia.evaluate.classifier import MNISTClassifier
 from selective_amnesia.evaluate.metrics import (
@@ -24,7 +25,6 @@ from selective_amnesia.evaluate.metrics import (
     frechet_distance,
     precision_recall,
 )
-from selective_amnesia.sampling import cached_samples
 
 if TYPE_CHECKING:
     from selective_amnesia.models.base import ConditionalGenerativeModel

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from selective_amnesia.core.sampling import cached_samples
 from selective_amnesia.data import ImageDataset
 from selective_amnesia.evaluate.assess import for_classifier, real_features
 from selective_amnesia.evaluate.classifier import MNISTClassifier
 from selective_amnesia.evaluate.metrics import frechet_distance
-from selective_amnesia.sampling import cached_samples
 
 if TYPE_CHECKING:
     from selective_amnesia.models.base import ConditionalGenerativeModel

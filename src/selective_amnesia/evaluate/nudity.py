@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from selective_amnesia import faults
-from selective_amnesia.cache_keys import cached_set
+from selective_amnesia.core.cache_keys import cached_set
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import state_hash
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from selective_amnesia.core.sampling import sample_per_label
 from selective_amnesia.data import ImageDataset
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.evaluate.classifier import MNISTClassifier
 from selective_amnesia.families import get_family
-from selective_amnesia.sampling import sample_per_label
 
 if TYPE_CHECKING:
     from selective_amnesia.config import RunConfig

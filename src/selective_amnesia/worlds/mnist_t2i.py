@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from selective_amnesia.core.train import Trainer
 from selective_amnesia.data import load_dataset
 from selective_amnesia.io import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageConfig, TextToImageModel, text_encoder_from_ref
-from selective_amnesia.train import Trainer
 
 if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' lazy top-level namespace
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL

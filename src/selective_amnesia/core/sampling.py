@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
-from selective_amnesia.distributed import Share
+from selective_amnesia.core.distributed import Share
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import cached_tensor, load_tensors, partial_dir, save_tensors, state_hash
 

@@ -30,8 +30,8 @@ from selective_amnesia.io import cached_tensor, read_json
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from selective_amnesia.distributed import Share
-    from selective_amnesia.sampling import BlockSet
+    from selective_amnesia.core.distributed import Share
+    from selective_amnesia.core.sampling import BlockSet
 
 # the metadata file an output writes last: a diffusers pipeline's (its own entry in it), a LoRA adapter's
 PIPELINE_INDEX, ADAPTER_META = "model_index.json", "amnesia.json"
@@ -100,6 +100,6 @@ def block_set(
     name: str,
 ) -> BlockSet:
     """``cached_set`` made block by block (``make(lo, n)``), for ``sampling.blockwise_sets``."""
-    from selective_amnesia.sampling import BlockSet
+    from selective_amnesia.core.sampling import BlockSet
 
     return BlockSet(set_file(cache_dir, slot), settings_hash(key), total, block, make, name)

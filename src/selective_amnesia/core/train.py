@@ -20,14 +20,20 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults, tracking
 from selective_amnesia.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.config import ForgetConfig, PretrainConfig
+from selective_amnesia.core.distributed import Share, split_batch
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.core.objective import Anchor, EWCPenalty, LossTerms, selective_amnesia_loss
+from selective_amnesia.core.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
+from selective_amnesia.core.surrogate import (
+    GroupedSurrogate,
+    ModelSamples,
+    StoredImages,
+    Surrogate,
+    UniformNoise,
+)
 from selective_amnesia.data import ImageDataset
-from selective_amnesia.distributed import Share, split_batch
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher
 from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
-from selective_amnesia.objective import Anchor, EWCPenalty, LossTerms, selective_amnesia_loss
-from selective_amnesia.replay import GenerativeReplay, Replay, StoredReplay, frozen_copy
-from selective_amnesia.surrogate import GroupedSurrogate, ModelSamples, StoredImages, Surrogate, UniformNoise
 
 log = logging.getLogger(__name__)
 
@@ -442,10 +448,10 @@ def forget(
     terms share antithetic timesteps (``paired_noise``), as the reference code. With ``checkpoint_dir``, a
     checkpoint made with the same ``key`` is resumed: the result is that of an uninterrupted run.
 
-    ``share`` (several processes, ``selective_amnesia.distributed``): every process draws each whole batch,
-    takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process weights
-    up to float rounding; process 0 writes the checkpoints. ``adversary`` (one process only) adds forget
-    conditions to ``concept`` while training.
+    ``share`` (several processes, ``selective_amnesia.core.distributed``): every process draws each whole
+    batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process
+    weights up to float rounding; process 0 writes the checkpoints. ``adversary`` (one process only) adds
+    forget conditions to ``concept`` while training.
     """
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None

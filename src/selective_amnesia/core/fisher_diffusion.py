@@ -41,11 +41,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
+from selective_amnesia.core.fisher import Fisher, PartialSums
+from selective_amnesia.core.sampling import effective_sampler
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.fisher import Fisher, PartialSums
 from selective_amnesia.io import state_hash
 from selective_amnesia.models.base import ConditionalDiffusionModel
-from selective_amnesia.sampling import effective_sampler
 
 log = logging.getLogger(__name__)
 
