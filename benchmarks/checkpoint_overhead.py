@@ -30,7 +30,7 @@ from selective_amnesia.config import ForgetConfig, load_config
 from selective_amnesia.core.fisher import estimate_fisher
 from selective_amnesia.core.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.core.train import Loop, class_forgetting, forget
-from selective_amnesia.io import environment, write_json
+from selective_amnesia.io.artifacts import environment, write_json
 from selective_amnesia.models import build_model_from_config
 
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from selective_amnesia.io import read_json, write_json
+from selective_amnesia.io.artifacts import read_json, write_json
 
 DEST = Path("benchmarks/results/ddpm_mnist")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from selective_amnesia.config import load_config
-from selective_amnesia.io import environment
+from selective_amnesia.io.artifacts import environment
 from selective_amnesia.models import build_model_from_config
 
 CONFIGS = ("configs/ddpm_cifar10_paper.yaml", "configs/ddpm_stl10_paper.yaml")

@@ -30,7 +30,7 @@ from selective_amnesia.config import ClassifierConfig, load_config
 from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, save_png
-from selective_amnesia.io import read_json, write_json
+from selective_amnesia.io.artifacts import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline_t2i import prompt_latents
 from selective_amnesia.worlds.mnist_t2i import UNSEEN_TEMPLATES, captions

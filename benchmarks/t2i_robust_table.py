@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selective_amnesia.io import read_json
+from selective_amnesia.io.artifacts import read_json
 
 METHODS = {
     "base": "θ* (no forgetting)",

@@ -17,7 +17,7 @@ from PIL import Image
 from selective_amnesia.attacks.common import TokenSlots, batched, eval_draws, fixed_loss
 from selective_amnesia.attacks.soft_prompt import invert_sequence, optimise_sequence, token_slots
 from selective_amnesia.cli import main
-from selective_amnesia.io import load_tensors
+from selective_amnesia.io.artifacts import load_tensors
 from selective_amnesia.models.text_to_image import TextToImageModel
 
 DOUBLE = '''

@@ -16,7 +16,7 @@ from selective_amnesia.core.cache_keys import (
     settings_hash,
 )
 from selective_amnesia.core.sampling import blockwise_sets
-from selective_amnesia.io import load_tensors, write_json
+from selective_amnesia.io.artifacts import load_tensors, write_json
 
 
 def test_settings_hash_ignores_key_order_and_tuples() -> None:

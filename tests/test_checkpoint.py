@@ -11,9 +11,9 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from selective_amnesia import checkpoint
-from selective_amnesia.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io import checkpoint
+from selective_amnesia.io.checkpoint import load_training_state, remove_training_state, save_training_state
 
 
 class Run:
@@ -113,7 +113,7 @@ def test_other_key_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     run.save(tmp_path, step=2, key="settings-a")
     fresh = Run(seed=1)
     before = [p.clone() for p in fresh.model.parameters()]
-    with caplog.at_level(logging.INFO, logger="selective_amnesia.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="selective_amnesia.io.checkpoint"):
         assert fresh.load(tmp_path, key="settings-b") is None
     assert "settings-a" in caplog.text
     assert all(torch.equal(p, q) for p, q in zip(before, fresh.model.parameters(), strict=True))
@@ -130,7 +130,7 @@ def test_missing_marker_is_incomplete_and_ignored(tmp_path: Path, caplog: pytest
     run.train(2)
     run.save(tmp_path, step=2)
     (tmp_path / checkpoint.MARKER).unlink()
-    with caplog.at_level(logging.INFO, logger="selective_amnesia.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="selective_amnesia.io.checkpoint"):
         assert Run(seed=1).load(tmp_path) is None
     assert "incomplete" in caplog.text
 

@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from selective_amnesia.convert import (
+from selective_amnesia.core.fisher import Fisher
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.convert import (
     add_convert_arguments,
     cmd_convert,
     convert_fisher,
@@ -27,8 +29,6 @@ from selective_amnesia.convert import (
     file_sha256,
     load_legacy,
 )
-from selective_amnesia.core.fisher import Fisher
-from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models import load_model
 
 

@@ -25,7 +25,7 @@ from conftest import TINY_CONFIG, tiny_ddpm
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors, read_json
+from selective_amnesia.io.artifacts import load_tensors, read_json
 from selective_amnesia.models import load_model
 
 AMNESIA = Path(sys.executable).parent / "amnesia"

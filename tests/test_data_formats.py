@@ -16,15 +16,15 @@ from PIL import Image
 from selective_amnesia.data import DATASETS, load_cifar10, load_dataset, load_image_folder, load_stl10
 from selective_amnesia.data.cifar import CIFAR10_CLASSES
 from selective_amnesia.data.mnist import _NumpyOnlyUnpickler
-from selective_amnesia.data.safe_pickle import (
+from selective_amnesia.data.stl import STL10_CLASSES
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.safe_pickle import (
     NUMPY_ARRAY_GLOBALS,
     PY3_PROTOCOL2_BYTES_GLOBALS,
     SafeUnpickler,
     UnsafePickleError,
     safe_load,
 )
-from selective_amnesia.data.stl import STL10_CLASSES
-from selective_amnesia.errors import AmnesiaError
 
 # ---------------------------------------------------------------- safe_pickle
 

@@ -117,7 +117,7 @@ def test_adversarial_conditions_join_the_forget_set_and_come_back_on_resume(
     tiny_world: Path, tmp_path: Path
 ) -> None:
     from selective_amnesia.core.defences import Adversary
-    from selective_amnesia.io import load_tensors
+    from selective_amnesia.io.artifacts import load_tensors
 
     cfg = _cfg(
         tiny_world,

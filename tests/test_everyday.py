@@ -190,7 +190,7 @@ def test_python_api_and_cli_agree_on_the_layout(tiny_run: Path, tmp_path: Path) 
     import numpy as np
 
     from selective_amnesia.core.sampling import sample_per_label
-    from selective_amnesia.images import as_uint8_nhwc
+    from selective_amnesia.io.images import as_uint8_nhwc
     from selective_amnesia.models import load_model
 
     model = load_model(tiny_run / "forget")

@@ -28,7 +28,13 @@ from hypothesis import strategies as st
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig
 from selective_amnesia.core.fisher import Fisher, estimate_fisher
-from selective_amnesia.io import COMPONENT_CONFIG, MODEL_CONFIG, SCHEDULER_CONFIG, load_tensors, save_tensors
+from selective_amnesia.io.artifacts import (
+    COMPONENT_CONFIG,
+    MODEL_CONFIG,
+    SCHEDULER_CONFIG,
+    load_tensors,
+    save_tensors,
+)
 from selective_amnesia.models import build_model
 
 SETTINGS = settings(

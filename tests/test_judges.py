@@ -30,7 +30,7 @@ from selective_amnesia.evaluate.classifier import (
     load_packaged_classifier,
     train_and_save_classifier,
 )
-from selective_amnesia.io import load_tensors
+from selective_amnesia.io.artifacts import load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = ClassifierRecipe(epochs=1, batch_size=64, lr=1e-3, max_train_images=256)

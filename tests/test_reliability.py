@@ -14,14 +14,14 @@ import pytest
 import torch
 from conftest import TINY_CONFIG
 
-from selective_amnesia import runstate
-from selective_amnesia.checkpoint import load_training_state
 from selective_amnesia.cli import main
 from selective_amnesia.config import ForgetConfig
 from selective_amnesia.core.fisher import estimate_fisher
 from selective_amnesia.core.train import Loop, class_forgetting, forget
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import read_json
+from selective_amnesia.io import runstate
+from selective_amnesia.io.artifacts import read_json
+from selective_amnesia.io.checkpoint import load_training_state
 
 
 def test_a_second_writer_of_the_same_out_is_refused(

@@ -25,10 +25,10 @@ import pytest
 import torch
 from conftest import TINY_CONFIG
 
-from selective_amnesia import runstate
 from selective_amnesia.cli import main
 from selective_amnesia.core.fisher import Fisher, estimate_fisher
-from selective_amnesia.io import read_json
+from selective_amnesia.io import runstate
+from selective_amnesia.io.artifacts import read_json
 from selective_amnesia.models import build_model
 
 
@@ -204,7 +204,7 @@ def test_bad_model_configs_fail_in_one_line(work: Path, change: object, match: s
 def test_a_model_larger_than_free_memory_is_refused_with_the_numbers(
     work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import selective_amnesia.io as sa_io
+    import selective_amnesia.io.artifacts as sa_io
 
     monkeypatch.setattr(sa_io, "free_memory", lambda: 1000)
     argv = ["sample", "--model", str(work / "model"), "--labels", "1", "--out", str(work / "s.npz")]

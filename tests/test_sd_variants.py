@@ -13,7 +13,7 @@ import torch
 
 from selective_amnesia.cli import main
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import read_json, write_json
+from selective_amnesia.io.artifacts import read_json, write_json
 from selective_amnesia.models import load_model
 from selective_amnesia.models.conditioning import ClipConditioning, DualClipConditioning
 from selective_amnesia.models.text_to_image import TextToImageModel

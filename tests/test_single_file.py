@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selective_amnesia.cli import main
-from selective_amnesia.convert import convert_single_file_to_diffusers, export_single_file
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.convert import convert_single_file_to_diffusers, export_single_file
 from selective_amnesia.worlds.tiny_sd import build_tiny_sd
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -170,7 +170,7 @@ def test_real_sd1_block_structure_gets_the_names_of_real_checkpoints() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    from selective_amnesia.convert import SDComponents, check_single_file, pipeline_to_ldm
+    from selective_amnesia.io.convert import SDComponents, check_single_file, pipeline_to_ldm
     from selective_amnesia.worlds.tiny_sd import clip_text_encoder
 
     torch.manual_seed(0)

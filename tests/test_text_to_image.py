@@ -18,7 +18,7 @@ from selective_amnesia.core.trainable import (
     select_trainable,
 )
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import read_json
+from selective_amnesia.io.artifacts import read_json
 from selective_amnesia.models import load_model
 from selective_amnesia.models.text_to_image import TEXT_ENCODER_REF, TextToImageModel, text_encoder_from_ref
 

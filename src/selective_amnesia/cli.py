@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_rerun(cfg, out, args.force)
     else:
         _check_finished(cfg, out, args.force)
-    from selective_amnesia import runstate
+    from selective_amnesia.io import runstate
 
     runstate.begin(out, "run")
     if prompted:
@@ -179,9 +179,9 @@ def _check_rerun(cfg: RunConfig, out: Path, force: bool) -> None:
 def _check_finished(cfg: RunConfig, out: Path, force: bool) -> None:
     """A finished model or text-to-image run in ``out`` made with other settings (its stored run config
     against this one): refused without --force, which redoes it; the same settings resume or reuse."""
-    from selective_amnesia import runstate
     from selective_amnesia.config import config_from_dict, to_dict
-    from selective_amnesia.io import read_json
+    from selective_amnesia.io import runstate
+    from selective_amnesia.io.artifacts import read_json
     from selective_amnesia.progress import note
 
     state = out / runstate.STATE_FILE
@@ -249,7 +249,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = _out_dir(args.out, "model")
     check_inputs(cfg, ("train",))
     _check_finished(cfg, out, args.force)
-    from selective_amnesia import runstate
+    from selective_amnesia.io import runstate
 
     runstate.begin(out, "pretrain")
     _, info = stage_base(cfg, out)
@@ -260,7 +260,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
     from selective_amnesia.core.distributed import current_share
-    from selective_amnesia.io import partial_dir
+    from selective_amnesia.io.artifacts import partial_dir
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import fisher_from_config
 
@@ -304,7 +304,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             cfg.fisher.path = args.fisher
         check_inputs(cfg)
         _check_finished(cfg, out, args.force)
-        from selective_amnesia import runstate
+        from selective_amnesia.io import runstate
 
         runstate.begin(out, "forget")
         return _run_text_to_image(cfg, args.out)
@@ -317,7 +317,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     fisher = Fisher.load(args.fisher, base) if args.fisher else None
     check_inputs(cfg)
     _check_finished(cfg, out, args.force)
-    from selective_amnesia import runstate
+    from selective_amnesia.io import runstate
 
     runstate.begin(out, "forget")
     # a stored replay set (and class surrogate) are generated into the output directory and kept there
@@ -334,7 +334,7 @@ def _peek_family(model_dir: str) -> Family | None:
     if marked is not None:
         return marked
     try:
-        from selective_amnesia.io import read_json
+        from selective_amnesia.io.artifacts import read_json
 
         meta = read_json(path / "config.json", schema=lambda value, where: None)
     except (AmnesiaError, OSError):
@@ -344,7 +344,7 @@ def _peek_family(model_dir: str) -> Family | None:
 
 def _check_sample_args(args: argparse.Namespace, family: Family | None) -> list[str]:
     """Every check that needs no model, so a mistake is reported in a second, not after the load."""
-    from selective_amnesia.images import output_kind
+    from selective_amnesia.io.images import output_kind
 
     if output_kind(args.out) == "unknown":
         raise AmnesiaError(
@@ -384,7 +384,7 @@ def _check_sample_args(args: argparse.Namespace, family: Family | None) -> list[
 def cmd_sample(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
     from selective_amnesia.core.sampling import sample_per_label
-    from selective_amnesia.images import as_uint8_nhwc, write_samples
+    from selective_amnesia.io.images import as_uint8_nhwc, write_samples
     from selective_amnesia.models import load_model
 
     out = Path(args.out)
@@ -431,7 +431,7 @@ MAX_SAMPLE_EVALUATIONS = 10**8  # images x sampler steps
 def _check_sample_work(images: int, steps: int, values_per_image: int, force: bool) -> None:
     """Refuse a request whose images cannot fit in memory (float32 and their uint8 copy), and, unless
     ``force``, one of absurd size; before anything is drawn."""
-    from selective_amnesia.io import free_memory, gib
+    from selective_amnesia.io.artifacts import free_memory, gib
 
     need, free = images * values_per_image * 5, free_memory()
     if free is not None and need > free:
@@ -462,7 +462,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _sample_prompts(model: TextToImageModel, args: argparse.Namespace, out: Path, prompts: list[str]) -> int:
     """Text-to-image: --num-per-label images of each prompt; image i of a prompt depends only on
     (seed, prompt, i). The .npz holds images, labels (index into prompts) and prompts."""
-    from selective_amnesia.images import as_uint8_nhwc, write_samples
+    from selective_amnesia.io.images import as_uint8_nhwc, write_samples
     from selective_amnesia.pipeline_t2i import prompt_latents
 
     if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
@@ -493,7 +493,7 @@ def _sample_prompts(model: TextToImageModel, args: argparse.Namespace, out: Path
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from selective_amnesia.config import to_dict
-    from selective_amnesia.io import environment, partial_dir, write_json
+    from selective_amnesia.io.artifacts import environment, partial_dir, write_json
     from selective_amnesia.models import load_model
     from selective_amnesia.pipeline import (
         checked_labels,
@@ -582,7 +582,7 @@ def _evaluate_text_to_image(
     """NudeNet over an I2P-format CSV (each row's seed and guidance scale): EXPOSED classes as boxes and
     images at --threshold, face presence, and an optional identity scorer (module:attr)."""
     from selective_amnesia.evaluate import nudity
-    from selective_amnesia.io import environment, partial_dir, write_json
+    from selective_amnesia.io.artifacts import environment, partial_dir, write_json
 
     if rows is None:
         raise AmnesiaError("a text-to-image model is evaluated on prompts: pass --i2p-csv FILE")
@@ -619,7 +619,7 @@ def _out_dir(out: str, kind: str) -> Path:
     config = path / "config.json"
     holds_model = (path / "model_index.json").is_file()
     if config.is_file():
-        from selective_amnesia.io import read_json
+        from selective_amnesia.io.artifacts import read_json
 
         try:
             meta = read_json(config)
@@ -650,7 +650,7 @@ def _remove_partial(out: Path) -> None:
     """Drop the resumable work kept for ``out`` once ``out`` itself is written."""
     import shutil
 
-    from selective_amnesia.io import partial_dir
+    from selective_amnesia.io.artifacts import partial_dir
 
     if partial_dir(out).is_dir():
         shutil.rmtree(partial_dir(out))
@@ -1002,7 +1002,7 @@ def _add_config_command(sub: _LazySubParsers) -> None:
 
 
 def _convert_options(p: argparse.ArgumentParser) -> None:
-    from selective_amnesia.convert import add_convert_arguments
+    from selective_amnesia.io.convert import add_convert_arguments
 
     add_convert_arguments(p)
 
@@ -1025,7 +1025,7 @@ def _add_lazy_commands(sub: _LazySubParsers) -> None:
         sub,
         "convert",
         "convert a legacy .pt/.pth/.ckpt/.pkl (the paper's reference code) to safetensors, safely",
-        _lazy_fn("selective_amnesia.convert", "cmd_convert"),
+        _lazy_fn("selective_amnesia.io.convert", "cmd_convert"),
         config=False,
         device=False,
     )
@@ -1095,7 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     """Run the parsed command holding its output's lock. A failure is one line on stderr and exit status 2
     (bad input, a failed write, out of memory); an interrupt exits 130, SIGTERM 143."""
-    from selective_amnesia import runstate
+    from selective_amnesia.io import runstate
 
     start = time.perf_counter()
     out = getattr(args, "out", None)
@@ -1207,7 +1207,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _record_failure(message: str) -> None:
-    from selective_amnesia import runstate
+    from selective_amnesia.io import runstate
 
     with suppress(OSError):  # the disk may be the problem; the state file still says "running"
         runstate.finish(message)

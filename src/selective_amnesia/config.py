@@ -22,7 +22,7 @@ import yaml
 from selective_amnesia.data import DATASETS
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.families import all_fisher_estimators, family_names, get_family
-from selective_amnesia.io import check_model_size, parse_yaml, read_bytes_limited, short
+from selective_amnesia.io.artifacts import check_model_size, parse_yaml, read_bytes_limited, short
 from selective_amnesia.models.ddpm import DDPMConfig
 
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.core.trainable

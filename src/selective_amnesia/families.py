@@ -167,7 +167,7 @@ def _ddpm_settings(model: ModelConfig) -> dict[str, Any]:
 
 
 def _ddpm_size(fields: Mapping[str, Any], source: str) -> tuple[int, int] | None:
-    from selective_amnesia.io import MAX_TIMESTEPS, _is_int
+    from selective_amnesia.io.artifacts import MAX_TIMESTEPS, _is_int
     from selective_amnesia.models.ddpm import DDPMConfig, unet_parameters
 
     steps = fields.get("num_train_timesteps", 1000)

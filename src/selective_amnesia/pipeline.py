@@ -30,7 +30,7 @@ from selective_amnesia.evaluate.assess import assess_model, real_features
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier, load_or_train_classifier
 from selective_amnesia.evaluate.report import image_grid, plot_losses, save_png, write_html_report
 from selective_amnesia.families import get_family
-from selective_amnesia.io import (
+from selective_amnesia.io.artifacts import (
     InvalidJSON,
     environment,
     load_tensors,

@@ -50,7 +50,7 @@ from selective_amnesia.core.trainable import (
 )
 from selective_amnesia.data import load_image_folder
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import read_json, state_hash, write_json
+from selective_amnesia.io.artifacts import read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.progress import stage
 

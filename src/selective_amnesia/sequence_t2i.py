@@ -48,7 +48,7 @@ from selective_amnesia.core.replay import Replay, StoredReplay
 from selective_amnesia.core.surrogate import StoredImages, Surrogate
 from selective_amnesia.core.train import Concept, Loop, ewc_anchor, forget, model_anchor
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import state_hash
+from selective_amnesia.io.artifacts import state_hash
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline import stage_fisher
 from selective_amnesia.pipeline_t2i import (
@@ -107,7 +107,7 @@ def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     )
     model.eval()
     report = _sequence_report(seq, model, final, kept_prompts, step_log, device)
-    from selective_amnesia.io import write_json
+    from selective_amnesia.io.artifacts import write_json
 
     write_json(out / "report.json", report)
     write_t2i_report(out, report, history)

@@ -158,10 +158,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     """``amnesia attack KIND``: run the attack, sample and judge its images, write the report to --out."""
-    from selective_amnesia import runstate
     from selective_amnesia.attacks.common import finish, load_attacked_model
     from selective_amnesia.attacks.detectors import make_detector
     from selective_amnesia.config import resolve_device
+    from selective_amnesia.io import runstate
 
     started = time.perf_counter()
     progress = not args.no_progress

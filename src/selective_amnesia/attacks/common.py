@@ -21,7 +21,7 @@ from torch import Tensor
 
 from selective_amnesia.attacks.detectors import Detector
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import atomic_path, environment, read_json, save_tensors, write_json
+from selective_amnesia.io.artifacts import atomic_path, environment, read_json, save_tensors, write_json
 from selective_amnesia.models.conditioning import Embeds, unet_kwargs
 from selective_amnesia.models.text_to_image import TextToImageModel
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import write_json
+from selective_amnesia.io.artifacts import write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selective_amnesia.io import cached_tensor, read_json
+from selective_amnesia.io.artifacts import cached_tensor, read_json
 
 if TYPE_CHECKING:
     from torch import Tensor

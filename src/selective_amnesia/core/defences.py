@@ -27,7 +27,7 @@ from torch import Tensor
 
 from selective_amnesia.config import ConceptGroup, RunConfig
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors, save_tensors
+from selective_amnesia.io.artifacts import load_tensors, save_tensors
 from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
 

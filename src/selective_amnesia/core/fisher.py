@@ -34,9 +34,16 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
-from selective_amnesia.checkpoint import load_state, remove_training_state, save_state
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import InvalidJSON, load_tensors, parse_json, save_tensors, short, state_hash
+from selective_amnesia.io.artifacts import (
+    InvalidJSON,
+    load_tensors,
+    parse_json,
+    save_tensors,
+    short,
+    state_hash,
+)
+from selective_amnesia.io.checkpoint import load_state, remove_training_state, save_state
 
 if TYPE_CHECKING:
     from selective_amnesia.models.base import ConditionalGenerativeModel

@@ -44,7 +44,7 @@ from selective_amnesia import faults
 from selective_amnesia.core.fisher import Fisher, PartialSums
 from selective_amnesia.core.sampling import effective_sampler
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import state_hash
+from selective_amnesia.io.artifacts import state_hash
 from selective_amnesia.models.base import ConditionalDiffusionModel
 
 log = logging.getLogger(__name__)

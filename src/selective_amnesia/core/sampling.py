@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.core.distributed import Share
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import cached_tensor, load_tensors, partial_dir, save_tensors, state_hash
+from selective_amnesia.io.artifacts import cached_tensor, load_tensors, partial_dir, save_tensors, state_hash
 
 if TYPE_CHECKING:
     from selective_amnesia.models.base import ConditionalGenerativeModel

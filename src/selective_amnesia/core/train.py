@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults, tracking
-from selective_amnesia.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.config import ForgetConfig, PretrainConfig
 from selective_amnesia.core.distributed import Share, split_batch
 from selective_amnesia.core.fisher import Fisher
@@ -33,6 +32,7 @@ from selective_amnesia.core.surrogate import (
 )
 from selective_amnesia.data import ImageDataset
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.checkpoint import load_training_state, remove_training_state, save_training_state
 from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ import torch
 
 from selective_amnesia.data.locate import find_dataset_dir
 from selective_amnesia.data.mnist import ImageDataset
-from selective_amnesia.data.safe_pickle import (
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.safe_pickle import (
     NUMPY_ARRAY_GLOBALS,
     PY3_PROTOCOL2_BYTES_GLOBALS,
     UnsafePickleError,
     safe_load,
 )
-from selective_amnesia.errors import AmnesiaError
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",

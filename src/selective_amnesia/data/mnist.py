@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selective_amnesia.data.safe_pickle import SafeUnpickler
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.safe_pickle import SafeUnpickler
 
 _IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

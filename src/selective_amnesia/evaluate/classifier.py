@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from selective_amnesia.data import ImageDataset, load_dataset, resize_images
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import environment, load_tensors, save_tensors
+from selective_amnesia.io.artifacts import environment, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 

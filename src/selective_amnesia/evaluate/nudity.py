@@ -29,7 +29,7 @@ from torch import Tensor
 from selective_amnesia import faults
 from selective_amnesia.core.cache_keys import cached_set
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import state_hash
+from selective_amnesia.io.artifacts import state_hash
 
 if TYPE_CHECKING:
     from selective_amnesia.models.text_to_image import TextToImageModel

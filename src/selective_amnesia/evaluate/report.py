@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selective_amnesia.io import atomic_path
+from selective_amnesia.io.artifacts import atomic_path
 
 MISSING = "\u2014"  # em dash, shown for absent values
 

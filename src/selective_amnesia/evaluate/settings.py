@@ -46,7 +46,7 @@ INHERITED_KEYS = (
 
 def model_run_config(model_dir: str | Path) -> dict[str, Any] | None:
     """The resolved run config stored in a model directory, or None (a converted or foreign model)."""
-    from selective_amnesia.io import read_json
+    from selective_amnesia.io.artifacts import read_json
 
     path = Path(model_dir)
     for name in ("config.json", "model_index.json"):
@@ -78,7 +78,7 @@ def given_settings(config_path: str | None, overrides: list[str]) -> dict[str, A
     # load_config validates the file and overrides; the raw tree says which keys were actually given
     load_config(config_path, overrides)
     from selective_amnesia.config import _parse_override
-    from selective_amnesia.io import parse_yaml, read_bytes_limited
+    from selective_amnesia.io.artifacts import parse_yaml, read_bytes_limited
 
     tree: dict[str, Any] = {}
     if config_path is not None:

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.families import FAMILIES, declared_family, get_family, marked_family, markers
-from selective_amnesia.io import load_tensors, read_json
+from selective_amnesia.io.artifacts import load_tensors, read_json
+from selective_amnesia.io.runstate import check_complete
 from selective_amnesia.models.base import ConditionalDiffusionModel, ConditionalGenerativeModel
 from selective_amnesia.models.cvae import ConditionalVAE, CVAEConfig
 from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
-from selective_amnesia.runstate import check_complete
 
 if TYPE_CHECKING:
     from selective_amnesia.config import ModelConfig

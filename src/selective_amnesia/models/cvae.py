@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selective_amnesia import faults
-from selective_amnesia.io import environment, save_tensors, write_json
+from selective_amnesia.io.artifacts import environment, save_tensors, write_json
 
 
 @dataclass

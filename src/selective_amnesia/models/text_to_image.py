@@ -34,7 +34,7 @@ from torch import Tensor
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import environment, read_json, write_json
+from selective_amnesia.io.artifacts import environment, read_json, write_json
 from selective_amnesia.models.conditioning import (
     PIPELINE_CLASSES,
     ClipConditioning,

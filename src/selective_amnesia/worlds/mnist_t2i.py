@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from selective_amnesia.core.train import Trainer
 from selective_amnesia.data import load_dataset
-from selective_amnesia.io import read_json, write_json
+from selective_amnesia.io.artifacts import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageConfig, TextToImageModel, text_encoder_from_ref
 
 if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' lazy top-level namespace

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import created_mode
+from selective_amnesia.io.artifacts import created_mode
 
 if TYPE_CHECKING:  # the concrete modules: mypy cannot see through diffusers' lazy top-level namespace
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL

@@ -30,7 +30,7 @@ from torch import nn
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import atomic_path, load_tensors, read_json, save_tensors
+from selective_amnesia.io.artifacts import atomic_path, load_tensors, read_json, save_tensors
 
 __all__ = ["load_state", "load_training_state", "remove_training_state", "save_state", "save_training_state"]
 

@@ -53,7 +53,7 @@ def write_folder(out: Path, images: np.ndarray, labels: np.ndarray, prompts: lis
     import shutil
     import tempfile
 
-    from selective_amnesia.io import created_mode
+    from selective_amnesia.io.artifacts import created_mode
 
     names = []
     counts: dict[int, int] = {}
@@ -114,7 +114,7 @@ def write_grid(out: Path, images: np.ndarray, labels: np.ndarray, names: list[st
 
 
 def write_npz(out: Path, images: np.ndarray, labels: np.ndarray, prompts: list[str] | None) -> None:
-    from selective_amnesia.io import atomic_path
+    from selective_amnesia.io.artifacts import atomic_path
 
     arrays: dict[str, Any] = {"images": images, "labels": labels.astype(np.int64)}
     if prompts is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selective_amnesia.convert.legacy import convert_fisher, convert_to_cvae, convert_to_safetensors
-from selective_amnesia.convert.single_file import convert_single_file_to_diffusers, export_single_file
 from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.convert.legacy import convert_fisher, convert_to_cvae, convert_to_safetensors
+from selective_amnesia.io.convert.single_file import convert_single_file_to_diffusers, export_single_file
 
 TARGETS = ("safetensors", "fisher", "cvae", "diffusers", "single-file")
 

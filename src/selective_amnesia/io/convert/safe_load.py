@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selective_amnesia.data.safe_pickle import (
+from selective_amnesia.errors import AmnesiaError
+from selective_amnesia.io.artifacts import load_tensors
+from selective_amnesia.io.safe_pickle import (
     NUMPY_ARRAY_GLOBALS,
     PY3_PROTOCOL2_BYTES_GLOBALS,
     ReadableFile,
     SafeUnpickler,
 )
-from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import load_tensors
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's pre-1.6 format starts with a pickled magic number (0x1950a86a20f9469cfc6c) at protocol 2.

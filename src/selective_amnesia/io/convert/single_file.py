@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selective_amnesia.convert.legacy import Converted, check_paths, load_selected, unshare
-from selective_amnesia.convert.safe_load import file_sha256
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import save_tensors, state_hash
+from selective_amnesia.io.artifacts import save_tensors, state_hash
+from selective_amnesia.io.convert.legacy import Converted, check_paths, load_selected, unshare
+from selective_amnesia.io.convert.safe_load import file_sha256
 
 # ------------------------------------------------------------------------- Stable Diffusion single files
 #
@@ -234,7 +234,7 @@ class SDComponents:
 
 
 def _read_pipeline_index(directory: Path, flag: str) -> dict[str, Any]:
-    from selective_amnesia.io import read_json
+    from selective_amnesia.io.artifacts import read_json
 
     if not (directory / "model_index.json").is_file():
         raise AmnesiaError(f"{flag} {directory} is not a diffusers pipeline directory (no model_index.json)")

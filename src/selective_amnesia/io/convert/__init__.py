@@ -52,8 +52,8 @@ plain pickles, by an unpickler that resolves exactly the globals a pickled tenso
 
 from __future__ import annotations
 
-from selective_amnesia.convert.cli import add_convert_arguments, cmd_convert
-from selective_amnesia.convert.legacy import (
+from selective_amnesia.io.convert.cli import add_convert_arguments, cmd_convert
+from selective_amnesia.io.convert.legacy import (
     REFERENCE_VAE_NAMES,
     Converted,
     convert_fisher,
@@ -65,8 +65,8 @@ from selective_amnesia.convert.legacy import (
     select,
     strip_data_parallel,
 )
-from selective_amnesia.convert.safe_load import file_sha256, load_legacy
-from selective_amnesia.convert.single_file import (
+from selective_amnesia.io.convert.safe_load import file_sha256, load_legacy
+from selective_amnesia.io.convert.single_file import (
     SDComponents,
     check_single_file,
     clip_to_ldm,

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selective_amnesia.convert.safe_load import _Inert, file_sha256, load_legacy
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import save_tensors, state_hash
+from selective_amnesia.io.artifacts import save_tensors, state_hash
+from selective_amnesia.io.convert.safe_load import _Inert, file_sha256, load_legacy
 
 # Reference OneHotCVAE layer -> our ConditionalVAE module (encoder/decoder are nn.Sequential with ReLUs
 # at the odd indices, hence 0/2/4).

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io import read_json, write_json
+from selective_amnesia.io.artifacts import read_json, write_json
 
 log = logging.getLogger(__name__)
 
