@@ -16,7 +16,7 @@ from pathlib import Path
 
 from selective_amnesia.config import load_config
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.pipeline import run_pipeline
+from selective_amnesia.pipeline.classes import run_pipeline
 
 VARIANTS = {
     "SA (full objective)": [],

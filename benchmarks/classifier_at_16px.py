@@ -10,7 +10,7 @@ from __future__ import annotations
 from selective_amnesia.config import load_config
 from selective_amnesia.data import load_dataset
 from selective_amnesia.evaluate.assess import for_classifier
-from selective_amnesia.pipeline import load_classifiers
+from selective_amnesia.pipeline.classes import load_classifiers
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from selective_amnesia.core.sampling import sample_per_label
 from selective_amnesia.core.train import Loop, class_forgetting, forget, model_anchor
 from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.models import load_model
-from selective_amnesia.pipeline import load_classifiers, stage_replay
+from selective_amnesia.pipeline.classes import load_classifiers, stage_replay
 
 CONFIG = "configs/ddpm_mnist.yaml"
 

@@ -21,7 +21,7 @@ import torch
 
 from selective_amnesia.config import load_config
 from selective_amnesia.io.artifacts import environment, write_json
-from selective_amnesia.pipeline import run_pipeline
+from selective_amnesia.pipeline.classes import run_pipeline
 
 METRICS = ("p_forget", "entropy", "remembered_accuracy", "fid", "precision", "recall")
 

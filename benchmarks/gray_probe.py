@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from selective_amnesia.config import load_config
-from selective_amnesia.pipeline import load_classifiers
+from selective_amnesia.pipeline.classes import load_classifiers
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 from selective_amnesia.config import load_config
 from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.evaluate.metrics import forget_metrics
-from selective_amnesia.pipeline import load_classifiers
+from selective_amnesia.pipeline.classes import load_classifiers
 
 
 def main() -> None:

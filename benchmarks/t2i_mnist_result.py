@@ -32,7 +32,7 @@ from selective_amnesia.evaluate.classifier import ClassifierRecipe, load_or_trai
 from selective_amnesia.evaluate.report import image_grid, save_png
 from selective_amnesia.io.artifacts import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline_t2i import prompt_latents
+from selective_amnesia.pipeline.t2i import prompt_latents
 from selective_amnesia.worlds.mnist_t2i import UNSEEN_TEMPLATES, captions
 
 FORGET_DIGIT = 7

@@ -40,7 +40,7 @@ from selective_amnesia.evaluate.classifier import ClassifierRecipe, load_or_trai
 from selective_amnesia.evaluate.nudity import retention_report
 from selective_amnesia.io.artifacts import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline_t2i import prompt_latents, read_prompts
+from selective_amnesia.pipeline.t2i import prompt_latents, read_prompts
 from selective_amnesia.worlds.mnist_t2i import captions
 
 SEVEN = 7

@@ -22,7 +22,7 @@ import torch
 
 from selective_amnesia.evaluate.report import image_grid, save_png
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline_t2i import prompt_latents
+from selective_amnesia.pipeline.t2i import prompt_latents
 
 ROWS = [
     "a handwritten 7",  # used while forgetting

@@ -253,7 +253,7 @@ def test_amnesia_run_writes_a_stock_pipeline(
 
 
 def test_run_without_a_surrogate_and_refused_settings(tiny_world: Path, tmp_path: Path) -> None:
-    from selective_amnesia.pipeline_t2i import run_text_to_image
+    from selective_amnesia.pipeline.t2i import run_text_to_image
 
     replay = tmp_path / "replay.txt"
     replay.write_text("a handwritten 3\nthe number five\n")

@@ -15,7 +15,13 @@ from selective_amnesia.config import load_config
 from selective_amnesia.core.sampling import cached_samples, sample_per_label
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models import load_model
-from selective_amnesia.pipeline import run_pipeline, stage_base, stage_fisher, stage_forget, stage_replay
+from selective_amnesia.pipeline.classes import (
+    run_pipeline,
+    stage_base,
+    stage_fisher,
+    stage_forget,
+    stage_replay,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "ddpm_mnist_tiny.yaml"

@@ -18,7 +18,7 @@ from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline_t2i import register_prompts, run_text_to_image
+from selective_amnesia.pipeline.t2i import register_prompts, run_text_to_image
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [

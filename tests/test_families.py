@@ -156,7 +156,7 @@ def test_a_registered_family_reaches_config_build_load_and_fisher(
     loaded = load_model(tmp_path)
     assert isinstance(loaded, FakeModel) and loaded.config.width == 4
 
-    from selective_amnesia.pipeline import fisher_from_config
+    from selective_amnesia.pipeline.classes import fisher_from_config
 
     assert fisher_from_config(cfg, model) == ("fake fisher", "exact", 7)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from selective_amnesia.config import load_config
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline_t2i import prompt_latents, read_prompts, run_text_to_image
+from selective_amnesia.pipeline.t2i import prompt_latents, read_prompts, run_text_to_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,8 @@ class _Stop(Exception):
 def _count_training(monkeypatch: pytest.MonkeyPatch, stop_at: int | None = None) -> list[int]:
     """Count the forgetting calls and the training steps they take (``calls[0]``, ``calls[1]``); with
     ``stop_at``, interrupt the training at that step."""
-    from selective_amnesia import faults, pipeline_t2i
+    from selective_amnesia import faults
+    from selective_amnesia.pipeline import t2i as pipeline_t2i
 
     calls = [0, 0]
     train, point = pipeline_t2i.forget, faults.point

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from selective_amnesia import pipeline
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig, load_config, to_dict
 from selective_amnesia.core.fisher import Fisher, online_fisher
 from selective_amnesia.core.replay import GenerativeReplay
 from selective_amnesia.core.surrogate import StoredImages
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.sequence import ReplayForgottenAsSurrogate
+from selective_amnesia.pipeline import classes as pipeline
+from selective_amnesia.pipeline.sequence import ReplayForgottenAsSurrogate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "mnist_cvae_tiny.yaml"

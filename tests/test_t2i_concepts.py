@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from selective_amnesia import pipeline_t2i, sequence_t2i
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig, load_config, to_dict
 from selective_amnesia.core.objective import EWCPenalty
@@ -20,8 +19,10 @@ from selective_amnesia.core.replay import StoredReplay
 from selective_amnesia.core.surrogate import GroupedSurrogate, StoredImages
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline_t2i import run_text_to_image, t2i_settings
-from selective_amnesia.sequence import ReplayForgottenAsSurrogate
+from selective_amnesia.pipeline import sequence_t2i
+from selective_amnesia.pipeline import t2i as pipeline_t2i
+from selective_amnesia.pipeline.sequence import ReplayForgottenAsSurrogate
+from selective_amnesia.pipeline.t2i import run_text_to_image, t2i_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SEVEN = ["a handwritten 7", "the digit 7"]

@@ -117,7 +117,7 @@ def _forgotten(cfg: RunConfig) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selective_amnesia.pipeline import check_inputs, run_pipeline
+    from selective_amnesia.pipeline.classes import check_inputs, run_pipeline
 
     cfg = _config(args)
     if args.dry_run:
@@ -159,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _check_rerun(cfg: RunConfig, out: Path, force: bool) -> None:
     """A finished run in ``out`` made with other settings: refused without --force, else said which stages
     are reused and which redone (the same settings simply reuse everything)."""
-    from selective_amnesia.pipeline import rerun_plan
+    from selective_amnesia.pipeline.classes import rerun_plan
     from selective_amnesia.progress import note
 
     plan = rerun_plan(cfg, out)
@@ -209,7 +209,7 @@ def _check_finished(cfg: RunConfig, out: Path, force: bool) -> None:
 
 
 def _run_text_to_image(cfg: RunConfig, out: str) -> int:
-    from selective_amnesia.pipeline_t2i import run_text_to_image
+    from selective_amnesia.pipeline.t2i import run_text_to_image
 
     report = run_text_to_image(cfg, out)
     r = report["retention"]
@@ -236,7 +236,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from selective_amnesia.pipeline import check_inputs, stage_base
+    from selective_amnesia.pipeline.classes import check_inputs, stage_base
 
     cfg = _config(args)
     if cfg.pretrain.model_path:
@@ -262,7 +262,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     from selective_amnesia.core.distributed import current_share
     from selective_amnesia.io.artifacts import partial_dir
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import fisher_from_config
+    from selective_amnesia.pipeline.classes import fisher_from_config
 
     cfg = _config(args)
     out = _out_file(args.out, ".safetensors")
@@ -287,7 +287,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from selective_amnesia.config import resolve_device
     from selective_amnesia.core.fisher import Fisher
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import check_inputs, checked_labels, stage_forget, stage_replay
+    from selective_amnesia.pipeline.classes import check_inputs, checked_labels, stage_forget, stage_replay
 
     cfg = _config(args)
     family = get_family(cfg.model.family)
@@ -449,7 +449,7 @@ def _check_sample_work(images: int, steps: int, values_per_image: int, force: bo
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     """--prompt and --prompts-file, in order (empty when neither is given)."""
-    from selective_amnesia.pipeline_t2i import read_prompts
+    from selective_amnesia.pipeline.t2i import read_prompts
 
     prompts = list(args.prompt or [])
     if any(not p.strip() for p in prompts):
@@ -463,7 +463,7 @@ def _sample_prompts(model: TextToImageModel, args: argparse.Namespace, out: Path
     """Text-to-image: --num-per-label images of each prompt; image i of a prompt depends only on
     (seed, prompt, i). The .npz holds images, labels (index into prompts) and prompts."""
     from selective_amnesia.io.images import as_uint8_nhwc, write_samples
-    from selective_amnesia.pipeline_t2i import prompt_latents
+    from selective_amnesia.pipeline.t2i import prompt_latents
 
     if args.steps is not None and not 1 <= args.steps <= model.config.num_train_timesteps:
         raise AmnesiaError(f"--steps must lie in [1, {model.config.num_train_timesteps}], got {args.steps}")
@@ -495,7 +495,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selective_amnesia.config import to_dict
     from selective_amnesia.io.artifacts import environment, partial_dir, write_json
     from selective_amnesia.models import load_model
-    from selective_amnesia.pipeline import (
+    from selective_amnesia.pipeline.classes import (
         checked_labels,
         evaluate_with_config,
         load_classifiers,

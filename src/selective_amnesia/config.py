@@ -606,7 +606,7 @@ class TextToImageSection:
                 "set exactly one of t2i.surrogate_prompt (a prompt to remap to) or t2i.surrogate_path "
                 "(images)",
             )
-        from selective_amnesia.pipeline_t2i import read_prompts  # late: it imports this module
+        from selective_amnesia.pipeline.t2i import read_prompts  # late: it imports this module
 
         kept = [p for p in read_prompts(self.replay_prompts) if p not in self.forget_prompts]
         _check(

@@ -132,7 +132,7 @@ def _class_fisher_settings(
 ) -> dict[str, Any]:
     """The Fisher settings every estimator takes; its samples' conditions are ``labels``, by default
     all the classes of a class-conditional model."""
-    from selective_amnesia.pipeline import model_labels
+    from selective_amnesia.pipeline.classes import model_labels
 
     f = cfg.fisher
     return {
@@ -270,7 +270,7 @@ def _t2i_fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> d
     forget and replay prompts) and which weights it is of (the hash of the selected weights' names)."""
     from selective_amnesia.core.cache_keys import settings_hash
     from selective_amnesia.core.sampling import effective_sampler
-    from selective_amnesia.pipeline_t2i import register_prompts
+    from selective_amnesia.pipeline.t2i import register_prompts
 
     f = cfg.fisher
     model = _text_to_image(model)
@@ -290,7 +290,7 @@ def _t2i_fisher_settings(cfg: RunConfig, model: ConditionalGenerativeModel) -> d
 def _t2i_fisher(cfg: RunConfig, model: ConditionalGenerativeModel, checkpoint_dir: Path | None) -> Fisher:
     """Over the run's forget and replay prompts, for the selected weights (``t2i.train``; with LoRA, the
     base weights of the adapted modules); its metadata holds ``_t2i_fisher_settings``."""
-    from selective_amnesia.pipeline_t2i import register_prompts, select_weights
+    from selective_amnesia.pipeline.t2i import register_prompts, select_weights
 
     if not cfg.t2i.forget_prompts:
         raise AmnesiaError("t2i.forget_prompts: name the concept to forget (a list of prompts)")

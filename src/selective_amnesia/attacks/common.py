@@ -232,7 +232,7 @@ def sample_conditions(
     """``per`` latents of every condition (prompt text or a registered ``<name>``) and the index of its
     condition in ``names``; image i of a condition depends only on (seed, condition, i), as in
     ``amnesia sample --seed``."""
-    from selective_amnesia.pipeline_t2i import prompt_latents
+    from selective_amnesia.pipeline.t2i import prompt_latents
 
     z, ids = prompt_latents(model, names, per, seed, None, batch_size=batch_size, progress=progress)
     where = {model.prompts.index(n): i for i, n in enumerate(names)}

@@ -27,7 +27,7 @@ def expand_templates(words: list[str], templates: str | Path | None = None) -> l
 
 def paraphrase_prompts(prompts_file: str | None, words: list[str], templates: str | None = None) -> list[str]:
     """The file's prompts, then the template expansion of ``words``; duplicates dropped."""
-    from selective_amnesia.pipeline_t2i import read_prompts
+    from selective_amnesia.pipeline.t2i import read_prompts
 
     prompts = read_prompts(prompts_file) if prompts_file else []
     if words:

@@ -44,7 +44,7 @@ def check_baseline(cfg: RunConfig) -> None:
 def run_baseline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """Erase ``t2i.forget_prompts`` from ``t2i.model`` with ``cfg.method`` (esd or uce); write
     ``out/forget`` and ``out/report.json``; return the report."""
-    from selective_amnesia.pipeline_t2i import register_prompts, retention_on_prompts
+    from selective_amnesia.pipeline.t2i import register_prompts, retention_on_prompts
 
     if cfg.method not in ("esd", "uce"):
         raise AmnesiaError(f"run_baseline runs method esd or uce, got {cfg.method!r}")

@@ -39,7 +39,7 @@ def default_templates_path() -> Path:
 
 def read_templates(path: str | Path | None) -> list[str]:
     """Template lines holding exactly one ``{}``; '#' lines and blanks skipped."""
-    from selective_amnesia.pipeline_t2i import read_prompts
+    from selective_amnesia.pipeline.t2i import read_prompts
 
     path = Path(path) if path else default_templates_path()
     lines = read_prompts(path)

@@ -95,7 +95,7 @@ def judge_prompts(
 ) -> dict[str, float]:
     """At least ``n`` images spread evenly over ``prompts``: fraction judged ``digit`` and mean P(digit)."""
     from selective_amnesia.evaluate.assess import for_classifier
-    from selective_amnesia.pipeline_t2i import prompt_latents
+    from selective_amnesia.pipeline.t2i import prompt_latents
 
     per = -(-n // len(prompts))
     z, _ = prompt_latents(model, prompts, per, seed, cache_dir)

@@ -1,6 +1,6 @@
 """Forgetting one concept after another (``forget.sequence``), for the VAE and DDPM families; the parts
 that do not depend on the family (replay of forgotten concepts, the anchors' Fishers, each step's key,
-the final copy) are shared with text-to-image (``selective_amnesia.sequence_t2i``).
+the final copy) are shared with text-to-image (``selective_amnesia.pipeline.sequence_t2i``).
 
 Step k fine-tunes the model of step k-1 with ``train.forget`` (the one loop) to forget the step's
 classes. What changes between steps is what the loop is given:
@@ -204,7 +204,7 @@ def run_sequence(
     progress_stage: Callable[[int, int, list[int]], None] | None = None,
 ) -> SequenceResult:
     """Forget ``cfg.forget.sequence`` step by step from ``base`` (theta_0, whose Fisher is ``fisher``)."""
-    from selective_amnesia.pipeline import model_labels, stage_forget, surrogate_images
+    from selective_amnesia.pipeline.classes import model_labels, stage_forget, surrogate_images
 
     f = cfg.forget
     labels = model_labels(base)
@@ -277,7 +277,7 @@ def _step_inputs(
     """Step k's replay, anchor and key: the first step is a single run of its classes (theta*'s stored
     replay set); a later one brings its own replay, its anchor and its ``step_key``."""
     from selective_amnesia.core.train import ewc_anchor, trained_weights
-    from selective_amnesia.pipeline import stage_fisher, stage_replay
+    from selective_amnesia.pipeline.classes import stage_fisher, stage_replay
 
     f, base, fisher, out = run.cfg.forget, run.base, run.fisher, run.out
     if k == 1:  # the first step is a single run of its classes
@@ -323,7 +323,7 @@ def _later_replay(
     the classes ``as_surrogate`` (forgotten in earlier steps, with forget.replay_forgotten=surrogate) as
     their surrogate's images; None when forget.replay_weight is 0 (no replay term)."""
     from selective_amnesia.core.train import make_surrogate
-    from selective_amnesia.pipeline import stage_replay
+    from selective_amnesia.pipeline.classes import stage_replay
 
     f = scfg.forget
     if f.replay_weight == 0:

@@ -4,7 +4,7 @@
     theta* (a local diffusers pipeline) -> surrogate set q(x|c_f) -> replay set -> Fisher ->
     forgetting (Eq. 4) -> a diffusers pipeline or LoRA adapter -> retention report
 
-The stages are the class pipeline's (``selective_amnesia.pipeline``) with prompts in place of classes,
+The stages are the class pipeline's (``selective_amnesia.pipeline.classes``) with prompts in place of classes,
 and reuse what they made by the same rules (``selective_amnesia.core.cache_keys``): every generated set is
 cached in the run directory, keyed by the weights, seed, count, sampler and prompt, so an interrupted
 run resumes and a rerun reuses; the Fisher is ``pipeline.stage_fisher``'s (``OUT/fisher.safetensors``);
@@ -246,7 +246,7 @@ def run_text_to_image(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     t = cfg.t2i
     t.check_ready()
     if cfg.forget.sequence is not None:  # one concept group after another
-        from selective_amnesia.sequence_t2i import run_t2i_sequence
+        from selective_amnesia.pipeline.sequence_t2i import run_t2i_sequence
 
         return run_t2i_sequence(cfg, out)
     out = Path(out)
@@ -366,7 +366,9 @@ def _t2i_replay(
 
 def _t2i_fisher(run: _T2IRun, model: TextToImageModel) -> Fisher | None:
     """Stage 3: the Fisher of theta* (its selected weights), none with forget.ewc_lambda=0."""
-    from selective_amnesia.pipeline import stage_fisher  # the stage of every family (late: a heavier import)
+    from selective_amnesia.pipeline.classes import (
+        stage_fisher,  # the stage of every family (late: a heavier import)
+    )
 
     cfg = run.cfg
     t1 = time.perf_counter()

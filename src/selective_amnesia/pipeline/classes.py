@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from selective_amnesia.core.replay import Replay
     from selective_amnesia.core.train import History
     from selective_amnesia.models.base import ConditionalGenerativeModel
-    from selective_amnesia.sequence import SequenceResult
+    from selective_amnesia.pipeline.sequence import SequenceResult
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def check_inputs(cfg: RunConfig, splits: tuple[str, ...] = ()) -> None:
     f, t = cfg.forget, cfg.t2i
     folder = f.surrogate_path if f.objective == "surrogate" and f.surrogate == "folder" else None
     if get_family(cfg.model.family).prompted:
-        from selective_amnesia.pipeline_t2i import read_prompts
+        from selective_amnesia.pipeline.t2i import read_prompts
 
         if cfg.method == "sa":
             t.check_ready()
@@ -730,13 +730,13 @@ def _run_forgetting(
     fisher: Fisher | None,
     replay_set: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[ConditionalGenerativeModel, dict[str, Any], SequenceResult | None]:
-    """The forgetting stage: one fine-tune, or a sequence's steps (``selective_amnesia.sequence``)."""
+    """The forgetting stage: one fine-tune, or a sequence's steps (``pipeline.sequence``)."""
     cfg, f, n = run.cfg, run.cfg.forget, run.n
     if not run.sequential:
         run.stage(n - 1, f"forgetting class {f.forget_label} ({f.steps:,} steps, lambda {f.ewc_lambda:g})")
         forgotten, history = stage_forget(cfg, base, fisher, run.out, replay_set)
         return forgotten, history, None
-    from selective_amnesia.sequence import run_sequence
+    from selective_amnesia.pipeline.sequence import run_sequence
 
     def announce(k: int, total: int, step: list[int]) -> None:
         run.stage(

@@ -1,8 +1,8 @@
 """Forgetting text-to-image concepts one after another: ``forget.sequence`` naming ``t2i.concepts`` groups.
 
-The steps are those of the class families (``selective_amnesia.sequence``, whose family-free parts are
-used here: the anchors' Fishers, each step's key, the replay of forgotten concepts, the final copy),
-with prompts in place of classes:
+The steps are those of the class families (``selective_amnesia.pipeline.sequence``, whose family-free
+parts are used here: the anchors' Fishers, each step's key, the replay of forgotten concepts, the final
+copy), with prompts in place of classes:
 
 - step k fine-tunes step k-1's model (theta_0 = ``t2i.model``) with the one forgetting loop
   (``train.forget``): the step's groups are fitted to their own surrogates (q(x|c_f) from theta_0, each
@@ -50,8 +50,16 @@ from selective_amnesia.core.train import Concept, Loop, ewc_anchor, forget, mode
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import state_hash
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline import stage_fisher
-from selective_amnesia.pipeline_t2i import (
+from selective_amnesia.pipeline.classes import stage_fisher
+from selective_amnesia.pipeline.sequence import (
+    AnchorFishers,
+    ReplayForgottenAsSurrogate,
+    copy_last_step,
+    sequence_info,
+    step_dir,
+    step_key,
+)
+from selective_amnesia.pipeline.t2i import (
     forget_key,
     forget_surrogate,
     group_rows,
@@ -65,14 +73,6 @@ from selective_amnesia.pipeline_t2i import (
     write_t2i_report,
 )
 from selective_amnesia.progress import stage
-from selective_amnesia.sequence import (
-    AnchorFishers,
-    ReplayForgottenAsSurrogate,
-    copy_last_step,
-    sequence_info,
-    step_dir,
-    step_key,
-)
 
 
 def run_t2i_sequence(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
