@@ -18,11 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from selective_amnesia.cli.convert import add_convert_arguments, cmd_convert
 from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.convert import (
-    add_convert_arguments,
-    cmd_convert,
     convert_fisher,
     convert_to_cvae,
     convert_to_safetensors,

@@ -231,7 +231,7 @@ def _amnesia(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_help_has_examples_and_no_none_defaults() -> None:
-    from selective_amnesia.cli import EXAMPLES, build_parser
+    from selective_amnesia.cli.app import EXAMPLES, build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -253,7 +253,7 @@ def test_version_bare_and_fast_help() -> None:
     bare = _amnesia()
     assert bare.returncode == 0 and "first five minutes" in bare.stdout and "COMMAND" in bare.stdout
     # --help imports neither torch nor diffusers
-    code = "import sys; from selective_amnesia.cli import build_parser; build_parser(''); "
+    code = "import sys; from selective_amnesia.cli.app import build_parser; build_parser(''); "
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout
@@ -277,7 +277,7 @@ def test_verbosity_and_device_anywhere(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["config", "show", "-q", "--keys"]) == 0
     assert main(["-v", "run", "--dry-run", "-q", "--device", "cpu"]) == 0
     assert "device: cpu" in capsys.readouterr().out
-    from selective_amnesia.cli import build_parser
+    from selective_amnesia.cli.app import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -345,7 +345,7 @@ def test_a_hub_id_is_resolved_offline_from_the_hf_cache(
 ) -> None:
     import numpy as np
 
-    from selective_amnesia.cli import resolve_model
+    from selective_amnesia.cli.app import resolve_model
 
     hub = tmp_path / "hub"
     repo = hub / "models--tiny-org--tiny-sd"

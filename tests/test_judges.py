@@ -17,7 +17,7 @@ import torch
 
 import selective_amnesia.evaluate.classifier as classifier_module
 from selective_amnesia.cli import main
-from selective_amnesia.cli_classifiers import _target
+from selective_amnesia.cli.classifiers import _target
 from selective_amnesia.config import load_config, to_dict
 from selective_amnesia.data import ImageDataset
 from selective_amnesia.errors import AmnesiaError

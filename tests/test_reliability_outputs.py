@@ -329,7 +329,7 @@ def test_bfloat16_fishers_are_accepted(work: Path) -> None:
 
 
 def test_absurd_sample_requests_need_force(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import selective_amnesia.cli as cli
+    import selective_amnesia.cli.app as cli
 
     argv = ["sample", "--model", str(work / "model"), "--labels", "1", "--out", str(work / "s.npz")]
     refused([*argv, "--num-per-label", "2147483647"], work, "more than the")  # memory, --force or not

@@ -52,7 +52,6 @@ plain pickles, by an unpickler that resolves exactly the globals a pickled tenso
 
 from __future__ import annotations
 
-from selective_amnesia.io.convert.cli import add_convert_arguments, cmd_convert
 from selective_amnesia.io.convert.legacy import (
     REFERENCE_VAE_NAMES,
     Converted,
@@ -82,8 +81,6 @@ __all__ = [
     "REFERENCE_VAE_NAMES",
     "Converted",
     "SDComponents",
-    "add_convert_arguments",
-    "cmd_convert",
     "check_single_file",
     "clip_to_ldm",
     "convert_fisher",

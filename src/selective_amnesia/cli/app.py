@@ -819,7 +819,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_config_command(sub)
     _add_lazy_commands(sub)
     if command is None or command == "attack":  # the attacks package imports torch: only when chosen
-        from selective_amnesia.attacks.cli import add_attack_parser
+        from selective_amnesia.cli.attacks import add_attack_parser
 
         add_attack_parser(sub, _Formatter)
     else:
@@ -1002,7 +1002,7 @@ def _add_config_command(sub: _LazySubParsers) -> None:
 
 
 def _convert_options(p: argparse.ArgumentParser) -> None:
-    from selective_amnesia.io.convert import add_convert_arguments
+    from selective_amnesia.cli.convert import add_convert_arguments
 
     add_convert_arguments(p)
 
@@ -1014,7 +1014,7 @@ def _world_options(p: argparse.ArgumentParser) -> None:
 
 
 def _classifier_options(p: argparse.ArgumentParser) -> None:
-    from selective_amnesia.cli_classifiers import add_arguments
+    from selective_amnesia.cli.classifiers import add_arguments
 
     add_arguments(p)
 
@@ -1025,7 +1025,7 @@ def _add_lazy_commands(sub: _LazySubParsers) -> None:
         sub,
         "convert",
         "convert a legacy .pt/.pth/.ckpt/.pkl (the paper's reference code) to safetensors, safely",
-        _lazy_fn("selective_amnesia.io.convert", "cmd_convert"),
+        _lazy_fn("selective_amnesia.cli.convert", "cmd_convert"),
         config=False,
         device=False,
     )
@@ -1043,7 +1043,7 @@ def _add_lazy_commands(sub: _LazySubParsers) -> None:
         sub,
         "classifiers",
         "list the evaluation classifiers shipped with the package; --retrain compares them with a retraining",
-        _lazy_fn("selective_amnesia.cli_classifiers", "cmd_classifiers"),
+        _lazy_fn("selective_amnesia.cli.classifiers", "cmd_classifiers"),
         config=False,
         device=False,
     )
@@ -1237,7 +1237,3 @@ def _fail(command: str, message: str) -> int:
         message = message[:2000] + "..."
     print(f"amnesia {command}: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())

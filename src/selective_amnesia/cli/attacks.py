@@ -1,6 +1,6 @@
 """``amnesia attack {paraphrase,soft-prompt,discrete}``: the arguments and the command.
 
-Registered by ``selective_amnesia.cli.build_parser`` through ``add_attack_parser``; bad input raises
+Registered by ``selective_amnesia.cli.app.build_parser`` through ``add_attack_parser``; bad input raises
 ``AmnesiaError`` (one line, exit status 2), checked before any model is loaded where it can be.
 """
 
@@ -180,7 +180,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         args.detector, threshold=args.threshold, cache_dir=args.classifier_cache, progress=progress
     )
     if args.attack != "paraphrase" and args.target_model:
-        from selective_amnesia.cli import resolve_model  # a Hub id, as --model (resolved by main)
+        from selective_amnesia.cli.app import resolve_model  # a Hub id, as --model (resolved by main)
 
         args.target_model = resolve_model(args.target_model)
     model = load_attacked_model(args.model, device)
