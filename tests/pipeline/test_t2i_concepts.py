@@ -24,7 +24,7 @@ from selective_amnesia.pipeline import t2i as pipeline_t2i
 from selective_amnesia.pipeline.sequence import ReplayForgottenAsSurrogate
 from selective_amnesia.pipeline.t2i import run_text_to_image, t2i_settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEVEN = ["a handwritten 7", "the digit 7"]
 THREE = ["a handwritten 3", "the digit 3"]
 # three's first prompt is a replay line too: kept (replayed) until the step that forgets three

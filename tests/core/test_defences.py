@@ -20,7 +20,7 @@ from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline.t2i import register_prompts, run_text_to_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = [
     "progress=false",
     "t2i.surrogate_count=4",

@@ -216,12 +216,11 @@ def test_torchmetrics_fid_matches_frechet_distance_and_closed_form(
 
 
 def test_assess_model_reports_inception_fid_with_its_sample_counts(weights: Path) -> None:
-    from conftest import tiny_ddpm
-
     from selective_amnesia.config import EvaluateConfig
     from selective_amnesia.data import ImageDataset
     from selective_amnesia.evaluate.assess import assess_model
     from selective_amnesia.evaluate.classifier import MNISTClassifier
+    from tests.conftest import tiny_ddpm
 
     model = tiny_ddpm().eval()
     real = ImageDataset(

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, tiny_ddpm
 from safetensors.torch import load_file
 
 from selective_amnesia.cli import main
@@ -32,8 +31,9 @@ from selective_amnesia.core.distributed import Share
 from selective_amnesia.core.objective import EWCPenalty
 from selective_amnesia.core.replay import GenerativeReplay, StoredReplay, frozen_copy
 from selective_amnesia.errors import AmnesiaError
+from tests.conftest import TINY_CONFIG, tiny_ddpm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GRAD_RTOL = 1e-5  # |g_two - g_one| <= GRAD_RTOL * max|g_one|, every entry
 UPDATE_RTOL = 0.05  # ||w_two - w_one|| <= UPDATE_RTOL * ||w_one - theta*||  (measured 0.003 to 0.012)
 WEIGHT_RTOL = 1e-3  # |w_two - w_one| <= WEIGHT_RTOL * max|w_one|, every weight  (measured 4e-6 to 1.1e-4)

@@ -10,7 +10,7 @@ import pytest
 
 from selective_amnesia.cli import main
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_cvae_tiny.yaml"
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_cvae_tiny.yaml"
 
 
 def test_run_writes_models_report_and_pictures(tiny_run: Path) -> None:

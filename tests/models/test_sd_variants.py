@@ -19,7 +19,7 @@ from selective_amnesia.models.conditioning import ClipConditioning, DualClipCond
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.worlds.tiny_sd import VARIANTS, build_tiny_sd
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke_sd.yaml"
 PROMPTS = ["a photo of a cat", "a red car"]
 

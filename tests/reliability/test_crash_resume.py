@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, tiny_ddpm
 
 from selective_amnesia import faults
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import load_tensors, read_json
 from selective_amnesia.models import load_model
+from tests.conftest import TINY_CONFIG, tiny_ddpm
 
 AMNESIA = Path(sys.executable).parent / "amnesia"
 KILLED = -signal.SIGKILL

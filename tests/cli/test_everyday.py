@@ -13,7 +13,7 @@ import pytest
 
 from selective_amnesia.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "mnist_cvae_tiny.yaml"
 DDPM_TINY = REPO / "configs" / "ddpm_mnist_tiny.yaml"
 
@@ -86,9 +86,8 @@ def test_evaluate_mismatch_message_names_both_values(tiny_run: Path, tmp_path: P
 
 
 def test_evaluate_ddpm_uses_the_models_config(tmp_path: Path) -> None:
-    from conftest import tiny_ddpm
-
     from selective_amnesia.config import load_config, to_dict
+    from tests.conftest import tiny_ddpm
 
     model = tiny_ddpm(num_train_timesteps=10, num_classes=10)
     cfg = load_config(DDPM_TINY, ["forget.forget_label=2", "evaluate.num_forget_samples=4"])
@@ -205,7 +204,7 @@ def test_python_api_and_cli_agree_on_the_layout(tiny_run: Path, tmp_path: Path) 
 def test_sample_checks_arguments_before_loading_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import tiny_ddpm
+    from tests.conftest import tiny_ddpm
 
     tiny_ddpm().save_pretrained(tmp_path / "d")
 

@@ -24,7 +24,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.conditioning import HIDDEN, unet_kwargs
 from selective_amnesia.models.text_to_image import TextToImageModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a handwritten 7", "the number seven"]
 
 

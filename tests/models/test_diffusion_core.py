@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_ddpm
 from torch import Tensor, nn
 
 from selective_amnesia.models import ConditionalDiffusionModel, ConditionalGenerativeModel
 from selective_amnesia.models.ddpm import ConditionalDDPM
 from selective_amnesia.models.diffusion import DDPMNoise, DiffusionModel, check_sampler_settings, guide
 from selective_amnesia.models.text_to_image import TextToImageModel
+from tests.conftest import tiny_ddpm
 
 T = 10
 SCHEDULE = {"num_train_timesteps": T, "beta_start": 1e-3, "beta_end": 0.2, "beta_schedule": "linear"}

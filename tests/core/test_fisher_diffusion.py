@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_ddpm
 from torch import Tensor, nn
 
 from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.core.fisher_diffusion import estimate_diffusion_fisher
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.ddpm import ConditionalDDPM, DDPMConfig
+from tests.conftest import tiny_ddpm
 
 LABELS = [0, 1, 2]
 T = 6
@@ -260,7 +260,7 @@ def test_two_real_processes_write_the_one_process_fisher(tmp_path: Path) -> None
 
     model_dir = tmp_path / "ddpm"
     tiny_ddpm(num_train_timesteps=10, num_classes=10).save_pretrained(model_dir)
-    config = Path(__file__).resolve().parents[1] / "configs" / "ddpm_mnist_tiny.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "ddpm_mnist_tiny.yaml"
     args = ["fisher", str(config), "--model", str(model_dir), "fisher.num_samples=4"]
     assert main([*args, "--out", str(tmp_path / "one.safetensors")]) == 0
     torchrun = [

@@ -32,7 +32,7 @@ from selective_amnesia.models import build_model, build_model_from_config, load_
 from selective_amnesia.models.cvae import ConditionalVAE
 from selective_amnesia.models.ddpm import ConditionalDDPM
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "selective_amnesia"
+SRC = Path(__file__).resolve().parents[2] / "src" / "selective_amnesia"
 
 
 def test_every_family_is_registered_under_its_own_name() -> None:

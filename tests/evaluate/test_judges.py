@@ -32,7 +32,7 @@ from selective_amnesia.evaluate.classifier import (
 )
 from selective_amnesia.io.artifacts import load_tensors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = ClassifierRecipe(epochs=1, batch_size=64, lr=1e-3, max_train_images=256)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIG
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +35,7 @@ from selective_amnesia.io.artifacts import (
     save_tensors,
 )
 from selective_amnesia.models import build_model
+from tests.conftest import TINY_CONFIG
 
 SETTINGS = settings(
     max_examples=150,

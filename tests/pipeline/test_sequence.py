@@ -18,7 +18,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.pipeline import classes as pipeline
 from selective_amnesia.pipeline.sequence import ReplayForgottenAsSurrogate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "mnist_cvae_tiny.yaml"
 FAST = [
     "forget.steps=6",

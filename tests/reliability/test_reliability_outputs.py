@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
 
 from selective_amnesia.cli import main
 from selective_amnesia.core.fisher import Fisher, estimate_fisher
 from selective_amnesia.io import runstate
 from selective_amnesia.io.artifacts import read_json
 from selective_amnesia.models import build_model
+from tests.conftest import TINY_CONFIG
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -213,7 +213,7 @@ def test_a_model_larger_than_free_memory_is_refused_with_the_numbers(
 
 
 def test_a_ddpm_with_absurd_timesteps_is_refused_before_allocation(work: Path) -> None:
-    from conftest import tiny_ddpm
+    from tests.conftest import tiny_ddpm
 
     model = tiny_ddpm()
     model.save_pretrained(work / "ddpm")  # type: ignore[operator]

@@ -23,7 +23,7 @@ from selective_amnesia.pipeline.classes import (
     stage_replay,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "ddpm_mnist_tiny.yaml"
 
 

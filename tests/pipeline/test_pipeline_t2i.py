@@ -14,7 +14,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline.t2i import prompt_latents, read_prompts, run_text_to_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(world: Path, *extra: str) -> object:

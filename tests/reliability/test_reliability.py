@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
 
 from selective_amnesia.cli import main
 from selective_amnesia.config import ForgetConfig
@@ -22,6 +21,7 @@ from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io import runstate
 from selective_amnesia.io.artifacts import read_json
 from selective_amnesia.io.checkpoint import load_training_state
+from tests.conftest import TINY_CONFIG
 
 
 def test_a_second_writer_of_the_same_out_is_refused(
