@@ -286,7 +286,7 @@ def build_model(scale: float, device: Any) -> Any:
 
 
 def run_config(args: argparse.Namespace, out: dict[str, Any]) -> None:
-    """Set up one configuration the way ``pipeline_t2i`` + ``train.forget`` do, then time its steps."""
+    """Set up one configuration the way ``pipeline.t2i`` + ``core.train.forget`` do, then time its steps."""
     import torch
 
     from selective_amnesia.config import ForgetConfig

@@ -42,10 +42,10 @@ class Family:
     ]  # a checked, complete model directory -> the model (``load_model``)
     fisher_estimators: Callable[[], tuple[str, ...]]  # the fisher.estimator values that apply to it
     # the Fisher of a loaded model with a run's fisher.* settings, resumable from a checkpoint folder
-    # (``amnesia fisher``; every pipeline's Fisher stage, ``pipeline.stage_fisher``): (cfg, model,
+    # (``amnesia fisher``; every pipeline's Fisher stage, ``pipeline.classes.stage_fisher``): (cfg, model,
     # checkpoint_dir) -> Fisher, whose metadata holds what ``fisher_settings`` names
     fisher: Callable[[RunConfig, ConditionalGenerativeModel, Path | None], Fisher]
-    # conditioned on text prompts: run by pipeline_t2i (run and forget write a run directory), sampled with
+    # conditioned on text prompts: run by pipeline.t2i (run and forget write a run directory), sampled with
     # --prompt, evaluated by prompt metrics, erasable by the baselines (method esd/uce); else on class
     # labels 0..9 and run by the class pipeline (pipeline.run_pipeline), sampled with --labels
     prompted: bool = False
@@ -253,7 +253,7 @@ def _t2i_load(path: Path) -> ConditionalGenerativeModel:
     from selective_amnesia.models.text_to_image import TextToImageModel
 
     # from_pretrained picks SD 1.x/2.x or SDXL conditioning by model_index.json's _class_name (there, so
-    # that pipeline_t2i's direct call gets it too)
+    # that pipeline.t2i's direct call gets it too)
     return TextToImageModel.from_pretrained(path)
 
 

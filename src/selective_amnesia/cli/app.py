@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise AmnesiaError("--out DIR is required (the run directory), unless --dry-run")
     out = _out_dir(args.out, "run")
     check_inputs(cfg, ("train", "test"))
-    prompted = get_family(cfg.model.family).prompted  # run by pipeline_t2i, else the class pipeline
+    prompted = get_family(cfg.model.family).prompted  # run by pipeline.t2i, else the class pipeline
     if not prompted:
         _check_rerun(cfg, out, args.force)
     else:

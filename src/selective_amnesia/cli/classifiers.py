@@ -5,7 +5,7 @@ manifest's). ``--retrain`` trains a config's judges again from their recipe, int
 ``--out DIR``, in the cache format), and compares each with the packaged one on the test set: the
 accuracy of both and how often their argmax agrees.
 
-Only argparse at import time: the parser of ``amnesia`` must not import torch (``cli.py``).
+Only argparse at import time: the parser of ``amnesia`` must not import torch (``cli/app.py``).
 """
 
 from __future__ import annotations

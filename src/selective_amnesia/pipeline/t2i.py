@@ -7,7 +7,7 @@
 The stages are the class pipeline's (``selective_amnesia.pipeline.classes``) with prompts in place of classes,
 and reuse what they made by the same rules (``selective_amnesia.core.cache_keys``): every generated set is
 cached in the run directory, keyed by the weights, seed, count, sampler and prompt, so an interrupted
-run resumes and a rerun reuses; the Fisher is ``pipeline.stage_fisher``'s (``OUT/fisher.safetensors``);
+run resumes and a rerun reuses; the Fisher is ``classes.stage_fisher``'s (``OUT/fisher.safetensors``);
 a finished forgetting stage (``OUT/forget`` or ``OUT/forget_lora``) made from the same settings, theta*,
 Fisher and sets is reused, an interrupted one resumes from ``OUT/forget_checkpoint``. Each prompt's
 images come from per-image generators seeded by (seed, prompt, index), so a set does not depend on
