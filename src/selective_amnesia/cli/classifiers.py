@@ -13,9 +13,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selective_amnesia.errors import AmnesiaError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from selective_amnesia.data import ImageDataset
+    from selective_amnesia.evaluate.classifier import ClassifierRecipe, MNISTClassifier
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,7 +204,12 @@ def _retrain_dir(retrain_dir: str | None, recipe: Any, seeds: list[int], name: s
 
 
 def _compare_with_packaged(
-    name: str, recipe: Any, seed: int, model: Any, new_pred: Any, test: Any
+    name: str,
+    recipe: ClassifierRecipe,
+    seed: int,
+    model: MNISTClassifier,
+    new_pred: Tensor,
+    test: ImageDataset,
 ) -> tuple[str, str, str]:
     """The packaged judge of this recipe and seed against the retrained one: (its test accuracy, how often
     their argmax agrees, whether the weights are bitwise equal); "-" where there is none to compare."""

@@ -28,6 +28,7 @@ from torch import Tensor
 from selective_amnesia.config import ConceptGroup, RunConfig
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import load_tensors, save_tensors
+from selective_amnesia.models.base import ConditionalGenerativeModel
 from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
 
@@ -163,8 +164,9 @@ class Adversary:
         self.steps, self.lr, self.seed, self.path, self.batch_size = steps, lr, seed, path, batch_size
         self.found: dict[int, dict[str, Tensor]] = {}
 
-    def resume(self, model: TextToImageModel, start_step: int) -> list[int]:
+    def resume(self, model: ConditionalGenerativeModel, start_step: int) -> list[int]:
         """Register what earlier steps found (steps before ``start_step``); their indices."""
+        model = _prompted(model)
         if self.path is None or not self.path.is_file() or start_step <= 1:
             return []
         tensors, meta = load_tensors(self.path)
@@ -174,9 +176,10 @@ class Adversary:
                 self.found[step] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         return [model.register_embeds(f"<adversarial:{s}>", e) for s, e in sorted(self.found.items())]
 
-    def __call__(self, step: int, model: TextToImageModel) -> list[int]:
+    def __call__(self, step: int, model: ConditionalGenerativeModel) -> list[int]:
         if step % self.every:
             return []
+        model = _prompted(model)
         from selective_amnesia.attacks.soft_prompt import invert_sequence
 
         start = self.init_ids[(step // self.every) % len(self.init_ids)]
@@ -195,3 +198,10 @@ class Adversary:
             flat = {f"{s}.{k}": v for s, e in self.found.items() for k, v in e.items()}
             save_tensors(self.path, flat, {"steps": sorted(self.found)})
         return [model.register_embeds(f"<adversarial:{step}>", embeds)]
+
+
+def _prompted(model: ConditionalGenerativeModel) -> TextToImageModel:
+    """The model an adversary attacks: soft prompts need a text-to-image model's embeddings."""
+    if not isinstance(model, TextToImageModel):
+        raise AmnesiaError(f"adversarial forget conditions need a text-to-image model, not a {model.family}")
+    return model

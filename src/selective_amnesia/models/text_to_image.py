@@ -46,7 +46,10 @@ from selective_amnesia.models.conditioning import (
 from selective_amnesia.models.diffusion import DiffusionModel, GuidedPair, check_sampler_settings
 
 if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 # keys of model_index.json the stock loader ignores (leading underscore) and we use for sampler defaults
 META_KEY = "_selective_amnesia"
@@ -72,7 +75,7 @@ class _Frozen:
     """The frozen components, outside the module tree: ``parameters()``/``state_dict()`` are the UNet's
     alone, and a deep copy of the model (theta* for replay) shares them instead of copying gigabytes."""
 
-    def __init__(self, vae: Any, conditioning: TextConditioning) -> None:
+    def __init__(self, vae: AutoencoderKL, conditioning: TextConditioning) -> None:
         self.vae, self.conditioning = vae, conditioning
         vae.requires_grad_(False)
         vae.eval()
@@ -196,14 +199,14 @@ class TextToImageModel(DiffusionModel[TextToImageConfig, "UNet2DConditionModel"]
     def __init__(
         self,
         unet: UNet2DConditionModel,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
+        vae: AutoencoderKL,
+        text_encoder: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
         scheduler_config: dict[str, Any],
         config: TextToImageConfig | None = None,
         *,
-        text_encoder_2: Any = None,
-        tokenizer_2: Any = None,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         super().__init__()
@@ -213,7 +216,8 @@ class TextToImageModel(DiffusionModel[TextToImageConfig, "UNet2DConditionModel"]
             conditioning = ClipConditioning({"text_encoder": (text_encoder, tokenizer)})
         else:
             unet_cfg: Any = unet.config  # images are made at the UNet sample size, as in the stock pipeline
-            size = int(unet_cfg.sample_size) * int(2 ** (len(vae.config.block_out_channels) - 1))
+            vae_cfg: Any = vae.config
+            size = int(unet_cfg.sample_size) * int(2 ** (len(vae_cfg.block_out_channels) - 1))
             conditioning = DualClipConditioning(
                 {"text_encoder": (text_encoder, tokenizer), "text_encoder_2": (text_encoder_2, tokenizer_2)},
                 (size, size),

@@ -8,15 +8,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import save_tensors, state_hash
 from selective_amnesia.io.convert.legacy import Converted, check_paths, load_selected, unshare
 from selective_amnesia.io.convert.safe_load import file_sha256
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from transformers import PreTrainedModel
 
 # ------------------------------------------------------------------------- Stable Diffusion single files
 #
@@ -228,9 +234,9 @@ class SDComponents:
     """What a diffusers SD directory holds, read without pickle (safetensors weights only)."""
 
     kind: str  # a SINGLE_FILE_PIPELINES entry
-    unet: Any
-    vae: Any
-    text_encoders: list[Any]  # one (SD 1.x/2.x) or two (SDXL)
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[PreTrainedModel]  # one (SD 1.x/2.x) or two (SDXL)
 
 
 def _read_pipeline_index(directory: Path, flag: str) -> dict[str, Any]:
@@ -312,16 +318,16 @@ def pipeline_to_ldm(pipe: SDComponents) -> dict[str, Tensor]:
 
 def _diffusers_reading(
     ckpt: Mapping[str, Tensor], pipe: SDComponents
-) -> list[tuple[str, dict[str, Tensor], Any]]:
+) -> list[tuple[str, dict[str, Tensor], nn.Module]]:
     """What diffusers' own single-file converters make of ``ckpt``, per component, next to the model."""
     from diffusers.loaders import single_file_utils as sfu
 
-    def text(model: Any, converted: dict[str, Tensor]) -> dict[str, Tensor]:
+    def text(model: object, converted: dict[str, Tensor]) -> dict[str, Tensor]:
         if not hasattr(model, "text_model"):  # the loader drops the level for flattened models too
             converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
         return converted
 
-    got = [
+    got: list[tuple[str, dict[str, Tensor], nn.Module]] = [
         ("UNet", sfu.convert_ldm_unet_checkpoint(dict(ckpt), dict(pipe.unet.config)), pipe.unet),
         ("VAE", sfu.convert_ldm_vae_checkpoint(dict(ckpt), dict(pipe.vae.config)), pipe.vae),
     ]
@@ -512,7 +518,7 @@ def _from_single_file(cls: Any, src: Path, path: Path, config: Path, given: dict
     return pipe
 
 
-def _save_staged(pipe: Any, config: Path, staged: Path) -> Path:
+def _save_staged(pipe: DiffusionPipeline, config: Path, staged: Path) -> Path:
     """Save the pipeline to ``staged``, with the tokenizer files of --config that it does not write."""
     import shutil
 
