@@ -54,10 +54,7 @@ def denoising_loss(
     """``model.eps_loss`` with the conditioning given as (B, ...) tensors (differentiable), shape (B,)."""
     w = unet_weight(model)
     x, eps, timesteps = x.to(w.device, w.dtype), eps.to(w.device, w.dtype), timesteps.to(w.device)
-    s = model.sqrt_abar[timesteps].to(w.dtype).view(-1, 1, 1, 1)
-    s1 = model.sqrt_one_minus_abar[timesteps].to(w.dtype).view(-1, 1, 1, 1)
-    z_t = s * x + s1 * eps
-    target = eps if model.prediction_type == "epsilon" else s * eps - s1 * x
+    z_t, target = model.noised(x, timesteps, eps)
     text = {k: v.to(w.device, w.dtype) for k, v in embeds.items()}
     pred: Tensor = model.unet(z_t, timesteps, **unet_kwargs(text)).sample
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)

@@ -185,14 +185,17 @@ class DiffusionModel(nn.Module, Generic[ConfigT, UNetT]):
         reference DDPM code); "mean" averages them in float32 (the reference SD code's ``p_losses`` and
         diffusers' training script). Labels may include a null class; no label dropout here.
         """
-        s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
-        s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
-        x_t = s * x + s1 * eps
-        target = eps if self.prediction_type == "epsilon" else s * eps - s1 * x
+        x_t, target = self.noised(x, timesteps, eps)
         pred = self.predict(x_t, timesteps, cond)
         if self.loss_entries == "mean":
             return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         return (pred - target).pow(2).flatten(1).sum(dim=1)
+
+    def noised(self, x: Tensor, timesteps: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps and the training target (eps, or v), in x's dtype."""
+        s = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
+        s1 = self.sqrt_one_minus_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
+        return s * x + s1 * eps, eps if self.prediction_type == "epsilon" else s * eps - s1 * x
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None) -> DDPMNoise:
         """Timesteps uniform in [0, T) and eps ~ N(0, I) like x, in that order."""
