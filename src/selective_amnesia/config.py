@@ -26,6 +26,8 @@ from selective_amnesia.io.artifacts import check_model_size, parse_yaml, read_by
 from selective_amnesia.models.ddpm import DDPMConfig
 
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.core.trainable
+# the kinds of forget condition t2i.condition_shares weighs (selective_amnesia.core.defences)
+CONDITION_KINDS = ("given", "templates", "noisy", "adversarial")
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)
@@ -473,6 +475,11 @@ class TextToImageSection:
     adversarial_steps: int = 100
     adversarial_lr: float = 0.01
     adversarial_targets: int = 64
+    # the share of each forget batch drawn from each kind of forget condition, in the order [the given
+    # forget prompts, the template prompts, the noisy embeddings, the adversarial soft prompts]; a kind
+    # with no condition (yet) gives its share to the others. Empty: uniform over all conditions, so the
+    # few given prompts and the adversary's finds are a sliver of hundreds of template conditions
+    condition_shares: list[float] = field(default_factory=list)
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -506,6 +513,20 @@ class TextToImageSection:
             "t2i.adversarial_every must be >= 0, adversarial_steps and adversarial_targets >= 1",
         )
         _check(self.adversarial_lr > 0, "t2i.adversarial_lr must be > 0")
+        _check(
+            not self.condition_shares
+            or (
+                len(self.condition_shares) == len(CONDITION_KINDS)
+                and all(w >= 0 for w in self.condition_shares)
+                and sum(self.condition_shares) > 0
+            ),
+            f"t2i.condition_shares must be {len(CONDITION_KINDS)} shares >= 0 (not all 0), for "
+            f"[{', '.join(CONDITION_KINDS)}], got {self.condition_shares}",
+        )
+        _check(
+            not self.condition_shares or len(self.concepts) <= 1,
+            "t2i.condition_shares works with one concept: use it without several t2i.concepts groups",
+        )
         _check(self.embedding_copies >= 0, "t2i.embedding_copies must be >= 0")
         _check(self.embedding_noise >= 0, "t2i.embedding_noise must be >= 0")
         _check(
@@ -729,8 +750,9 @@ class RunConfig:
             "next): set t2i.lora_rank=0",
         )
         _check(
-            t.adversarial_every == 0,
-            "t2i.adversarial_every works with one concept in one run, not with forget.sequence",
+            t.adversarial_every == 0 and not t.condition_shares,
+            "t2i.adversarial_every and t2i.condition_shares work with one concept in one run, not with "
+            "forget.sequence",
         )
 
     def __post_init__(self) -> None:

@@ -158,3 +158,67 @@ def test_defence_settings_are_checked() -> None:
         load_config(None, ["t2i.embedding_copies=4"])
     with pytest.raises(AmnesiaError, match="augment_templates"):
         load_config(None, ["t2i.template_replay_words=[one]"])
+
+
+class _Fixed:
+    """A surrogate of constant images (only the conditions matter here)."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.zeros(n, 1)
+
+
+def test_condition_shares_give_each_kind_its_share_of_the_batch() -> None:
+    from selective_amnesia.core.defences import SharedConcept, condition_kind
+
+    names = ["a 7", "the 7"] + [f"a photo of {i}" for i in range(96)] + ["<noisy:0:a 7>", "<noisy:1:a 7>"]
+    given = {"a 7", "the 7"}
+    concept = SharedConcept(
+        _Fixed(), range(len(names)), [0.5, 0.25, 0.25, 0.0], lambda i: condition_kind(names[i], given)
+    )
+    _, cond = concept.sample(8000, torch.Generator().manual_seed(0))
+    kinds = torch.tensor([condition_kind(names[int(c)], given) for c in cond])
+    shares = torch.bincount(kinds, minlength=4).float() / len(cond)
+    # uniform draws would give the 2 given prompts 2% of the batch; their share is half
+    assert shares[0] == pytest.approx(0.5, abs=0.03) and shares[1] == pytest.approx(0.25, abs=0.03)
+    assert shares[2] == pytest.approx(0.25, abs=0.03) and shares[3] == 0
+    assert set(cond[kinds == 0].tolist()) == {0, 1}  # uniform within a kind: both given prompts drawn
+
+
+def test_a_kind_without_conditions_gives_its_share_until_the_adversary_finds_one() -> None:
+    from selective_amnesia.core.defences import SharedConcept, condition_kind
+
+    names = ["a 7", "a photo of 7"]
+    concept = SharedConcept(_Fixed(), [0, 1], [1, 0, 0, 1], lambda i: condition_kind(names[i], {"a 7"}))
+    _, cond = concept.sample(64, torch.Generator().manual_seed(0))
+    assert set(cond.tolist()) == {0}  # no adversarial condition yet: all of it to the given prompt
+    names.append("<adversarial:100>")
+    concept.add([2])
+    _, cond = concept.sample(4000, torch.Generator().manual_seed(1))
+    assert (cond == 2).float().mean().item() == pytest.approx(0.5, abs=0.04)
+    with pytest.raises(AmnesiaError, match="no share"):
+        SharedConcept(_Fixed(), [1], [1, 0, 0, 0], lambda i: condition_kind(names[i], {"a 7"})).sample(2)
+
+
+def test_a_run_with_condition_shares_trains_and_plain_runs_keep_their_key(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    from selective_amnesia.pipeline.t2i import t2i_settings
+
+    cfg = _cfg(
+        tiny_world,
+        "t2i.concept_words=[seven]",
+        "t2i.augment_templates=true",
+        "t2i.condition_shares=[1,1,0,0]",
+    )
+    report = run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert report["forget_conditions"] > 2 and (tmp_path / "forget" / "model_index.json").is_file()
+    assert "condition_shares" in t2i_settings(cfg.t2i)  # type: ignore[attr-defined]
+    assert "condition_shares" not in t2i_settings(_cfg(tiny_world).t2i)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "shares", ["[1, 1]", "[1, -1, 0, 0]", "[0, 0, 0, 0]"], ids=["length", "negative", "all-zero"]
+)
+def test_condition_shares_are_checked(shares: str) -> None:
+    with pytest.raises(AmnesiaError, match="condition_shares"):
+        load_config(None, [f"t2i.condition_shares={shares}"])

@@ -12,20 +12,25 @@ default, which is the plain recipe:
 - ``noisy_embeddings``: copies of the forget prompts' text embeddings with Gaussian noise
   (text-embedding-space augmentation);
 - ``Adversary``: every few steps, the soft prompt that best brings the concept back from the model being
-  trained becomes one more forget condition (AdvUnlearn, Zhang et al. 2024, did this for ESD).
+  trained becomes one more forget condition (AdvUnlearn, Zhang et al. 2024, did this for ESD);
+- ``SharedConcept``: each kind of condition gets a fixed share of every forget batch
+  (``t2i.condition_shares``), instead of the uniform draw over all conditions.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from selective_amnesia.config import ConceptGroup, RunConfig
+from selective_amnesia.config import CONDITION_KINDS, ConceptGroup, RunConfig
+from selective_amnesia.core.surrogate import Surrogate
+from selective_amnesia.core.train import Concept
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import load_tensors, save_tensors
 from selective_amnesia.models.base import ConditionalGenerativeModel
@@ -205,3 +210,69 @@ def _prompted(model: ConditionalGenerativeModel) -> TextToImageModel:
     if not isinstance(model, TextToImageModel):
         raise AmnesiaError(f"adversarial forget conditions need a text-to-image model, not a {model.family}")
     return model
+
+
+def condition_kind(name: str, given: set[str]) -> int:
+    """The kind (index in ``CONDITION_KINDS``) of the forget condition registered as ``name``."""
+    if name.startswith("<noisy:"):
+        return CONDITION_KINDS.index("noisy")
+    if name.startswith("<adversarial:"):
+        return CONDITION_KINDS.index("adversarial")
+    return CONDITION_KINDS.index("given" if name in given else "templates")
+
+
+class SharedConcept(Concept):
+    """A ``Concept`` whose forget batches give each kind of condition its share (``t2i.condition_shares``):
+    each image's kind is drawn with probability proportional to its share among the kinds that have
+    conditions (the adversary's have none before its first find), then a condition uniformly within it.
+
+    Why: with the template augmentation, 4 given prompts sit among ~400 template prompts and the
+    adversary's ~15 finds among them too; a uniform draw all but never shows the model either."""
+
+    def __init__(
+        self,
+        surrogate: Surrogate,
+        conditions: Sequence[int],
+        shares: Sequence[float],
+        kind: Callable[[int], int],
+    ) -> None:
+        super().__init__(surrogate, conditions)
+        self.shares = torch.tensor([float(w) for w in shares])
+        self.kind = kind
+        self.kinds = torch.tensor([kind(int(c)) for c in self.conditions], dtype=torch.int64)
+
+    def add(self, conditions: Sequence[int]) -> None:
+        super().add(conditions)
+        self.kinds = torch.cat(
+            [self.kinds, torch.tensor([self.kind(c) for c in conditions], dtype=torch.int64)]
+        )
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x = self.surrogate.sample(n, generator)
+        present = torch.stack([(self.kinds == k).any() for k in range(len(self.shares))])
+        weights = self.shares * present
+        if not bool((weights > 0).any()):
+            raise AmnesiaError(
+                f"t2i.condition_shares {self.shares.tolist()} gives no share to a kind that has conditions "
+                f"(kinds present: {[k for k, p in zip(CONDITION_KINDS, present.tolist(), strict=True) if p]})"
+            )
+        picked = torch.multinomial(weights, n, replacement=True, generator=generator)
+        cond = torch.empty(n, dtype=torch.int64)
+        for k in range(len(weights)):
+            rows = (picked == k).nonzero().squeeze(1)
+            if len(rows):
+                pool = self.conditions[self.kinds == k]
+                cond[rows] = pool[torch.randint(len(pool), (len(rows),), generator=generator)]
+        return x, cond
+
+
+def forget_concept(
+    cfg: RunConfig, model: TextToImageModel, surrogate: Surrogate, conditions: Sequence[int]
+) -> Concept:
+    """The forget batches of a text-to-image run: uniform over ``conditions`` (the paper's recipe), or
+    with ``t2i.condition_shares`` a ``SharedConcept`` over ``model``'s prompt table."""
+    shares = cfg.t2i.condition_shares
+    if not shares:
+        return Concept(surrogate, conditions)
+    given = set(cfg.t2i.forget_prompts)
+    return SharedConcept(surrogate, conditions, shares, lambda i: condition_kind(model.prompts[i], given))

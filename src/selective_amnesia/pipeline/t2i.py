@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
 from selective_amnesia.core.cache_keys import ADAPTER_META, block_set, finished, settings_hash
-from selective_amnesia.core.defences import Adversary, defended_groups
+from selective_amnesia.core.defences import Adversary, defended_groups, forget_concept
 from selective_amnesia.core.distributed import Share, current_share
 from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.core.objective import Anchor, LoraEWCPenalty
@@ -130,11 +130,12 @@ def prompt_latents(
 
 
 def t2i_settings(t: TextToImageSection) -> dict[str, Any]:
-    """The ``t2i`` settings a forgetting run's key is made of; ``concepts`` is left out while unused, so
-    a single-concept run made before the groups existed is still resumed."""
+    """The ``t2i`` settings a forgetting run's key is made of; ``concepts`` and ``condition_shares`` are
+    left out while unused, so a run made before they existed is still resumed."""
     settings = to_dict(t)
-    if not settings["concepts"]:
-        settings.pop("concepts")
+    for unused in ("concepts", "condition_shares"):  # runs made before the key existed keep their key
+        if not settings[unused]:
+            settings.pop(unused)
     return settings
 
 
@@ -413,7 +414,7 @@ def _t2i_forgetting(
         trained, adversarial = done["trained_parameters"], done["adversarial_conditions"]
     else:
         kept = [i for i in replay_ids if i not in forget_ids]
-        concept = Concept(forget_surrogate(group_ids, surrogates), forget_ids)
+        concept = forget_concept(cfg, model, forget_surrogate(group_ids, surrogates), forget_ids)
         model, history, trained, adversarial = _forget(
             cfg, base, model, lora_modules, fisher, key, concept, (kept, replay_set), out, share
         )
