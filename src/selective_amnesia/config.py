@@ -480,6 +480,13 @@ class TextToImageSection:
     # with no condition (yet) gives its share to the others. Empty: uniform over all conditions, so the
     # few given prompts and the adversary's finds are a sliver of hundreds of template conditions
     condition_shares: list[float] = field(default_factory=list)
+    # theta*'s images of the empty prompt join the replay set (how many; 0: none): the unconditional
+    # branch of classifier-free guidance, which any prompt is sampled against, stays theta*'s
+    unconditional_replay: int = 0
+    # a detector (as `amnesia attack --detector`: digit:7, nudity, identity:module:attr): every replay
+    # image in which it finds the concept is dropped, so that replay never teaches the concept back
+    # (theta* draws a 7 for about 9% of empty prompts in the MNIST world)
+    replay_filter: str | None = None
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -526,6 +533,13 @@ class TextToImageSection:
         _check(
             not self.condition_shares or len(self.concepts) <= 1,
             "t2i.condition_shares works with one concept: use it without several t2i.concepts groups",
+        )
+        _check(self.unconditional_replay >= 0, "t2i.unconditional_replay must be >= 0")
+        _check(
+            self.replay_filter is None
+            or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),
+            f"t2i.replay_filter must name a detector (digit:7, nudity, identity:module:attr), got "
+            f"{self.replay_filter!r}",
         )
         _check(self.embedding_copies >= 0, "t2i.embedding_copies must be >= 0")
         _check(self.embedding_noise >= 0, "t2i.embedding_noise must be >= 0")

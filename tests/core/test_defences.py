@@ -222,3 +222,59 @@ def test_a_run_with_condition_shares_trains_and_plain_runs_keep_their_key(
 def test_condition_shares_are_checked(shares: str) -> None:
     with pytest.raises(AmnesiaError, match="condition_shares"):
         load_config(None, [f"t2i.condition_shares={shares}"])
+
+
+SCORERS = """
+import torch
+
+
+class Bright:  # found where the image is brighter than mid-grey
+    name = "bright"
+
+    def score(self, images):
+        return (images.float().mean(dim=(1, 2, 3)) > 127.5).double()
+
+
+class Everything:
+    name = "everything"
+
+    def score(self, images):
+        return torch.ones(images.shape[0], dtype=torch.float64)
+"""
+
+
+@pytest.fixture
+def scorers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    import sys
+
+    (tmp_path / "replay_scorers.py").write_text(SCORERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("replay_scorers", None)
+    return "identity:replay_scorers"
+
+
+def test_the_replay_filter_drops_exactly_what_the_detector_finds(tiny_world: Path, scorers: str) -> None:
+    from selective_amnesia.core.defences import filter_replay
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    z = torch.randn(12, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    c = torch.arange(12)
+    bright = model.to_uint8(z).float().mean(dim=(1, 2, 3)) > 127.5
+    (kept_z, kept_c), dropped = filter_replay(model, (z, c), f"{scorers}:Bright")
+    assert (
+        dropped == int(bright.sum()) and torch.equal(kept_c, c[~bright]) and torch.equal(kept_z, z[~bright])
+    )
+    with pytest.raises(AmnesiaError, match="all 12 replay images"):
+        filter_replay(model, (z, c), f"{scorers}:Everything")
+
+
+def test_unconditional_replay_joins_the_replay_set_through_the_filter(
+    tiny_world: Path, tmp_path: Path, scorers: str
+) -> None:
+    plain = run_text_to_image(_cfg(tiny_world), tmp_path / "plain")  # type: ignore[arg-type]
+    cfg = _cfg(tiny_world, "t2i.unconditional_replay=3", f"t2i.replay_filter={scorers}:Bright")
+    report = run_text_to_image(cfg, tmp_path / "uncond")  # type: ignore[arg-type]
+    assert report["replay_images"] + report["replay_filtered_out"] == plain["replay_images"] + 3
+    assert len(list((tmp_path / "uncond" / "unconditional_replay").iterdir())) >= 1  # cached for a rerun
+    with pytest.raises(AmnesiaError, match="replay_filter"):
+        load_config(None, ["t2i.replay_filter=nudenet"])

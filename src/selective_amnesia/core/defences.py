@@ -13,6 +13,8 @@ default, which is the plain recipe:
   (text-embedding-space augmentation);
 - ``Adversary``: every few steps, the soft prompt that best brings the concept back from the model being
   trained becomes one more forget condition (AdvUnlearn, Zhang et al. 2024, did this for ESD);
+- ``filter_replay``: replay images in which a detector finds the concept are dropped (with
+  ``t2i.unconditional_replay``, theta*'s images of the empty prompt, of which some show the concept);
 - ``SharedConcept``: each kind of condition gets a fixed share of every forget batch
   (``t2i.condition_shares``), instead of the uniform draw over all conditions.
 """
@@ -276,3 +278,25 @@ def forget_concept(
         return Concept(surrogate, conditions)
     given = set(cfg.t2i.forget_prompts)
     return SharedConcept(surrogate, conditions, shares, lambda i: condition_kind(model.prompts[i], given))
+
+
+@torch.no_grad()
+def filter_replay(
+    model: TextToImageModel, replay: tuple[Tensor, Tensor], spec: str, cache_dir: str | None = None
+) -> tuple[tuple[Tensor, Tensor], int]:
+    """The replay set ``replay`` (latents, conditions) without the images in which the detector ``spec``
+    finds the concept (decoded by ``model``'s VAE); how many were dropped."""
+    from selective_amnesia.attacks.detectors import make_detector
+
+    detector = make_detector(spec, cache_dir=cache_dir)
+    z, c = replay
+    found = torch.cat(
+        [detector.found(model.to_uint8(z[lo : lo + 256])) for lo in range(0, z.shape[0], 256)]
+        or [torch.zeros(0, dtype=torch.bool)]
+    )
+    if bool(found.all()):
+        raise AmnesiaError(
+            f"t2i.replay_filter {spec!r} finds the concept in all {z.shape[0]} replay images: nothing would "
+            "be replayed; check the detector, or the replay prompts"
+        )
+    return (z[~found], c[~found]), int(found.sum())

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
 from selective_amnesia.core.cache_keys import ADAPTER_META, block_set, finished, settings_hash
-from selective_amnesia.core.defences import Adversary, defended_groups, forget_concept
+from selective_amnesia.core.defences import Adversary, defended_groups, filter_replay, forget_concept
 from selective_amnesia.core.distributed import Share, current_share
 from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.core.objective import Anchor, LoraEWCPenalty
@@ -130,11 +130,11 @@ def prompt_latents(
 
 
 def t2i_settings(t: TextToImageSection) -> dict[str, Any]:
-    """The ``t2i`` settings a forgetting run's key is made of; ``concepts`` and ``condition_shares`` are
+    """The ``t2i`` settings a forgetting run's key is made of; the keys added since the first runs are
     left out while unused, so a run made before they existed is still resumed."""
     settings = to_dict(t)
-    for unused in ("concepts", "condition_shares"):  # runs made before the key existed keep their key
-        if not settings[unused]:
+    for unused in ("concepts", "condition_shares", "unconditional_replay", "replay_filter"):
+        if not settings[unused]:  # a run made before the key existed keeps its key
             settings.pop(unused)
     return settings
 
@@ -294,6 +294,7 @@ class _T2IRun:
     share: Share
     t0: float
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    replay_dropped: int = 0  # replay images t2i.replay_filter found the concept in
 
     @property
     def n(self) -> int:
@@ -361,6 +362,17 @@ def _t2i_replay(
         )
         replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
         replay_ids += base.prompt_ids(template_replay).tolist()
+    if t.unconditional_replay:  # the empty prompt: classifier-free guidance's other branch
+        z, c = prompt_latents(
+            base, [""], t.unconditional_replay, cfg.seed + 10, out / "unconditional_replay", share=share
+        )
+        replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
+        replay_ids += base.prompt_ids([""]).tolist()
+    if t.replay_filter:
+        replay_set, run.replay_dropped = filter_replay(
+            base, replay_set, t.replay_filter, cfg.classifier.cache_dir
+        )
+        log.info("replay filter %s dropped %d of the replay images", t.replay_filter, run.replay_dropped)
     run.timings["replay_generation_s"] = time.perf_counter() - t1
     return replay_set
 
@@ -474,6 +486,7 @@ def _single_run_report(
         "surrogate": t.surrogate_prompt or t.surrogate_path,
         "replay_prompts": len(replay_prompts),
         "replay_images": int(replay_set[0].shape[0]),
+        "replay_filtered_out": run.replay_dropped,
         "forget_conditions": len(forget_ids),
         "adversarial_conditions": result.adversarial,
         "trained_parameters": result.trained,
