@@ -110,6 +110,7 @@ def main() -> int:
     p.add_argument("--replay-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--attacks", default="", help="comma-separated: soft-prompt,discrete")
+    p.add_argument("--attack-seed", type=int, default=None, help="the attacks' seed (default: --seed)")
     p.add_argument("--judges-cache", default=None)
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -162,7 +163,8 @@ def merge(path: Path, args: argparse.Namespace, entry: dict[str, Any]) -> None:
 def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     """The attacks through the real `amnesia attack` command; their outputs go to --out/attacks/NAME/."""
     model = args.base if args.run == "base" else str(Path(args.run) / "forget")
-    common = ["--model", model, "--detector", "digit:7", "--seed", str(args.seed), "--no-progress"]
+    seed = args.seed if args.attack_seed is None else args.attack_seed  # tune at one seed, report another
+    common = ["--model", model, "--detector", "digit:7", "--seed", str(seed), "--no-progress"]
     if args.judges_cache:
         common += ["--classifier-cache", args.judges_cache]
     target = ["--target-model", args.base, "--target-prompt", "a handwritten 7"]
@@ -180,7 +182,12 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "selective_amnesia.cli", "attack", kind, "--out", str(where)]
         subprocess.run([*cmd, *common, *kinds[kind]], check=True)
         report = read_json(where / "attack.json")
-        out[kind] = {"asr": report.get("asr"), "wall_s": time.perf_counter() - t0, "output": str(where)}
+        out[kind] = {
+            "asr": report.get("asr"),
+            "seed": seed,
+            "wall_s": time.perf_counter() - t0,
+            "output": str(where),
+        }
         for key in ("prompt", "prompts", "baseline_asr"):
             if key in report:
                 out[kind][key] = report[key]
