@@ -28,6 +28,7 @@ from selective_amnesia.models.ddpm import DDPMConfig
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.core.trainable
 # the kinds of forget condition t2i.condition_shares weighs (selective_amnesia.core.defences)
 CONDITION_KINDS = ("given", "templates", "noisy", "adversarial")
+ADVERSARIAL_ATTACKS = ("soft-prompt", "discrete", "both")  # t2i.adversarial_attack
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)
@@ -475,6 +476,11 @@ class TextToImageSection:
     adversarial_steps: int = 100
     adversarial_lr: float = 0.01
     adversarial_targets: int = 64
+    # what the adversary runs: soft-prompt (a whole embedding sequence), discrete (adversarial_tokens real
+    # vocabulary tokens without the concept's words, UnlearnDiffAtk's search: the prompt found is text),
+    # or both (alternating)
+    adversarial_attack: str = "soft-prompt"
+    adversarial_tokens: int = 5
     # the share of each forget batch drawn from each kind of forget condition, in the order [the given
     # forget prompts, the template prompts, the noisy embeddings, the adversarial soft prompts]; a kind
     # with no condition (yet) gives its share to the others. Empty: uniform over all conditions, so the
@@ -520,6 +526,11 @@ class TextToImageSection:
             "t2i.adversarial_every must be >= 0, adversarial_steps and adversarial_targets >= 1",
         )
         _check(self.adversarial_lr > 0, "t2i.adversarial_lr must be > 0")
+        _check(
+            self.adversarial_attack in ADVERSARIAL_ATTACKS,
+            f"t2i.adversarial_attack must be one of {ADVERSARIAL_ATTACKS}, got {self.adversarial_attack!r}",
+        )
+        _check(self.adversarial_tokens >= 1, "t2i.adversarial_tokens must be >= 1")
         _check(
             not self.condition_shares
             or (

@@ -278,3 +278,32 @@ def test_unconditional_replay_joins_the_replay_set_through_the_filter(
     assert len(list((tmp_path / "uncond" / "unconditional_replay").iterdir())) >= 1  # cached for a rerun
     with pytest.raises(AmnesiaError, match="replay_filter"):
         load_config(None, ["t2i.replay_filter=nudenet"])
+
+
+def test_a_discrete_adversary_adds_real_prompts_without_the_concept_words(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from selective_amnesia.io.artifacts import load_tensors
+
+    cfg = _cfg(
+        tiny_world,
+        "forget.steps=4",
+        "t2i.concept_words=[seven, '7']",
+        "t2i.adversarial_every=2",
+        "t2i.adversarial_steps=2",
+        "t2i.adversarial_targets=4",
+        "t2i.adversarial_attack=both",  # step 2: real tokens; step 4: a soft prompt
+        "t2i.adversarial_tokens=3",
+        "t2i.condition_shares=[1, 0, 0, 1]",
+    )
+    report = run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert report["adversarial_conditions"] == 2
+    tensors, meta = load_tensors(tmp_path / "adversarial.safetensors")
+    prompts = json.loads(meta["prompts"])
+    assert list(prompts) == ["2"] and "seven" not in prompts["2"] and "7" not in prompts["2"]
+    model = TextToImageModel.from_pretrained(tiny_world)  # the stored conditioning is the text's
+    assert torch.allclose(model.encode_prompts([prompts["2"]])[HIDDEN][0], tensors["2.encoder_hidden_states"])
+    with pytest.raises(AmnesiaError, match="adversarial_attack"):
+        load_config(None, ["t2i.adversarial_attack=pgd"])

@@ -166,10 +166,15 @@ class Adversary:
         seed: int,
         path: Path | None,
         batch_size: int = 16,
+        attack: str = "soft-prompt",
+        tokens: int = 5,
+        exclude: list[str] | None = None,
     ) -> None:
         self.targets, self.init_ids, self.every = targets, init_ids, every
         self.steps, self.lr, self.seed, self.path, self.batch_size = steps, lr, seed, path, batch_size
+        self.attack, self.tokens, self.exclude = attack, tokens, list(exclude or [])
         self.found: dict[int, dict[str, Tensor]] = {}
+        self.prompts: dict[int, str] = {}  # the discrete attack's finds as text
 
     def resume(self, model: ConditionalGenerativeModel, start_step: int) -> list[int]:
         """Register what earlier steps found (steps before ``start_step``); their indices."""
@@ -187,11 +192,27 @@ class Adversary:
         if step % self.every:
             return []
         model = _prompted(model)
+        round_ = step // self.every
+        if self.attack == "discrete" or (self.attack == "both" and round_ % 2):
+            embeds = self._discrete(model, step)
+        else:
+            embeds = self._soft_prompt(model, step, self.init_ids[round_ % len(self.init_ids)])
+        self.found[step] = embeds
+        if self.path is not None:
+            flat = {f"{s}.{k}": v for s, e in self.found.items() for k, v in e.items()}
+            meta = {
+                "steps": sorted(self.found),
+                "prompts": json.dumps({str(k): v for k, v in self.prompts.items()}),
+            }
+            save_tensors(self.path, flat, meta)
+        return [model.register_embeds(f"<adversarial:{step}>", embeds)]
+
+    def _soft_prompt(self, model: TextToImageModel, step: int, start: int) -> dict[str, Tensor]:
+        """A whole embedding sequence, started from the forget prompt ``start``."""
         from selective_amnesia.attacks.soft_prompt import invert_sequence
 
-        start = self.init_ids[(step // self.every) % len(self.init_ids)]
         init = {k: v[0] for k, v in model.encode_prompts([model.prompts[start]]).items()}
-        embeds = invert_sequence(
+        return invert_sequence(
             model,
             self.targets,
             init,
@@ -200,11 +221,28 @@ class Adversary:
             batch_size=self.batch_size,
             generator=torch.Generator().manual_seed(self.seed + step),
         )
-        self.found[step] = embeds
-        if self.path is not None:
-            flat = {f"{s}.{k}": v for s, e in self.found.items() for k, v in e.items()}
-            save_tensors(self.path, flat, {"steps": sorted(self.found)})
-        return [model.register_embeds(f"<adversarial:{step}>", embeds)]
+
+    def _discrete(self, model: TextToImageModel, step: int) -> dict[str, Tensor]:
+        """``tokens`` real tokens without the concept's words (the discrete attack); the conditioning of
+        the text it found, which stays a forget condition even if the tokenizer would split it anew."""
+        from selective_amnesia.attacks.discrete import discrete_attack
+
+        found = discrete_attack(
+            model,
+            self.targets,
+            prompt="",
+            num_tokens=self.tokens,
+            position="prepend",
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed + step,
+            exclude=self.exclude,
+            baseline=False,
+        )
+        text = str(found.prompts["attack_prompt"])
+        self.prompts[step] = text
+        return {k: v[0].detach() for k, v in model.encode_prompts([text]).items()}
 
 
 def _prompted(model: ConditionalGenerativeModel) -> TextToImageModel:

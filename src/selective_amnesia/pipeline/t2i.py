@@ -136,6 +136,9 @@ def t2i_settings(t: TextToImageSection) -> dict[str, Any]:
     for unused in ("concepts", "condition_shares", "unconditional_replay", "replay_filter"):
         if not settings[unused]:  # a run made before the key existed keeps its key
             settings.pop(unused)
+    for unused, default in (("adversarial_attack", "soft-prompt"), ("adversarial_tokens", 5)):
+        if settings[unused] == default:
+            settings.pop(unused)
     return settings
 
 
@@ -230,6 +233,9 @@ def _adversary(
         lr=t.adversarial_lr,
         seed=cfg.seed + 9,
         path=out / "adversarial.safetensors",
+        attack=t.adversarial_attack,
+        tokens=t.adversarial_tokens,
+        exclude=[w for g in t.groups() for w in g.concept_words],
     )
 
 
