@@ -4,9 +4,10 @@
 # UCE, judged on the development paraphrases (quick, 50 images per group: the ablations) and on the test
 # paraphrases (200 per group, with the soft-prompt and discrete attacks: the table).
 #
-#   bash benchmarks/t2i_robust.sh all    # the five methods, the table (test split + attacks, theta*
-#                                        # too), then the ablations judged on the development split
-#   bash benchmarks/t2i_robust.sh dev    # judge every finished run on the development split again
+#   bash benchmarks/t2i_robust.sh all    # the five methods, the table (test split + attacks at seed 1,
+#                                        # theta* too), then the development runs
+#   bash benchmarks/t2i_robust.sh dev    # the development runs (development paraphrases, attacks at
+#                                        # seed 0): how configs/t2i_mnist_robust.yaml was chosen
 #
 # Two jobs at a time, one thread each (this 2-core machine). The world comes from
 # `python -m selective_amnesia.worlds.mnist_t2i --out runs/t2i_world` (WORLD=... to use another); the
@@ -35,41 +36,46 @@ run() {  # name config overrides...
     "t2i.model=$WORLD" progress=false "$@"
 }
 
-judge() {  # name split per-group [attacks]
+judge() {  # name split per-group [attacks [attack-seed]]
   local run=$R/$1
   [ "$1" = base ] && run=base
   $PY benchmarks/t2i_robust.py --base "$WORLD" --run "$run" --name "$1" --split "$2" --per-group "$3" \
-    --out "$OUT" --judges-cache "$JUDGES" ${4:+--attacks "$4"}
+    --out "$OUT" --judges-cache "$JUDGES" ${4:+--attacks "$4"} ${5:+--attack-seed "$5"}
 }
 
-NO_TEMPLATES=(t2i.augment_templates=false "t2i.template_replay_words=[]")
-NO_NOISE=(t2i.embedding_copies=0 t2i.embedding_noise=0)
-NO_ADV=(t2i.adversarial_every=0)
+# the development runs, each one change from the last (docs/robustness.md), judged with attacks at seed 0
+V1=(forget.ewc_lambda=25.6 "t2i.condition_shares=[]" t2i.adversarial_attack=soft-prompt
+    t2i.unconditional_replay=0 t2i.replay_filter=null)       # the first defended recipe
+LAM=(forget.ewc_lambda=12.8 "t2i.condition_shares=[]" t2i.adversarial_attack=soft-prompt
+     t2i.unconditional_replay=0 t2i.replay_filter=null)
+dev_runs() {
+  run sa_v1 configs/t2i_mnist_robust.yaml "${V1[@]}"
+  run sa_xattn configs/t2i_mnist_robust.yaml "${V1[@]}" t2i.train=cross_attention
+  run sa_lam12 configs/t2i_mnist_robust.yaml "${LAM[@]}"
+  run sa_lam12_uncond configs/t2i_mnist_robust.yaml "${LAM[@]}" t2i.unconditional_replay=256 t2i.replay_filter=digit:7
+  run sa_lam12_shares configs/t2i_mnist_robust.yaml "${LAM[@]}" "t2i.condition_shares=[0.25,0.25,0.25,0.25]"
+  run sa_lam12_shares_both configs/t2i_mnist_robust.yaml "${LAM[@]}" "t2i.condition_shares=[0.25,0.25,0.25,0.25]" \
+    t2i.adversarial_attack=both
+  for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa; do
+    judge "$name" dev 50 soft-prompt,discrete 0
+  done
+}
 
 case "${1:-}" in
   all)  # everything, in the order that gives the table first; two queues side by side
     ( run sa_plain configs/t2i_mnist.yaml
       judge sa_plain test 200 soft-prompt,discrete
       run sa configs/t2i_mnist_robust.yaml
-      judge sa test 200 soft-prompt,discrete
-      judge sa dev 50; judge sa_plain dev 50
-      run sa_adversarial configs/t2i_mnist_robust.yaml "${NO_TEMPLATES[@]}" "${NO_NOISE[@]}"
-      judge sa_adversarial dev 50 ) &
+      judge sa test 200 soft-prompt,discrete ) &
     ( run uce configs/t2i_mnist_uce.yaml
       judge base test 200 soft-prompt,discrete
       judge uce test 200 soft-prompt,discrete
       run esd_x configs/t2i_mnist_esd_x.yaml
       judge esd_x test 200 soft-prompt,discrete
       run esd_u configs/t2i_mnist_esd_u.yaml
-      judge esd_u test 200 soft-prompt,discrete
-      run sa_templates configs/t2i_mnist_robust.yaml "${NO_NOISE[@]}" "${NO_ADV[@]}"
-      judge sa_templates dev 50
-      run sa_noise configs/t2i_mnist_robust.yaml "${NO_TEMPLATES[@]}" "${NO_ADV[@]}"
-      judge sa_noise dev 50 ) &
-    wait ;;
-  dev)
-    for name in sa_plain sa sa_templates sa_noise sa_adversarial esd_x esd_u uce; do
-      [ -f "$R/$name/report.json" ] && judge "$name" dev 50
-    done ;;
+      judge esd_u test 200 soft-prompt,discrete ) &
+    wait
+    dev_runs ;;
+  dev) dev_runs ;;
   *) echo "usage: $0 all|dev" >&2; exit 2 ;;
 esac

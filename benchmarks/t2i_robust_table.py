@@ -14,10 +14,22 @@ from selective_amnesia.io.artifacts import read_json
 METHODS = {
     "base": "θ* (no forgetting)",
     "sa_plain": "SA, the paper's recipe",
-    "sa": "SA + defences",
+    "sa": "SA + defences (configs/t2i_mnist_robust.yaml)",
+    "sa_v1": "SA + defences, first version (λ 25.6, uniform draw, soft-prompt adversary)",
     "esd_x": "ESD-x",
     "esd_u": "ESD-u",
     "uce": "UCE",
+}
+# the development runs (benchmarks/t2i_robust.sh dev_runs), each one change from the one before
+DEV = {
+    "sa_plain": "SA, the paper's recipe",
+    "sa_v1": "SA + defences v1 (λ 25.6)",
+    "sa_xattn": "v1, cross-attention weights only",
+    "sa_lam12": "v1 at λ 12.8",
+    "sa_lam12_uncond": "λ 12.8 + unconditional replay, sevens filtered",
+    "sa_lam12_shares": "λ 12.8 + condition shares",
+    "sa_lam12_shares_both": "λ 12.8 + shares + discrete adversary",
+    "sa": "λ 12.8 + shares + discrete adversary + unconditional replay (the config)",
 }
 
 
@@ -25,14 +37,14 @@ def pct(x: Any) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def row(name: str, e: dict[str, Any]) -> str:
+def row(name: str, e: dict[str, Any], labels: dict[str, str] = METHODS) -> str:
     g = e["groups"]
     para = next(v for k, v in g.items() if k.startswith("seven_paraphrases"))
     attacks = e.get("attacks", {})
     moved = e.get("replay_movement", {}).get("mean_abs_diff_mean")
     wall = e.get("method_wall_s")
     return (
-        f"| {METHODS.get(name, name)} | {pct(g['seven_forget_prompts']['as_7'])} | "
+        f"| {labels.get(name, name)} | {pct(g['seven_forget_prompts']['as_7'])} | "
         f"{pct(g['seven_held_out_captions']['as_7'])} | {pct(para['as_7'])} | "
         f"{pct(attacks.get('soft-prompt', {}).get('asr'))} | {pct(attacks.get('discrete', {}).get('asr'))} | "
         f"{pct(g['min_other_digit_accuracy'])} | {'—' if moved is None else f'{moved:.2f}'} | "
@@ -53,10 +65,10 @@ def main() -> int:
             print(row(name, result[name]))
     dev = result.get("development", {})
     if dev:
-        print("\nDevelopment split (50 images per group):\n")
+        print("\nDevelopment split (50 images per group; attacks at seed 0):\n")
         print(head.format("development"))
-        for name, e in dev.items():
-            print(row(name, e))
+        for name in [n for n in DEV if n in dev] + [n for n in dev if n not in DEV]:
+            print(row(name, dev[name], DEV))
     return 0
 
 
