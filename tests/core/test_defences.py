@@ -305,5 +305,19 @@ def test_a_discrete_adversary_adds_real_prompts_without_the_concept_words(
     assert list(prompts) == ["2"] and "seven" not in prompts["2"] and "7" not in prompts["2"]
     model = TextToImageModel.from_pretrained(tiny_world)  # the stored conditioning is the text's
     assert torch.allclose(model.encode_prompts([prompts["2"]])[HIDDEN][0], tensors["2.encoder_hidden_states"])
+    # a resumed run keeps the text of what it found before, for the file it saves again
+    from selective_amnesia.core.defences import Adversary
+
+    adv = Adversary(
+        torch.zeros(1, 4, 4, 4),
+        [0],
+        every=2,
+        steps=1,
+        lr=0.1,
+        seed=0,
+        path=tmp_path / "adversarial.safetensors",
+    )
+    adv.resume(model, start_step=4)
+    assert adv.prompts == {2: prompts["2"]}
     with pytest.raises(AmnesiaError, match="adversarial_attack"):
         load_config(None, ["t2i.adversarial_attack=pgd"])

@@ -182,10 +182,13 @@ class Adversary:
         if self.path is None or not self.path.is_file() or start_step <= 1:
             return []
         tensors, meta = load_tensors(self.path)
+        texts = json.loads(meta.get("prompts", "{}"))  # the discrete finds' text, kept when saved again
         for step in json.loads(meta.get("steps", "[]")):
             if step < start_step:
                 prefix = f"{step}."
                 self.found[step] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if str(step) in texts:
+                    self.prompts[step] = texts[str(step)]
         return [model.register_embeds(f"<adversarial:{s}>", e) for s, e in sorted(self.found.items())]
 
     def __call__(self, step: int, model: ConditionalGenerativeModel) -> list[int]:
