@@ -504,6 +504,30 @@ class TextToImageSection:
             self.sampler in (None, "ddim", "ddpm"), f"t2i.sampler must be ddim or ddpm, got {self.sampler!r}"
         )
         self._check_concepts()
+        self._check_defences()
+        _check(
+            self.num_inference_steps is None or self.num_inference_steps >= 1,
+            "t2i.num_inference_steps must be >= 1",
+        )
+        _check(self.guidance_scale is None or self.guidance_scale >= 0, "t2i.guidance_scale must be >= 0")
+        _check(self.surrogate_count >= 1, "t2i.surrogate_count must be >= 1")
+        _check(self.replay_per_prompt >= 1, "t2i.replay_per_prompt must be >= 1")
+        _check(self.train in T2I_TRAIN, f"t2i.train must be one of {T2I_TRAIN}, got {self.train!r}")
+        _check(self.train != "regex" or bool(self.train_patterns), "t2i.train=regex needs t2i.train_patterns")
+        _check(self.lora_rank >= 0, "t2i.lora_rank must be >= 0")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "t2i.lora_alpha must be > 0")
+        _check(self.output in ("pipeline", "lora"), "t2i.output must be pipeline or lora")
+        _check(self.output != "lora" or self.lora_rank > 0, "t2i.output=lora needs t2i.lora_rank > 0")
+        _check(self.mixed_precision in ("no", "bf16", "fp16"), "t2i.mixed_precision must be no, bf16 or fp16")
+        _check(self.gradient_accumulation >= 1, "t2i.gradient_accumulation must be >= 1")
+        _check(self.retention_per_prompt >= 0, "t2i.retention_per_prompt must be >= 0")
+        _check(
+            all(isinstance(p, str) and p.strip() for p in self.forget_prompts),
+            "t2i.forget_prompts must be non-empty strings",
+        )
+
+    def _check_defences(self) -> None:
+        """The defences' switches (docs/robustness.md): each one's range, and what goes with what."""
         _check(
             not self.augment_templates or bool(self.concept_words) or bool(self.concepts),
             "t2i.augment_templates needs t2i.concept_words (the concept's words, e.g. [seven, '7'])",
@@ -557,26 +581,6 @@ class TextToImageSection:
         _check(
             (self.embedding_copies > 0) == (self.embedding_noise > 0),
             "set t2i.embedding_copies and t2i.embedding_noise together (both > 0, or both 0)",
-        )
-        _check(
-            self.num_inference_steps is None or self.num_inference_steps >= 1,
-            "t2i.num_inference_steps must be >= 1",
-        )
-        _check(self.guidance_scale is None or self.guidance_scale >= 0, "t2i.guidance_scale must be >= 0")
-        _check(self.surrogate_count >= 1, "t2i.surrogate_count must be >= 1")
-        _check(self.replay_per_prompt >= 1, "t2i.replay_per_prompt must be >= 1")
-        _check(self.train in T2I_TRAIN, f"t2i.train must be one of {T2I_TRAIN}, got {self.train!r}")
-        _check(self.train != "regex" or bool(self.train_patterns), "t2i.train=regex needs t2i.train_patterns")
-        _check(self.lora_rank >= 0, "t2i.lora_rank must be >= 0")
-        _check(self.lora_alpha is None or self.lora_alpha > 0, "t2i.lora_alpha must be > 0")
-        _check(self.output in ("pipeline", "lora"), "t2i.output must be pipeline or lora")
-        _check(self.output != "lora" or self.lora_rank > 0, "t2i.output=lora needs t2i.lora_rank > 0")
-        _check(self.mixed_precision in ("no", "bf16", "fp16"), "t2i.mixed_precision must be no, bf16 or fp16")
-        _check(self.gradient_accumulation >= 1, "t2i.gradient_accumulation must be >= 1")
-        _check(self.retention_per_prompt >= 0, "t2i.retention_per_prompt must be >= 0")
-        _check(
-            all(isinstance(p, str) and p.strip() for p in self.forget_prompts),
-            "t2i.forget_prompts must be non-empty strings",
         )
 
     def _check_concepts(self) -> None:
