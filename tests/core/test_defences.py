@@ -9,6 +9,7 @@ import torch
 
 from selective_amnesia.config import load_config
 from selective_amnesia.core.defences import (
+    Adversary,
     defended_conditions,
     noisy_embeddings,
     read_templates,
@@ -32,6 +33,19 @@ FAST = [
     "forget.steps=2",
     "forget.batch_size=2",
 ]
+
+
+def _stored_adversary(run_dir: Path) -> Adversary:
+    """An adversary over the finds a run saved in ``run_dir`` (its targets unused: only resume is called)."""
+    return Adversary(
+        torch.zeros(1, 4, 4, 4),
+        [0],
+        every=2,
+        steps=1,
+        lr=0.1,
+        seed=0,
+        path=run_dir / "adversarial.safetensors",
+    )
 
 
 def _cfg(world: Path, *extra: str) -> object:
@@ -116,7 +130,6 @@ def test_a_run_with_defences_trains_on_them_and_keeps_the_fisher(tiny_world: Pat
 def test_adversarial_conditions_join_the_forget_set_and_come_back_on_resume(
     tiny_world: Path, tmp_path: Path
 ) -> None:
-    from selective_amnesia.core.defences import Adversary
     from selective_amnesia.io.artifacts import load_tensors
 
     cfg = _cfg(
@@ -135,15 +148,7 @@ def test_adversarial_conditions_join_the_forget_set_and_come_back_on_resume(
     }
     # a run resumed at step 4 registers exactly what was found before it
     model = TextToImageModel.from_pretrained(tiny_world)
-    adv = Adversary(
-        torch.zeros(1, 4, 4, 4),
-        [0],
-        every=2,
-        steps=1,
-        lr=0.1,
-        seed=0,
-        path=tmp_path / "adversarial.safetensors",
-    )
+    adv = _stored_adversary(tmp_path)
     ids = adv.resume(model, start_step=4)
     assert [model.prompts[i] for i in ids] == ["<adversarial:2>"]
     assert torch.equal(
@@ -306,17 +311,7 @@ def test_a_discrete_adversary_adds_real_prompts_without_the_concept_words(
     model = TextToImageModel.from_pretrained(tiny_world)  # the stored conditioning is the text's
     assert torch.allclose(model.encode_prompts([prompts["2"]])[HIDDEN][0], tensors["2.encoder_hidden_states"])
     # a resumed run keeps the text of what it found before, for the file it saves again
-    from selective_amnesia.core.defences import Adversary
-
-    adv = Adversary(
-        torch.zeros(1, 4, 4, 4),
-        [0],
-        every=2,
-        steps=1,
-        lr=0.1,
-        seed=0,
-        path=tmp_path / "adversarial.safetensors",
-    )
+    adv = _stored_adversary(tmp_path)
     adv.resume(model, start_step=4)
     assert adv.prompts == {2: prompts["2"]}
     with pytest.raises(AmnesiaError, match="adversarial_attack"):

@@ -135,9 +135,14 @@ def test_single_concept_settings_are_unchanged() -> None:
     t = load_config(REPO / "configs" / "t2i_mnist.yaml").t2i
     settings = to_dict(t)
     # nor any key added since, while it is unset: the groups and the later defences
-    for added in ("concepts", "condition_shares", "unconditional_replay", "replay_filter"):
-        settings.pop(added)
-    for added in ("adversarial_attack", "adversarial_tokens"):
+    for added in (
+        "concepts",
+        "condition_shares",
+        "unconditional_replay",
+        "replay_filter",
+        "adversarial_attack",
+        "adversarial_tokens",
+    ):
         settings.pop(added)
     assert t2i_settings(t) == settings
     assert [g.name for g in t.groups()] == ["concept"] and t.groups()[0].forget_prompts == t.forget_prompts

@@ -132,14 +132,22 @@ def prompt_latents(
 def t2i_settings(t: TextToImageSection) -> dict[str, Any]:
     """The ``t2i`` settings a forgetting run's key is made of; the keys added since the first runs are
     left out while unused, so a run made before they existed is still resumed."""
-    settings = to_dict(t)
-    for unused in ("concepts", "condition_shares", "unconditional_replay", "replay_filter"):
-        if not settings[unused]:  # a run made before the key existed keeps its key
-            settings.pop(unused)
-    for unused, default in (("adversarial_attack", "soft-prompt"), ("adversarial_tokens", 5)):
-        if settings[unused] == default:
-            settings.pop(unused)
+    settings, defaults = to_dict(t), to_dict(TextToImageSection())
+    for added in T2I_KEYS_ADDED:
+        if settings[added] == defaults[added]:  # a run made before the key existed keeps its key
+            settings.pop(added)
     return settings
+
+
+# t2i keys added after the first text-to-image runs (left out of a run's key while at their defaults)
+T2I_KEYS_ADDED = (
+    "concepts",
+    "condition_shares",
+    "unconditional_replay",
+    "replay_filter",
+    "adversarial_attack",
+    "adversarial_tokens",
+)
 
 
 # forget settings in no forgetting key: those that decide a sequence's steps >= 2 only (they are in their
