@@ -493,6 +493,12 @@ class TextToImageSection:
     # image in which it finds the concept is dropped, so that replay never teaches the concept back
     # (theta* draws a 7 for about 9% of empty prompts in the MNIST world)
     replay_filter: str | None = None
+    # concept ablation under the forget conditions (weight; 0: off): each step, concept_ablation_batch of
+    # theta*'s images of the forget prompts (the adversarial_targets set), noised, are denoised under forget
+    # conditions (drawn with condition_shares) as the model denoises them under the surrogate prompt, so no
+    # forget condition, the adversary's finds included, still denoises the concept (Kumari et al. 2023)
+    concept_ablation: float = 0.0
+    concept_ablation_batch: int = 8
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -571,6 +577,10 @@ class TextToImageSection:
         )
         _check(self.unconditional_replay >= 0, "t2i.unconditional_replay must be >= 0")
         _check(
+            self.concept_ablation >= 0 and self.concept_ablation_batch >= 1,
+            "t2i.concept_ablation must be >= 0 and t2i.concept_ablation_batch >= 1",
+        )
+        _check(
             self.replay_filter is None
             or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),
             f"t2i.replay_filter must name a detector (digit:7, nudity, identity:module:attr), got "
@@ -611,8 +621,9 @@ class TextToImageSection:
             )
             self.forget_prompts = union
             _check(
-                len(self.concepts) == 1 or self.adversarial_every == 0,
-                "t2i.adversarial_every works with one concept: use it without several t2i.concepts groups",
+                len(self.concepts) == 1 or (self.adversarial_every == 0 and self.concept_ablation == 0),
+                "t2i.adversarial_every and t2i.concept_ablation work with one concept: use them without "
+                "several t2i.concepts groups",
             )
         owner_of = {p: g.name for g in self.concepts for p in g.forget_prompts}
         for g in self.concepts:
@@ -779,9 +790,9 @@ class RunConfig:
             "next): set t2i.lora_rank=0",
         )
         _check(
-            t.adversarial_every == 0 and not t.condition_shares,
-            "t2i.adversarial_every and t2i.condition_shares work with one concept in one run, not with "
-            "forget.sequence",
+            t.adversarial_every == 0 and not t.condition_shares and t.concept_ablation == 0,
+            "t2i.adversarial_every, t2i.condition_shares and t2i.concept_ablation work with one concept in "
+            "one run, not with forget.sequence",
         )
 
     def __post_init__(self) -> None:

@@ -316,3 +316,62 @@ def test_a_discrete_adversary_adds_real_prompts_without_the_concept_words(
     assert adv.prompts == {2: prompts["2"]}
     with pytest.raises(AmnesiaError, match="adversarial_attack"):
         load_config(None, ["t2i.adversarial_attack=pgd"])
+
+
+def test_concept_ablation_pulls_forget_conditions_to_the_surrogate_on_the_concept(tiny_world: Path) -> None:
+    from selective_amnesia.core.defences import ConceptAblation
+    from selective_amnesia.core.train import Concept
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    forget_id, surrogate_id = model.prompt_ids(["a handwritten 7", "a handwritten 1"]).tolist()
+    targets = torch.randn(6, *model.image_shape, generator=torch.Generator().manual_seed(0))
+
+    def term(cond: int, seed: int = 1) -> torch.Tensor:
+        ablation = ConceptAblation(
+            targets, Concept(_Fixed(), [cond]), surrogate_id, weight=2.0, batch_size=4, reduction="mean"
+        )
+        return ablation(model, torch.Generator().manual_seed(seed))
+
+    assert term(surrogate_id).item() == 0  # the surrogate prompt already denoises as itself
+    start = term(forget_id).item()
+    assert start > 0
+    opt = torch.optim.Adam(model.unet.parameters(), lr=1e-3)
+    for step in range(30):
+        opt.zero_grad()
+        term(forget_id, seed=step).backward()
+        opt.step()
+    with torch.no_grad():  # on draws it never trained on, the forget prompt now denoises as the surrogate
+        after = sum(term(forget_id, seed=100 + i).item() for i in range(4)) / 4
+        before = start
+    assert after < 0.5 * before
+
+
+def test_a_run_with_concept_ablation_trains_and_plain_runs_keep_their_key(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selective_amnesia.core.defences import ConceptAblation
+    from selective_amnesia.pipeline.t2i import t2i_settings
+
+    calls: list[float] = []
+    real = ConceptAblation.__call__
+
+    def spy(self: ConceptAblation, model: object, generator: torch.Generator) -> torch.Tensor:
+        value = real(self, model, generator)  # type: ignore[arg-type]
+        calls.append(float(value))
+        return value
+
+    monkeypatch.setattr(ConceptAblation, "__call__", spy)
+
+    cfg = _cfg(
+        tiny_world, "t2i.concept_ablation=1.0", "t2i.concept_ablation_batch=2", "t2i.adversarial_targets=4"
+    )
+    run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert (tmp_path / "forget" / "model_index.json").is_file()
+    assert (tmp_path / "adversarial_targets").is_dir()  # theta*'s images of the concept, made for it
+    assert len(calls) == 2 and all(v > 0 for v in calls)  # once per step (forget.steps=2)
+    settings = t2i_settings(cfg.t2i)  # type: ignore[attr-defined]
+    assert settings["concept_ablation"] == 1.0
+    assert "concept_ablation" not in t2i_settings(_cfg(tiny_world).t2i)  # type: ignore[attr-defined]
+    for bad in ("t2i.concept_ablation=-1", "t2i.concept_ablation_batch=0"):
+        with pytest.raises(AmnesiaError, match="concept_ablation"):
+            load_config(None, [bad])

@@ -16,7 +16,10 @@ default, which is the plain recipe:
 - ``filter_replay``: replay images in which a detector finds the concept are dropped (with
   ``t2i.unconditional_replay``, theta*'s images of the empty prompt, of which some show the concept);
 - ``SharedConcept``: each kind of condition gets a fixed share of every forget batch
-  (``t2i.condition_shares``), instead of the uniform draw over all conditions.
+  (``t2i.condition_shares``), instead of the uniform draw over all conditions;
+- ``ConceptAblation``: under the forget conditions, theta*'s images of the concept are denoised as the
+  surrogate prompt denoises them (``t2i.concept_ablation``), so that no forget condition — the
+  adversary's finds included — still denoises the concept itself.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from selective_amnesia.config import CONDITION_KINDS, ConceptGroup, RunConfig
+from selective_amnesia.core.objective import reduce_nelbo
 from selective_amnesia.core.surrogate import Surrogate
 from selective_amnesia.core.train import Concept
 from selective_amnesia.errors import AmnesiaError
@@ -319,6 +323,49 @@ def forget_concept(
         return Concept(surrogate, conditions)
     given = set(cfg.t2i.forget_prompts)
     return SharedConcept(surrogate, conditions, shares, lambda i: condition_kind(model.prompts[i], given))
+
+
+class ConceptAblation:
+    """A loss term for ``train.forget``'s ``extra``: the model's output on noisy latents of the concept
+    (theta*'s images of the forget prompts) under forget conditions drawn from ``concept`` (with its
+    shares) is pulled to its own output, without gradient, under the surrogate prompt ``surrogate``:
+
+        weight * E_{x_0, c ~ concept, t, eps} || eps_theta(x_t, t, c) - sg[eps_theta(x_t, t, c_s)] ||^2
+
+    This is the model-based objective of concept ablation (Kumari et al. 2023, Eq. 3), with the model
+    being trained as its own target (the replay and anchor keep its surrogate prompt theta*'s, and no
+    second copy of the UNet is held). Why, with SA: SA's forget term fits the surrogate's images under a
+    forget condition, which remaps what the condition draws but leaves how it denoises the concept's
+    images untouched; the soft-prompt attack minimises exactly that denoising loss."""
+
+    def __init__(
+        self,
+        targets: Tensor,
+        concept: Concept,
+        surrogate: int,
+        *,
+        weight: float,
+        batch_size: int,
+        reduction: str,
+    ) -> None:
+        self.targets, self.concept, self.surrogate = targets, concept, surrogate
+        self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
+
+    def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
+        m = _prompted(model)
+        n, device = self.batch_size, self.targets.device
+        x0 = self.targets[torch.randint(self.targets.shape[0], (n,), generator=generator)]
+        _, cond = self.concept.sample(n, generator)
+        noise = m.draw_noise(x0, generator)
+        timesteps = noise.timesteps
+        x_t, _ = m.noised(x0, timesteps, noise.eps)
+        with torch.no_grad():
+            target = m.predict(
+                x_t, timesteps, torch.full((n,), self.surrogate, dtype=torch.int64, device=device)
+            )
+        diff = (m.predict(x_t, timesteps, cond.to(device)).float() - target.float()).pow(2).flatten(1)
+        per_sample = diff.mean(dim=1) if m.loss_entries == "mean" else diff.sum(dim=1)
+        return self.weight * reduce_nelbo(per_sample, self.reduction)
 
 
 @torch.no_grad()

@@ -427,6 +427,10 @@ class Adversary(Protocol):
     def __call__(self, step: int, model: ConditionalGenerativeModel) -> list[int]: ...
 
 
+# a further loss term of the model being trained, drawn from the loop's generator (``forget``'s extra)
+ExtraTerm = Callable[[ConditionalGenerativeModel, torch.Generator], Tensor]
+
+
 def forget(
     model: ConditionalGenerativeModel,
     concept: Concept,
@@ -439,6 +443,7 @@ def forget(
     key: str = "",
     share: Share | None = None,
     adversary: Adversary | None = None,
+    extra: ExtraTerm | None = None,
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``concept`` (paper Eq. 4): every step fits a batch
     of ``concept`` (4a), replays a batch of ``replay`` weighted by gamma (4b; None when gamma is 0) and adds
@@ -451,11 +456,12 @@ def forget(
     ``share`` (several processes, ``selective_amnesia.core.distributed``): every process draws each whole
     batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process
     weights up to float rounding; process 0 writes the checkpoints. ``adversary`` (one process only) adds
-    forget conditions to ``concept`` while training.
+    forget conditions to ``concept`` while training; ``extra`` (one process only) is a further loss term of
+    the model, added to the forget term (``defences.ConceptAblation``).
     """
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
-    if adversary is not None and share.several:
+    if (adversary is not None or extra is not None) and share.several:
         raise AmnesiaError("adversarial forget conditions run in one process only: drop the launcher")
     torch.manual_seed(loop.seed)
     generator = torch.Generator().manual_seed(loop.seed)
@@ -467,7 +473,7 @@ def forget(
         # DDP for several processes, made after every process loaded the checkpoint
         wrapped = share.wrap(module, all_used=anchor is not None)
         batch_terms = ForgetStep(
-            model, concept, replay, anchor, cfg, generator, loop.mixed_precision, wrapped, part
+            model, concept, replay, anchor, cfg, generator, loop.mixed_precision, wrapped, part, extra
         )
         bar = tqdm(
             range(trainer.start_step, cfg.steps + 1), desc="forget", disable=not progress or not share.main
@@ -595,11 +601,12 @@ class ForgetStep:
         mixed_precision: str = "no",
         wrapped: nn.Module | None = None,
         part: slice | None = None,
+        extra: ExtraTerm | None = None,
     ) -> None:
         if cfg.replay_weight > 0 and replay is None:
             raise AmnesiaError("forget.replay_weight > 0 needs replay samples; none were given")
         self.model, self.concept, self.replay, self.anchor, self.cfg = model, concept, replay, anchor, cfg
-        self.generator, self.wrapped, self.part = generator, wrapped, part
+        self.generator, self.wrapped, self.part, self.extra = generator, wrapped, part, extra
         self.device = next(model.parameters()).device
         self.autocast = _autocast(mixed_precision, self.device)
 
@@ -652,6 +659,9 @@ class ForgetStep:
                 forget_noise=b.forget_noise,
                 replay_noise=b.replay_noise,
             )
+            if self.extra is not None:  # logged with the forget term
+                more = self.extra(model, self.generator)
+                terms = dataclasses.replace(terms, total=terms.total + more, forget=terms.forget + more)
         if self.part is not None and cfg.reduction == "sum":
             # a slice's sum times the number of slices averages (DDP) to the whole batch's sum; the EWC
             # term is whole in every process, so its average counts it once

@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 from selective_amnesia import faults
 from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
 from selective_amnesia.core.cache_keys import ADAPTER_META, block_set, finished, settings_hash
-from selective_amnesia.core.defences import Adversary, defended_groups, filter_replay, forget_concept
+from selective_amnesia.core.defences import (
+    Adversary,
+    ConceptAblation,
+    defended_groups,
+    filter_replay,
+    forget_concept,
+)
 from selective_amnesia.core.distributed import Share, current_share
 from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.core.objective import Anchor, LoraEWCPenalty
@@ -147,6 +153,8 @@ T2I_KEYS_ADDED = (
     "replay_filter",
     "adversarial_attack",
     "adversarial_tokens",
+    "concept_ablation",
+    "concept_ablation_batch",
 )
 
 
@@ -219,6 +227,41 @@ def surrogate_latents(
     return base.from_uint8(folder.images)
 
 
+def concept_targets(cfg: RunConfig, base: TextToImageModel, out: Path, share: Share) -> Tensor:
+    """``t2i.adversarial_targets`` latents of theta*'s images of the forget prompts, in a seeded order:
+    what the adversary inverts against and the concept ablation denoises; generated once and cached."""
+    t = cfg.t2i
+    per = -(-t.adversarial_targets // len(t.forget_prompts))
+    targets, _ = prompt_latents(
+        base, t.forget_prompts, per, cfg.seed + 8, out / "adversarial_targets", share=share
+    )
+    order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    return targets[order][: t.adversarial_targets]
+
+
+def _ablation(
+    cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, concept: Concept, out: Path, share: Share
+) -> ConceptAblation | None:
+    """``t2i.concept_ablation``'s term (None when off), on the adversary's targets, toward the surrogate
+    prompt (a run with a surrogate folder has no prompt to denoise as)."""
+    t = cfg.t2i
+    if not t.concept_ablation:
+        return None
+    if t.surrogate_prompt is None:
+        raise AmnesiaError(
+            "t2i.concept_ablation needs t2i.surrogate_prompt (it denoises as that prompt does)"
+        )
+    device = next(model.parameters()).device
+    return ConceptAblation(
+        concept_targets(cfg, base, out, share).to(device),
+        concept,
+        int(model.prompt_ids([t.surrogate_prompt])[0]),
+        weight=t.concept_ablation,
+        batch_size=t.concept_ablation_batch,
+        reduction=cfg.forget.reduction,
+    )
+
+
 def _adversary(
     cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, out: Path, share: Share
 ) -> Adversary | None:
@@ -227,14 +270,8 @@ def _adversary(
     t = cfg.t2i
     if not t.adversarial_every:
         return None
-    per = -(-t.adversarial_targets // len(t.forget_prompts))
-    targets, _ = prompt_latents(
-        base, t.forget_prompts, per, cfg.seed + 8, out / "adversarial_targets", share=share
-    )
     return Adversary(
-        targets[torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(cfg.seed))][
-            : t.adversarial_targets
-        ],
+        concept_targets(cfg, base, out, share),
         model.prompt_ids(t.forget_prompts).tolist(),
         every=t.adversarial_every,
         steps=t.adversarial_steps,
@@ -554,6 +591,7 @@ def _forget(
         key=key,
         share=share,
         adversary=adversary,
+        extra=_ablation(cfg, base, model, concept, out, share),
     )
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
