@@ -142,6 +142,8 @@ def test_single_concept_settings_are_unchanged() -> None:
         "replay_filter",
         "adversarial_attack",
         "adversarial_tokens",
+        "concept_ablation",
+        "concept_ablation_batch",
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings
