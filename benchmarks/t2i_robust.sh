@@ -45,9 +45,9 @@ judge() {  # name split per-group [attacks [attack-seed]]
 
 # the development runs, each one change from the last (docs/robustness.md), judged with attacks at seed 0
 V1=(forget.ewc_lambda=25.6 "t2i.condition_shares=[]" t2i.adversarial_attack=soft-prompt
-    t2i.unconditional_replay=0 t2i.replay_filter=null)       # the first defended recipe
+    t2i.unconditional_replay=0 t2i.replay_filter=null t2i.concept_ablation=0)   # the first defended recipe
 LAM=(forget.ewc_lambda=12.8 "t2i.condition_shares=[]" t2i.adversarial_attack=soft-prompt
-     t2i.unconditional_replay=0 t2i.replay_filter=null)
+     t2i.unconditional_replay=0 t2i.replay_filter=null t2i.concept_ablation=0)
 dev_runs() {
   run sa_v1 configs/t2i_mnist_robust.yaml "${V1[@]}"
   run sa_xattn configs/t2i_mnist_robust.yaml "${V1[@]}" t2i.train=cross_attention
@@ -56,7 +56,12 @@ dev_runs() {
   run sa_lam12_shares configs/t2i_mnist_robust.yaml "${LAM[@]}" "t2i.condition_shares=[0.25,0.25,0.25,0.25]"
   run sa_lam12_shares_both configs/t2i_mnist_robust.yaml "${LAM[@]}" "t2i.condition_shares=[0.25,0.25,0.25,0.25]" \
     t2i.adversarial_attack=both
-  for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa; do
+  run sa_lam12_all configs/t2i_mnist_robust.yaml t2i.concept_ablation=0   # session 6's config
+  run sa_adv300 configs/t2i_mnist_robust.yaml t2i.concept_ablation=0 t2i.adversarial_steps=300 \
+    t2i.adversarial_every=150                                               # the attack's budget
+  run sa configs/t2i_mnist_robust.yaml                                      # + concept ablation
+  for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
+    sa_adv300 sa; do
     judge "$name" dev 50 soft-prompt,discrete 0
   done
 }

@@ -29,7 +29,9 @@ DEV = {
     "sa_lam12_uncond": "λ 12.8 + unconditional replay, sevens filtered",
     "sa_lam12_shares": "λ 12.8 + condition shares",
     "sa_lam12_shares_both": "λ 12.8 + shares + discrete adversary",
-    "sa": "λ 12.8 + shares + discrete adversary + unconditional replay (the config)",
+    "sa_lam12_all": "λ 12.8 + shares + discrete adversary + unconditional replay (session 6's config)",
+    "sa_adv300": "… + the adversary at the attack's budget (300 steps, every 150)",
+    "sa": "session 6's config + concept ablation (the config)",
 }
 
 
