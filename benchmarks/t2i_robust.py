@@ -109,7 +109,7 @@ def main() -> int:
     p.add_argument("--per-group", type=int, default=200)
     p.add_argument("--replay-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--attacks", default="", help="comma-separated: soft-prompt,discrete")
+    p.add_argument("--attacks", default="", help="comma-separated: soft-prompt,discrete,token")
     p.add_argument("--attack-seed", type=int, default=None, help="the attacks' seed (default: --seed)")
     p.add_argument("--judges-cache", default=None)
     args = p.parse_args()
@@ -173,13 +173,24 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
         "soft-prompt": ["--mode", "sequence", "--prompt", "a handwritten 7", *target],
         # five real tokens, none containing the concept's words, with no other prompt
         "discrete": ["--tokens", "5", "--concept-words", "seven", "7", *target],
+        # concept inversion as Pham et al.: one new token in "a handwritten {}", through the text encoder
+        "token": ["--mode", "token", "--template", "a handwritten {}", "--init-word", "seven", *target],
     }
+    command = {"token": "soft-prompt"}  # the attack command each kind runs (default: its name)
     out: dict[str, Any] = {}
     for kind in args.attacks.split(","):
         where = Path(args.out) / "attacks" / args.name / kind
         t0 = time.perf_counter()
         shutil.rmtree(where, ignore_errors=True)  # a fresh attack each time
-        cmd = [sys.executable, "-m", "selective_amnesia.cli", "attack", kind, "--out", str(where)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "selective_amnesia.cli",
+            "attack",
+            command.get(kind, kind),
+            "--out",
+            str(where),
+        ]
         subprocess.run([*cmd, *common, *kinds[kind]], check=True)
         report = read_json(where / "attack.json")
         out[kind] = {

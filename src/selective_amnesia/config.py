@@ -28,7 +28,15 @@ from selective_amnesia.models.ddpm import DDPMConfig
 T2I_TRAIN = ("all", "cross_attention", "non_cross_attention", "regex")  # selective_amnesia.core.trainable
 # the kinds of forget condition t2i.condition_shares weighs (selective_amnesia.core.defences)
 CONDITION_KINDS = ("given", "templates", "noisy", "adversarial")
-ADVERSARIAL_ATTACKS = ("soft-prompt", "discrete", "both")  # t2i.adversarial_attack
+# t2i.adversarial_attack: one attack, or the ones that rounds take in turn
+ADVERSARIAL_ROUNDS = {
+    "soft-prompt": ("soft-prompt",),
+    "discrete": ("discrete",),
+    "token": ("token",),
+    "both": ("soft-prompt", "discrete"),
+    "all": ("soft-prompt", "discrete", "token"),
+}
+ADVERSARIAL_ATTACKS = tuple(ADVERSARIAL_ROUNDS)
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)
@@ -478,7 +486,8 @@ class TextToImageSection:
     adversarial_targets: int = 64
     # what the adversary runs: soft-prompt (a whole embedding sequence), discrete (adversarial_tokens real
     # vocabulary tokens without the concept's words, UnlearnDiffAtk's search: the prompt found is text),
-    # or both (alternating)
+    # token (concept inversion: one new token in a forget prompt, in place of its concept word, through
+    # the text encoder), both (soft-prompt and discrete in turn) or all (the three in turn)
     adversarial_attack: str = "soft-prompt"
     adversarial_tokens: int = 5
     # the share of each forget batch drawn from each kind of forget condition, in the order [the given

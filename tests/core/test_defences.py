@@ -375,3 +375,44 @@ def test_a_run_with_concept_ablation_trains_and_plain_runs_keep_their_key(
     for bad in ("t2i.concept_ablation=-1", "t2i.concept_ablation_batch=0"):
         with pytest.raises(AmnesiaError, match="concept_ablation"):
             load_config(None, [bad])
+
+
+def test_word_templates_put_the_slot_where_the_concept_word_was() -> None:
+    from selective_amnesia.core.defences import word_templates
+
+    got = word_templates(
+        ["a handwritten 7", "the number seven", "sevens galore", "a 7 and a 7"], ["seven", "7"]
+    )
+    assert got == [("a handwritten {}", "7"), ("the number {}", "seven"), ("a {} and a 7", "7")]
+
+
+def test_a_token_adversary_inverts_a_token_in_each_forget_prompt_in_turn(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selective_amnesia.attacks import soft_prompt
+
+    used: list[tuple[str, str]] = []
+    real = soft_prompt.invert_token
+
+    def spy(model: TextToImageModel, targets: torch.Tensor, template: str, word: str, **kw: object) -> object:
+        used.append((template, word))
+        return real(model, targets, template, word, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(soft_prompt, "invert_token", spy)
+    cfg = _cfg(
+        tiny_world,
+        "forget.steps=6",
+        "t2i.concept_words=[seven, '7']",
+        "t2i.adversarial_every=1",
+        "t2i.adversarial_steps=1",
+        "t2i.adversarial_targets=4",
+        "t2i.adversarial_attack=all",  # steps 1, 4: discrete; 2, 5: token; 3, 6: soft prompt
+        "t2i.adversarial_tokens=2",
+    )
+    report = run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert report["adversarial_conditions"] == 6
+    assert used == [("a handwritten {}", "7"), ("the number {}", "seven")]  # the forget prompts in turn
+    with pytest.raises(AmnesiaError, match="concept_words"):  # nowhere to put the token
+        run_text_to_image(
+            _cfg(tiny_world, "t2i.adversarial_every=1", "t2i.adversarial_attack=token"), tmp_path / "b"
+        )  # type: ignore[arg-type]

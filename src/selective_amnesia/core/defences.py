@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from selective_amnesia.config import CONDITION_KINDS, ConceptGroup, RunConfig
+from selective_amnesia.config import ADVERSARIAL_ROUNDS, CONDITION_KINDS, ConceptGroup, RunConfig
 from selective_amnesia.core.objective import reduce_nelbo
 from selective_amnesia.core.surrogate import Surrogate
 from selective_amnesia.core.train import Concept
@@ -173,10 +173,17 @@ class Adversary:
         attack: str = "soft-prompt",
         tokens: int = 5,
         exclude: list[str] | None = None,
+        templates: list[tuple[str, str]] | None = None,
     ) -> None:
         self.targets, self.init_ids, self.every = targets, init_ids, every
         self.steps, self.lr, self.seed, self.path, self.batch_size = steps, lr, seed, path, batch_size
         self.attack, self.tokens, self.exclude = attack, tokens, list(exclude or [])
+        self.templates = list(templates or [])  # (template with {}, the concept word it held): token's
+        if "token" in ADVERSARIAL_ROUNDS[attack] and not self.templates:
+            raise AmnesiaError(
+                "t2i.adversarial_attack with token needs a forget prompt holding one of t2i.concept_words "
+                "(the learned token takes the word's place)"
+            )
         self.found: dict[int, dict[str, Tensor]] = {}
         self.prompts: dict[int, str] = {}  # the discrete attack's finds as text
 
@@ -200,8 +207,12 @@ class Adversary:
             return []
         model = _prompted(model)
         round_ = step // self.every
-        if self.attack == "discrete" or (self.attack == "both" and round_ % 2):
+        kinds = ADVERSARIAL_ROUNDS[self.attack]
+        kind = kinds[round_ % len(kinds)]
+        if kind == "discrete":
             embeds = self._discrete(model, step)
+        elif kind == "token":
+            embeds = self._token(model, step, *self.templates[(round_ // len(kinds)) % len(self.templates)])
         else:
             embeds = self._soft_prompt(model, step, self.init_ids[round_ % len(self.init_ids)])
         self.found[step] = embeds
@@ -229,6 +240,23 @@ class Adversary:
             generator=torch.Generator().manual_seed(self.seed + step),
         )
 
+    def _token(self, model: TextToImageModel, step: int, template: str, word: str) -> dict[str, Tensor]:
+        """Concept inversion: one new token in ``template`` (started from ``word``'s embedding), the
+        conditioning the text encoder gives the template with it."""
+        from selective_amnesia.attacks.soft_prompt import invert_token
+
+        found = invert_token(
+            model,
+            self.targets,
+            template,
+            word,
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed + step),
+        )
+        return found.conditioning
+
     def _discrete(self, model: TextToImageModel, step: int) -> dict[str, Tensor]:
         """``tokens`` real tokens without the concept's words (the discrete attack); the conditioning of
         the text it found, which stays a forget condition even if the tokenizer would split it anew."""
@@ -250,6 +278,19 @@ class Adversary:
         text = str(found.prompts["attack_prompt"])
         self.prompts[step] = text
         return {k: v[0].detach() for k, v in model.encode_prompts([text]).items()}
+
+
+def word_templates(prompts: Sequence[str], words: Sequence[str]) -> list[tuple[str, str]]:
+    """Each prompt holding one of ``words`` (as a whole word) as a template with ``{}`` in its place,
+    with that word: where the token adversary learns its token."""
+    out = []
+    for p in prompts:
+        tokens = p.split(" ")
+        for i, tok in enumerate(tokens):
+            if tok in words:
+                out.append((" ".join([*tokens[:i], "{}", *tokens[i + 1 :]]), tok))
+                break
+    return out
 
 
 def _prompted(model: ConditionalGenerativeModel) -> TextToImageModel:

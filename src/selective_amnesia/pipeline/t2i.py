@@ -39,6 +39,7 @@ from selective_amnesia.core.defences import (
     defended_groups,
     filter_replay,
     forget_concept,
+    word_templates,
 )
 from selective_amnesia.core.distributed import Share, current_share
 from selective_amnesia.core.fisher import Fisher
@@ -281,6 +282,7 @@ def _adversary(
         attack=t.adversarial_attack,
         tokens=t.adversarial_tokens,
         exclude=[w for g in t.groups() for w in g.concept_words],
+        templates=word_templates(t.forget_prompts, [w for g in t.groups() for w in g.concept_words]),
     )
 
 
