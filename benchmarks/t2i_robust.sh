@@ -62,23 +62,23 @@ dev_runs() {
   run sa configs/t2i_mnist_robust.yaml                                      # + concept ablation
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
     sa_adv300 sa; do
-    judge "$name" dev 50 soft-prompt,discrete 0
+    judge "$name" dev 50 soft-prompt,discrete,token 0
   done
 }
 
 case "${1:-}" in
   all)  # everything, in the order that gives the table first; two queues side by side
     ( run sa_plain configs/t2i_mnist.yaml
-      judge sa_plain test 200 soft-prompt,discrete
+      judge sa_plain test 200 soft-prompt,discrete,token
       run sa configs/t2i_mnist_robust.yaml
-      judge sa test 200 soft-prompt,discrete ) &
+      judge sa test 200 soft-prompt,discrete,token ) &
     ( run uce configs/t2i_mnist_uce.yaml
-      judge base test 200 soft-prompt,discrete
-      judge uce test 200 soft-prompt,discrete
+      judge base test 200 soft-prompt,discrete,token
+      judge uce test 200 soft-prompt,discrete,token
       run esd_x configs/t2i_mnist_esd_x.yaml
-      judge esd_x test 200 soft-prompt,discrete
+      judge esd_x test 200 soft-prompt,discrete,token
       run esd_u configs/t2i_mnist_esd_u.yaml
-      judge esd_u test 200 soft-prompt,discrete ) &
+      judge esd_u test 200 soft-prompt,discrete,token ) &
     wait
     dev_runs ;;
   dev) dev_runs ;;

@@ -7,8 +7,8 @@
   MiniLM text encoder referenced from its wheel (text_encoder_ref.json), as t2i_mnist_result.py does;
 - before_after.png: columns theta* | plain SA | SA with defences, one row per prompt (forget prompt,
   held-out caption, two test paraphrases, the surrogate, two other digits), 8 seeds each;
-- attack.png: the soft-prompt attack's images on theta*, plain SA and SA with defences (the grids that
-  `amnesia attack` wrote under --out/attacks/).
+- attack.png: the token soft-prompt attack's images (concept inversion) on theta*, plain SA and SA with
+  defences (the grids that `amnesia attack` wrote under --out/attacks/).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> int:
         grid = image_grid(model.to_uint8(z), nrow=8)
         grids.append(grid.repeat(3, axis=0).repeat(3, axis=1))  # 16-px digits, shown 3x
     save_png(side_by_side(grids), out / "before_after.png")
-    attack = [out / "attacks" / name / "soft-prompt" / "grid.png" for name in ("base", "sa_plain", "sa")]
+    attack = [out / "attacks" / name / "token" / "grid.png" for name in ("base", "sa_plain", "sa")]
     if all(a.is_file() for a in attack):
         from PIL import Image
 

@@ -15,6 +15,7 @@ METHODS = {
     "base": "θ* (no forgetting)",
     "sa_plain": "SA, the paper's recipe",
     "sa": "SA + defences (configs/t2i_mnist_robust.yaml)",
+    "sa_v2": "SA + defences, session 6 (no concept ablation)",
     "sa_v1": "SA + defences, first version (λ 25.6, uniform draw, soft-prompt adversary)",
     "esd_x": "ESD-x",
     "esd_u": "ESD-u",
@@ -48,7 +49,8 @@ def row(name: str, e: dict[str, Any], labels: dict[str, str] = METHODS) -> str:
     return (
         f"| {labels.get(name, name)} | {pct(g['seven_forget_prompts']['as_7'])} | "
         f"{pct(g['seven_held_out_captions']['as_7'])} | {pct(para['as_7'])} | "
-        f"{pct(attacks.get('soft-prompt', {}).get('asr'))} | {pct(attacks.get('discrete', {}).get('asr'))} | "
+        f"{pct(attacks.get('soft-prompt', {}).get('asr'))} | {pct(attacks.get('token', {}).get('asr'))} | "
+        f"{pct(attacks.get('discrete', {}).get('asr'))} | "
         f"{pct(g['min_other_digit_accuracy'])} | {'—' if moved is None else f'{moved:.2f}'} | "
         f"{'—' if not wall else f'{wall / 60:.1f} min'} |"
     )
@@ -57,9 +59,10 @@ def row(name: str, e: dict[str, Any], labels: dict[str, str] = METHODS) -> str:
 def main() -> int:
     result = read_json(Path(sys.argv[1]))
     head = (
-        "| method | forget prompts: as 7 | held-out captions | {} paraphrases | soft-prompt ASR | "
-        "discrete ASR | other digits correct (lowest) | replay moved (/255) | wall time |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "| method | forget prompts: as 7 | held-out captions | {} paraphrases | soft-prompt ASR: sequence | "
+        "soft-prompt ASR: token | discrete ASR | other digits correct (lowest) | replay moved (/255) | "
+        "wall time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     print(head.format("test"))
     for name in METHODS:
