@@ -416,3 +416,34 @@ def test_a_token_adversary_inverts_a_token_in_each_forget_prompt_in_turn(
         run_text_to_image(
             _cfg(tiny_world, "t2i.adversarial_every=1", "t2i.adversarial_attack=token"), tmp_path / "b"
         )  # type: ignore[arg-type]
+
+
+def test_concept_ablation_and_the_token_adversary_run_on_a_stock_sd_layout(
+    tiny_sd: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "replay.txt"
+    prompts.write_text("a dog on a beach\na red car\n")
+    cfg = load_config(
+        REPO / "configs" / "t2i_mnist.yaml",
+        [
+            f"t2i.model={tiny_sd}",
+            *FAST,
+            f"t2i.replay_prompts={prompts}",
+            "t2i.forget_prompts=[a photo of brad pitt]",
+            "t2i.surrogate_prompt=a middle aged man",
+            "t2i.concept_words=[pitt]",
+            "t2i.concept_ablation=1.0",
+            "t2i.concept_ablation_batch=1",  # as configs/sd_*.yaml
+            "t2i.adversarial_every=1",
+            "t2i.adversarial_steps=1",
+            "t2i.adversarial_targets=2",
+            "t2i.adversarial_attack=token",
+        ],
+    )
+    report = run_text_to_image(cfg, tmp_path / "run")
+    assert report["adversarial_conditions"] == 2
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "forget")
+    image = pipe("a photo of brad pitt", num_inference_steps=2, output_type="pt").images  # type: ignore[operator]
+    assert torch.isfinite(image).all()
