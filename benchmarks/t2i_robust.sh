@@ -59,9 +59,11 @@ dev_runs() {
   run sa_lam12_all configs/t2i_mnist_robust.yaml t2i.concept_ablation=0   # session 6's config
   run sa_adv300 configs/t2i_mnist_robust.yaml t2i.concept_ablation=0 t2i.adversarial_steps=300 \
     t2i.adversarial_every=150                                               # the attack's budget
-  run sa configs/t2i_mnist_robust.yaml                                      # + concept ablation
+  run sa_ablate configs/t2i_mnist_robust.yaml t2i.adversarial_attack=both   # + concept ablation
+  run sa_abl3 configs/t2i_mnist_robust.yaml t2i.adversarial_attack=both t2i.concept_ablation=3.0
+  run sa configs/t2i_mnist_robust.yaml                                      # + the token adversary
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
-    sa_adv300 sa; do
+    sa_adv300 sa_ablate sa_abl3 sa; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
 }

@@ -32,7 +32,9 @@ DEV = {
     "sa_lam12_shares_both": "λ 12.8 + shares + discrete adversary",
     "sa_lam12_all": "λ 12.8 + shares + discrete adversary + unconditional replay (session 6's config)",
     "sa_adv300": "… + the adversary at the attack's budget (300 steps, every 150)",
-    "sa": "session 6's config + concept ablation (the config)",
+    "sa_ablate": "session 6's config + concept ablation",
+    "sa_abl3": "… with the ablation's weight 3",
+    "sa": "session 6's config + concept ablation + the token adversary (the config)",
 }
 
 
