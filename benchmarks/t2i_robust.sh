@@ -56,8 +56,8 @@ dev_runs() {
   run sa_lam12_shares configs/t2i_mnist_robust.yaml "${LAM[@]}" "t2i.condition_shares=[0.25,0.25,0.25,0.25]"
   run sa_lam12_shares_both configs/t2i_mnist_robust.yaml "${LAM[@]}" "t2i.condition_shares=[0.25,0.25,0.25,0.25]" \
     t2i.adversarial_attack=both
-  run sa_lam12_all configs/t2i_mnist_robust.yaml t2i.concept_ablation=0   # session 6's config
-  run sa_adv300 configs/t2i_mnist_robust.yaml t2i.concept_ablation=0 t2i.adversarial_steps=300 \
+  run sa_lam12_all configs/t2i_mnist_robust.yaml t2i.concept_ablation=0 t2i.adversarial_attack=both  # session 6's config
+  run sa_adv300 configs/t2i_mnist_robust.yaml t2i.concept_ablation=0 t2i.adversarial_attack=both t2i.adversarial_steps=300 \
     t2i.adversarial_every=150                                               # the attack's budget
   run sa_ablate configs/t2i_mnist_robust.yaml t2i.adversarial_attack=both   # + concept ablation
   run sa_abl3 configs/t2i_mnist_robust.yaml t2i.adversarial_attack=both t2i.concept_ablation=3.0
