@@ -15,6 +15,7 @@ METHODS = {
     "base": "θ* (no forgetting)",
     "sa_plain": "SA, the paper's recipe",
     "sa": "SA + defences (configs/t2i_mnist_robust.yaml)",
+    "sa_ablate": "SA + defences + concept ablation, without the token adversary",
     "sa_v2": "SA + defences, session 6 (no concept ablation)",
     "sa_v1": "SA + defences, first version (λ 25.6, uniform draw, soft-prompt adversary)",
     "esd_x": "ESD-x",
