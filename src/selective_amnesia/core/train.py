@@ -455,10 +455,8 @@ def forget(
 
     ``share`` (several processes, ``selective_amnesia.core.distributed``): every process draws each whole
     batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process
-    weights up to float rounding; process 0 writes the checkpoints. ``adversary`` (one process only) adds
-    forget conditions to ``concept`` while training; ``extra`` (one process only) is a further loss term of
-    the model, added to the forget term (``defences.ConceptAblation``).
-    """
+    weights up to float rounding; process 0 writes the checkpoints. One process only: ``adversary`` adds
+    forget conditions while training, ``extra`` adds a loss term to the forget term (ConceptAblation)."""
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
     if (adversary is not None or extra is not None) and share.several:
