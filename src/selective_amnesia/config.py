@@ -676,7 +676,22 @@ class TextToImageSection:
                 "set exactly one of t2i.surrogate_prompt (a prompt to remap to) or t2i.surrogate_path "
                 "(images)",
             )
-        from selective_amnesia.pipeline.t2i import read_prompts  # late: it imports this module
+        from selective_amnesia.core.defences import word_templates  # late: both import this module
+        from selective_amnesia.pipeline.t2i import read_prompts
+
+        group = self.groups()[0]  # the defences below run with one concept (checked when read)
+        _check(
+            self.concept_ablation == 0 or group.surrogate_prompt is not None,
+            "t2i.concept_ablation denoises as the surrogate prompt does: set t2i.surrogate_prompt, or "
+            "t2i.concept_ablation=0 with a surrogate folder",
+        )
+        _check(
+            not self.adversarial_every
+            or "token" not in ADVERSARIAL_ROUNDS[self.adversarial_attack]
+            or bool(word_templates(group.forget_prompts, group.concept_words)),
+            "t2i.adversarial_attack with token needs a forget prompt holding one of t2i.concept_words "
+            "(the learned token takes the word's place)",
+        )
 
         kept = [p for p in read_prompts(self.replay_prompts) if p not in self.forget_prompts]
         _check(

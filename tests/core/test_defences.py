@@ -375,6 +375,13 @@ def test_a_run_with_concept_ablation_trains_and_plain_runs_keep_their_key(
     for bad in ("t2i.concept_ablation=-1", "t2i.concept_ablation_batch=0"):
         with pytest.raises(AmnesiaError, match="concept_ablation"):
             load_config(None, [bad])
+    # a surrogate folder has no prompt to denoise as: refused before anything is generated
+    folder = _cfg(
+        tiny_world, "t2i.concept_ablation=1.0", "t2i.surrogate_prompt=null", f"t2i.surrogate_path={tmp_path}"
+    )
+    with pytest.raises(AmnesiaError, match="surrogate prompt"):
+        run_text_to_image(folder, tmp_path / "folder")  # type: ignore[arg-type]
+    assert not (tmp_path / "folder" / "replay").exists()
 
 
 def test_word_templates_put_the_slot_where_the_concept_word_was() -> None:

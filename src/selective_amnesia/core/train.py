@@ -460,7 +460,7 @@ def forget(
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
     if (adversary is not None or extra is not None) and share.several:
-        raise AmnesiaError("adversarial forget conditions run in one process only: drop the launcher")
+        raise AmnesiaError("the adversary and the concept ablation need one process: drop the launcher")
     torch.manual_seed(loop.seed)
     generator = torch.Generator().manual_seed(loop.seed)
     trainer = _forget_trainer(module, loop, generator, checkpoint_dir, key, share)

@@ -244,19 +244,16 @@ def _ablation(
     cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, concept: Concept, out: Path, share: Share
 ) -> ConceptAblation | None:
     """``t2i.concept_ablation``'s term (None when off), on the adversary's targets, toward the surrogate
-    prompt (a run with a surrogate folder has no prompt to denoise as)."""
+    prompt."""
     t = cfg.t2i
-    if not t.concept_ablation:
+    surrogate = t.groups()[0].surrogate_prompt  # one concept, with a prompt (TextToImageSection.check_ready)
+    if not t.concept_ablation or surrogate is None:
         return None
-    if t.surrogate_prompt is None:
-        raise AmnesiaError(
-            "t2i.concept_ablation needs t2i.surrogate_prompt (it denoises as that prompt does)"
-        )
     device = next(model.parameters()).device
     return ConceptAblation(
         concept_targets(cfg, base, out, share).to(device),
         concept,
-        int(model.prompt_ids([t.surrogate_prompt])[0]),
+        int(model.prompt_ids([surrogate])[0]),
         weight=t.concept_ablation,
         batch_size=t.concept_ablation_batch,
         reduction=cfg.forget.reduction,
@@ -271,6 +268,7 @@ def _adversary(
     t = cfg.t2i
     if not t.adversarial_every:
         return None
+    words = [w for g in t.groups() for w in g.concept_words]
     return Adversary(
         concept_targets(cfg, base, out, share),
         model.prompt_ids(t.forget_prompts).tolist(),
@@ -281,8 +279,8 @@ def _adversary(
         path=out / "adversarial.safetensors",
         attack=t.adversarial_attack,
         tokens=t.adversarial_tokens,
-        exclude=[w for g in t.groups() for w in g.concept_words],
-        templates=word_templates(t.forget_prompts, [w for g in t.groups() for w in g.concept_words]),
+        exclude=words,
+        templates=word_templates(t.forget_prompts, words),
     )
 
 
