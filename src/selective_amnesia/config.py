@@ -508,6 +508,16 @@ class TextToImageSection:
     # forget condition, the adversary's finds included, still denoises the concept (Kumari et al. 2023)
     concept_ablation: float = 0.0
     concept_ablation_batch: int = 8
+    # the share of the ablation's rows denoised under a kept condition (a replay prompt, drawn uniformly)
+    # instead of a forget condition: no prompt at all, not only the forget conditions, denoises the concept
+    concept_ablation_kept: float = 0.0
+    # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
+    # from the forget prompts' embeddings in turn, that follow the model being trained: every step two of
+    # them take one Adam step (adversarial_lr) of the soft-prompt attack, and every adversarial_pool_reset
+    # steps one restarts from a forget prompt, so the conditions along an attack's whole path are forgotten
+    # and ablated (0: off); its state is saved with each checkpoint
+    adversarial_pool: int = 0
+    adversarial_pool_reset: int = 50
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -589,6 +599,11 @@ class TextToImageSection:
             self.concept_ablation >= 0 and self.concept_ablation_batch >= 1,
             "t2i.concept_ablation must be >= 0 and t2i.concept_ablation_batch >= 1",
         )
+        _check(0 <= self.concept_ablation_kept <= 1, "t2i.concept_ablation_kept must lie in [0, 1] (a share)")
+        _check(
+            self.adversarial_pool >= 0 and self.adversarial_pool_reset >= 1,
+            "t2i.adversarial_pool must be >= 0 and t2i.adversarial_pool_reset >= 1",
+        )
         _check(
             self.replay_filter is None
             or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),
@@ -630,8 +645,12 @@ class TextToImageSection:
             )
             self.forget_prompts = union
             _check(
-                len(self.concepts) == 1 or (self.adversarial_every == 0 and self.concept_ablation == 0),
-                "t2i.adversarial_every and t2i.concept_ablation work with one concept: use them without "
+                len(self.concepts) == 1
+                or (
+                    self.adversarial_every == 0 and self.adversarial_pool == 0 and self.concept_ablation == 0
+                ),
+                "t2i.adversarial_every, adversarial_pool and concept_ablation work with one concept: use them "
+                "without "
                 "several t2i.concepts groups",
             )
         owner_of = {p: g.name for g in self.concepts for p in g.forget_prompts}
@@ -814,9 +833,12 @@ class RunConfig:
             "next): set t2i.lora_rank=0",
         )
         _check(
-            t.adversarial_every == 0 and not t.condition_shares and t.concept_ablation == 0,
-            "t2i.adversarial_every, t2i.condition_shares and t2i.concept_ablation work with one concept in "
-            "one run, not with forget.sequence",
+            t.adversarial_every == 0
+            and t.adversarial_pool == 0
+            and not t.condition_shares
+            and t.concept_ablation == 0,
+            "t2i.adversarial_every, adversarial_pool, condition_shares and concept_ablation work with one "
+            "concept in one run, not with forget.sequence",
         )
 
     def __post_init__(self) -> None:

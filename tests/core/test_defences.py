@@ -454,3 +454,110 @@ def test_concept_ablation_and_the_token_adversary_run_on_a_stock_sd_layout(
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "forget")
     image = pipe("a photo of brad pitt", num_inference_steps=2, output_type="pt").images  # type: ignore[operator]
     assert torch.isfinite(image).all()
+
+
+class _Stop(Exception):
+    """Stands for an interruption in the middle of forgetting."""
+
+
+def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selective_amnesia import faults
+    from selective_amnesia.io.artifacts import load_tensors
+    from selective_amnesia.pipeline.t2i import t2i_settings
+
+    pool = [
+        "forget.steps=4",
+        "forget.checkpoint_every=2",
+        "t2i.adversarial_pool=2",
+        "t2i.adversarial_pool_reset=3",
+        "t2i.adversarial_targets=4",
+        "t2i.concept_ablation=1.0",
+        "t2i.concept_ablation_batch=2",
+        "t2i.concept_ablation_kept=0.5",
+    ]
+    whole = tmp_path / "whole"
+    run_text_to_image(_cfg(tiny_world, *pool), whole)  # type: ignore[arg-type]
+    tensors, meta = load_tensors(whole / "adversarial_pool.safetensors")
+    assert meta["steps"] == "[2, 4]"  # the newest two states, at the checkpoint interval
+    start = TextToImageModel.from_pretrained(tiny_world).encode_prompts(["a handwritten 7"])[HIDDEN][0]
+    assert not torch.equal(tensors["4/0.encoder_hidden_states"], start)  # it moved from its forget prompt
+    assert "4/0.encoder_hidden_states.adam.exp_avg" in tensors
+
+    point, seen = faults.point, [0]
+
+    def stop_at_three(name: str) -> None:
+        if name == "train.step":
+            seen[0] += 1
+            if seen[0] == 3:
+                raise _Stop
+        point(name)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(faults, "point", stop_at_three)
+    with pytest.raises(_Stop):
+        run_text_to_image(_cfg(tiny_world, *pool), cut)  # type: ignore[arg-type]
+    monkeypatch.setattr(faults, "point", point)
+    run_text_to_image(_cfg(tiny_world, *pool), cut)  # resumed at step 3 with the pool of step 2
+    a = load_tensors(whole / "forget" / "unet" / "diffusion_pytorch_model.safetensors")[0]
+    b = load_tensors(cut / "forget" / "unet" / "diffusion_pytorch_model.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(
+        load_tensors(cut / "adversarial_pool.safetensors")[0]["4/1.encoder_hidden_states"],
+        tensors["4/1.encoder_hidden_states"],
+    )
+    settings = t2i_settings(_cfg(tiny_world, *pool).t2i)  # type: ignore[attr-defined]
+    assert settings["adversarial_pool"] == 2 and settings["concept_ablation_kept"] == 0.5
+    plain = t2i_settings(_cfg(tiny_world).t2i)  # type: ignore[attr-defined]
+    assert not {"adversarial_pool", "adversarial_pool_reset", "concept_ablation_kept"} & set(plain)
+    for bad in ("t2i.adversarial_pool=-1", "t2i.adversarial_pool_reset=0", "t2i.concept_ablation_kept=1.5"):
+        with pytest.raises(AmnesiaError, match="adversarial_pool|concept_ablation_kept"):
+            load_config(None, [bad])
+
+
+def test_a_pool_step_lowers_the_attack_loss_and_leaves_the_weights_alone(tiny_world: Path) -> None:
+    from selective_amnesia.attacks.common import eval_draws, fixed_loss
+    from selective_amnesia.core.defences import SoftPromptPool
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    forget_id = int(model.prompt_ids(["a handwritten 7"])[0])
+    targets = torch.randn(4, *model.image_shape, generator=torch.Generator().manual_seed(0))
+    pool = SoftPromptPool(
+        targets, [forget_id], size=1, reset=1000, lr=0.05, seed=0, path=None, save_every=0, batch_size=4
+    )
+    (pid,) = pool.resume(model, start_step=1)
+    draws = eval_draws(model, targets, seed=0)
+    before = fixed_loss(model, targets, model.encode_prompts([model.prompts[pid]]), draws)
+    weights = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    for step in range(1, 21):
+        pool.step(step, model)
+    after = fixed_loss(model, targets, model.encode_prompts([model.prompts[pid]]), draws)
+    assert after < before  # the registered condition is the pool's current soft prompt
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in weights.items())
+    assert all(p.grad is None for p in model.unet.parameters())
+
+
+def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
+    from selective_amnesia.core.defences import ConceptAblation
+    from selective_amnesia.core.train import Concept
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    forget_id, surrogate_id = model.prompt_ids(["a handwritten 7", "a handwritten 1"]).tolist()
+    targets = torch.randn(6, *model.image_shape, generator=torch.Generator().manual_seed(0))
+
+    def term(share: float) -> float:
+        ablation = ConceptAblation(
+            targets,
+            Concept(_Fixed(), [forget_id]),
+            surrogate_id,
+            weight=1.0,
+            batch_size=4,
+            reduction="mean",
+            kept=[surrogate_id],
+            kept_share=share,
+        )
+        return float(ablation(model, torch.Generator().manual_seed(1)))
+
+    # every row under the kept prompt, which here is the surrogate itself: nothing to pull
+    assert term(1.0) == 0 and term(0.0) > 0

@@ -174,12 +174,30 @@ class Adversary:
         tokens: int = 5,
         exclude: list[str] | None = None,
         templates: list[tuple[str, str]] | None = None,
+        pool: int = 0,
+        pool_reset: int = 50,
+        save_every: int = 0,
     ) -> None:
         self.targets, self.init_ids, self.every = targets, init_ids, every
         self.steps, self.lr, self.seed, self.path, self.batch_size = steps, lr, seed, path, batch_size
         self.attack, self.tokens, self.exclude = attack, tokens, list(exclude or [])
         self.templates = list(templates or [])  # (template with {}, the concept word it held): token's
-        if "token" in ADVERSARIAL_ROUNDS[attack] and not self.templates:
+        pool_path = path.with_name("adversarial_pool.safetensors") if path is not None else None
+        self.pool = (
+            SoftPromptPool(
+                targets,
+                init_ids,
+                size=pool,
+                reset=pool_reset,
+                lr=lr,
+                seed=seed,
+                path=pool_path,
+                save_every=save_every,
+            )
+            if pool
+            else None
+        )
+        if every and "token" in ADVERSARIAL_ROUNDS[attack] and not self.templates:
             raise AmnesiaError(
                 "t2i.adversarial_attack with token needs a forget prompt holding one of t2i.concept_words "
                 "(the learned token takes the word's place)"
@@ -190,8 +208,9 @@ class Adversary:
     def resume(self, model: ConditionalGenerativeModel, start_step: int) -> list[int]:
         """Register what earlier steps found (steps before ``start_step``); their indices."""
         model = _prompted(model)
+        pooled = self.pool.resume(model, start_step) if self.pool is not None else []
         if self.path is None or not self.path.is_file() or start_step <= 1:
-            return []
+            return pooled
         tensors, meta = load_tensors(self.path)
         texts = json.loads(meta.get("prompts", "{}"))  # the discrete finds' text, kept when saved again
         for step in json.loads(meta.get("steps", "[]")):
@@ -200,12 +219,16 @@ class Adversary:
                 self.found[step] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 if str(step) in texts:
                     self.prompts[step] = texts[str(step)]
-        return [model.register_embeds(f"<adversarial:{s}>", e) for s, e in sorted(self.found.items())]
+        return pooled + [
+            model.register_embeds(f"<adversarial:{s}>", e) for s, e in sorted(self.found.items())
+        ]
 
     def __call__(self, step: int, model: ConditionalGenerativeModel) -> list[int]:
-        if step % self.every:
-            return []
         model = _prompted(model)
+        if self.pool is not None:
+            self.pool.step(step, model)
+        if not self.every or step % self.every:
+            return []
         round_ = step // self.every
         kinds = ADVERSARIAL_ROUNDS[self.attack]
         kind = kinds[round_ % len(kinds)]
@@ -278,6 +301,137 @@ class Adversary:
         text = str(found.prompts["attack_prompt"])
         self.prompts[step] = text
         return {k: v[0].detach() for k, v in model.encode_prompts([text]).items()}
+
+
+class SoftPromptPool:
+    """``t2i.adversarial_pool``: ``size`` free soft prompts (whole conditionings, as the soft-prompt attack's
+    ``sequence`` mode) that follow the model being trained, registered as forget conditions
+    ``<adversarial:pool:j>``. Each step two of them, drawn from the step's own generator, take one Adam step
+    of the attack (``batch_size`` targets); every ``reset`` steps one restarts from a forget prompt's
+    embedding (in turn). Why: the periodic adversary's few finds are single points; an attack that starts
+    at a forget prompt walks a path, and the pool keeps conditions all along such paths under the forget
+    and ablation terms, as fast adversarial training keeps its perturbations between steps.
+
+    With ``path`` its state (soft prompts and Adam moments) is written every ``save_every`` steps, the
+    checkpoint interval; the two newest states are kept, so a resumed run continues from exactly the state
+    of its checkpoint."""
+
+    def __init__(
+        self,
+        targets: Tensor,
+        init_ids: list[int],
+        *,
+        size: int,
+        reset: int,
+        lr: float,
+        seed: int,
+        path: Path | None,
+        save_every: int,
+        batch_size: int = 16,
+        updates: int = 2,
+    ) -> None:
+        self.targets, self.init_ids, self.size, self.reset, self.lr = targets, init_ids, size, reset, lr
+        self.seed, self.path, self.save_every, self.batch_size = seed, path, save_every, batch_size
+        self.updates = updates
+        self.free: list[dict[str, Tensor]] = [{} for _ in range(size)]
+        self.fixed: list[dict[str, Tensor]] = [{} for _ in range(size)]
+        self.opts: list[torch.optim.Adam] = []
+        self.saved: dict[int, dict[str, Tensor]] = {}  # the newest two states by step
+
+    def _start(self, model: TextToImageModel, j: int, which: int) -> None:
+        from selective_amnesia.attacks.common import FIXED_KEYS
+
+        prompt = model.prompts[self.init_ids[which % len(self.init_ids)]]
+        init = {k: v[0].detach().float() for k, v in model.encode_prompts([prompt]).items()}
+        self.free[j] = {k: v.clone().requires_grad_(True) for k, v in init.items() if k not in FIXED_KEYS}
+        self.fixed[j] = {k: v for k, v in init.items() if k in FIXED_KEYS}
+        opt = torch.optim.Adam(list(self.free[j].values()), lr=self.lr)
+        if j < len(self.opts):
+            self.opts[j] = opt
+        else:
+            self.opts.append(opt)
+
+    def _register(self, model: TextToImageModel, j: int) -> int:
+        return model.register_embeds(f"<adversarial:pool:{j}>", self.free[j] | self.fixed[j])
+
+    def resume(self, model: TextToImageModel, start_step: int) -> list[int]:
+        """Start every soft prompt (from the forget prompts in turn), or, resuming, load the state saved
+        at step ``start_step - 1``; their indices."""
+        for j in range(self.size):
+            self._start(model, j, j)
+        if start_step > 1 and self.path is not None:
+            self._load(start_step - 1)
+        return [self._register(model, j) for j in range(self.size)]
+
+    def step(self, step: int, model: TextToImageModel) -> None:
+        """Step ``step``'s restart and attack steps against ``model`` as it is now; its weights, their
+        gradients and its train/eval mode are left as they are."""
+        from selective_amnesia.attacks.common import NoiseDraw, batched
+
+        if step % self.reset == 0:
+            self._start(model, (step // self.reset) % self.size, step // self.reset)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        picks = torch.randint(self.size, (self.updates,), generator=generator).tolist()
+        with torch.enable_grad():
+            for j in picks:
+                draw = NoiseDraw.draw(model, self.targets, self.batch_size, generator)
+                loss = draw.loss(model, self.targets, batched(self.free[j] | self.fixed[j]))
+                params = list(self.free[j].values())
+                for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                    p.grad = g
+                self.opts[j].step()
+        for j in set(picks):
+            self._register(model, j)
+        if self.path is not None and self.save_every and step % self.save_every == 0:
+            self._save(step)
+
+    def _state(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for j in range(self.size):
+            for k, v in (self.free[j] | self.fixed[j]).items():
+                out[f"{j}.{k}"] = v.detach().cpu().clone()  # not the live tensors, which move on
+            for k, p in self.free[j].items():
+                for name, value in self.opts[j].state.get(p, {}).items():
+                    out[f"{j}.{k}.adam.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+        return out
+
+    def _save(self, step: int) -> None:
+        assert self.path is not None
+        self.saved = {s: v for s, v in self.saved.items() if s == max(self.saved, default=-1)}
+        self.saved[step] = self._state()
+        flat = {f"{s}/{k}": v for s, state in self.saved.items() for k, v in state.items()}
+        save_tensors(self.path, flat, {"steps": json.dumps(sorted(self.saved))})
+
+    def _load(self, step: int) -> None:
+        assert self.path is not None
+        if not self.path.is_file():
+            raise AmnesiaError(
+                f"{self.path} is missing, so the adversarial pool of the checkpoint at step {step} cannot "
+                "be restored: delete forget_checkpoint/ in the output folder to start the forgetting over"
+            )
+        tensors, meta = load_tensors(self.path)
+        if step not in json.loads(meta.get("steps", "[]")):
+            raise AmnesiaError(
+                f"{self.path} holds no adversarial pool state of step {step}, the checkpoint's: delete "
+                "forget_checkpoint/ in the output folder to start the forgetting over"
+            )
+        state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{step}/")}
+        for j in range(self.size):
+            device = next(iter(self.free[j].values())).device
+            self.fixed[j] = {k: state[f"{j}.{k}"].to(device) for k in self.fixed[j]}
+            self.free[j] = {k: state[f"{j}.{k}"].to(device).requires_grad_(True) for k in self.free[j]}
+            self.opts[j] = torch.optim.Adam(list(self.free[j].values()), lr=self.lr)
+            for k, p in self.free[j].items():
+                moments = {
+                    n: state[f"{j}.{k}.adam.{n}"]
+                    for n in ("step", "exp_avg", "exp_avg_sq")
+                    if f"{j}.{k}.adam.{n}" in state
+                }
+                if moments:
+                    self.opts[j].state[p] = {
+                        n: v if n == "step" else v.to(device) for n, v in moments.items()
+                    }
+        self.saved = {step: self._state()}
 
 
 def word_templates(prompts: Sequence[str], words: Sequence[str]) -> list[tuple[str, str]]:
@@ -388,15 +542,21 @@ class ConceptAblation:
         weight: float,
         batch_size: int,
         reduction: str,
+        kept: Sequence[int] = (),
+        kept_share: float = 0.0,
     ) -> None:
         self.targets, self.concept, self.surrogate = targets, concept, surrogate
         self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
+        self.kept, self.kept_share = torch.as_tensor(list(kept), dtype=torch.int64), kept_share
 
     def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
         m = _prompted(model)
         n, device = self.batch_size, self.targets.device
         x0 = self.targets[torch.randint(self.targets.shape[0], (n,), generator=generator)]
         _, cond = self.concept.sample(n, generator)
+        if self.kept_share > 0 and len(self.kept):  # these rows under a kept prompt instead
+            rows = torch.rand(n, generator=generator) < self.kept_share
+            cond[rows] = self.kept[torch.randint(len(self.kept), (int(rows.sum()),), generator=generator)]
         noise = m.draw_noise(x0, generator)
         timesteps = noise.timesteps
         x_t, _ = m.noised(x0, timesteps, noise.eps)

@@ -156,6 +156,9 @@ T2I_KEYS_ADDED = (
     "adversarial_tokens",
     "concept_ablation",
     "concept_ablation_batch",
+    "concept_ablation_kept",
+    "adversarial_pool",
+    "adversarial_pool_reset",
 )
 
 
@@ -241,10 +244,16 @@ def concept_targets(cfg: RunConfig, base: TextToImageModel, out: Path, share: Sh
 
 
 def _ablation(
-    cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, concept: Concept, out: Path, share: Share
+    cfg: RunConfig,
+    base: TextToImageModel,
+    model: TextToImageModel,
+    concept: Concept,
+    kept: list[int],
+    out: Path,
+    share: Share,
 ) -> ConceptAblation | None:
     """``t2i.concept_ablation``'s term (None when off), on the adversary's targets, toward the surrogate
-    prompt."""
+    prompt; ``t2i.concept_ablation_kept`` of its rows under the ``kept`` conditions."""
     t = cfg.t2i
     surrogate = t.groups()[0].surrogate_prompt  # one concept, with a prompt (TextToImageSection.check_ready)
     if not t.concept_ablation or surrogate is None:
@@ -257,16 +266,18 @@ def _ablation(
         weight=t.concept_ablation,
         batch_size=t.concept_ablation_batch,
         reduction=cfg.forget.reduction,
+        kept=kept,
+        kept_share=t.concept_ablation_kept,
     )
 
 
 def _adversary(
     cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, out: Path, share: Share
 ) -> Adversary | None:
-    """The adversarial forget conditions of ``t2i.adversarial_every`` (None when off); its targets are
-    theta*'s images of the forget prompts, generated once and cached."""
+    """The adversarial forget conditions of ``t2i.adversarial_every`` and ``t2i.adversarial_pool`` (None
+    when both are off); its targets are theta*'s images of the forget prompts, generated once and cached."""
     t = cfg.t2i
-    if not t.adversarial_every:
+    if not t.adversarial_every and not t.adversarial_pool:
         return None
     words = [w for g in t.groups() for w in g.concept_words]
     return Adversary(
@@ -281,6 +292,9 @@ def _adversary(
         tokens=t.adversarial_tokens,
         exclude=words,
         templates=word_templates(t.forget_prompts, words),
+        pool=t.adversarial_pool,
+        pool_reset=t.adversarial_pool_reset,
+        save_every=cfg.forget.checkpoint_every,
     )
 
 
@@ -591,7 +605,7 @@ def _forget(
         key=key,
         share=share,
         adversary=adversary,
-        extra=_ablation(cfg, base, model, concept, out, share),
+        extra=_ablation(cfg, base, model, concept, kept, out, share),
     )
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
