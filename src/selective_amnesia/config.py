@@ -570,16 +570,7 @@ class TextToImageSection:
             "t2i.template_replay_words goes with t2i.augment_templates=true",
         )
         _check(self.template_replay_per_prompt >= 1, "t2i.template_replay_per_prompt must be >= 1")
-        _check(
-            self.adversarial_every >= 0 and self.adversarial_steps >= 1 and self.adversarial_targets >= 1,
-            "t2i.adversarial_every must be >= 0, adversarial_steps and adversarial_targets >= 1",
-        )
-        _check(self.adversarial_lr > 0, "t2i.adversarial_lr must be > 0")
-        _check(
-            self.adversarial_attack in ADVERSARIAL_ATTACKS,
-            f"t2i.adversarial_attack must be one of {ADVERSARIAL_ATTACKS}, got {self.adversarial_attack!r}",
-        )
-        _check(self.adversarial_tokens >= 1, "t2i.adversarial_tokens must be >= 1")
+        self._check_adversary()
         _check(
             not self.condition_shares
             or (
@@ -601,10 +592,6 @@ class TextToImageSection:
         )
         _check(0 <= self.concept_ablation_kept <= 1, "t2i.concept_ablation_kept must lie in [0, 1] (a share)")
         _check(
-            self.adversarial_pool >= 0 and self.adversarial_pool_reset >= 1,
-            "t2i.adversarial_pool must be >= 0 and t2i.adversarial_pool_reset >= 1",
-        )
-        _check(
             self.replay_filter is None
             or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),
             f"t2i.replay_filter must name a detector (digit:7, nudity, identity:module:attr), got "
@@ -615,6 +602,23 @@ class TextToImageSection:
         _check(
             (self.embedding_copies > 0) == (self.embedding_noise > 0),
             "set t2i.embedding_copies and t2i.embedding_noise together (both > 0, or both 0)",
+        )
+
+    def _check_adversary(self) -> None:
+        """The adversarial forget conditions' settings (the periodic adversary and the pool)."""
+        _check(
+            self.adversarial_every >= 0 and self.adversarial_steps >= 1 and self.adversarial_targets >= 1,
+            "t2i.adversarial_every must be >= 0, adversarial_steps and adversarial_targets >= 1",
+        )
+        _check(self.adversarial_lr > 0, "t2i.adversarial_lr must be > 0")
+        _check(
+            self.adversarial_attack in ADVERSARIAL_ATTACKS,
+            f"t2i.adversarial_attack must be one of {ADVERSARIAL_ATTACKS}, got {self.adversarial_attack!r}",
+        )
+        _check(self.adversarial_tokens >= 1, "t2i.adversarial_tokens must be >= 1")
+        _check(
+            self.adversarial_pool >= 0 and self.adversarial_pool_reset >= 1,
+            "t2i.adversarial_pool must be >= 0 and t2i.adversarial_pool_reset >= 1",
         )
 
     def _check_concepts(self) -> None:
@@ -649,9 +653,8 @@ class TextToImageSection:
                 or (
                     self.adversarial_every == 0 and self.adversarial_pool == 0 and self.concept_ablation == 0
                 ),
-                "t2i.adversarial_every, adversarial_pool and concept_ablation work with one concept: use them "
-                "without "
-                "several t2i.concepts groups",
+                "t2i.adversarial_every, adversarial_pool and concept_ablation work with one concept: use "
+                "them without several t2i.concepts groups",
             )
         owner_of = {p: g.name for g in self.concepts for p in g.forget_prompts}
         for g in self.concepts:

@@ -144,6 +144,9 @@ def test_single_concept_settings_are_unchanged() -> None:
         "adversarial_tokens",
         "concept_ablation",
         "concept_ablation_batch",
+        "concept_ablation_kept",
+        "adversarial_pool",
+        "adversarial_pool_reset",
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings
