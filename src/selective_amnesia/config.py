@@ -511,6 +511,8 @@ class TextToImageSection:
     # the share of the ablation's rows denoised under a kept condition (a replay prompt, drawn uniformly)
     # instead of a forget condition: no prompt at all, not only the forget conditions, denoises the concept
     concept_ablation_kept: float = 0.0
+    # the share of its rows denoised under the adversarial pool's soft prompts (needs adversarial_pool)
+    concept_ablation_pool: float = 0.0
     # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
     # from the forget prompts' embeddings in turn, that follow the model being trained: every step two of
     # them take one Adam step (adversarial_lr) of the soft-prompt attack, and every adversarial_pool_reset
@@ -590,7 +592,15 @@ class TextToImageSection:
             self.concept_ablation >= 0 and self.concept_ablation_batch >= 1,
             "t2i.concept_ablation must be >= 0 and t2i.concept_ablation_batch >= 1",
         )
-        _check(0 <= self.concept_ablation_kept <= 1, "t2i.concept_ablation_kept must lie in [0, 1] (a share)")
+        _check(
+            min(self.concept_ablation_kept, self.concept_ablation_pool) >= 0
+            and self.concept_ablation_kept + self.concept_ablation_pool <= 1,
+            "t2i.concept_ablation_kept and concept_ablation_pool are shares: each >= 0, together <= 1",
+        )
+        _check(
+            not self.concept_ablation_pool or self.adversarial_pool > 0,
+            "t2i.concept_ablation_pool draws from the adversarial pool: set t2i.adversarial_pool too",
+        )
         _check(
             self.replay_filter is None
             or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),

@@ -476,6 +476,7 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
         "t2i.concept_ablation=1.0",
         "t2i.concept_ablation_batch=2",
         "t2i.concept_ablation_kept=0.5",
+        "t2i.concept_ablation_pool=0.25",
     ]
     whole = tmp_path / "whole"
     run_text_to_image(_cfg(tiny_world, *pool), whole)  # type: ignore[arg-type]
@@ -546,7 +547,7 @@ def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
     forget_id, surrogate_id = model.prompt_ids(["a handwritten 7", "a handwritten 1"]).tolist()
     targets = torch.randn(6, *model.image_shape, generator=torch.Generator().manual_seed(0))
 
-    def term(share: float) -> float:
+    def term(kept: float, pool: float = 0.0) -> float:
         ablation = ConceptAblation(
             targets,
             Concept(_Fixed(), [forget_id]),
@@ -555,9 +556,12 @@ def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
             batch_size=4,
             reduction="mean",
             kept=[surrogate_id],
-            kept_share=share,
+            kept_share=kept,
+            pool=[surrogate_id],
+            pool_share=pool,
         )
         return float(ablation(model, torch.Generator().manual_seed(1)))
 
-    # every row under the kept prompt, which here is the surrogate itself: nothing to pull
-    assert term(1.0) == 0 and term(0.0) > 0
+    # every row under the kept prompt (or the pool's), which here is the surrogate itself: nothing to pull
+    assert term(1.0) == 0 and term(0.0, 1.0) == 0 and term(0.5, 0.5) == 0
+    assert term(0.0) > 0 and term(0.5) > 0

@@ -337,6 +337,7 @@ class SoftPromptPool:
         self.fixed: list[dict[str, Tensor]] = [{} for _ in range(size)]
         self.opts: list[torch.optim.Adam] = []
         self.saved: dict[int, dict[str, Tensor]] = {}  # the newest two states by step
+        self.ids: list[int] = []  # their conditions' indices, once registered (resume)
 
     def _start(self, model: TextToImageModel, j: int, which: int) -> None:
         from selective_amnesia.attacks.common import FIXED_KEYS
@@ -361,7 +362,8 @@ class SoftPromptPool:
             self._start(model, j, j)
         if start_step > 1 and self.path is not None:
             self._load(start_step - 1)
-        return [self._register(model, j) for j in range(self.size)]
+        self.ids[:] = [self._register(model, j) for j in range(self.size)]
+        return list(self.ids)
 
     def step(self, step: int, model: TextToImageModel) -> None:
         """Step ``step``'s restart and attack steps against ``model`` as it is now; its weights, their
@@ -544,19 +546,30 @@ class ConceptAblation:
         reduction: str,
         kept: Sequence[int] = (),
         kept_share: float = 0.0,
+        pool: Sequence[int] = (),
+        pool_share: float = 0.0,
     ) -> None:
         self.targets, self.concept, self.surrogate = targets, concept, surrogate
         self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
         self.kept, self.kept_share = torch.as_tensor(list(kept), dtype=torch.int64), kept_share
+        self.pool, self.pool_share = pool, pool_share  # the pool's ids: filled when the run registers it
 
     def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
         m = _prompted(model)
         n, device = self.batch_size, self.targets.device
         x0 = self.targets[torch.randint(self.targets.shape[0], (n,), generator=generator)]
         _, cond = self.concept.sample(n, generator)
-        if self.kept_share > 0 and len(self.kept):  # these rows under a kept prompt instead
-            rows = torch.rand(n, generator=generator) < self.kept_share
-            cond[rows] = self.kept[torch.randint(len(self.kept), (int(rows.sum()),), generator=generator)]
+        if self.kept_share > 0 or self.pool_share > 0:  # these rows under a kept prompt or a pool's instead
+            u = torch.rand(n, generator=generator)
+            for pick, rows in (
+                (self.kept, u < self.kept_share),
+                (
+                    torch.as_tensor(list(self.pool), dtype=torch.int64),
+                    (u >= self.kept_share) & (u < self.kept_share + self.pool_share),
+                ),
+            ):
+                if len(pick) and bool(rows.any()):
+                    cond[rows] = pick[torch.randint(len(pick), (int(rows.sum()),), generator=generator)]
         noise = m.draw_noise(x0, generator)
         timesteps = noise.timesteps
         x_t, _ = m.noised(x0, timesteps, noise.eps)

@@ -159,6 +159,7 @@ T2I_KEYS_ADDED = (
     "concept_ablation_kept",
     "adversarial_pool",
     "adversarial_pool_reset",
+    "concept_ablation_pool",
 )
 
 
@@ -249,6 +250,7 @@ def _ablation(
     model: TextToImageModel,
     concept: Concept,
     kept: list[int],
+    adversary: Adversary | None,
     out: Path,
     share: Share,
 ) -> ConceptAblation | None:
@@ -268,6 +270,8 @@ def _ablation(
         reduction=cfg.forget.reduction,
         kept=kept,
         kept_share=t.concept_ablation_kept,
+        pool=adversary.pool.ids if adversary is not None and adversary.pool is not None else [],
+        pool_share=t.concept_ablation_pool,
     )
 
 
@@ -605,7 +609,7 @@ def _forget(
         key=key,
         share=share,
         adversary=adversary,
-        extra=_ablation(cfg, base, model, concept, kept, out, share),
+        extra=_ablation(cfg, base, model, concept, kept, adversary, out, share),
     )
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
