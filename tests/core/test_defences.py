@@ -553,7 +553,7 @@ def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
             Concept(_Fixed(), [forget_id]),
             surrogate_id,
             weight=1.0,
-            batch_size=4,
+            batch_size=16,
             reduction="mean",
             kept=[surrogate_id],
             kept_share=kept,
