@@ -560,7 +560,7 @@ class ConceptAblation:
         x0 = self.targets[torch.randint(self.targets.shape[0], (n,), generator=generator)]
         _, cond = self.concept.sample(n, generator)
         if self.kept_share > 0 or self.pool_share > 0:  # these rows under a kept prompt or a pool's instead
-            u = torch.rand(n, generator=generator)
+            u, cond = torch.rand(n, generator=generator), cond.clone()  # one condition: an expanded view
             for pick, rows in (
                 (self.kept, u < self.kept_share),
                 (
