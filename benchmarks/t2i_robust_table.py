@@ -36,6 +36,13 @@ DEV = {
     "sa_ablate": "session 6's config + concept ablation",
     "sa_abl3": "… with the ablation's weight 3",
     "sa": "session 6's config + concept ablation + the token adversary (the config)",
+    # session 8: the free soft prompt (docs/robustness.md), each from the config
+    "sa_pool25": "the config + an adversarial pool of 8 soft prompts + a quarter of the ablation kept",
+    "sa_pool50": "… with half under kept prompts",
+    "sa_poolab": "the config + the pool, half the ablation's rows under it",
+    "sa_poolab_kept": "… + a quarter under kept prompts",
+    "sa_pool_lam3": "the pool, half + a quarter under kept prompts, at λ 3.2",
+    "probe_kept25_1500": "probe: the config's model + 1,500 steps of pool ablation, no anchor",
 }
 
 
