@@ -62,8 +62,21 @@ dev_runs() {
   run sa_ablate configs/t2i_mnist_robust.yaml t2i.adversarial_attack=both   # + concept ablation
   run sa_abl3 configs/t2i_mnist_robust.yaml t2i.adversarial_attack=both t2i.concept_ablation=3.0
   run sa configs/t2i_mnist_robust.yaml                                      # + the token adversary
+  # session 8, against the free soft prompt: each the config + the named switches
+  POOL=(t2i.adversarial_pool=8)
+  run sa_pool25 configs/t2i_mnist_robust.yaml "${POOL[@]}" t2i.concept_ablation_kept=0.25
+  run sa_pool50 configs/t2i_mnist_robust.yaml "${POOL[@]}" t2i.concept_ablation_kept=0.5
+  run sa_poolab configs/t2i_mnist_robust.yaml "${POOL[@]}" t2i.concept_ablation_pool=0.5
+  run sa_poolab_kept configs/t2i_mnist_robust.yaml "${POOL[@]}" t2i.concept_ablation_pool=0.5 t2i.concept_ablation_kept=0.25
+  run sa_pool_lam3 configs/t2i_mnist_robust.yaml "${POOL[@]}" t2i.concept_ablation_pool=0.5 t2i.concept_ablation_kept=0.25 \
+    forget.ewc_lambda=3.2
+  run sa_pool_lam16 configs/t2i_mnist_robust.yaml "${POOL[@]}" t2i.concept_ablation_pool=0.5 t2i.concept_ablation_kept=0.25 \
+    forget.ewc_lambda=1.6
+  [ -d "$R/probe_kept25_1500" ] || $PY benchmarks/t2i_pool_probe.py --run "$R/sa" --out "$R/probe_kept25_1500" \
+    --steps 1500 --kept-share 0.25                                         # no anchor: a probe
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
-    sa_adv300 sa_ablate sa_abl3 sa; do
+    sa_adv300 sa_ablate sa_abl3 sa sa_pool25 sa_pool50 sa_poolab sa_poolab_kept sa_pool_lam3 sa_pool_lam16 \
+    probe_kept25_1500; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
 }

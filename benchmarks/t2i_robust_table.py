@@ -42,6 +42,7 @@ DEV = {
     "sa_poolab": "the config + the pool, half the ablation's rows under it",
     "sa_poolab_kept": "… + a quarter under kept prompts",
     "sa_pool_lam3": "the pool, half + a quarter under kept prompts, at λ 3.2",
+    "sa_pool_lam16": "… at λ 1.6",
     "probe_kept25_1500": "probe: the config's model + 1,500 steps of pool ablation, no anchor",
 }
 
