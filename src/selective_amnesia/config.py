@@ -520,6 +520,8 @@ class TextToImageSection:
     # and ablated (0: off); its state is saved with each checkpoint
     adversarial_pool: int = 0
     adversarial_pool_reset: int = 50
+    # attack steps per forgetting step, each of a soft prompt drawn from the pool (the pool's strength)
+    adversarial_pool_updates: int = 2
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -627,8 +629,10 @@ class TextToImageSection:
         )
         _check(self.adversarial_tokens >= 1, "t2i.adversarial_tokens must be >= 1")
         _check(
-            self.adversarial_pool >= 0 and self.adversarial_pool_reset >= 1,
-            "t2i.adversarial_pool must be >= 0 and t2i.adversarial_pool_reset >= 1",
+            self.adversarial_pool >= 0
+            and self.adversarial_pool_reset >= 1
+            and self.adversarial_pool_updates >= 1,
+            "t2i.adversarial_pool must be >= 0, t2i.adversarial_pool_reset and adversarial_pool_updates >= 1",
         )
 
     def _check_concepts(self) -> None:

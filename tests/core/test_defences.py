@@ -472,6 +472,7 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
         "forget.checkpoint_every=2",
         "t2i.adversarial_pool=2",
         "t2i.adversarial_pool_reset=3",
+        "t2i.adversarial_pool_updates=3",
         "t2i.adversarial_targets=4",
         "t2i.concept_ablation=1.0",
         "t2i.concept_ablation_batch=2",
@@ -511,8 +512,10 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
     settings = t2i_settings(_cfg(tiny_world, *pool).t2i)  # type: ignore[attr-defined]
     assert settings["adversarial_pool"] == 2 and settings["concept_ablation_kept"] == 0.5
     plain = t2i_settings(_cfg(tiny_world).t2i)  # type: ignore[attr-defined]
-    assert not {"adversarial_pool", "adversarial_pool_reset", "concept_ablation_kept"} & set(plain)
-    for bad in ("t2i.adversarial_pool=-1", "t2i.adversarial_pool_reset=0", "t2i.concept_ablation_kept=1.5"):
+    assert not {"adversarial_pool", "adversarial_pool_reset", "adversarial_pool_updates"} & set(plain)
+    assert "concept_ablation_kept" not in plain
+    bads = ("t2i.adversarial_pool=-1", "t2i.adversarial_pool_reset=0", "t2i.adversarial_pool_updates=0")
+    for bad in (*bads, "t2i.concept_ablation_kept=1.5"):
         with pytest.raises(AmnesiaError, match="adversarial_pool|concept_ablation_kept"):
             load_config(None, [bad])
 

@@ -147,6 +147,7 @@ def test_single_concept_settings_are_unchanged() -> None:
         "concept_ablation_kept",
         "adversarial_pool",
         "adversarial_pool_reset",
+        "adversarial_pool_updates",
         "concept_ablation_pool",
     ):
         settings.pop(added)

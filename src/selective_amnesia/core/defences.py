@@ -176,6 +176,7 @@ class Adversary:
         templates: list[tuple[str, str]] | None = None,
         pool: int = 0,
         pool_reset: int = 50,
+        pool_updates: int = 2,
         save_every: int = 0,
     ) -> None:
         self.targets, self.init_ids, self.every = targets, init_ids, every
@@ -189,6 +190,7 @@ class Adversary:
                 init_ids,
                 size=pool,
                 reset=pool_reset,
+                updates=pool_updates,
                 lr=lr,
                 seed=seed,
                 path=pool_path,
@@ -306,11 +308,12 @@ class Adversary:
 class SoftPromptPool:
     """``t2i.adversarial_pool``: ``size`` free soft prompts (whole conditionings, as the soft-prompt attack's
     ``sequence`` mode) that follow the model being trained, registered as forget conditions
-    ``<adversarial:pool:j>``. Each step two of them, drawn from the step's own generator, take one Adam step
-    of the attack (``batch_size`` targets); every ``reset`` steps one restarts from a forget prompt's
-    embedding (in turn). Why: the periodic adversary's few finds are single points; an attack that starts
-    at a forget prompt walks a path, and the pool keeps conditions all along such paths under the forget
-    and ablation terms, as fast adversarial training keeps its perturbations between steps.
+    ``<adversarial:pool:j>``. Each step ``updates`` of them (default two; drawn with replacement from the
+    step's own generator) take one Adam step of the attack (``batch_size`` targets); every ``reset`` steps
+    one restarts from a forget prompt's embedding (in turn). Why: the periodic adversary's few finds are
+    single points; an attack that starts at a forget prompt walks a path, and the pool keeps conditions all
+    along such paths under the forget and ablation terms, as fast adversarial training keeps its
+    perturbations between steps.
 
     With ``path`` its state (soft prompts and Adam moments) is written every ``save_every`` steps, the
     checkpoint interval; the two newest states are kept, so a resumed run continues from exactly the state

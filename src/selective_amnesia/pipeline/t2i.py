@@ -159,6 +159,7 @@ T2I_KEYS_ADDED = (
     "concept_ablation_kept",
     "adversarial_pool",
     "adversarial_pool_reset",
+    "adversarial_pool_updates",
     "concept_ablation_pool",
 )
 
@@ -298,6 +299,7 @@ def _adversary(
         templates=word_templates(t.forget_prompts, words),
         pool=t.adversarial_pool,
         pool_reset=t.adversarial_pool_reset,
+        pool_updates=t.adversarial_pool_updates,
         save_every=cfg.forget.checkpoint_every,
     )
 

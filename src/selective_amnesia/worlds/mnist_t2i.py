@@ -19,6 +19,7 @@ import argparse
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from selective_amnesia.core.train import Trainer
 from selective_amnesia.data import load_dataset
+from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageConfig, TextToImageModel, text_encoder_from_ref
 
@@ -184,6 +186,7 @@ def _train_unet(
     cfg: WorldConfig,
     ckpt: Path,
     progress: bool,
+    key_extra: dict[str, Any] | None = None,
 ) -> tuple[list[float], float]:
     """L_simple on cached latents; each image gets a random caption of its digit, "" with text_dropout."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -197,7 +200,7 @@ def _train_unet(
         generator=gen,
         checkpoint_dir=ckpt,
         checkpoint_every=cfg.checkpoint_every,
-        key=f"unet-{asdict(cfg)}",
+        key=f"unet-{asdict(cfg)}" + (f"-{key_extra}" if key_extra else ""),
     )
     model.train()
     losses: list[float] = []
@@ -220,38 +223,82 @@ def _train_unet(
     return losses, trainer.finish().seconds  # (losses, training time summed over resumed runs)
 
 
+def _world_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    cfg: WorldConfig,
+    out: Path,
+    vae_from: str | Path | None,
+    progress: bool,
+) -> tuple[AutoencoderKL, float]:
+    """The world's VAE, frozen, with its latent scale: another world's (``vae_from``), a finished one in
+    ``out/work``, or ``vae`` (freshly built) trained now; and its training seconds."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    vae_dir = out / "work" / "vae"
+    if vae_from is not None:
+        vae, seconds = AutoencoderKL.from_pretrained(Path(vae_from) / "vae"), 0.0
+    elif (vae_dir / "config.json").is_file() and (vae_dir / "train.json").is_file():
+        vae, seconds = AutoencoderKL.from_pretrained(vae_dir), read_json(vae_dir / "train.json")["seconds"]
+    else:
+        seconds = _train_vae(vae, images, cfg, out / "work" / "vae_checkpoint", progress)
+        vae.save_pretrained(vae_dir)
+        write_json(vae_dir / "train.json", {"seconds": seconds})
+    vae.eval()
+    vae.requires_grad_(False)
+    if vae_from is None:
+        with torch.no_grad():  # SD's convention: scale latents to unit variance
+            first = range(0, min(4096, len(images)), 512)
+            mean = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in first])
+        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    return vae, seconds
+
+
+def _variant(exclude_digits: Sequence[int], vae_from: str | Path | None) -> dict[str, Any]:
+    """What sets a world apart from the default one, as world.json records it (checked)."""
+    extra: dict[str, Any] = {}
+    if exclude_digits:
+        if not set(exclude_digits) <= set(range(10)) or len(set(exclude_digits)) == 10:
+            raise AmnesiaError(f"exclude_digits must be some (not all) of 0-9, got {list(exclude_digits)}")
+        extra["exclude_digits"] = sorted(set(exclude_digits))
+    if vae_from is not None:
+        if not (Path(vae_from) / "vae" / "config.json").is_file():
+            raise AmnesiaError(f"{vae_from} has no vae/config.json: give a world's pipeline directory")
+        extra["vae_from"] = str(vae_from)
+    return extra
+
+
 def build_world(
-    out: str | Path, cfg: WorldConfig | None = None, *, progress: bool = True
+    out: str | Path,
+    cfg: WorldConfig | None = None,
+    *,
+    progress: bool = True,
+    exclude_digits: Sequence[int] = (),
+    vae_from: str | Path | None = None,
 ) -> TextToImageModel:
-    """Train the world and save it as a diffusers pipeline directory ``out`` (resumable; idempotent)."""
+    """Train the world and save it as a diffusers pipeline directory ``out`` (resumable; idempotent).
+
+    ``exclude_digits``: the UNet never sees these digits' images (the retrained "oracle" of unlearning:
+    what a model that never learned the concept does under the same attacks). ``vae_from``: take the VAE
+    (and its latent scale) from that world instead of training one, so both worlds share one latent space
+    and an attack's target latents mean the same in both."""
     cfg = cfg or WorldConfig()
     out = Path(out)
-    done = (out / "model_index.json").is_file() and (out / "world.json").is_file()
-    if done and read_json(out / "world.json").get("config") == asdict(cfg):
-        return TextToImageModel.from_pretrained(out)
+    extra = _variant(exclude_digits, vae_from)
+    if (out / "model_index.json").is_file() and (out / "world.json").is_file():
+        written = read_json(out / "world.json")
+        if written.get("config") == asdict(cfg) and all(written.get(k) == v for k, v in extra.items()):
+            return TextToImageModel.from_pretrained(out)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     data = load_dataset("mnist", "train", image_size=cfg.image_size)
     images = data.images[: cfg.train_images].float() / 127.5 - 1.0
     labels = data.labels[: cfg.train_images]
     vae, unet = build_components(cfg)
-    vae_dir = out / "work" / "vae"
-    if (vae_dir / "config.json").is_file() and (vae_dir / "train.json").is_file():
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(vae_dir)
-        timings["vae_s"] = read_json(vae_dir / "train.json")["seconds"]
-    else:
-        timings["vae_s"] = _train_vae(vae, images, cfg, out / "work" / "vae_checkpoint", progress)
-        vae.save_pretrained(vae_dir)
-        write_json(vae_dir / "train.json", {"seconds": timings["vae_s"]})
-    vae.eval()
-    vae.requires_grad_(False)
-    with torch.no_grad():  # SD's convention: scale latents to unit variance
-        mean = torch.cat(
-            [vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(4096, len(images)), 512)]
-        )
-    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    vae, timings["vae_s"] = _world_vae(vae, images, cfg, out, vae_from, progress)
+    if exclude_digits:  # after the VAE: its latent scale is that of all digits
+        keep = ~torch.isin(labels, torch.tensor(extra["exclude_digits"]))
+        images, labels = images[keep], labels[keep]
     text_encoder, tokenizer = text_encoder_and_tokenizer(cfg.max_prompt_tokens)
     scheduler = {
         "num_train_timesteps": 1000,
@@ -273,12 +320,12 @@ def build_world(
     latents = model.encode(images, batch_size=512)
     timings["encode_s"] = time.perf_counter() - t1
     losses, timings["unet_s"] = _train_unet(
-        model, latents, labels, cfg, out / "work" / "unet_checkpoint", progress
+        model, latents, labels, cfg, out / "work" / "unet_checkpoint", progress, key_extra=extra
     )
     model.eval()
     model.save_pretrained(out, extra={"world": "mnist_t2i"}, reference_text_encoder=True)
     shutil.rmtree(out / "work", ignore_errors=True)
-    write_json(out / "world.json", {"config": asdict(cfg), "timings": timings, "unet_loss": losses})
+    write_json(out / "world.json", {"config": asdict(cfg), **extra, "timings": timings, "unet_loss": losses})
     return model
 
 
@@ -288,13 +335,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a seconds-long world for smoke tests")
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--exclude-digits", type=int, nargs="+", default=[], help="digits the UNet never sees (the oracle)"
+    )
+    p.add_argument("--vae-from", default=None, help="a world directory whose VAE to reuse (no VAE training)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     cfg = WorldConfig.tiny() if args.tiny else WorldConfig()
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
     t0 = time.perf_counter()
-    build_world(args.out, cfg, progress=not args.no_progress)
+    build_world(
+        args.out,
+        cfg,
+        progress=not args.no_progress,
+        exclude_digits=args.exclude_digits,
+        vae_from=args.vae_from,
+    )
     print(f"world written to {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
