@@ -102,7 +102,11 @@ def replay_movement(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the world's pipeline directory (theta*)")
-    p.add_argument("--run", required=True, help="a run directory (forget/ and report.json), or 'base'")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="a run directory (forget/, report.json), 'base', or a world's pipeline directory (the oracle)",
+    )
     p.add_argument("--name", required=True, help="the entry: sa, sa_plain, esd_x, esd_u, uce, base, ...")
     p.add_argument("--out", required=True)
     p.add_argument("--split", choices=["dev", "test"], required=True)
@@ -117,6 +121,10 @@ def main() -> int:
     base = TextToImageModel.from_pretrained(args.base)
     if args.run == "base":
         model, report = base, {"forget_prompts": captions(SEVEN)[:4], "timings": {}}
+    elif is_pipeline(args.run):  # another world, e.g. retrained without sevens: its build time
+        model = TextToImageModel.from_pretrained(args.run)
+        timings = read_json(Path(args.run) / "world.json").get("timings", {})
+        report = {"forget_prompts": captions(SEVEN)[:4], "timings": {"total_s": sum(timings.values())}}
     else:
         model = TextToImageModel.from_pretrained(Path(args.run) / "forget")
         report = read_json(Path(args.run) / "report.json")
@@ -160,9 +168,19 @@ def merge(path: Path, args: argparse.Namespace, entry: dict[str, Any]) -> None:
     write_json(path, result)
 
 
+def is_pipeline(path: str) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
 def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     """The attacks through the real `amnesia attack` command; their outputs go to --out/attacks/NAME/."""
-    model = args.base if args.run == "base" else str(Path(args.run) / "forget")
+    model = (
+        args.base
+        if args.run == "base"
+        else args.run
+        if is_pipeline(args.run)
+        else str(Path(args.run) / "forget")
+    )
     seed = args.seed if args.attack_seed is None else args.attack_seed  # tune at one seed, report another
     common = ["--model", model, "--detector", "digit:7", "--seed", str(seed), "--no-progress"]
     if args.judges_cache:
