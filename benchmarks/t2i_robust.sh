@@ -11,7 +11,8 @@
 #
 # Two jobs at a time, one thread each (this 2-core machine). The world comes from
 # `python -m selective_amnesia.worlds.mnist_t2i --out runs/t2i_world` (WORLD=... to use another); the
-# judges are the MNIST classifiers of `amnesia run` (JUDGES=... names their cache). The SA runs share the
+# judges are the MNIST classifiers of `amnesia run` (JUDGES=... names their cache). The oracle (the world's
+# UNet retrained without sevens, ~1 h) goes to ORACLE (default runs/t2i_world_no7). The SA runs share the
 # first run's Fisher and generated sets (copied in; each is reused only if its cache key matches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,11 +75,24 @@ dev_runs() {
     forget.ewc_lambda=1.6
   [ -d "$R/probe_kept25_1500" ] || $PY benchmarks/t2i_pool_probe.py --run "$R/sa" --out "$R/probe_kept25_1500" \
     --steps 1500 --kept-share 0.25                                         # no anchor: a probe
+  # session 9: the pool at three times its attack steps
+  STRONG=(t2i.adversarial_pool=8 t2i.adversarial_pool_updates=6 t2i.adversarial_pool_reset=150 t2i.concept_ablation_pool=0.5)
+  run sa_strong configs/t2i_mnist_robust.yaml "${STRONG[@]}" t2i.concept_ablation_kept=0.25 forget.ewc_lambda=3.2
+  run sa_strong_nokept configs/t2i_mnist_robust.yaml "${STRONG[@]}" forget.ewc_lambda=3.2
+  run sa_strong_lam12 configs/t2i_mnist_robust.yaml "${STRONG[@]}"
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
     sa_adv300 sa_ablate sa_abl3 sa sa_pool25 sa_pool50 sa_poolab sa_poolab_kept sa_pool_lam3 sa_pool_lam16 \
-    probe_kept25_1500; do
+    probe_kept25_1500 sa_strong sa_strong_nokept sa_strong_lam12; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
+  oracle dev 50 0
+}
+
+oracle() {  # split per-group [attack-seed]: the world retrained without sevens (same VAE), judged as a run
+  local dir=${ORACLE:-runs/t2i_world_no7}
+  $PY -m selective_amnesia.worlds.mnist_t2i --out "$dir" --exclude-digits 7 --vae-from "$WORLD" --no-progress
+  $PY benchmarks/t2i_robust.py --base "$WORLD" --run "$dir" --name oracle_no7 --split "$1" --per-group "$2" \
+    --out "$OUT" --judges-cache "$JUDGES" --attacks soft-prompt,discrete,token ${3:+--attack-seed "$3"}
 }
 
 case "${1:-}" in
@@ -93,7 +107,8 @@ case "${1:-}" in
       run esd_x configs/t2i_mnist_esd_x.yaml
       judge esd_x test 200 soft-prompt,discrete,token
       run esd_u configs/t2i_mnist_esd_u.yaml
-      judge esd_u test 200 soft-prompt,discrete,token ) &
+      judge esd_u test 200 soft-prompt,discrete,token
+      oracle test 200 ) &
     wait
     dev_runs ;;
   dev) dev_runs ;;

@@ -21,6 +21,7 @@ METHODS = {
     "esd_x": "ESD-x",
     "esd_u": "ESD-u",
     "uce": "UCE",
+    "oracle_no7": "retrained without sevens (the oracle: its UNet never saw a 7; wall time = training)",
 }
 # the development runs (benchmarks/t2i_robust.sh dev_runs), each one change from the one before
 DEV = {
@@ -44,6 +45,11 @@ DEV = {
     "sa_pool_lam3": "the pool, half + a quarter under kept prompts, at λ 3.2",
     "sa_pool_lam16": "… at λ 1.6",
     "probe_kept25_1500": "probe: the config's model + 1,500 steps of pool ablation, no anchor",
+    # session 9, on a float32 copy of the committed float16 θ* (the float32 world was not on the machine)
+    "oracle_no7": "retrained without sevens (the oracle; wall time = its UNet's training)",
+    "sa_strong": "the pool at 3× its attack steps (6 a step, reset 150), half + a quarter kept, λ 3.2",
+    "sa_strong_nokept": "… without the ablation under kept prompts",
+    "sa_strong_lam12": "… at the config's λ 12.8",
 }
 
 
