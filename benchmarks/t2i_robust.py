@@ -172,15 +172,14 @@ def is_pipeline(path: str) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
+def model_dir(run: str) -> str:
+    """The pipeline directory of --run: itself (a world, e.g. the oracle) or a run's forget/."""
+    return run if is_pipeline(run) else str(Path(run) / "forget")
+
+
 def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     """The attacks through the real `amnesia attack` command; their outputs go to --out/attacks/NAME/."""
-    model = (
-        args.base
-        if args.run == "base"
-        else args.run
-        if is_pipeline(args.run)
-        else str(Path(args.run) / "forget")
-    )
+    model = args.base if args.run == "base" else model_dir(args.run)
     seed = args.seed if args.attack_seed is None else args.attack_seed  # tune at one seed, report another
     common = ["--model", model, "--detector", "digit:7", "--seed", str(seed), "--no-progress"]
     if args.judges_cache:

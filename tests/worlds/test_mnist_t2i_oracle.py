@@ -35,6 +35,9 @@ def test_an_oracle_world_never_trains_on_its_excluded_digits(
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the same VAE, not a retrained one
     scale = "scaling_factor"
     assert read_json(out / "vae/config.json")[scale] == read_json(tiny_world / "vae/config.json")[scale]
+    seen.clear()  # the same directory asked for the default world: the oracle is not reused as it
+    build_world(out, WorldConfig.tiny(), progress=False)
+    assert "exclude_digits" not in read_json(out / "world.json") and 7 in seen["labels"].tolist()
 
 
 def test_a_bad_exclusion_or_vae_source_is_one_clear_error(tmp_path: Path) -> None:
@@ -44,3 +47,4 @@ def test_a_bad_exclusion_or_vae_source_is_one_clear_error(tmp_path: Path) -> Non
         build_world(tmp_path / "w", WorldConfig.tiny(), progress=False, exclude_digits=list(range(10)))
     with pytest.raises(AmnesiaError, match="no vae/config.json"):
         build_world(tmp_path / "w", WorldConfig.tiny(), progress=False, vae_from=tmp_path)
+    assert mnist_t2i.main(["--out", str(tmp_path / "w"), "--tiny", "--exclude-digits", "12"]) == 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -287,7 +288,8 @@ def build_world(
     extra = _variant(exclude_digits, vae_from)
     if (out / "model_index.json").is_file() and (out / "world.json").is_file():
         written = read_json(out / "world.json")
-        if written.get("config") == asdict(cfg) and all(written.get(k) == v for k, v in extra.items()):
+        variant = {k: written[k] for k in ("exclude_digits", "vae_from") if k in written}
+        if written.get("config") == asdict(cfg) and variant == extra:  # an oracle is not the default world
             return TextToImageModel.from_pretrained(out)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -345,13 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
     t0 = time.perf_counter()
-    build_world(
-        args.out,
-        cfg,
-        progress=not args.no_progress,
-        exclude_digits=args.exclude_digits,
-        vae_from=args.vae_from,
-    )
+    try:
+        build_world(
+            args.out,
+            cfg,
+            progress=not args.no_progress,
+            exclude_digits=args.exclude_digits,
+            vae_from=args.vae_from,
+        )
+    except AmnesiaError as e:  # bad input: one line and exit 2, as the CLI does
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"world written to {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
