@@ -513,6 +513,13 @@ class TextToImageSection:
     concept_ablation_kept: float = 0.0
     # the share of its rows denoised under the adversarial pool's soft prompts (needs adversarial_pool)
     concept_ablation_pool: float = 0.0
+    # the kept rows' timesteps are drawn below this (0: any): at high noise a noisy 7 and a noisy 9 look
+    # alike, and a kept prompt asked to denoise both as their own digits but the 7 as a 1 loses its nines
+    concept_ablation_kept_max_t: int = 0
+    # a keep term beside the pool's ablation (rows a step; 0: off): replay images (theta*'s images of the
+    # kept prompts), noised, are denoised under the pool's soft prompts as the model denoises them under
+    # their own prompt, so the pool teaches "no 7 under any conditioning" and not "push everything to 1"
+    concept_ablation_keep: int = 0
     # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
     # from the forget prompts' embeddings in turn, that follow the model being trained: every step two of
     # them take one Adam step (adversarial_lr) of the soft-prompt attack, and every adversarial_pool_reset
@@ -602,6 +609,14 @@ class TextToImageSection:
         _check(
             not self.concept_ablation_pool or self.adversarial_pool > 0,
             "t2i.concept_ablation_pool draws from the adversarial pool: set t2i.adversarial_pool too",
+        )
+        _check(
+            self.concept_ablation_kept_max_t >= 0 and self.concept_ablation_keep >= 0,
+            "t2i.concept_ablation_kept_max_t and t2i.concept_ablation_keep must be >= 0",
+        )
+        _check(
+            not self.concept_ablation_keep or self.adversarial_pool > 0,
+            "t2i.concept_ablation_keep denoises under the adversarial pool: set t2i.adversarial_pool too",
         )
         _check(
             self.replay_filter is None

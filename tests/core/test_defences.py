@@ -568,3 +568,60 @@ def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
     # every row under the kept prompt (or the pool's), which here is the surrogate itself: nothing to pull
     assert term(1.0) == 0 and term(0.0, 1.0) == 0 and term(0.5, 0.5) == 0
     assert term(0.0) > 0 and term(0.5) > 0
+
+
+def test_kept_rows_at_low_noise_and_the_keep_term_under_the_pool(
+    tiny_world: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selective_amnesia.core.defences import ConceptAblation
+    from selective_amnesia.core.train import Concept
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    forget_id, surrogate_id, kept_id = model.prompt_ids(
+        ["a handwritten 7", "a handwritten 1", "a 9"]
+    ).tolist()
+    targets = torch.randn(6, *model.image_shape, generator=torch.Generator().manual_seed(0))
+    keep = (
+        torch.randn(5, *model.image_shape, generator=torch.Generator().manual_seed(2)),
+        torch.full((5,), kept_id),
+    )
+
+    def ablation(pool: list[int], **kw: object) -> ConceptAblation:
+        return ConceptAblation(
+            targets,
+            Concept(_Fixed(), [forget_id]),
+            surrogate_id,
+            weight=1.0,
+            batch_size=16,
+            reduction="mean",
+            kept=[kept_id],
+            pool=pool,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def term(a: ConceptAblation) -> float:
+        return float(a(model, torch.Generator().manual_seed(1)))
+
+    seen: list[torch.Tensor] = []
+    real = TextToImageModel.noised
+    monkeypatch.setattr(TextToImageModel, "noised", lambda m, x, t, e: seen.append(t) or real(m, x, t, e))
+    term(ablation([], kept_share=1.0, kept_max_t=10))
+    assert int(seen[-1].max()) < 10  # every row is a kept one: all below kept_max_t
+    term(ablation([], kept_share=0.0, kept_max_t=10))
+    assert int(seen[-1].max()) >= 10  # no kept rows: the timesteps are drawn over the whole range
+    # the keep term: off (the same value, bitwise) without a pool or rows; under a pool prompt that is the
+    # kept images' own prompt there is nothing to pull; under the forget prompt there is
+    plain = term(ablation([forget_id]))
+    assert (
+        term(ablation([forget_id], keep=keep)) == plain
+        and term(ablation([], keep=keep, keep_batch=4)) == plain
+    )
+    assert term(ablation([kept_id], keep=keep, keep_batch=4)) == term(ablation([kept_id]))
+    assert term(ablation([forget_id], keep=keep, keep_batch=4)) > plain
+    for bad in (
+        "t2i.concept_ablation_kept_max_t=-1",
+        "t2i.concept_ablation_keep=-2",
+        "t2i.concept_ablation_keep=4",
+    ):
+        with pytest.raises(AmnesiaError, match="concept_ablation_k"):
+            load_config(None, [bad])

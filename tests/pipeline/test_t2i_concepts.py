@@ -149,6 +149,8 @@ def test_single_concept_settings_are_unchanged() -> None:
         "adversarial_pool_reset",
         "adversarial_pool_updates",
         "concept_ablation_pool",
+        "concept_ablation_kept_max_t",
+        "concept_ablation_keep",
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings

@@ -551,38 +551,66 @@ class ConceptAblation:
         kept_share: float = 0.0,
         pool: Sequence[int] = (),
         pool_share: float = 0.0,
+        kept_max_t: int = 0,
+        keep: tuple[Tensor, Tensor] | None = None,
+        keep_batch: int = 0,
     ) -> None:
         self.targets, self.concept, self.surrogate = targets, concept, surrogate
         self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
         self.kept, self.kept_share = torch.as_tensor(list(kept), dtype=torch.int64), kept_share
         self.pool, self.pool_share = pool, pool_share  # the pool's ids: filled when the run registers it
+        self.kept_max_t, self.keep, self.keep_batch = kept_max_t, keep, keep_batch
 
     def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
         m = _prompted(model)
-        n, device = self.batch_size, self.targets.device
+        n = self.batch_size
         x0 = self.targets[torch.randint(self.targets.shape[0], (n,), generator=generator)]
         _, cond = self.concept.sample(n, generator)
+        kept_rows = torch.zeros(n, dtype=torch.bool)
         if self.kept_share > 0 or self.pool_share > 0:  # these rows under a kept prompt or a pool's instead
             u, cond = torch.rand(n, generator=generator), cond.clone()  # one condition: an expanded view
+            kept_rows = u < self.kept_share
             for pick, rows in (
-                (self.kept, u < self.kept_share),
-                (
-                    torch.as_tensor(list(self.pool), dtype=torch.int64),
-                    (u >= self.kept_share) & (u < self.kept_share + self.pool_share),
-                ),
+                (self.kept, kept_rows),
+                (self._pool(), (u >= self.kept_share) & (u < self.kept_share + self.pool_share)),
             ):
                 if len(pick) and bool(rows.any()):
                     cond[rows] = pick[torch.randint(len(pick), (int(rows.sum()),), generator=generator)]
         noise = m.draw_noise(x0, generator)
         timesteps = noise.timesteps
-        x_t, _ = m.noised(x0, timesteps, noise.eps)
+        if self.kept_max_t and bool(kept_rows.any()):  # the kept rows at low noise only
+            timesteps = timesteps.clone()
+            low = torch.randint(self.kept_max_t, (int(kept_rows.sum()),), generator=generator)
+            timesteps[kept_rows.to(timesteps.device)] = low.to(timesteps)
+        loss = self._pulled(m, x0, timesteps, noise.eps, cond, torch.full((n,), self.surrogate))
+        if self.keep is not None and self.keep_batch and len(self.pool):
+            i = torch.randint(self.keep[0].shape[0], (self.keep_batch,), generator=generator)
+            pool = self._pool()[torch.randint(len(self.pool), (self.keep_batch,), generator=generator)]
+            x_k, c_k = self.keep[0][i], self.keep[1][i]
+            noise = m.draw_noise(x_k, generator)
+            loss = loss + self._pulled(m, x_k, noise.timesteps, noise.eps, pool, c_k)
+        return self.weight * loss
+
+    def _pool(self) -> Tensor:
+        return torch.as_tensor(list(self.pool), dtype=torch.int64)
+
+    def _pulled(
+        self,
+        m: TextToImageModel,
+        x0: Tensor,
+        timesteps: Tensor,
+        eps: Tensor,
+        cond: Tensor,
+        target_cond: Tensor,
+    ) -> Tensor:
+        """Mean (or sum) over rows of || eps_theta(x_t, t, cond) - sg[eps_theta(x_t, t, target_cond)] ||^2."""
+        device = x0.device
+        x_t, _ = m.noised(x0, timesteps, eps)
         with torch.no_grad():
-            target = m.predict(
-                x_t, timesteps, torch.full((n,), self.surrogate, dtype=torch.int64, device=device)
-            )
+            target = m.predict(x_t, timesteps, target_cond.to(device))
         diff = (m.predict(x_t, timesteps, cond.to(device)).float() - target.float()).pow(2).flatten(1)
         per_sample = diff.mean(dim=1) if m.loss_entries == "mean" else diff.sum(dim=1)
-        return self.weight * reduce_nelbo(per_sample, self.reduction)
+        return reduce_nelbo(per_sample, self.reduction)
 
 
 @torch.no_grad()

@@ -161,6 +161,8 @@ T2I_KEYS_ADDED = (
     "adversarial_pool_reset",
     "adversarial_pool_updates",
     "concept_ablation_pool",
+    "concept_ablation_kept_max_t",
+    "concept_ablation_keep",
 )
 
 
@@ -250,13 +252,14 @@ def _ablation(
     base: TextToImageModel,
     model: TextToImageModel,
     concept: Concept,
-    kept: list[int],
+    replay: tuple[list[int], tuple[Tensor, Tensor]],
     adversary: Adversary | None,
     out: Path,
     share: Share,
 ) -> ConceptAblation | None:
     """``t2i.concept_ablation``'s term (None when off), on the adversary's targets, toward the surrogate
-    prompt; ``t2i.concept_ablation_kept`` of its rows under the ``kept`` conditions."""
+    prompt; ``t2i.concept_ablation_kept`` of its rows under the kept conditions (``replay``'s ids), and
+    ``t2i.concept_ablation_keep`` rows of the replay set kept under the pool's soft prompts."""
     t = cfg.t2i
     surrogate = t.groups()[0].surrogate_prompt  # one concept, with a prompt (TextToImageSection.check_ready)
     if not t.concept_ablation or surrogate is None:
@@ -269,10 +272,13 @@ def _ablation(
         weight=t.concept_ablation,
         batch_size=t.concept_ablation_batch,
         reduction=cfg.forget.reduction,
-        kept=kept,
+        kept=replay[0],
         kept_share=t.concept_ablation_kept,
         pool=adversary.pool.ids if adversary is not None and adversary.pool is not None else [],
         pool_share=t.concept_ablation_pool,
+        kept_max_t=t.concept_ablation_kept_max_t,
+        keep=(replay[1][0].to(device), replay[1][1].to(device)),
+        keep_batch=t.concept_ablation_keep,
     )
 
 
@@ -611,7 +617,7 @@ def _forget(
         key=key,
         share=share,
         adversary=adversary,
-        extra=_ablation(cfg, base, model, concept, kept, adversary, out, share),
+        extra=_ablation(cfg, base, model, concept, replay, adversary, out, share),
     )
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
