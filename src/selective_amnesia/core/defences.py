@@ -536,7 +536,12 @@ class ConceptAblation:
     being trained as its own target (the replay and anchor keep its surrogate prompt theta*'s, and no
     second copy of the UNet is held). Why, with SA: SA's forget term fits the surrogate's images under a
     forget condition, which remaps what the condition draws but leaves how it denoises the concept's
-    images untouched; the soft-prompt attack minimises exactly that denoising loss."""
+    images untouched; the soft-prompt attack minimises exactly that denoising loss.
+
+    ``kept_max_t``: the rows under kept prompts are drawn at timesteps below it (0: any). ``keep`` and
+    ``keep_batch``: that many replay images (x, c) a step are denoised under the pool's soft prompts as
+    under their own prompt c (the same form, c in place of c_s), so that the pool's ablation removes the
+    concept under free conditionings instead of pulling every image there to the surrogate."""
 
     def __init__(
         self,
