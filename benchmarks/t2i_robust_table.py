@@ -50,6 +50,9 @@ DEV = {
     "sa_strong": "the pool at 3× its attack steps (6 a step, reset 150), half + a quarter kept, λ 3.2",
     "sa_strong_nokept": "… without the ablation under kept prompts",
     "sa_strong_lam12": "… at the config's λ 12.8",
+    # session 10, each the strong-pool run (sa_strong) + one switch, on the same float32 copy of θ*
+    "sa_strong_keep8": "the strong pool + 8 replay images a step kept under the pool's soft prompts",
+    "sa_strong_lowt": "the strong pool with the kept-prompt ablation at t < 500 only",
 }
 
 
