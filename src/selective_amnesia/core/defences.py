@@ -585,7 +585,8 @@ class ConceptAblation:
         timesteps = noise.timesteps
         if self.kept_max_t and bool(kept_rows.any()):  # the kept rows at low noise only
             timesteps = timesteps.clone()
-            low = torch.randint(self.kept_max_t, (int(kept_rows.sum()),), generator=generator)
+            top = min(self.kept_max_t, m.config.num_train_timesteps)  # a smaller schedule: all of it
+            low = torch.randint(top, (int(kept_rows.sum()),), generator=generator)
             timesteps[kept_rows.to(timesteps.device)] = low.to(timesteps)
         loss = self._pulled(m, x0, timesteps, noise.eps, cond, torch.full((n,), self.surrogate))
         if self.keep is not None and self.keep_batch and len(self.pool):
