@@ -597,6 +597,22 @@ class TextToImageSection:
             "t2i.condition_shares works with one concept: use it without several t2i.concepts groups",
         )
         _check(self.unconditional_replay >= 0, "t2i.unconditional_replay must be >= 0")
+        self._check_ablation()
+        _check(
+            self.replay_filter is None
+            or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),
+            f"t2i.replay_filter must name a detector (digit:7, nudity, identity:module:attr), got "
+            f"{self.replay_filter!r}",
+        )
+        _check(self.embedding_copies >= 0, "t2i.embedding_copies must be >= 0")
+        _check(self.embedding_noise >= 0, "t2i.embedding_noise must be >= 0")
+        _check(
+            (self.embedding_copies > 0) == (self.embedding_noise > 0),
+            "set t2i.embedding_copies and t2i.embedding_noise together (both > 0, or both 0)",
+        )
+
+    def _check_ablation(self) -> None:
+        """The concept ablation's settings: weight, batch, shares and what they draw from."""
         _check(
             self.concept_ablation >= 0 and self.concept_ablation_batch >= 1,
             "t2i.concept_ablation must be >= 0 and t2i.concept_ablation_batch >= 1",
@@ -617,18 +633,6 @@ class TextToImageSection:
         _check(
             not self.concept_ablation_keep or self.adversarial_pool > 0,
             "t2i.concept_ablation_keep denoises under the adversarial pool: set t2i.adversarial_pool too",
-        )
-        _check(
-            self.replay_filter is None
-            or self.replay_filter.partition(":")[0] in ("digit", "nudity", "identity"),
-            f"t2i.replay_filter must name a detector (digit:7, nudity, identity:module:attr), got "
-            f"{self.replay_filter!r}",
-        )
-        _check(self.embedding_copies >= 0, "t2i.embedding_copies must be >= 0")
-        _check(self.embedding_noise >= 0, "t2i.embedding_noise must be >= 0")
-        _check(
-            (self.embedding_copies > 0) == (self.embedding_noise > 0),
-            "set t2i.embedding_copies and t2i.embedding_noise together (both > 0, or both 0)",
         )
 
     def _check_adversary(self) -> None:
