@@ -53,6 +53,10 @@ DEV = {
     # session 10, each the strong-pool run (sa_strong) + one switch, on the same float32 copy of θ*
     "sa_strong_keep8": "the strong pool + 8 replay images a step kept under the pool's soft prompts",
     "sa_strong_lowt": "the strong pool with the kept-prompt ablation at t < 500 only",
+    "sa_strong_lowt_kept50": "… with half the ablation's rows kept (not a quarter)",
+    "sa_strong_lowt_lam6": "… at λ 6.4",
+    "sa_strong_lowt250": "… at t < 250",
+    "sa_strong_lowt_abl2": "… with the ablation's weight 2",
 }
 
 
