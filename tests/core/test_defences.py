@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -542,22 +543,33 @@ def test_a_pool_step_lowers_the_attack_loss_and_leaves_the_weights_alone(tiny_wo
     assert all(p.grad is None for p in model.unet.parameters())
 
 
-def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
+def _ablation_of(targets: torch.Tensor, forget_id: int, surrogate_id: int, **kw: Any) -> Any:
+    """A ConceptAblation of weight 1 and 16 rows on ``targets``, its forget condition ``forget_id``."""
     from selective_amnesia.core.defences import ConceptAblation
     from selective_amnesia.core.train import Concept
+
+    return ConceptAblation(
+        targets,
+        Concept(_Fixed(), [forget_id]),
+        surrogate_id,
+        weight=1.0,
+        batch_size=16,
+        reduction="mean",
+        **kw,
+    )
+
+
+def test_ablation_rows_under_kept_prompts_when_asked(tiny_world: Path) -> None:
 
     model = TextToImageModel.from_pretrained(tiny_world)
     forget_id, surrogate_id = model.prompt_ids(["a handwritten 7", "a handwritten 1"]).tolist()
     targets = torch.randn(6, *model.image_shape, generator=torch.Generator().manual_seed(0))
 
     def term(kept: float, pool: float = 0.0) -> float:
-        ablation = ConceptAblation(
+        ablation = _ablation_of(
             targets,
-            Concept(_Fixed(), [forget_id]),
+            forget_id,
             surrogate_id,
-            weight=1.0,
-            batch_size=16,
-            reduction="mean",
             kept=[surrogate_id],
             kept_share=kept,
             pool=[surrogate_id],
@@ -574,7 +586,6 @@ def test_kept_rows_at_low_noise_and_the_keep_term_under_the_pool(
     tiny_world: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from selective_amnesia.core.defences import ConceptAblation
-    from selective_amnesia.core.train import Concept
 
     model = TextToImageModel.from_pretrained(tiny_world)
     forget_id, surrogate_id, kept_id = model.prompt_ids(
@@ -587,17 +598,7 @@ def test_kept_rows_at_low_noise_and_the_keep_term_under_the_pool(
     )
 
     def ablation(pool: list[int], **kw: object) -> ConceptAblation:
-        return ConceptAblation(
-            targets,
-            Concept(_Fixed(), [forget_id]),
-            surrogate_id,
-            weight=1.0,
-            batch_size=16,
-            reduction="mean",
-            kept=[kept_id],
-            pool=pool,
-            **kw,  # type: ignore[arg-type]
-        )
+        return _ablation_of(targets, forget_id, surrogate_id, kept=[kept_id], pool=pool, **kw)
 
     def term(a: ConceptAblation) -> float:
         return float(a(model, torch.Generator().manual_seed(1)))
