@@ -277,7 +277,7 @@ def _ablation(
         pool=adversary.pool.ids if adversary is not None and adversary.pool is not None else [],
         pool_share=t.concept_ablation_pool,
         kept_max_t=t.concept_ablation_kept_max_t,
-        keep=(replay[1][0].to(device), replay[1][1].to(device)),
+        keep=(replay[1][0].to(device), replay[1][1].to(device)) if t.concept_ablation_keep else None,
         keep_batch=t.concept_ablation_keep,
     )
 
