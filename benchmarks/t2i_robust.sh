@@ -81,19 +81,18 @@ dev_runs() {
   run sa_strong_nokept configs/t2i_mnist_robust.yaml "${STRONG[@]}" forget.ewc_lambda=3.2
   run sa_strong_lam12 configs/t2i_mnist_robust.yaml "${STRONG[@]}"
   # session 10, against the strong pool's loss of the nines: each sa_strong + one switch
-  run sa_strong_keep8 configs/t2i_mnist_robust.yaml "${STRONG[@]}" t2i.concept_ablation_kept=0.25 forget.ewc_lambda=3.2 \
-    t2i.concept_ablation_keep=8                                             # replay images kept under the pool
-  run sa_strong_lowt configs/t2i_mnist_robust.yaml "${STRONG[@]}" t2i.concept_ablation_kept=0.25 forget.ewc_lambda=3.2 \
-    t2i.concept_ablation_kept_max_t=500                                     # kept-prompt ablation at t < 500
-  LOWT=("${STRONG[@]}" t2i.concept_ablation_kept=0.25 forget.ewc_lambda=3.2 t2i.concept_ablation_kept_max_t=500)
+  S10=("${STRONG[@]}" t2i.concept_ablation_kept=0.25 forget.ewc_lambda=3.2)   # sa_strong's settings
+  run sa_strong_keep8 configs/t2i_mnist_robust.yaml "${S10[@]}" t2i.concept_ablation_keep=8   # kept under the pool
+  LOWT=("${S10[@]}" t2i.concept_ablation_kept_max_t=500)                   # kept-prompt ablation at t < 500
+  run sa_strong_lowt configs/t2i_mnist_robust.yaml "${LOWT[@]}"
   run sa_strong_lowt_kept50 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.concept_ablation_kept=0.5
   run sa_strong_lowt_lam6 configs/t2i_mnist_robust.yaml "${LOWT[@]}" forget.ewc_lambda=6.4
   run sa_strong_lowt250 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.concept_ablation_kept_max_t=250
   run sa_strong_lowt_abl2 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.concept_ablation=2.0
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
     sa_adv300 sa_ablate sa_abl3 sa sa_pool25 sa_pool50 sa_poolab sa_poolab_kept sa_pool_lam3 sa_pool_lam16 \
-    probe_kept25_1500 sa_strong sa_strong_nokept sa_strong_lam12 sa_strong_keep8 sa_strong_lowt sa_strong_lowt_kept50 sa_strong_lowt_lam6 \
-    sa_strong_lowt250 sa_strong_lowt_abl2; do
+    probe_kept25_1500 sa_strong sa_strong_nokept sa_strong_lam12 sa_strong_keep8 sa_strong_lowt \
+    sa_strong_lowt_kept50 sa_strong_lowt_lam6 sa_strong_lowt250 sa_strong_lowt_abl2; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
   oracle dev 50 0
