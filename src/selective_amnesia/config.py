@@ -521,6 +521,11 @@ class TextToImageSection:
     # their own prompt, meant to teach "no 7 under any conditioning", not "push everything to 1"; measured
     # on the MNIST world it teaches the UNet to ignore its conditioning instead (docs/robustness.md)
     concept_ablation_keep: int = 0
+    # replay distillation (weight; 0: off): each step, replay_distill_batch replay images, noised, are
+    # denoised as theta* denoises them under their own prompt, a hold on the kept concepts with the noise's
+    # variance taken out of the replay term's target (theta* is the copy the run already holds)
+    replay_distill: float = 0.0
+    replay_distill_batch: int = 16
     # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
     # from the forget prompts' embeddings in turn, that follow the model being trained: every step two of
     # them take one Adam step (adversarial_lr) of the soft-prompt attack, and every adversarial_pool_reset
@@ -634,6 +639,10 @@ class TextToImageSection:
         _check(
             not self.concept_ablation_keep or self.adversarial_pool > 0,
             "t2i.concept_ablation_keep denoises under the adversarial pool: set t2i.adversarial_pool too",
+        )
+        _check(
+            self.replay_distill >= 0 and self.replay_distill_batch >= 1,
+            "t2i.replay_distill must be >= 0 and t2i.replay_distill_batch >= 1",
         )
 
     def _check_adversary(self) -> None:
@@ -868,6 +877,13 @@ class RunConfig:
             t.lora_rank == 0,
             "forget.sequence in text-to-image trains the weights themselves (each step's model starts the "
             "next): set t2i.lora_rank=0",
+        )
+        single = ("adversarial_every", "adversarial_pool", "concept_ablation", "replay_distill")
+        on = [key for key in single if getattr(t, key)]
+        _check(
+            not on,
+            f"t2i.{on[0] if on else ''} is a one-run defence that forget.sequence does not apply: set it "
+            "to 0 or forget the concepts in one run",
         )
         _check(
             t.adversarial_every == 0

@@ -626,3 +626,64 @@ def test_kept_rows_at_low_noise_and_the_keep_term_under_the_pool(
     ):
         with pytest.raises(AmnesiaError, match="concept_ablation_k"):
             load_config(None, [bad])
+
+
+def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    from selective_amnesia.core.defences import ConceptAblation, ReplayDistillation, summed
+
+    base = TextToImageModel.from_pretrained(tiny_world)
+    kept = base.prompt_ids(
+        ["a 9", "a handwritten 1"]
+    )  # the replay's prompts: registered on theta*, then copied
+    model = copy.deepcopy(base)
+    replay = (
+        torch.randn(5, *model.image_shape, generator=torch.Generator().manual_seed(0)),
+        kept[[0, 1, 0, 1, 0]],
+    )
+    term = ReplayDistillation(base, replay, weight=2.0, batch_size=4, reduction="mean")
+
+    def value() -> torch.Tensor:
+        return term(model, torch.Generator().manual_seed(1))
+
+    assert float(value()) == 0.0  # theta* itself: nothing to pull
+    with torch.no_grad():
+        next(p for p in model.unet.parameters() if p.ndim > 1).add_(0.05)
+    moved = value()
+    moved.backward()
+    assert float(moved) > 0 and all(p.grad is None for p in base.parameters())  # theta* is the fixed target
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.unet.parameters())
+    assert float(
+        ReplayDistillation(base, replay, weight=4.0, batch_size=4, reduction="mean")(
+            model, torch.Generator().manual_seed(1)
+        )
+    ) == pytest.approx(2 * float(moved))
+    assert summed(None, None) is None and summed(None, term) is term
+    both = summed(term, term)
+    assert both is not None and float(both(model, torch.Generator().manual_seed(1))) > float(moved)
+
+    # in a run, beside the concept ablation: both terms are called every step
+    calls: list[str] = []
+    for cls in (ConceptAblation, ReplayDistillation):
+        real = cls.__call__
+        monkeypatch.setattr(
+            cls,
+            "__call__",
+            lambda self, m, g, real=real, name=cls.__name__: calls.append(name) or real(self, m, g),
+        )
+    cfg = _cfg(
+        tiny_world,
+        "t2i.concept_ablation=1.0",
+        "t2i.concept_ablation_batch=2",
+        "t2i.adversarial_targets=4",
+        "t2i.replay_distill=1.0",
+        "t2i.replay_distill_batch=2",
+    )
+    run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
+    assert sorted(calls) == ["ConceptAblation"] * 2 + ["ReplayDistillation"] * 2
+    for bad in ("t2i.replay_distill=-1", "t2i.replay_distill_batch=0"):
+        with pytest.raises(AmnesiaError, match="replay_distill"):
+            load_config(None, [bad])

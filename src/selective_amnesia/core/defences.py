@@ -19,7 +19,9 @@ default, which is the plain recipe:
   (``t2i.condition_shares``), instead of the uniform draw over all conditions;
 - ``ConceptAblation``: under the forget conditions, theta*'s images of the concept are denoised as the
   surrogate prompt denoises them (``t2i.concept_ablation``), so that no forget condition — the
-  adversary's finds included — still denoises the concept itself.
+  adversary's finds included — still denoises the concept itself;
+- ``ReplayDistillation``: the replay images, noised, are denoised as theta* denoises them under their own
+  prompt (``t2i.replay_distill``), a lower-variance hold on the kept concepts than the replay's NELBO.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch import Tensor
 from selective_amnesia.config import ADVERSARIAL_ROUNDS, CONDITION_KINDS, ConceptGroup, RunConfig
 from selective_amnesia.core.objective import reduce_nelbo
 from selective_amnesia.core.surrogate import Surrogate
-from selective_amnesia.core.train import Concept
+from selective_amnesia.core.train import Concept, ExtraTerm
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import load_tensors, save_tensors
 from selective_amnesia.models.base import ConditionalGenerativeModel
@@ -614,9 +616,59 @@ class ConceptAblation:
         x_t, _ = m.noised(x0, timesteps, eps)
         with torch.no_grad():
             target = m.predict(x_t, timesteps, target_cond.to(device))
-        diff = (m.predict(x_t, timesteps, cond.to(device)).float() - target.float()).pow(2).flatten(1)
-        per_sample = diff.mean(dim=1) if m.loss_entries == "mean" else diff.sum(dim=1)
-        return reduce_nelbo(per_sample, self.reduction)
+        return _distance(m, m.predict(x_t, timesteps, cond.to(device)), target, self.reduction)
+
+
+class ReplayDistillation:
+    """A loss term for ``train.forget``'s ``extra``: replay images (x, c), noised, are denoised by the model
+    as theta* denoises them under their own prompt c:
+
+        weight * E_{(x_0, c) ~ replay, t, eps} || eps_theta(x_t, t, c) - sg[eps_theta*(x_t, t, c)] ||^2
+
+    Why: the replay term of Eq. 4b fits the noise eps itself, whose variance dwarfs the drift it should
+    hold; theta*'s prediction on the same x_t is the function the kept prompts must keep, so the difference
+    is the drift alone. It holds the kept concepts against the pull of the concept ablation's kept rows
+    (a noisy 7 and a noisy 9 look alike). theta* (``base``) is the copy the run already holds."""
+
+    def __init__(
+        self,
+        base: TextToImageModel,
+        replay: tuple[Tensor, Tensor],
+        *,
+        weight: float,
+        batch_size: int,
+        reduction: str,
+    ) -> None:
+        self.base, self.replay = base, replay
+        self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
+
+    def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
+        m = _prompted(model)
+        i = torch.randint(self.replay[0].shape[0], (self.batch_size,), generator=generator)
+        x0, cond = self.replay[0][i], self.replay[1][i].to(self.replay[0].device)
+        noise = m.draw_noise(x0, generator)
+        x_t, _ = m.noised(x0, noise.timesteps, noise.eps)
+        with torch.no_grad():
+            target = self.base.predict(x_t, noise.timesteps, cond)
+        return self.weight * _distance(m, m.predict(x_t, noise.timesteps, cond), target, self.reduction)
+
+
+def _distance(m: TextToImageModel, prediction: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """|| prediction - target ||^2 per row (mean or sum over entries, as the model's loss), reduced."""
+    diff = (prediction.float() - target.float()).pow(2).flatten(1)
+    return reduce_nelbo(diff.mean(dim=1) if m.loss_entries == "mean" else diff.sum(dim=1), reduction)
+
+
+def summed(*terms: ExtraTerm | None) -> ExtraTerm | None:
+    """One ``extra`` term: the sum of the given ones that are not None (None when none is given)."""
+    given = [term for term in terms if term is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def total(model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
+        return torch.stack([term(model, generator) for term in given]).sum()
+
+    return total
 
 
 @torch.no_grad()

@@ -36,9 +36,11 @@ from selective_amnesia.core.cache_keys import ADAPTER_META, block_set, finished,
 from selective_amnesia.core.defences import (
     Adversary,
     ConceptAblation,
+    ReplayDistillation,
     defended_groups,
     filter_replay,
     forget_concept,
+    summed,
     word_templates,
 )
 from selective_amnesia.core.distributed import Share, current_share
@@ -163,6 +165,8 @@ T2I_KEYS_ADDED = (
     "concept_ablation_pool",
     "concept_ablation_kept_max_t",
     "concept_ablation_keep",
+    "replay_distill",
+    "replay_distill_batch",
 )
 
 
@@ -279,6 +283,23 @@ def _ablation(
         kept_max_t=t.concept_ablation_kept_max_t,
         keep=(replay[1][0].to(device), replay[1][1].to(device)) if t.concept_ablation_keep else None,
         keep_batch=t.concept_ablation_keep,
+    )
+
+
+def _distillation(
+    cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, replay_set: tuple[Tensor, Tensor]
+) -> ReplayDistillation | None:
+    """``t2i.replay_distill``'s term (None when off) on the stored replay set, toward theta* (``base``)."""
+    t = cfg.t2i
+    if not t.replay_distill:
+        return None
+    device = next(model.parameters()).device
+    return ReplayDistillation(
+        base,
+        (replay_set[0].to(device), replay_set[1].to(device)),
+        weight=t.replay_distill,
+        batch_size=t.replay_distill_batch,
+        reduction=cfg.forget.reduction,
     )
 
 
@@ -617,7 +638,10 @@ def _forget(
         key=key,
         share=share,
         adversary=adversary,
-        extra=_ablation(cfg, base, model, concept, replay, adversary, out, share),
+        extra=summed(
+            _ablation(cfg, base, model, concept, replay, adversary, out, share),
+            _distillation(cfg, base, model, replay_set),
+        ),
     )
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
