@@ -89,10 +89,17 @@ dev_runs() {
   run sa_strong_lowt_lam6 configs/t2i_mnist_robust.yaml "${LOWT[@]}" forget.ewc_lambda=6.4
   run sa_strong_lowt250 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.concept_ablation_kept_max_t=250
   run sa_strong_lowt_abl2 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.concept_ablation=2.0
+  # session 11: t < 500 at two more forgetting seeds (each draws its own theta* sets and Fisher), and the
+  # replay held by distillation from theta*
+  run sa_strong_lowt_s1 configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=1
+  run sa_strong_lowt_s2 configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=2
+  run sa_strong_lowt_distill2 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.replay_distill=2
+  run sa_strong_lowt_distill8 configs/t2i_mnist_robust.yaml "${LOWT[@]}" t2i.replay_distill=8
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
     sa_adv300 sa_ablate sa_abl3 sa sa_pool25 sa_pool50 sa_poolab sa_poolab_kept sa_pool_lam3 sa_pool_lam16 \
     probe_kept25_1500 sa_strong sa_strong_nokept sa_strong_lam12 sa_strong_keep8 sa_strong_lowt \
-    sa_strong_lowt_kept50 sa_strong_lowt_lam6 sa_strong_lowt250 sa_strong_lowt_abl2; do
+    sa_strong_lowt_kept50 sa_strong_lowt_lam6 sa_strong_lowt250 sa_strong_lowt_abl2 sa_strong_lowt_s1 \
+    sa_strong_lowt_s2 sa_strong_lowt_distill2 sa_strong_lowt_distill8; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
   oracle dev 50 0
