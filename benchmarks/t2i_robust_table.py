@@ -57,10 +57,11 @@ DEV = {
     "sa_strong_lowt_lam6": "… at λ 6.4",
     "sa_strong_lowt250": "… at t < 250",
     "sa_strong_lowt_abl2": "… with the ablation's weight 2",
-    "sa_strong_lowt_s1": "… t < 500 at forgetting seed 1 (θ*'s sets and Fisher drawn anew)",
-    "sa_strong_lowt_s2": "… t < 500 at forgetting seed 2",
-    "sa_strong_lowt_distill2": "… t < 500 with the replay distilled from θ* (weight 2)",
-    "sa_strong_lowt_distill8": "… t < 500 with the replay distilled from θ* (weight 8)",
+    # session 11
+    "sa_strong_lowt_s1": "the strong pool at t < 500, seed 1 (new θ* sets and Fisher, in its wall time)",
+    "sa_strong_lowt_s2": "… at seed 2",
+    "sa_strong_lowt_distill2": "the strong pool at t < 500 + the replay distilled from θ* (weight 2)",
+    "sa_strong_lowt_distill8": "… weight 8",
 }
 
 
