@@ -523,7 +523,8 @@ class TextToImageSection:
     concept_ablation_keep: int = 0
     # replay distillation (weight; 0: off): each step, replay_distill_batch replay images, noised, are
     # denoised as theta* denoises them under their own prompt, a hold on the kept concepts with the noise's
-    # variance taken out of the replay term's target (theta* is the copy the run already holds)
+    # variance taken out of the replay term's target (theta* is the copy the run already holds); measured
+    # on the MNIST world it keeps every digit and lets the free soft prompt back in (docs/robustness.md)
     replay_distill: float = 0.0
     replay_distill_batch: int = 16
     # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
