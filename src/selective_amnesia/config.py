@@ -879,20 +879,14 @@ class RunConfig:
             "forget.sequence in text-to-image trains the weights themselves (each step's model starts the "
             "next): set t2i.lora_rank=0",
         )
-        single = ("adversarial_every", "adversarial_pool", "concept_ablation", "replay_distill")
-        on = [key for key in single if getattr(t, key)]
-        _check(
-            not on,
-            f"t2i.{on[0] if on else ''} is a one-run defence that forget.sequence does not apply: set it "
-            "to 0 or forget the concepts in one run",
-        )
         _check(
             t.adversarial_every == 0
             and t.adversarial_pool == 0
             and not t.condition_shares
-            and t.concept_ablation == 0,
-            "t2i.adversarial_every, adversarial_pool, condition_shares and concept_ablation work with one "
-            "concept in one run, not with forget.sequence",
+            and t.concept_ablation == 0
+            and t.replay_distill == 0,
+            "t2i.adversarial_every, adversarial_pool, condition_shares, concept_ablation and replay_distill "
+            "work with one concept in one run, not with forget.sequence",
         )
 
     def __post_init__(self) -> None:

@@ -636,9 +636,8 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
     from selective_amnesia.core.defences import ConceptAblation, ReplayDistillation, summed
 
     base = TextToImageModel.from_pretrained(tiny_world)
-    kept = base.prompt_ids(
-        ["a 9", "a handwritten 1"]
-    )  # the replay's prompts: registered on theta*, then copied
+    # the replay's prompts are registered on theta* before the copy, as in a run
+    kept = base.prompt_ids(["a 9", "a handwritten 1"])
     model = copy.deepcopy(base)
     replay = (
         torch.randn(5, *model.image_shape, generator=torch.Generator().manual_seed(0)),

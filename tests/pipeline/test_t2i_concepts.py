@@ -307,7 +307,7 @@ def test_unmeasured_world_still_reports(plain_world: Path, tmp_path: Path) -> No
         ([], [CONCEPTS[0], CONCEPTS[1] | {"forget_prompts": ["the digit 7"]}], "named twice"),
         ([], [CONCEPTS[0], CONCEPTS[0]], "two groups are named"),
         (["forget.sequence=[seven,three]", "t2i.lora_rank=2"], None, "lora_rank=0"),
-        (["forget.sequence=[seven,three]", "t2i.replay_distill=1"], None, "replay_distill is a one-run"),
+        (["forget.sequence=[seven,three]", "t2i.replay_distill=1"], None, "work with one concept in one run"),
         (["t2i.surrogate_prompt=a handwritten 1"], None, "leave t2i.surrogate_prompt"),
     ],
 )
