@@ -61,6 +61,7 @@ DEV = {
     "sa_strong_lowt_s1": "the strong pool at t < 500, seed 1 (new θ* sets and Fisher, in its wall time)",
     "sa_strong_lowt_s2": "… at seed 2",
     "sa_strong_lowt_distill2": "the strong pool at t < 500 + the replay distilled from θ* (weight 2)",
+    "sa_strong_lowt_distill05": "… weight 0.5",
     "sa_strong_lowt_distill8": "… weight 8",
 }
 
