@@ -527,6 +527,9 @@ class TextToImageSection:
     # on the MNIST world it keeps every digit and lets the free soft prompt back in (docs/robustness.md)
     replay_distill: float = 0.0
     replay_distill_batch: int = 16
+    # its timesteps are drawn below this (0: any): the kept digits' detail held at low noise, the
+    # high-noise shapes a 9 shares with a 7 left to the ablation
+    replay_distill_max_t: int = 0
     # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
     # from the forget prompts' embeddings in turn, that follow the model being trained: every step two of
     # them take one Adam step (adversarial_lr) of the soft-prompt attack, and every adversarial_pool_reset
@@ -642,8 +645,8 @@ class TextToImageSection:
             "t2i.concept_ablation_keep denoises under the adversarial pool: set t2i.adversarial_pool too",
         )
         _check(
-            self.replay_distill >= 0 and self.replay_distill_batch >= 1,
-            "t2i.replay_distill must be >= 0 and t2i.replay_distill_batch >= 1",
+            self.replay_distill >= 0 and self.replay_distill_batch >= 1 and self.replay_distill_max_t >= 0,
+            "t2i.replay_distill and replay_distill_max_t must be >= 0 and t2i.replay_distill_batch >= 1",
         )
 
     def _check_adversary(self) -> None:

@@ -660,6 +660,14 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
             model, torch.Generator().manual_seed(1)
         )
     ) == pytest.approx(2 * float(moved))
+    seen: list[torch.Tensor] = []
+    predict = model.predict
+    monkeypatch.setattr(model, "predict", lambda x, t, c: seen.append(t) or predict(x, t, c))
+    ReplayDistillation(base, replay, weight=1.0, batch_size=64, reduction="mean", max_t=3)(
+        model, torch.Generator().manual_seed(1)
+    )
+    assert int(seen[0].max()) < 3 < model.config.num_train_timesteps  # max_t: low noise only
+    monkeypatch.undo()
     assert summed(None, None) is None and summed(None, term) is term
     both = summed(term, term)
     assert both is not None and float(both(model, torch.Generator().manual_seed(1))) > float(moved)
@@ -680,9 +688,10 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
         "t2i.adversarial_targets=4",
         "t2i.replay_distill=1.0",
         "t2i.replay_distill_batch=2",
+        "t2i.replay_distill_max_t=5",
     )
     run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
     assert sorted(calls) == ["ConceptAblation"] * 2 + ["ReplayDistillation"] * 2
-    for bad in ("t2i.replay_distill=-1", "t2i.replay_distill_batch=0"):
+    for bad in ("t2i.replay_distill=-1", "t2i.replay_distill_batch=0", "t2i.replay_distill_max_t=-1"):
         with pytest.raises(AmnesiaError, match="replay_distill"):
             load_config(None, [bad])

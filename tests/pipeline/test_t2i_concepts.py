@@ -153,6 +153,7 @@ def test_single_concept_settings_are_unchanged() -> None:
         "concept_ablation_keep",
         "replay_distill",
         "replay_distill_batch",
+        "replay_distill_max_t",
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings

@@ -587,8 +587,7 @@ class ConceptAblation:
         timesteps = noise.timesteps
         if self.kept_max_t and bool(kept_rows.any()):  # the kept rows at low noise only
             timesteps = timesteps.clone()
-            top = min(self.kept_max_t, m.config.num_train_timesteps)  # a smaller schedule: all of it
-            low = torch.randint(top, (int(kept_rows.sum()),), generator=generator)
+            low = _below(m, self.kept_max_t, int(kept_rows.sum()), generator)
             timesteps[kept_rows.to(timesteps.device)] = low.to(timesteps)
         loss = self._pulled(m, x0, timesteps, noise.eps, cond, torch.full((n,), self.surrogate))
         if self.keep is not None and self.keep_batch and len(self.pool):
@@ -628,7 +627,10 @@ class ReplayDistillation:
     Why: the replay term of Eq. 4b fits the noise eps itself, whose variance dwarfs the drift it should
     hold; theta*'s prediction on the same x_t is the function the kept prompts must keep, so the difference
     is the drift alone. It holds the kept concepts against the pull of the concept ablation's kept rows
-    (a noisy 7 and a noisy 9 look alike). theta* (``base``) is the copy the run already holds."""
+    (a noisy 7 and a noisy 9 look alike). theta* (``base``) is the copy the run already holds.
+
+    ``max_t``: the timesteps are drawn below it (0: any), to hold the kept concepts' detail at low noise
+    and leave the high-noise shapes, where a 9 looks like the concept, to the ablation."""
 
     def __init__(
         self,
@@ -638,19 +640,28 @@ class ReplayDistillation:
         weight: float,
         batch_size: int,
         reduction: str,
+        max_t: int = 0,
     ) -> None:
         self.base, self.replay = base, replay
-        self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
+        self.weight, self.batch_size, self.reduction, self.max_t = weight, batch_size, reduction, max_t
 
     def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
         m = _prompted(model)
         i = torch.randint(self.replay[0].shape[0], (self.batch_size,), generator=generator)
         x0, cond = self.replay[0][i], self.replay[1][i].to(self.replay[0].device)
         noise = m.draw_noise(x0, generator)
-        x_t, _ = m.noised(x0, noise.timesteps, noise.eps)
+        timesteps = noise.timesteps
+        if self.max_t:
+            timesteps = _below(m, self.max_t, self.batch_size, generator).to(timesteps)
+        x_t, _ = m.noised(x0, timesteps, noise.eps)
         with torch.no_grad():
-            target = self.base.predict(x_t, noise.timesteps, cond)
-        return self.weight * _distance(m, m.predict(x_t, noise.timesteps, cond), target, self.reduction)
+            target = self.base.predict(x_t, timesteps, cond)
+        return self.weight * _distance(m, m.predict(x_t, timesteps, cond), target, self.reduction)
+
+
+def _below(m: TextToImageModel, max_t: int, n: int, generator: torch.Generator) -> Tensor:
+    """n timesteps drawn uniformly below ``max_t`` (all of a smaller schedule)."""
+    return torch.randint(min(max_t, m.config.num_train_timesteps), (n,), generator=generator)
 
 
 def _distance(m: TextToImageModel, prediction: Tensor, target: Tensor, reduction: str) -> Tensor:

@@ -167,6 +167,7 @@ T2I_KEYS_ADDED = (
     "concept_ablation_keep",
     "replay_distill",
     "replay_distill_batch",
+    "replay_distill_max_t",
 )
 
 
@@ -300,6 +301,7 @@ def _distillation(
         weight=t.replay_distill,
         batch_size=t.replay_distill_batch,
         reduction=cfg.forget.reduction,
+        max_t=t.replay_distill_max_t,
     )
 
 
