@@ -84,6 +84,7 @@ def judge_groups(
             "images": int(pred.shape[0]),
             "as_7": float((pred == SEVEN).float().mean()),
             "accuracy": float((pred == digit).float().mean()),
+            "drawn_as": torch.bincount(pred, minlength=10).tolist(),  # where a lost digit went
         }
         print(f"  {group:28s} as-7 {rows[group]['as_7']:.3f} acc {rows[group]['accuracy']:.3f}", flush=True)
     rows["min_other_digit_accuracy"] = min(r["accuracy"] for g, r in rows.items() if g.startswith("digit_"))
