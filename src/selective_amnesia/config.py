@@ -530,6 +530,10 @@ class TextToImageSection:
     # its timesteps are drawn below this (0: any): the kept digits' detail held at low noise, the
     # high-noise shapes a 9 shares with a 7 left to the ablation
     replay_distill_max_t: int = 0
+    # the distillation's images: "replay" (each under its own prompt) or "surrogate" (the surrogate's
+    # images, each under a kept prompt drawn uniformly): holds the kept prompts against drawing the
+    # surrogate, where the ablation's lost nines went (docs/robustness.md, session 12)
+    replay_distill_images: str = "replay"
     # a pool of adversarial_pool free soft prompts (whole embedding sequences, kind "adversarial"), started
     # from the forget prompts' embeddings in turn, that follow the model being trained: every step two of
     # them take one Adam step (adversarial_lr) of the soft-prompt attack, and every adversarial_pool_reset
@@ -647,6 +651,10 @@ class TextToImageSection:
         _check(
             self.replay_distill >= 0 and self.replay_distill_batch >= 1 and self.replay_distill_max_t >= 0,
             "t2i.replay_distill and replay_distill_max_t must be >= 0 and t2i.replay_distill_batch >= 1",
+        )
+        _check(
+            self.replay_distill_images in ("replay", "surrogate"),
+            f"t2i.replay_distill_images must be replay or surrogate, got {self.replay_distill_images!r}",
         )
 
     def _check_adversary(self) -> None:

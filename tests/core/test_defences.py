@@ -660,13 +660,18 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
             model, torch.Generator().manual_seed(1)
         )
     ) == pytest.approx(2 * float(moved))
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     predict = model.predict
-    monkeypatch.setattr(model, "predict", lambda x, t, c: seen.append(t) or predict(x, t, c))
+    monkeypatch.setattr(model, "predict", lambda x, t, c: seen.append((t, c)) or predict(x, t, c))
     ReplayDistillation(base, replay, weight=1.0, batch_size=64, reduction="mean", max_t=3)(
         model, torch.Generator().manual_seed(1)
     )
-    assert int(seen[0].max()) < 3 < model.config.num_train_timesteps  # max_t: low noise only
+    assert int(seen[0][0].max()) < 3 < model.config.num_train_timesteps  # max_t: low noise only
+    assert set(seen[0][1].tolist()) == set(kept.tolist())  # each image under its own prompt
+    ReplayDistillation(base, replay, weight=1.0, batch_size=64, reduction="mean", prompts=kept[:1])(
+        model, torch.Generator().manual_seed(1)
+    )
+    assert set(seen[1][1].tolist()) == {int(kept[0])}  # prompts: the conditions drawn from them instead
     monkeypatch.undo()
     assert summed(None, None) is None and summed(None, term) is term
     both = summed(term, term)
@@ -674,12 +679,15 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
 
     # in a run, beside the concept ablation: both terms are called every step
     calls: list[str] = []
+    terms: list[object] = []
     for cls in (ConceptAblation, ReplayDistillation):
         real = cls.__call__
         monkeypatch.setattr(
             cls,
             "__call__",
-            lambda self, m, g, real=real, name=cls.__name__: calls.append(name) or real(self, m, g),
+            lambda self, m, g, real=real, name=cls.__name__: (
+                calls.append(name) or terms.append(self) or real(self, m, g)
+            ),
         )
     cfg = _cfg(
         tiny_world,
@@ -689,9 +697,19 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
         "t2i.replay_distill=1.0",
         "t2i.replay_distill_batch=2",
         "t2i.replay_distill_max_t=5",
+        "t2i.replay_distill_images=surrogate",  # the surrogate's images under the kept prompts
     )
     run_text_to_image(cfg, tmp_path)  # type: ignore[arg-type]
     assert sorted(calls) == ["ConceptAblation"] * 2 + ["ReplayDistillation"] * 2
-    for bad in ("t2i.replay_distill=-1", "t2i.replay_distill_batch=0", "t2i.replay_distill_max_t=-1"):
+    distilled = next(t for t in terms if isinstance(t, ReplayDistillation))
+    assert distilled.prompts is not None and distilled.max_t == 5
+    assert distilled.replay[0].shape[0] == 4  # t2i.surrogate_count (FAST): the surrogate's images
+    assert len(distilled.prompts) > 4  # under the kept prompts, not their own
+    for bad in (
+        "t2i.replay_distill=-1",
+        "t2i.replay_distill_batch=0",
+        "t2i.replay_distill_max_t=-1",
+        "t2i.replay_distill_images=noise",
+    ):
         with pytest.raises(AmnesiaError, match="replay_distill"):
             load_config(None, [bad])

@@ -630,7 +630,10 @@ class ReplayDistillation:
     (a noisy 7 and a noisy 9 look alike). theta* (``base``) is the copy the run already holds.
 
     ``max_t``: the timesteps are drawn below it (0: any), to hold the kept concepts' detail at low noise
-    and leave the high-noise shapes, where a 9 looks like the concept, to the ablation."""
+    and leave the high-noise shapes, where a 9 looks like the concept, to the ablation. ``prompts``: each
+    row's condition is drawn from these instead of being its image's own; with the surrogate's images as
+    ``replay``, the kept prompts are held to what theta* does with a surrogate-like image under them (a
+    9's prompt adds the loop to a 1), against the ablation's pull of kept prompts to the surrogate."""
 
     def __init__(
         self,
@@ -641,14 +644,18 @@ class ReplayDistillation:
         batch_size: int,
         reduction: str,
         max_t: int = 0,
+        prompts: Tensor | None = None,
     ) -> None:
-        self.base, self.replay = base, replay
+        self.base, self.replay, self.prompts = base, replay, prompts
         self.weight, self.batch_size, self.reduction, self.max_t = weight, batch_size, reduction, max_t
 
     def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
         m = _prompted(model)
         i = torch.randint(self.replay[0].shape[0], (self.batch_size,), generator=generator)
-        x0, cond = self.replay[0][i], self.replay[1][i].to(self.replay[0].device)
+        x0, cond = self.replay[0][i], self.replay[1][i]
+        if self.prompts is not None:
+            cond = self.prompts[torch.randint(len(self.prompts), (self.batch_size,), generator=generator)]
+        cond = cond.to(x0.device)
         noise = m.draw_noise(x0, generator)
         timesteps = noise.timesteps
         if self.max_t:

@@ -168,6 +168,7 @@ T2I_KEYS_ADDED = (
     "replay_distill",
     "replay_distill_batch",
     "replay_distill_max_t",
+    "replay_distill_images",
 )
 
 
@@ -288,20 +289,33 @@ def _ablation(
 
 
 def _distillation(
-    cfg: RunConfig, base: TextToImageModel, model: TextToImageModel, replay_set: tuple[Tensor, Tensor]
+    cfg: RunConfig,
+    base: TextToImageModel,
+    model: TextToImageModel,
+    concept: Concept,
+    replay: tuple[list[int], tuple[Tensor, Tensor]],
 ) -> ReplayDistillation | None:
-    """``t2i.replay_distill``'s term (None when off) on the stored replay set, toward theta* (``base``)."""
+    """``t2i.replay_distill``'s term (None when off) toward theta* (``base``): on the stored replay set,
+    or on the surrogate's images under the kept prompts (``t2i.replay_distill_images``)."""
     t = cfg.t2i
     if not t.replay_distill:
         return None
     device = next(model.parameters()).device
+    images, own = replay[1]
+    prompts = None
+    if t.replay_distill_images == "surrogate":
+        surrogate = concept.surrogate  # forget_surrogate's: stored images, one set or one per group
+        assert isinstance(surrogate, StoredImages | GroupedSurrogate)
+        images = torch.cat(surrogate.images) if isinstance(surrogate, GroupedSurrogate) else surrogate.images
+        own, prompts = torch.zeros(images.shape[0], dtype=torch.int64), torch.as_tensor(replay[0])
     return ReplayDistillation(
         base,
-        (replay_set[0].to(device), replay_set[1].to(device)),
+        (images.to(device), own.to(device)),
         weight=t.replay_distill,
         batch_size=t.replay_distill_batch,
         reduction=cfg.forget.reduction,
         max_t=t.replay_distill_max_t,
+        prompts=prompts,
     )
 
 
@@ -642,7 +656,7 @@ def _forget(
         adversary=adversary,
         extra=summed(
             _ablation(cfg, base, model, concept, replay, adversary, out, share),
-            _distillation(cfg, base, model, replay_set),
+            _distillation(cfg, base, model, concept, replay),
         ),
     )
     if t.gradient_checkpointing:
