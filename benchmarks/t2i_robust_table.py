@@ -63,6 +63,10 @@ DEV = {
     "sa_strong_lowt_distill2": "the strong pool at t < 500 + the replay distilled from θ* (weight 2)",
     "sa_strong_lowt_distill05": "… weight 0.5",
     "sa_strong_lowt_distill8": "… weight 8",
+    # session 12
+    "sa_strong_lowt_distill01": "the strong pool at t < 500 + the replay distilled from θ*, weight 0.1",
+    "sa_strong_lowt_distill2_lowt": "… weight 2, the distillation at t < 500 only",
+    "sa_strong_lowt_s2_distsur2": "seed 2 + the surrogate's images distilled under kept prompts (weight 2)",
 }
 
 
