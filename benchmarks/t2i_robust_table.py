@@ -67,6 +67,9 @@ DEV = {
     "sa_strong_lowt_distill01": "the strong pool at t < 500 + the replay distilled from θ*, weight 0.1",
     "sa_strong_lowt_distill2_lowt": "… weight 2, the distillation at t < 500 only",
     "sa_strong_lowt_s2_distsur2": "seed 2 + the surrogate's images distilled under kept prompts (weight 2)",
+    "sa_strong_lowt_distsur2": "… at seed 0",
+    "sa_strong_lowt_s1_distsur2": "… at seed 1",
+    "sa_strong_lowt_s2_distsur8": "… at seed 2, weight 8",
 }
 
 
