@@ -530,6 +530,9 @@ class TextToImageSection:
     # its timesteps are drawn below this (0: any): the kept digits' detail held at low noise, the
     # high-noise shapes a 9 shares with a 7 left to the ablation
     replay_distill_max_t: int = 0
+    # and at or above this (0: any): the high-noise shapes where the nines are lost held, the low-noise
+    # detail the ablation moves left free
+    replay_distill_min_t: int = 0
     # the distillation's images: "replay" (each under its own prompt) or "surrogate" (the surrogate's
     # images, each under a kept prompt drawn uniformly): holds the kept prompts against drawing the
     # surrogate, where the ablation's lost nines went (docs/robustness.md, session 12)
@@ -649,8 +652,12 @@ class TextToImageSection:
             "t2i.concept_ablation_keep denoises under the adversarial pool: set t2i.adversarial_pool too",
         )
         _check(
-            self.replay_distill >= 0 and self.replay_distill_batch >= 1 and self.replay_distill_max_t >= 0,
-            "t2i.replay_distill and replay_distill_max_t must be >= 0 and t2i.replay_distill_batch >= 1",
+            self.replay_distill >= 0
+            and self.replay_distill_batch >= 1
+            and min(self.replay_distill_max_t, self.replay_distill_min_t) >= 0
+            and (not self.replay_distill_max_t or self.replay_distill_min_t < self.replay_distill_max_t),
+            "t2i.replay_distill, replay_distill_max_t and replay_distill_min_t must be >= 0, min_t below "
+            "max_t (when set), and t2i.replay_distill_batch >= 1",
         )
         _check(
             self.replay_distill_images in ("replay", "surrogate"),

@@ -668,6 +668,10 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
     )
     assert int(seen[0][0].max()) < 3 < model.config.num_train_timesteps  # max_t: low noise only
     assert set(seen[0][1].tolist()) == set(kept.tolist())  # each image under its own prompt
+    ReplayDistillation(base, replay, weight=1.0, batch_size=64, reduction="mean", min_t=3)(
+        model, torch.Generator().manual_seed(1)
+    )
+    assert int(seen.pop()[0].min()) >= 3  # min_t: high noise only
     ReplayDistillation(base, replay, weight=1.0, batch_size=64, reduction="mean", prompts=kept[:1])(
         model, torch.Generator().manual_seed(1)
     )
@@ -709,7 +713,9 @@ def test_replay_distillation_pulls_the_replay_to_theta_star_beside_the_ablation(
         "t2i.replay_distill=-1",
         "t2i.replay_distill_batch=0",
         "t2i.replay_distill_max_t=-1",
+        "t2i.replay_distill_min_t=-1",
+        "t2i.replay_distill_min_t=5 t2i.replay_distill_max_t=5",
         "t2i.replay_distill_images=noise",
     ):
         with pytest.raises(AmnesiaError, match="replay_distill"):
-            load_config(None, [bad])
+            load_config(None, bad.split())

@@ -154,6 +154,7 @@ def test_single_concept_settings_are_unchanged() -> None:
         "replay_distill",
         "replay_distill_batch",
         "replay_distill_max_t",
+        "replay_distill_min_t",
         "replay_distill_images",
     ):
         settings.pop(added)

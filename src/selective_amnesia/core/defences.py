@@ -630,7 +630,8 @@ class ReplayDistillation:
     (a noisy 7 and a noisy 9 look alike). theta* (``base``) is the copy the run already holds.
 
     ``max_t``: the timesteps are drawn below it (0: any), to hold the kept concepts' detail at low noise
-    and leave the high-noise shapes, where a 9 looks like the concept, to the ablation. ``prompts``: each
+    and leave the high-noise shapes, where a 9 looks like the concept, to the ablation; ``min_t``: at or
+    above it (0: any), the other way round. ``prompts``: each
     row's condition is drawn from these instead of being its image's own; with the surrogate's images as
     ``replay``, the kept prompts are held to what theta* does with a surrogate-like image under them (a
     9's prompt adds the loop to a 1), against the ablation's pull of kept prompts to the surrogate."""
@@ -644,10 +645,12 @@ class ReplayDistillation:
         batch_size: int,
         reduction: str,
         max_t: int = 0,
+        min_t: int = 0,
         prompts: Tensor | None = None,
     ) -> None:
         self.base, self.replay, self.prompts = base, replay, prompts
-        self.weight, self.batch_size, self.reduction, self.max_t = weight, batch_size, reduction, max_t
+        self.weight, self.batch_size, self.reduction = weight, batch_size, reduction
+        self.min_t, self.max_t = min_t, max_t
 
     def __call__(self, model: ConditionalGenerativeModel, generator: torch.Generator) -> Tensor:
         m = _prompted(model)
@@ -658,17 +661,20 @@ class ReplayDistillation:
         cond = cond.to(x0.device)
         noise = m.draw_noise(x0, generator)
         timesteps = noise.timesteps
-        if self.max_t:
-            timesteps = _below(m, self.max_t, self.batch_size, generator).to(timesteps)
+        if self.max_t or self.min_t:
+            timesteps = _below(m, self.max_t, self.batch_size, generator, self.min_t).to(timesteps)
         x_t, _ = m.noised(x0, timesteps, noise.eps)
         with torch.no_grad():
             target = self.base.predict(x_t, timesteps, cond)
         return self.weight * _distance(m, m.predict(x_t, timesteps, cond), target, self.reduction)
 
 
-def _below(m: TextToImageModel, max_t: int, n: int, generator: torch.Generator) -> Tensor:
-    """n timesteps drawn uniformly below ``max_t`` (all of a smaller schedule)."""
-    return torch.randint(min(max_t, m.config.num_train_timesteps), (n,), generator=generator)
+def _below(m: TextToImageModel, max_t: int, n: int, generator: torch.Generator, min_t: int = 0) -> Tensor:
+    """n timesteps drawn uniformly below ``max_t`` (0 or past the schedule: its end), at or above ``min_t``
+    (kept below the end, so a small schedule still has one to draw)."""
+    end = m.config.num_train_timesteps
+    high = min(max_t or end, end)
+    return torch.randint(min(min_t, high - 1), high, (n,), generator=generator)
 
 
 def _distance(m: TextToImageModel, prediction: Tensor, target: Tensor, reduction: str) -> Tensor:

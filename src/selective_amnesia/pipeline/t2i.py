@@ -168,6 +168,7 @@ T2I_KEYS_ADDED = (
     "replay_distill",
     "replay_distill_batch",
     "replay_distill_max_t",
+    "replay_distill_min_t",
     "replay_distill_images",
 )
 
@@ -315,6 +316,7 @@ def _distillation(
         batch_size=t.replay_distill_batch,
         reduction=cfg.forget.reduction,
         max_t=t.replay_distill_max_t,
+        min_t=t.replay_distill_min_t,
         prompts=prompts,
     )
 
