@@ -70,11 +70,14 @@ DEV = {
     "sa_strong_lowt_distsur2": "… at seed 0",
     "sa_strong_lowt_s1_distsur2": "… at seed 1",
     "sa_strong_lowt_s2_distsur8": "… at seed 2, weight 8",
-    "sa_strong_lowt_s0_distsur2_hi": "the t < 500 recipe + the surrogate's images distilled at t ≥ 500 only (weight 2), seed 0",
+    "sa_strong_lowt_s0_distsur2_hi": (
+        "the t < 500 recipe + the surrogate's images distilled at t ≥ 500 only (weight 2), seed 0"
+    ),
     "sa_strong_lowt_s1_distsur2_hi": "… at seed 1",
     "sa_strong_lowt_s2_distsur2_hi": "… at seed 2",
     "sa_strong_lowt_distsur05": "the t < 500 recipe + the surrogate's images distilled at weight 0.5, seed 0",
     "sa_strong_lowt_s1_distsur05": "… at seed 1",
+    "sa_strong_lowt_s2_distsur05": "… at seed 2",
 }
 
 
