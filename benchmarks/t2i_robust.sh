@@ -111,10 +111,12 @@ dev_runs() {
     run "sa_strong_lowt_s${seed}_distsur2_hi" configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=$seed "${SUR[@]}" \
       t2i.replay_distill_min_t=500
   done
-  # session 14: at weight 0.5 at any t (a weaker hold), the three seeds
-  run sa_strong_lowt_distsur05 configs/t2i_mnist_robust.yaml "${LOWT[@]}" "${SUR[@]}" t2i.replay_distill=0.5
-  run sa_strong_lowt_s1_distsur05 configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=1 "${SUR[@]}" t2i.replay_distill=0.5
-  run sa_strong_lowt_s2_distsur05 configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=2 "${SUR[@]}" t2i.replay_distill=0.5
+  # session 14: session 12's surrogate distillation with 256 of theta*'s sevens (not 64) for the adversary
+  # and the ablation, at the three seeds: does the forgetting seed matter through which 64 sevens it drew?
+  for seed in 0 1 2; do
+    run "sa_strong_lowt_s${seed}_distsur2_t256" configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=$seed "${SUR[@]}" \
+      t2i.adversarial_targets=256
+  done
   for name in sa_v1 sa_xattn sa_lam12 sa_lam12_uncond sa_lam12_shares sa_lam12_shares_both sa_lam12_all \
     sa_adv300 sa_ablate sa_abl3 sa sa_pool25 sa_pool50 sa_poolab sa_poolab_kept sa_pool_lam3 sa_pool_lam16 \
     probe_kept25_1500 sa_strong sa_strong_nokept sa_strong_lam12 sa_strong_keep8 sa_strong_lowt \
@@ -122,8 +124,8 @@ dev_runs() {
     sa_strong_lowt_s2 sa_strong_lowt_distill2 sa_strong_lowt_distill8 sa_strong_lowt_distill05 \
     sa_strong_lowt_distill01 sa_strong_lowt_distill2_lowt sa_strong_lowt_s2_distsur2 sa_strong_lowt_distsur2 \
     sa_strong_lowt_s1_distsur2 sa_strong_lowt_s2_distsur8 sa_strong_lowt_s0_distsur2_hi \
-    sa_strong_lowt_s1_distsur2_hi sa_strong_lowt_s2_distsur2_hi sa_strong_lowt_distsur05 \
-    sa_strong_lowt_s1_distsur05 sa_strong_lowt_s2_distsur05; do
+    sa_strong_lowt_s1_distsur2_hi sa_strong_lowt_s2_distsur2_hi sa_strong_lowt_s0_distsur2_t256 \
+    sa_strong_lowt_s1_distsur2_t256 sa_strong_lowt_s2_distsur2_t256; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
   oracle dev 50 0
