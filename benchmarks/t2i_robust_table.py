@@ -80,7 +80,6 @@ DEV = {
         "the ablation (not 64), seed 0"
     ),
     "sa_strong_lowt_s1_distsur2_t256": "… at seed 1",
-    "sa_strong_lowt_s2_distsur2_t256": "… at seed 2",
 }
 
 
