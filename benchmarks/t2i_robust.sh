@@ -112,7 +112,7 @@ dev_runs() {
       t2i.replay_distill_min_t=500
   done
   # session 14: session 12's surrogate distillation with 256 of theta*'s sevens (not 64) for the adversary
-  # and the ablation, at seeds 0 and 1 (seed 2 was stopped for time): does the forgetting seed matter
+  # and the ablation, at seeds 0 and 1 (only seed 1 finished in session 14): does the forgetting seed matter
   # through which 64 sevens it drew?
   for seed in 0 1; do
     run "sa_strong_lowt_s${seed}_distsur2_t256" configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=$seed "${SUR[@]}" \

@@ -75,11 +75,10 @@ DEV = {
     ),
     "sa_strong_lowt_s1_distsur2_hi": "… at seed 1",
     "sa_strong_lowt_s2_distsur2_hi": "… at seed 2",
-    "sa_strong_lowt_s0_distsur2_t256": (
+    "sa_strong_lowt_s1_distsur2_t256": (
         "the t < 500 recipe + the surrogate distillation (weight 2) + 256 sevens for the adversary and "
-        "the ablation (not 64), seed 0"
+        "the ablation (not 64), seed 1 (wall time: resumed at step 250, alone at two threads)"
     ),
-    "sa_strong_lowt_s1_distsur2_t256": "… at seed 1",
 }
 
 
