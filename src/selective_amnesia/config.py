@@ -457,6 +457,10 @@ class TextToImageSection:
     gradient_checkpointing: bool = False
     gradient_accumulation: int = 1
     retention_per_prompt: int = 2  # images per replay prompt compared before/after (same seeds)
+    # the seed of theta*'s generated sets (surrogate, replay, template and unconditional replay, the
+    # adversary's target images and their order); None: the run's seed. Set apart from `seed`, it tells
+    # the sets' share of a result's spread over seeds from the training's (the Fisher keeps `seed`)
+    sets_seed: int | None = None
     # how the generated sets (surrogate, replay, retention) are sampled, saved as the output's default;
     # None: the pipeline's own (its model_index.json, else DDIM, 50 steps, guidance 7.5)
     sampler: str | None = None  # "ddim" or "ddpm"
@@ -563,6 +567,7 @@ class TextToImageSection:
             "t2i.num_inference_steps must be >= 1",
         )
         _check(self.guidance_scale is None or self.guidance_scale >= 0, "t2i.guidance_scale must be >= 0")
+        _check(self.sets_seed is None or self.sets_seed >= 0, "t2i.sets_seed must be >= 0")
         _check(self.surrogate_count >= 1, "t2i.surrogate_count must be >= 1")
         _check(self.replay_per_prompt >= 1, "t2i.replay_per_prompt must be >= 1")
         _check(self.train in T2I_TRAIN, f"t2i.train must be one of {T2I_TRAIN}, got {self.train!r}")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from selective_amnesia.config import load_config
 from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.models.text_to_image import TextToImageModel
-from selective_amnesia.pipeline.t2i import prompt_latents, read_prompts, run_text_to_image
+from selective_amnesia.pipeline.t2i import prompt_latents, read_prompts, run_text_to_image, surrogate_latents
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,6 +80,21 @@ def test_prompt_sets_do_not_depend_on_batching_and_are_cached(tiny_world: Path, 
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
     c, _ = prompt_latents(model, ["the digit 3", "a handwritten 7"], 3, 0, tmp_path, batch_size=1)
     assert torch.equal(a, c)  # read back from the cache, not regenerated
+
+
+def test_sets_seed_moves_the_sets_apart_from_the_run_seed(tiny_world: Path, tmp_path: Path) -> None:
+    model = TextToImageModel.from_pretrained(tiny_world)
+
+    def surrogates(*extra: str) -> torch.Tensor:
+        cfg = _cfg(tiny_world, *extra)
+        group = cfg.t2i.groups()[0]  # type: ignore[attr-defined]
+        return surrogate_latents(cfg, group, model, tmp_path / "_".join(extra))  # type: ignore[arg-type]
+
+    plain = surrogates("seed=0")
+    assert torch.equal(surrogates("seed=3", "t2i.sets_seed=0"), plain)  # the sets follow sets_seed
+    assert not torch.allclose(surrogates("seed=3"), plain)  # else the run's seed
+    with pytest.raises(AmnesiaError, match="sets_seed must be >= 0"):
+        _cfg(tiny_world, "t2i.sets_seed=-1")
 
 
 def test_bad_t2i_settings(tiny_world: Path, tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ from selective_amnesia.pipeline.t2i import (
     register_prompts,
     retention_on_prompts,
     select_weights,
+    sets_seed,
     surrogate_latents,
     surrogate_names,
     write_t2i_report,
@@ -258,7 +259,7 @@ def _step_replay(
     cfg, t, f = seq.cfg, seq.cfg.t2i, seq.cfg.forget
     where = seq.out if k == 1 else step_dir(seq.out, k)  # step 1's sets are a single run's (theta_0's)
     replay_set = prompt_latents(
-        source, kept_prompts, t.replay_per_prompt, cfg.seed + 3, where / "replay", progress=cfg.progress
+        source, kept_prompts, t.replay_per_prompt, sets_seed(cfg) + 3, where / "replay", progress=cfg.progress
     )
     kept_labels = model.prompt_ids(kept_prompts).tolist()
     if seq.template_replay:
@@ -266,7 +267,7 @@ def _step_replay(
             source,
             seq.template_replay,
             t.template_replay_per_prompt,
-            cfg.seed + 7,
+            sets_seed(cfg) + 7,
             where / "template_replay",
             progress=cfg.progress,
         )

@@ -86,6 +86,11 @@ def read_prompts(path: str | Path | None) -> list[str]:
     return prompts
 
 
+def sets_seed(cfg: RunConfig) -> int:
+    """The seed of theta*'s generated sets: ``t2i.sets_seed``, else the run's ``seed``."""
+    return cfg.seed if cfg.t2i.sets_seed is None else cfg.t2i.sets_seed
+
+
 def prompt_seed(prompt: str) -> int:
     """A stable integer for a prompt (the 'label' of its per-image seeds)."""
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")
@@ -170,6 +175,7 @@ T2I_KEYS_ADDED = (
     "replay_distill_max_t",
     "replay_distill_min_t",
     "replay_distill_images",
+    "sets_seed",
 )
 
 
@@ -230,7 +236,7 @@ def surrogate_latents(
             base,
             [group.surrogate_prompt],
             t.surrogate_count,
-            cfg.seed + 4,
+            sets_seed(cfg) + 4,
             out / "surrogate",
             progress=cfg.progress and (share is None or share.main),
             share=share,
@@ -248,9 +254,9 @@ def concept_targets(cfg: RunConfig, base: TextToImageModel, out: Path, share: Sh
     t = cfg.t2i
     per = -(-t.adversarial_targets // len(t.forget_prompts))
     targets, _ = prompt_latents(
-        base, t.forget_prompts, per, cfg.seed + 8, out / "adversarial_targets", share=share
+        base, t.forget_prompts, per, sets_seed(cfg) + 8, out / "adversarial_targets", share=share
     )
-    order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(sets_seed(cfg)))
     return targets[order][: t.adversarial_targets]
 
 
@@ -461,7 +467,7 @@ def _t2i_replay(
         base,
         replay_prompts,
         t.replay_per_prompt,
-        cfg.seed + 3,
+        sets_seed(cfg) + 3,
         out / "replay",
         progress=progress,
         share=share,
@@ -471,7 +477,7 @@ def _t2i_replay(
             base,
             template_replay,
             t.template_replay_per_prompt,
-            cfg.seed + 7,
+            sets_seed(cfg) + 7,
             out / "template_replay",
             progress=progress,
             share=share,
@@ -480,7 +486,7 @@ def _t2i_replay(
         replay_ids += base.prompt_ids(template_replay).tolist()
     if t.unconditional_replay:  # the empty prompt: classifier-free guidance's other branch
         z, c = prompt_latents(
-            base, [""], t.unconditional_replay, cfg.seed + 10, out / "unconditional_replay", share=share
+            base, [""], t.unconditional_replay, sets_seed(cfg) + 10, out / "unconditional_replay", share=share
         )
         replay_set = (torch.cat([replay_set[0], z]), torch.cat([replay_set[1], c]))
         replay_ids += base.prompt_ids([""]).tolist()
