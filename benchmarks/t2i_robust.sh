@@ -112,9 +112,9 @@ dev_runs() {
       t2i.replay_distill_min_t=500
   done
   # session 14: session 12's surrogate distillation with 256 of theta*'s sevens (not 64) for the adversary
-  # and the ablation, at seeds 0 and 1 (only seed 1 finished in session 14): does the forgetting seed matter
-  # through which 64 sevens it drew?
-  for seed in 0 1; do
+  # and the ablation, at seeds 0, 1 and 2 (seeds 0 and 2 finished in session 15): does the forgetting seed
+  # matter through which 64 sevens it drew?
+  for seed in 0 1 2; do
     run "sa_strong_lowt_s${seed}_distsur2_t256" configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=$seed "${SUR[@]}" \
       t2i.adversarial_targets=256
   done
@@ -126,7 +126,7 @@ dev_runs() {
     sa_strong_lowt_distill01 sa_strong_lowt_distill2_lowt sa_strong_lowt_s2_distsur2 sa_strong_lowt_distsur2 \
     sa_strong_lowt_s1_distsur2 sa_strong_lowt_s2_distsur8 sa_strong_lowt_s0_distsur2_hi \
     sa_strong_lowt_s1_distsur2_hi sa_strong_lowt_s2_distsur2_hi sa_strong_lowt_s0_distsur2_t256 \
-    sa_strong_lowt_s1_distsur2_t256; do
+    sa_strong_lowt_s1_distsur2_t256 sa_strong_lowt_s2_distsur2_t256; do
     judge "$name" dev 50 soft-prompt,discrete,token 0
   done
   oracle dev 50 0

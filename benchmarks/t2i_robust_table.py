@@ -79,6 +79,9 @@ DEV = {
         "the t < 500 recipe + the surrogate distillation (weight 2) + 256 sevens for the adversary and "
         "the ablation (not 64), seed 1 (wall time: resumed at step 250, alone at two threads)"
     ),
+    # session 15 (both resumed from session 14: wall time of the resumed part, two jobs at one thread)
+    "sa_strong_lowt_s0_distsur2_t256": "… at seed 0 (wall time: resumed at step 250)",
+    "sa_strong_lowt_s2_distsur2_t256": "… at seed 2 (wall time: resumed in the Fisher)",
 }
 
 
