@@ -156,6 +156,7 @@ def test_single_concept_settings_are_unchanged() -> None:
         "replay_distill_max_t",
         "replay_distill_min_t",
         "replay_distill_images",
+        "sets_seed",
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings
