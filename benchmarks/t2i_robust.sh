@@ -113,7 +113,7 @@ dev_runs() {
   done
   # session 14: session 12's surrogate distillation with 256 of theta*'s sevens (not 64) for the adversary
   # and the ablation, at seeds 0, 1 and 2 (seeds 0 and 2 finished in session 15): does the forgetting seed
-  # matter through which 64 sevens it drew?
+  # matter through which 64 sevens it drew? No: the seeds swapped places (docs/robustness.md, session 15)
   for seed in 0 1 2; do
     run "sa_strong_lowt_s${seed}_distsur2_t256" configs/t2i_mnist_robust.yaml "${LOWT[@]}" seed=$seed "${SUR[@]}" \
       t2i.adversarial_targets=256
