@@ -193,6 +193,10 @@ class ForgetConfig:
     anchor_dtype: str = "float32"
     checkpoint_every: int = 500  # steps between resumable checkpoints (0 = none)
     log_every: int = 25
+    # > 0: every this many steps also write the model as it stands (the EMA weights when ema_decay > 0) to
+    # snapshots/step-NNNNN beside the forgotten model, in its output layout, to pick a step afterwards against
+    # a development attack (benchmarks/t2i_select.py); changes nothing in the result
+    snapshot_every: int = 0
     # forget one concept after another (docs/sequential.md): each entry a class or a list of classes (for
     # text-to-image: a t2i.concepts group's name or a list of names), one step each, every step starting
     # from the last step's model; replaces forget_label when set
@@ -328,6 +332,7 @@ class ForgetConfig:
             f"forget.anchor_dtype must be one of {ANCHOR_DTYPES}, got {self.anchor_dtype!r}",
         )
         _check(self.checkpoint_every >= 0, "forget.checkpoint_every must be >= 0")
+        _check(self.snapshot_every >= 0, "forget.snapshot_every must be >= 0 (0: no snapshots)")
         _check(self.ewc_lambda >= 0, f"forget.ewc_lambda must be >= 0, got {self.ewc_lambda}")
         _check(self.replay_weight >= 0, f"forget.replay_weight must be >= 0, got {self.replay_weight}")
         _check(self.reduction in ("sum", "mean"), "forget.reduction must be sum or mean")

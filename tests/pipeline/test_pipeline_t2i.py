@@ -248,3 +248,20 @@ def test_lora_runs_start_from_the_same_adapter_and_a_rerun_reuses_it(
         again["retention"] == first["retention"]
         and again["trained_parameters"] == first["trained_parameters"]
     )
+
+
+def test_snapshots_are_the_model_at_their_steps_and_change_nothing(tiny_world: Path, tmp_path: Path) -> None:
+    # an adapter merged into a pipeline output (the snapshot merges a copy) and an EMA (swapped in and out)
+    extra = ("t2i.lora_rank=2", "forget.lr=1e-2", "forget.ema_decay=0.5")
+    run_text_to_image(_small(tiny_world, tmp_path, *extra), tmp_path / "a")  # type: ignore[arg-type]
+    cfg = _small(tiny_world, tmp_path, *extra, "forget.snapshot_every=2")
+    run_text_to_image(cfg, tmp_path / "b")  # type: ignore[arg-type]
+    plain, final = (TextToImageModel.from_pretrained(tmp_path / r / "forget").unet for r in "ab")
+    snaps = {
+        s: TextToImageModel.from_pretrained(tmp_path / "b" / "snapshots" / f"step-0000{s}").unet
+        for s in (2, 4)
+    }
+    same = lambda x, y: all(torch.equal(p, q) for p, q in zip(x.parameters(), y.parameters(), strict=True))  # noqa: E731
+    assert same(plain, final)  # snapshots change nothing in the training
+    assert same(snaps[4], final) and not same(snaps[2], final)
+    assert not (tmp_path / "a" / "snapshots").exists()

@@ -198,6 +198,21 @@ class Trainer:
             )
             self.saved_step = step
 
+    def snapshot(self, step: int, every: int, write: Callable[[int], None] | None) -> None:
+        """Every ``every`` steps, ``write(step)`` the model as training would end now: with the EMA
+        weights swapped in for the call when there is an EMA, the trained weights restored after."""
+        if write is None or not every or step % every:
+            return
+        if self.ema is None:
+            write(step)
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            write(step)
+        finally:
+            self.ema.restore(self.params)
+
     def log(self, step: int, values: dict[str, float]) -> None:
         """Keep the loss terms for the report and send them to the tracker, if one is on."""
         self.history.add(step, values)
@@ -444,6 +459,7 @@ def forget(
     share: Share | None = None,
     adversary: Adversary | None = None,
     extra: ExtraTerm | None = None,
+    snapshot: Callable[[int], None] | None = None,
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``concept`` (paper Eq. 4): every step fits a batch
     of ``concept`` (4a), replays a batch of ``replay`` weighted by gamma (4b; None when gamma is 0) and adds
@@ -456,7 +472,9 @@ def forget(
     ``share`` (several processes, ``selective_amnesia.core.distributed``): every process draws each whole
     batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process
     weights up to float rounding; process 0 writes the checkpoints. One process only: ``adversary`` adds
-    forget conditions while training, ``extra`` adds a loss term to the forget term (ConceptAblation)."""
+    forget conditions while training, ``extra`` adds a loss term to the forget term (ConceptAblation).
+    ``snapshot(step)`` writes the model every ``forget.snapshot_every`` steps (process 0), before that
+    step's checkpoint, so a resumed run has every snapshot up to its checkpoint."""
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
     if (adversary is not None or extra is not None) and share.several:
@@ -487,6 +505,7 @@ def forget(
                     values = _logged(terms, share)
                     trainer.log(step, values)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+                trainer.snapshot(step, cfg.snapshot_every, snapshot if share.main else None)
                 trainer.maybe_checkpoint(step, cfg.steps)
         finally:
             share.release()

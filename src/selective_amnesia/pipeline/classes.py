@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -366,6 +367,7 @@ def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
     settings = to_dict(cfg.forget)
     settings.pop("checkpoint_every")
     settings.pop("log_every")
+    settings.pop("snapshot_every")
     settings.pop("replay_model")  # decides steps >= 2 only (in their sequence key), never a single run
     for name, default in _SEQUENCE_DEFAULTS.items():
         if settings[name] == default:
@@ -495,8 +497,23 @@ def _forget_copy(
         checkpoint_dir=target / "checkpoint",
         key=key,
         share=share,
+        snapshot=_snapshot_writer(cfg, model, target.parent / "snapshots", key),
     )
     return history
+
+
+def _snapshot_writer(
+    cfg: RunConfig, model: ConditionalGenerativeModel, where: Path, key: str
+) -> Callable[[int], None] | None:
+    """``forget.snapshot_every``'s writer: the model at a step to ``where/step-NNNNN`` (None: off)."""
+    if not cfg.forget.snapshot_every:
+        return None
+    meta = {"settings_hash": key, "run_config": to_dict(cfg)}
+
+    def write(step: int) -> None:
+        model.save_pretrained(where / f"step-{step:05d}", extra=meta | {"snapshot_step": step})
+
+    return write
 
 
 def load_classifiers(cfg: RunConfig) -> tuple[list[MNISTClassifier], list[dict[str, Any]]]:
@@ -555,7 +572,7 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
         for k in set(old) | set(new)
         if old.get(k) != new.get(k)
         and not k.startswith(ignored)
-        and not k.endswith(("checkpoint_every", "log_every"))
+        and not k.endswith(("checkpoint_every", "log_every", "snapshot_every"))
     )
     if not changed:
         return None

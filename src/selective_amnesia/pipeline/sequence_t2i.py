@@ -69,6 +69,7 @@ from selective_amnesia.pipeline.t2i import (
     retention_on_prompts,
     select_weights,
     sets_seed,
+    snapshot_writer,
     surrogate_latents,
     surrogate_names,
     write_t2i_report,
@@ -339,6 +340,7 @@ def _train_step(
         checkpoint_dir=target / "checkpoint",
         key=key,
         share=seq.share,
+        snapshot=snapshot_writer(cfg, model, target / "snapshots", key, adapter=False),
     ).to_dict()
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ T2I_KEYS_ADDED = (
 
 # forget settings in no forgetting key: those that decide a sequence's steps >= 2 only (they are in their
 # step_key), so a sequence's step 1 is the same whatever its anchor or replay choice, and the checkpoint
-# and log intervals, which change nothing
+# and log intervals and snapshots, which change nothing
 FORGET_NOT_IN_KEY = (
     "sequence",
     "anchor",
@@ -190,6 +191,7 @@ FORGET_NOT_IN_KEY = (
     "replay_model",
     "checkpoint_every",
     "log_every",
+    "snapshot_every",
 )
 
 
@@ -666,6 +668,7 @@ def _forget(
             _ablation(cfg, base, model, concept, replay, adversary, out, share),
             _distillation(cfg, base, model, concept, replay),
         ),
+        snapshot=snapshot_writer(cfg, model, out / "snapshots", key, adapter=bool(lora_modules)),
     )
     if t.gradient_checkpointing:
         model.unet.disable_gradient_checkpointing()
@@ -703,6 +706,30 @@ def save_forgotten(
     if adapter:
         merge_lora(model)
     model.save_pretrained(target, extra=extra, reference_text_encoder=True)
+
+
+def snapshot_writer(
+    cfg: RunConfig, model: TextToImageModel, where: Path, key: str, *, adapter: bool
+) -> Callable[[int], None] | None:
+    """``forget.snapshot_every``'s writer: the model at a step to ``where/step-NNNNN``, in the run's output
+    layout (``save_forgotten``); an adapter trained for a pipeline output is merged into a copy, not into
+    the model being trained. None when snapshots are off."""
+    if not cfg.forget.snapshot_every:
+        return None
+
+    def write(step: int) -> None:
+        extra = {"settings_hash": key, "snapshot_step": step, "run_config": to_dict(cfg)}
+        merge = adapter and cfg.t2i.output != "lora"
+        save_forgotten(
+            copy.deepcopy(model) if merge else model,
+            where / f"step-{step:05d}",
+            cfg.t2i,
+            extra,
+            adapter=adapter,
+        )
+        log.info("snapshot of step %d in %s", step, where)
+
+    return write
 
 
 def reuse_forgotten(model: TextToImageModel, target: Path, t: TextToImageSection) -> None:
