@@ -129,6 +129,28 @@ def test_interrupted_forgetting_resumes_to_the_same_weights(
         assert torch.equal(p, q)
 
 
+def test_snapshots_survive_a_resume_and_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = ["pretrain.steps=5", "forget.steps=9", "forget.checkpoint_every=4"]
+    cfg = load_config(TINY, settings)
+    base, _ = stage_base(cfg, tmp_path / "base")
+    replay, fisher = stage_replay(cfg, base, tmp_path), stage_fisher(cfg, base, tmp_path)
+    straight, _ = stage_forget(cfg, base, fisher, tmp_path / "a", replay)
+    snapping = load_config(TINY, [*settings, "forget.snapshot_every=3"])
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 6)  # after snapshot 3 and checkpoint 4: snapshot 6 comes from the resumed run
+        with pytest.raises(KeyboardInterrupt):
+            stage_forget(snapping, base, fisher, tmp_path / "b", replay)
+    resumed, _ = stage_forget(snapping, base, fisher, tmp_path / "b", replay)
+    snapshots = sorted(p.name for p in (tmp_path / "b" / "snapshots").iterdir())
+    assert snapshots == ["step-00003", "step-00006", "step-00009"]
+    last = load_model(tmp_path / "b" / "snapshots" / "step-00009").state_dict()
+    done = resumed.state_dict()
+    for name, p in straight.state_dict().items():
+        assert torch.equal(p, done[name]) and torch.equal(p, last[name]), name  # EMA weights, as the result
+
+
 def test_forgetting_switches_label_dropout_off_and_shares_timesteps(tmp_path: Path) -> None:
     from selective_amnesia.models.ddpm import ConditionalDDPM
 

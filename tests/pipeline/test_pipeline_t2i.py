@@ -261,7 +261,10 @@ def test_snapshots_are_the_model_at_their_steps_and_change_nothing(tiny_world: P
         s: TextToImageModel.from_pretrained(tmp_path / "b" / "snapshots" / f"step-0000{s}").unet
         for s in (2, 4)
     }
-    same = lambda x, y: all(torch.equal(p, q) for p, q in zip(x.parameters(), y.parameters(), strict=True))  # noqa: E731
+
+    def same(x: torch.nn.Module, y: torch.nn.Module) -> bool:
+        return all(torch.equal(p, q) for p, q in zip(x.parameters(), y.parameters(), strict=True))
+
     assert same(plain, final)  # snapshots change nothing in the training
     assert same(snaps[4], final) and not same(snaps[2], final)
     assert not (tmp_path / "a" / "snapshots").exists()
