@@ -468,13 +468,11 @@ def forget(
     The model trains inside ``model.forgetting()`` (the DDPM: no label dropout); a diffusion model's two
     terms share antithetic timesteps (``paired_noise``), as the reference code. With ``checkpoint_dir``, a
     checkpoint made with the same ``key`` is resumed: the result is that of an uninterrupted run.
-
-    ``share`` (several processes, ``selective_amnesia.core.distributed``): every process draws each whole
-    batch, takes its contiguous slice, and DDP averages the gradients, so the weights are the one-process
-    weights up to float rounding; process 0 writes the checkpoints. One process only: ``adversary`` adds
-    forget conditions while training, ``extra`` adds a loss term to the forget term (ConceptAblation).
-    ``snapshot(step)`` writes the model every ``forget.snapshot_every`` steps (process 0), before that
-    step's checkpoint, so a resumed run has every snapshot up to its checkpoint."""
+    ``share`` (several processes, ``core.distributed``): every process draws each whole batch, takes its
+    slice, DDP averages the gradients (the one-process weights up to float rounding); process 0 writes.
+    One process only: ``adversary`` adds forget conditions while training, ``extra`` a loss term to the
+    forget term (ConceptAblation). ``snapshot(step)`` writes the model every ``forget.snapshot_every``
+    steps, before that step's checkpoint (a resumed run has every snapshot up to its checkpoint)."""
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
     if (adversary is not None or extra is not None) and share.several:
