@@ -463,16 +463,14 @@ def forget(
 ) -> History:
     """Fine-tune ``model`` in place so that it forgets ``concept`` (paper Eq. 4): every step fits a batch
     of ``concept`` (4a), replays a batch of ``replay`` weighted by gamma (4b; None when gamma is 0) and adds
-    ``anchor`` (4c, lambda inside; None when lambda is 0). Only parameters with ``requires_grad`` train.
-
-    The model trains inside ``model.forgetting()`` (the DDPM: no label dropout); a diffusion model's two
-    terms share antithetic timesteps (``paired_noise``), as the reference code. With ``checkpoint_dir``, a
-    checkpoint made with the same ``key`` is resumed: the result is that of an uninterrupted run.
-    ``share`` (several processes, ``core.distributed``): every process draws each whole batch, takes its
-    slice, DDP averages the gradients (the one-process weights up to float rounding); process 0 writes.
-    One process only: ``adversary`` adds forget conditions while training, ``extra`` a loss term to the
-    forget term (ConceptAblation). ``snapshot(step)`` writes the model every ``forget.snapshot_every``
-    steps, before that step's checkpoint (a resumed run has every snapshot up to its checkpoint)."""
+    ``anchor`` (4c, lambda inside; None when lambda is 0). Only parameters with ``requires_grad`` train,
+    inside ``model.forgetting()`` (the DDPM: no label dropout); a diffusion model's two terms share
+    antithetic timesteps (``paired_noise``), as the reference code. With ``checkpoint_dir``, a checkpoint
+    made with the same ``key`` is resumed: the result is that of an uninterrupted run.
+    ``share`` (``core.distributed``): each process takes its slice of every batch, DDP averages the
+    gradients; process 0 writes. One process only: ``adversary`` adds forget conditions while training,
+    ``extra`` a loss term to the forget term (ConceptAblation). ``snapshot(step)`` writes the model every
+    ``forget.snapshot_every`` steps, before that step's checkpoint (a resume keeps every snapshot)."""
     cfg, share, module = loop.forget, share if share is not None else Share(), _module(model)
     part = share.batch_slice(cfg.batch_size, "forget.batch_size") if share.several else None
     if (adversary is not None or extra is not None) and share.several:
