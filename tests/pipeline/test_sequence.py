@@ -82,6 +82,7 @@ def test_single_label_settings_hash_is_unchanged() -> None:
     for k in (
         "checkpoint_every",
         "log_every",
+        "snapshot_every",
         "sequence",
         "anchor",
         "online_alpha",
