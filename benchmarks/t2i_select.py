@@ -12,7 +12,9 @@ attack then runs at the held-out --report-seeds on the chosen step and on the la
 would ship without selection): only those numbers are a result, the development ones chose the step.
 
 Rerunnable: what select.json already holds is kept, so it can run while the snapshots appear; the report
-seeds wait until the run has finished (RUN/forget exists).
+seeds wait until the run has finished (RUN/forget exists). With --steps only those snapshots are measured
+and the report runs once they all exist, finished run or not: seed selection stops candidate runs early
+(say at step 500), compares their development rates, and reports (or finishes) only the best.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def attack(args: argparse.Namespace, snapshot: Path, seed: int) -> float:
 def measure(args: argparse.Namespace, result: dict[str, Any], js: list[Any]) -> None:
     """Fill ``result["steps"]`` for every snapshot on disk (development seeds and other digits)."""
     for snapshot in sorted((Path(args.run) / "snapshots").glob("step-*")):
-        if not (snapshot / "model_index.json").is_file():
-            continue  # being written
+        if not (snapshot / "model_index.json").is_file() or not wanted(args, snapshot.name):
+            continue  # being written, or not asked for
         row = result["steps"].setdefault(snapshot.name, {"dev_asr": {}})
         if "other_digits" not in row:
             row["other_digits"] = other_digits(snapshot, js, args.per_group, args.seed)
@@ -73,9 +75,18 @@ def measure(args: argparse.Namespace, result: dict[str, Any], js: list[Any]) -> 
         print(f"{snapshot.name}: dev ASR {row['dev_asr']} nines {row['min_other_digit_accuracy']:.3f}")
 
 
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    """Whether snapshot ``name`` (step-NNNNN) is one of --steps (all when none are given)."""
+    return not args.steps or int(name.split("-")[1]) in args.steps
+
+
 def choose(args: argparse.Namespace, result: dict[str, Any]) -> str | None:
     """The step with the lowest mean development ASR among those that keep the other digits."""
-    ok = {k: r for k, r in result["steps"].items() if r["min_other_digit_accuracy"] >= args.min_accuracy}
+    ok = {
+        k: r
+        for k, r in result["steps"].items()
+        if wanted(args, k) and r["min_other_digit_accuracy"] >= args.min_accuracy
+    }
     return min(ok, key=lambda k: (ok[k]["dev_mean"], k)) if ok else None
 
 
@@ -85,11 +96,22 @@ def main() -> int:
     p.add_argument("--run", required=True, help="a run directory made with forget.snapshot_every")
     p.add_argument("--out", required=True)
     p.add_argument("--dev-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
-    p.add_argument("--report-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[4, 5, 6, 7])
+    p.add_argument(
+        "--report-seeds",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[4, 5, 6, 7],
+        help='held-out attack seeds; "" measures development only (a candidate in seed selection)',
+    )
     p.add_argument("--per-group", type=int, default=50)
     p.add_argument("--seed", type=int, default=1, help="the other digits' sampling seed")
     p.add_argument("--min-accuracy", type=float, default=0.97)
     p.add_argument("--judges-cache", default=None)
+    p.add_argument(
+        "--steps",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[],
+        help="only these snapshot steps (e.g. 500); the report then needs only them, not the finished run",
+    )
     args = p.parse_args()
     if set(args.dev_seeds) & set(args.report_seeds):
         p.error("--dev-seeds and --report-seeds must not share a seed: the report seeds are held out")
@@ -99,10 +121,13 @@ def main() -> int:
     measure(args, result, judges(args.judges_cache))
     write_json(path, result)
     chosen = choose(args, result)
-    if not (Path(args.run) / "forget" / "model_index.json").is_file() or chosen is None:
-        print(f"chosen so far: {chosen}; the report seeds wait for the finished run")
+    have = {int(k.split("-")[1]) for k in result["steps"]}
+    finished = (Path(args.run) / "forget" / "model_index.json").is_file()
+    done = set(args.steps) <= have if args.steps else finished
+    if not done or chosen is None or not args.report_seeds:
+        print(f"chosen so far: {chosen}; the report seeds wait for the finished run (or every --steps)")
         return 0
-    last = max(result["steps"])
+    last = max(k for k in result["steps"] if wanted(args, k))
     result["chosen"], result["last"] = chosen, last
     for name in dict.fromkeys([chosen, last]):
         held = result["steps"][name].setdefault("report_asr", {})
