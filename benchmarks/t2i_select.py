@@ -125,7 +125,8 @@ def main() -> int:
     finished = (Path(args.run) / "forget" / "model_index.json").is_file()
     done = set(args.steps) <= have if args.steps else finished
     if not done or chosen is None or not args.report_seeds:
-        print(f"chosen so far: {chosen}; the report seeds wait for the finished run (or every --steps)")
+        why = "no --report-seeds" if not args.report_seeds else "waits for the run (or every --steps)"
+        print(f"chosen so far: {chosen}; held-out report: {why}")
         return 0
     last = max(k for k in result["steps"] if wanted(args, k))
     result["chosen"], result["last"] = chosen, last
