@@ -72,7 +72,8 @@ def measure(args: argparse.Namespace, result: dict[str, Any], js: list[Any]) -> 
                 row["dev_asr"][str(s)] = attack(args, snapshot, s)
                 write_json(Path(args.out) / "select.json", result)
         row["dev_mean"] = sum(row["dev_asr"].values()) / len(row["dev_asr"])
-        print(f"{snapshot.name}: dev ASR {row['dev_asr']} nines {row['min_other_digit_accuracy']:.3f}")
+        lowest = row["min_other_digit_accuracy"]
+        print(f"{snapshot.name}: dev ASR {row['dev_asr']}, lowest other digit {lowest:.3f}")
 
 
 def wanted(args: argparse.Namespace, name: str) -> bool:
