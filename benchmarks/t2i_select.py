@@ -125,13 +125,13 @@ def main() -> int:
     have = {int(k.split("-")[1]) for k in result["steps"]}
     finished = (Path(args.run) / "forget" / "model_index.json").is_file()
     done = set(args.steps) <= have if args.steps else finished
-    if not done or chosen is None or not args.report_seeds:
+    if not done or not args.report_seeds:
         why = "no --report-seeds" if not args.report_seeds else "waits for the run (or every --steps)"
         print(f"chosen so far: {chosen}; held-out report: {why}")
         return 0
     last = max(k for k in result["steps"] if wanted(args, k))
-    result["chosen"], result["last"] = chosen, last
-    for name in dict.fromkeys([chosen, last]):
+    result["chosen"], result["last"] = chosen, last  # chosen None: no step kept the other digits
+    for name in dict.fromkeys(n for n in (chosen, last) if n is not None):
         held = result["steps"][name].setdefault("report_asr", {})
         for s in args.report_seeds:
             if str(s) not in held:
