@@ -37,6 +37,7 @@ ADVERSARIAL_ROUNDS = {
     "all": ("soft-prompt", "discrete", "token"),
 }
 ADVERSARIAL_ATTACKS = tuple(ADVERSARIAL_ROUNDS)
+POOL_STARTS = ("prompts", "finds")  # t2i.adversarial_pool_start
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)
@@ -555,6 +556,10 @@ class TextToImageSection:
     adversarial_pool_reset: int = 50
     # attack steps per forgetting step, each of a soft prompt drawn from the pool (the pool's strength)
     adversarial_pool_updates: int = 2
+    # where a pool soft prompt restarts: "prompts" (a forget prompt's embedding, in turn) or "finds" (the
+    # periodic adversary's newest find, once it has one: the pool walks on from where a full attack on a
+    # recent model ended, the region an attack at evaluation reaches; docs/robustness.md, session 22)
+    adversarial_pool_start: str = "prompts"
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -691,6 +696,10 @@ class TextToImageSection:
             and self.adversarial_pool_reset >= 1
             and self.adversarial_pool_updates >= 1,
             "t2i.adversarial_pool must be >= 0, t2i.adversarial_pool_reset and adversarial_pool_updates >= 1",
+        )
+        _check(
+            self.adversarial_pool_start in POOL_STARTS,
+            f"t2i.adversarial_pool_start must be one of {POOL_STARTS}, got {self.adversarial_pool_start!r}",
         )
 
     def _check_concepts(self) -> None:

@@ -516,7 +516,7 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
     assert not {"adversarial_pool", "adversarial_pool_reset", "adversarial_pool_updates"} & set(plain)
     assert "concept_ablation_kept" not in plain
     bads = ("t2i.adversarial_pool=-1", "t2i.adversarial_pool_reset=0", "t2i.adversarial_pool_updates=0")
-    for bad in (*bads, "t2i.concept_ablation_kept=1.5"):
+    for bad in (*bads, "t2i.concept_ablation_kept=1.5", "t2i.adversarial_pool_start=random"):
         with pytest.raises(AmnesiaError, match="adversarial_pool|concept_ablation_kept"):
             load_config(None, [bad])
 
@@ -541,6 +541,27 @@ def test_a_pool_step_lowers_the_attack_loss_and_leaves_the_weights_alone(tiny_wo
     assert after < before  # the registered condition is the pool's current soft prompt
     assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in weights.items())
     assert all(p.grad is None for p in model.unet.parameters())
+
+
+def test_a_pool_restarts_from_the_adversarys_newest_find_when_asked(tiny_world: Path) -> None:
+    from selective_amnesia.core.defences import SoftPromptPool
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    forget_id = int(model.prompt_ids(["a handwritten 7"])[0])
+    targets = torch.randn(4, *model.image_shape, generator=torch.Generator().manual_seed(0))
+    start = model.encode_prompts(["a handwritten 7"])
+    finds: dict[int, dict[str, torch.Tensor]] = {}
+    pool = SoftPromptPool(
+        targets, [forget_id], size=1, reset=2, lr=0.05, seed=0, path=None, save_every=0, batch_size=4,
+        finds=finds,
+    )  # fmt: skip
+    (pid,) = pool.resume(model, start_step=1)
+    assert torch.equal(model.encode_prompts([model.prompts[pid]])[HIDDEN], start[HIDDEN])  # none found yet
+    finds[1] = {k: v[0] + 1.0 for k, v in start.items()}
+    finds[3] = {k: v[0] - 1.0 for k, v in start.items()}
+    pool.step(4, model)  # a restart (4 % reset == 0), then two Adam steps (lr each) from step 3's find
+    moved = model.encode_prompts([model.prompts[pid]])[HIDDEN][0]
+    assert (moved - finds[3][HIDDEN]).abs().max() < 0.5 < (moved - finds[1][HIDDEN]).abs().max()
 
 
 def _ablation_of(targets: torch.Tensor, forget_id: int, surrogate_id: int, **kw: Any) -> Any:

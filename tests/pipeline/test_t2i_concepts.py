@@ -148,6 +148,7 @@ def test_single_concept_settings_are_unchanged() -> None:
         "adversarial_pool",
         "adversarial_pool_reset",
         "adversarial_pool_updates",
+        "adversarial_pool_start",
         "concept_ablation_pool",
         "concept_ablation_kept_max_t",
         "concept_ablation_keep",

@@ -179,12 +179,14 @@ class Adversary:
         pool: int = 0,
         pool_reset: int = 50,
         pool_updates: int = 2,
+        pool_start: str = "prompts",
         save_every: int = 0,
     ) -> None:
         self.targets, self.init_ids, self.every = targets, init_ids, every
         self.steps, self.lr, self.seed, self.path, self.batch_size = steps, lr, seed, path, batch_size
         self.attack, self.tokens, self.exclude = attack, tokens, list(exclude or [])
         self.templates = list(templates or [])  # (template with {}, the concept word it held): token's
+        self.found: dict[int, dict[str, Tensor]] = {}
         pool_path = path.with_name("adversarial_pool.safetensors") if path is not None else None
         self.pool = (
             SoftPromptPool(
@@ -197,6 +199,7 @@ class Adversary:
                 seed=seed,
                 path=pool_path,
                 save_every=save_every,
+                finds=self.found if pool_start == "finds" else None,
             )
             if pool
             else None
@@ -206,7 +209,6 @@ class Adversary:
                 "t2i.adversarial_attack with token needs a forget prompt holding one of t2i.concept_words "
                 "(the learned token takes the word's place)"
             )
-        self.found: dict[int, dict[str, Tensor]] = {}
         self.prompts: dict[int, str] = {}  # the discrete attack's finds as text
 
     def resume(self, model: ConditionalGenerativeModel, start_step: int) -> list[int]:
@@ -312,7 +314,8 @@ class SoftPromptPool:
     ``sequence`` mode) that follow the model being trained, registered as forget conditions
     ``<adversarial:pool:j>``. Each step ``updates`` of them (default two; drawn with replacement from the
     step's own generator) take one Adam step of the attack (``batch_size`` targets); every ``reset`` steps
-    one restarts from a forget prompt's embedding (in turn). Why: the periodic adversary's few finds are
+    one restarts from a forget prompt's embedding (in turn), or, given ``finds`` (the periodic adversary's,
+    by step), from the newest of them once there is one. Why: the periodic adversary's few finds are
     single points; an attack that starts at a forget prompt walks a path, and the pool keeps conditions all
     along such paths under the forget and ablation terms, as fast adversarial training keeps its
     perturbations between steps.
@@ -334,7 +337,9 @@ class SoftPromptPool:
         save_every: int,
         batch_size: int = 16,
         updates: int = 2,
+        finds: dict[int, dict[str, Tensor]] | None = None,
     ) -> None:
+        self.finds = finds
         self.targets, self.init_ids, self.size, self.reset, self.lr = targets, init_ids, size, reset, lr
         self.seed, self.path, self.save_every, self.batch_size = seed, path, save_every, batch_size
         self.updates = updates
@@ -347,8 +352,11 @@ class SoftPromptPool:
     def _start(self, model: TextToImageModel, j: int, which: int) -> None:
         from selective_amnesia.attacks.common import FIXED_KEYS
 
-        prompt = model.prompts[self.init_ids[which % len(self.init_ids)]]
-        init = {k: v[0].detach().float() for k, v in model.encode_prompts([prompt]).items()}
+        if self.finds:
+            init = {k: v.detach().float() for k, v in self.finds[max(self.finds)].items()}
+        else:
+            prompt = model.prompts[self.init_ids[which % len(self.init_ids)]]
+            init = {k: v[0].detach().float() for k, v in model.encode_prompts([prompt]).items()}
         self.free[j] = {k: v.clone().requires_grad_(True) for k, v in init.items() if k not in FIXED_KEYS}
         self.fixed[j] = {k: v for k, v in init.items() if k in FIXED_KEYS}
         opt = torch.optim.Adam(list(self.free[j].values()), lr=self.lr)

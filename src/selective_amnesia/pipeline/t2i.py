@@ -168,6 +168,7 @@ T2I_KEYS_ADDED = (
     "adversarial_pool",
     "adversarial_pool_reset",
     "adversarial_pool_updates",
+    "adversarial_pool_start",
     "concept_ablation_pool",
     "concept_ablation_kept_max_t",
     "concept_ablation_keep",
@@ -353,6 +354,7 @@ def _adversary(
         pool=t.adversarial_pool,
         pool_reset=t.adversarial_pool_reset,
         pool_updates=t.adversarial_pool_updates,
+        pool_start=t.adversarial_pool_start,
         save_every=cfg.forget.checkpoint_every,
     )
 
