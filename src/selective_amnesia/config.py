@@ -560,6 +560,9 @@ class TextToImageSection:
     # periodic adversary's newest find, once it has one: the pool walks on from where a full attack on a
     # recent model ended, the region an attack at evaluation reaches; docs/robustness.md, session 22)
     adversarial_pool_start: str = "prompts"
+    # targets (noised images of the concept) per pool attack step: with adversarial_pool_updates, most of
+    # the pool's cost, which is most of a step's at 12 updates (the time lever of docs/robustness.md)
+    adversarial_pool_batch: int = 16
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
     # (forget.sequence names them); they replace t2i.surrogate_*/concept_words, and forget_prompts becomes
@@ -694,8 +697,10 @@ class TextToImageSection:
         _check(
             self.adversarial_pool >= 0
             and self.adversarial_pool_reset >= 1
-            and self.adversarial_pool_updates >= 1,
-            "t2i.adversarial_pool must be >= 0, t2i.adversarial_pool_reset and adversarial_pool_updates >= 1",
+            and self.adversarial_pool_updates >= 1
+            and self.adversarial_pool_batch >= 1,
+            "t2i.adversarial_pool must be >= 0, t2i.adversarial_pool_reset, adversarial_pool_updates and "
+            "adversarial_pool_batch >= 1",
         )
         _check(
             self.adversarial_pool_start in POOL_STARTS,

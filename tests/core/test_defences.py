@@ -474,6 +474,7 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
         "t2i.adversarial_pool=2",
         "t2i.adversarial_pool_reset=3",
         "t2i.adversarial_pool_updates=3",
+        "t2i.adversarial_pool_batch=2",
         "t2i.adversarial_targets=4",
         "t2i.concept_ablation=1.0",
         "t2i.concept_ablation_batch=2",
@@ -516,7 +517,8 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
     assert not {"adversarial_pool", "adversarial_pool_reset", "adversarial_pool_updates"} & set(plain)
     assert "concept_ablation_kept" not in plain
     bads = ("t2i.adversarial_pool=-1", "t2i.adversarial_pool_reset=0", "t2i.adversarial_pool_updates=0")
-    for bad in (*bads, "t2i.concept_ablation_kept=1.5", "t2i.adversarial_pool_start=random"):
+    more = ("t2i.adversarial_pool_batch=0", "t2i.adversarial_pool_start=any", "t2i.concept_ablation_kept=1.5")
+    for bad in (*bads, *more):
         with pytest.raises(AmnesiaError, match="adversarial_pool|concept_ablation_kept"):
             load_config(None, [bad])
 

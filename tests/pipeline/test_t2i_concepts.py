@@ -149,6 +149,7 @@ def test_single_concept_settings_are_unchanged() -> None:
         "adversarial_pool_reset",
         "adversarial_pool_updates",
         "adversarial_pool_start",
+        "adversarial_pool_batch",
         "concept_ablation_pool",
         "concept_ablation_kept_max_t",
         "concept_ablation_keep",

@@ -180,6 +180,7 @@ class Adversary:
         pool_reset: int = 50,
         pool_updates: int = 2,
         pool_start: str = "prompts",
+        pool_batch: int = 16,
         save_every: int = 0,
     ) -> None:
         self.targets, self.init_ids, self.every = targets, init_ids, every
@@ -199,6 +200,7 @@ class Adversary:
                 seed=seed,
                 path=pool_path,
                 save_every=save_every,
+                batch_size=pool_batch,
                 finds=self.found if pool_start == "finds" else None,
             )
             if pool

@@ -169,6 +169,7 @@ T2I_KEYS_ADDED = (
     "adversarial_pool_reset",
     "adversarial_pool_updates",
     "adversarial_pool_start",
+    "adversarial_pool_batch",
     "concept_ablation_pool",
     "concept_ablation_kept_max_t",
     "concept_ablation_keep",
@@ -355,6 +356,7 @@ def _adversary(
         pool_reset=t.adversarial_pool_reset,
         pool_updates=t.adversarial_pool_updates,
         pool_start=t.adversarial_pool_start,
+        pool_batch=t.adversarial_pool_batch,
         save_every=cfg.forget.checkpoint_every,
     )
 
