@@ -557,11 +557,11 @@ class TextToImageSection:
     # attack steps per forgetting step, each of a soft prompt drawn from the pool (the pool's strength)
     adversarial_pool_updates: int = 2
     # where a pool soft prompt restarts: "prompts" (a forget prompt's embedding, in turn) or "finds" (the
-    # periodic adversary's newest find, once it has one: the pool walks on from where a full attack on a
-    # recent model ended, the region an attack at evaluation reaches; docs/robustness.md, session 22)
+    # periodic adversary's newest find, once it has one, so the pool walks on from where an attack on a
+    # recent model ended; needs adversarial_every; no better on the world, docs/robustness.md, session 22)
     adversarial_pool_start: str = "prompts"
-    # targets (noised images of the concept) per pool attack step: with adversarial_pool_updates, most of
-    # the pool's cost, which is most of a step's at 12 updates (the time lever of docs/robustness.md)
+    # targets (noised images of the concept) per pool attack step; with adversarial_pool_updates the
+    # pool's cost (at 12 updates, 4 instead of 16 took a step to about 0.7x the time, session 22)
     adversarial_pool_batch: int = 16
     # several concepts, each with its own surrogate (docs/sequential.md): groups {name, forget_prompts,
     # surrogate_prompt or surrogate_path, concept_words}, forgotten at once or one after another
@@ -705,6 +705,11 @@ class TextToImageSection:
         _check(
             self.adversarial_pool_start in POOL_STARTS,
             f"t2i.adversarial_pool_start must be one of {POOL_STARTS}, got {self.adversarial_pool_start!r}",
+        )
+        _check(
+            self.adversarial_pool_start != "finds" or self.adversarial_every > 0,
+            "t2i.adversarial_pool_start: finds restarts from the periodic adversary's finds: set "
+            "t2i.adversarial_every too",
         )
 
     def _check_concepts(self) -> None:

@@ -521,6 +521,8 @@ def test_the_adversarial_pool_follows_the_model_and_resumes_exactly(
     for bad in (*bads, *more):
         with pytest.raises(AmnesiaError, match="adversarial_pool|concept_ablation_kept"):
             load_config(None, [bad])
+    with pytest.raises(AmnesiaError, match="set t2i.adversarial_every"):
+        load_config(None, ["t2i.adversarial_pool_start=finds", "t2i.adversarial_every=0"])
 
 
 def test_a_pool_step_lowers_the_attack_loss_and_leaves_the_weights_alone(tiny_world: Path) -> None:
