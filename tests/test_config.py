@@ -64,12 +64,22 @@ def test_overrides_are_typed_and_nested() -> None:
         (["forget=3"], "expected a mapping"),
         (["forget.forget_label=12"], "forget_label"),
         (["forget.reduction=max"], "reduction"),
+        (["forget.steps=10", "forget.lr_decay_steps=11"], "lr_decay_steps must be between 0 and"),
+        (["forget.lr_decay_to=1.5"], "lr_decay_to must be in"),
         (["justtext"], "key.sub=value"),
     ],
 )
 def test_bad_values_are_rejected_with_a_message(override: list[str], message: str) -> None:
     with pytest.raises(AmnesiaError, match=message):
         load_config(None, override)
+
+
+def test_the_learning_rate_falls_in_a_line_over_the_last_steps() -> None:
+    decay = ["forget.steps=10", "forget.lr=1.0", "forget.lr_decay_steps=4", "forget.lr_decay_to=0.2"]
+    f = load_config(None, decay)
+    assert [f.forget.lr_at(s) for s in (1, 6)] == [1.0, 1.0]
+    assert [round(f.forget.lr_at(s), 6) for s in (7, 8, 9, 10)] == [0.8, 0.6, 0.4, 0.2]
+    assert load_config(None, ["forget.lr=0.5"]).forget.lr_at(1500) == 0.5  # the default: constant
 
 
 def test_bad_yaml_file(tmp_path: Path) -> None:

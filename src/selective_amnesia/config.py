@@ -42,6 +42,9 @@ OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines (selective_amnesia.baselines)
 ESD_VARIANTS = ("x", "u")  # esd-x: cross-attention weights; esd-u: the rest (trainable "noxattn")
+# forget keys added after the first runs, with their defaults: left out of a run's settings hash while at
+# them, so that runs made before the keys existed are still reused
+FORGET_KEYS_ADDED: dict[str, Any] = {"lr_decay_steps": 0, "lr_decay_to": 0.1}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -185,6 +188,11 @@ class ForgetConfig:
     # reduction decides what a value means (configs/t2i_mnist.yaml)
     adam_eps: float = 1e-8
     grad_clip: float | None = None  # clip the global gradient norm (the reference DDPM clips at 1.0)
+    # > 0: over the last lr_decay_steps steps the learning rate falls in a straight line from lr to
+    # lr * lr_decay_to at the last step (a calmer end: under the adversarial pool the model swings between
+    # snapshots, docs/robustness.md); 0 (the paper): constant
+    lr_decay_steps: int = 0
+    lr_decay_to: float = 0.1
     # > 0: the saved model is an EMA of the fine-tuned weights. Its decay is constant from theta* on, as the
     # reference's EMAHelper; ema_warmup=true uses diffusers' warm-up (decay 0 at step 1: theta* is dropped)
     ema_decay: float = 0.0
@@ -339,7 +347,21 @@ class ForgetConfig:
         _check(self.reduction in ("sum", "mean"), "forget.reduction must be sum or mean")
         _check(self.steps >= 1 and self.batch_size >= 1, "forget.steps and forget.batch_size must be >= 1")
         _check(self.lr > 0, "forget.lr must be > 0")
+        _check(
+            0 <= self.lr_decay_steps <= self.steps,
+            f"forget.lr_decay_steps must be between 0 and forget.steps ({self.steps}), "
+            f"got {self.lr_decay_steps}",
+        )
+        _check(0 <= self.lr_decay_to <= 1, f"forget.lr_decay_to must be in [0, 1], got {self.lr_decay_to}")
         _check(self.log_every >= 1, "forget.log_every must be >= 1")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (1 to steps): lr, then lr_decay_steps steps down to lr *
+        lr_decay_to."""
+        start = self.steps - self.lr_decay_steps
+        if step <= start:
+            return self.lr
+        return self.lr * (1 - (step - start) / self.lr_decay_steps * (1 - self.lr_decay_to))
 
 
 def _user_cache_dir() -> str:

@@ -78,3 +78,24 @@ def test_one_seed_makes_forgetting_reproducible(tiny_cvae: torch.nn.Module) -> N
     assert ha.terms == hb.terms
     for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), n
+
+
+def test_a_last_step_at_learning_rate_zero_leaves_the_weights(tiny_cvae: torch.nn.Module) -> None:
+    """forget.lr_decay_steps reaches the optimizer: decayed to 0 over the last step, a 3-step run ends
+    with the weights of the same run stopped after 2 (no EMA, no weight decay); without the decay, not."""
+    import copy
+
+    from selective_amnesia.core.fisher import estimate_fisher
+
+    fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
+
+    def weights(**kw: Any) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(tiny_cvae)
+        _forget(model, fisher, ForgetConfig(batch_size=8, **kw), seed=1)
+        return model.state_dict()
+
+    two = weights(steps=2)
+    decayed = weights(steps=3, lr_decay_steps=1, lr_decay_to=0.0)
+    three = weights(steps=3)
+    assert all(torch.equal(two[n], decayed[n]) for n in two)
+    assert not all(torch.equal(two[n], three[n]) for n in two)

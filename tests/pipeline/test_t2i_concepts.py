@@ -14,6 +14,7 @@ import yaml
 
 from selective_amnesia.cli import main
 from selective_amnesia.config import RunConfig, load_config, to_dict
+from selective_amnesia.core.cache_keys import settings_hash
 from selective_amnesia.core.objective import EWCPenalty
 from selective_amnesia.core.replay import StoredReplay
 from selective_amnesia.core.surrogate import GroupedSurrogate, StoredImages
@@ -162,6 +163,13 @@ def test_single_concept_settings_are_unchanged() -> None:
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings
+    # forget keys added later (forget.lr_decay_*) are out of the forgetting key at their defaults
+    cfg, args = load_config(None), ("start", {"fisher": 1}, "sets")
+    forget = {n: v for n, v in to_dict(cfg.forget).items() if n not in pipeline_t2i.FORGET_NOT_IN_KEY}
+    del forget["lr_decay_steps"], forget["lr_decay_to"]
+    plain = settings_hash(forget, t2i_settings(cfg.t2i), cfg.seed, *args)
+    assert pipeline_t2i.forget_key(cfg, *args) == plain
+    assert pipeline_t2i.forget_key(load_config(None, ["forget.lr_decay_steps=100"]), *args) != plain
     assert [g.name for g in t.groups()] == ["concept"] and t.groups()[0].forget_prompts == t.forget_prompts
     for name in ("t2i_mnist_seq.yaml", "t2i_mnist_at_once.yaml"):
         cfg = load_config(REPO / "configs" / name)

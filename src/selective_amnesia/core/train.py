@@ -129,6 +129,9 @@ class Trainer:
         self.history = History()
         # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
         self.scaler: Any = None
+        # the learning rate of a step, set before its update (None: lr throughout); a function of the step
+        # alone, so a resumed run needs no scheduler state
+        self.lr_at: Callable[[int], float] | None = None
         self.start_step = 1
         self.saved_step = 0  # the step of the last checkpoint on disk (0: none)
         self.elapsed = 0.0
@@ -167,6 +170,9 @@ class Trainer:
                 self._diverged(step, "gradient norm is not finite")
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.lr_at is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr_at(step)
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -557,6 +563,8 @@ def _forget_trainer(
         what="forgetting",
         fix="lower forget.lr or raise forget.ewc_lambda",
     )
+    if cfg.lr_decay_steps:
+        trainer.lr_at = cfg.lr_at
     if not share.main:  # process 0 writes (and at the end removes) the checkpoint all resumed from
         trainer.checkpoint_dir = None
     if loop.mixed_precision == "fp16":

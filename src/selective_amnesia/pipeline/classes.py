@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from selective_amnesia.config import RunConfig, resolve_device, to_dict
+from selective_amnesia.config import FORGET_KEYS_ADDED, RunConfig, resolve_device, to_dict
 from selective_amnesia.core import sampling as sampling_module
 from selective_amnesia.core.cache_keys import finished, settings_hash
 from selective_amnesia.core.distributed import current_share
@@ -369,7 +369,7 @@ def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
     settings.pop("log_every")
     settings.pop("snapshot_every")
     settings.pop("replay_model")  # decides steps >= 2 only (in their sequence key), never a single run
-    for name, default in _SEQUENCE_DEFAULTS.items():
+    for name, default in {**_SEQUENCE_DEFAULTS, **FORGET_KEYS_ADDED}.items():
         if settings[name] == default:
             settings.pop(name)
     return settings
@@ -563,7 +563,8 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
         old = _flat(read_json(out / "config.json"))
     except AmnesiaError:
         return None
-    for name, default in _SEQUENCE_DEFAULTS.items():  # a run made before these keys had their defaults
+    # a run made before these keys had their defaults
+    for name, default in {**_SEQUENCE_DEFAULTS, **FORGET_KEYS_ADDED}.items():
         old.setdefault(f"forget.{name}", default)
     new = _flat(to_dict(cfg))
     ignored = ("progress", "device", "name", "classifier.cache_dir")

@@ -32,7 +32,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from selective_amnesia import faults
-from selective_amnesia.config import ConceptGroup, RunConfig, TextToImageSection, resolve_device, to_dict
+from selective_amnesia.config import (
+    FORGET_KEYS_ADDED,
+    ConceptGroup,
+    RunConfig,
+    TextToImageSection,
+    resolve_device,
+    to_dict,
+)
 from selective_amnesia.core.cache_keys import ADAPTER_META, block_set, finished, settings_hash
 from selective_amnesia.core.defences import (
     Adversary,
@@ -203,7 +210,12 @@ def forget_key(cfg: RunConfig, start: str, fisher_meta: Any, sets: str, *more: A
     metadata (``stage_fisher``'s, the same for a Fisher estimated now and one read back from its file),
     the generated sets' hash ``sets`` (their files may change without any setting changing) and ``more``
     (a sequence step's groups and step key). Its checkpoint is kept under the same key."""
-    settings = {name: v for name, v in to_dict(cfg.forget).items() if name not in FORGET_NOT_IN_KEY}
+    added = FORGET_KEYS_ADDED  # at their defaults, out of the key: earlier runs keep theirs
+    settings = {
+        name: v
+        for name, v in to_dict(cfg.forget).items()
+        if name not in FORGET_NOT_IN_KEY and not (name in added and added[name] == v)
+    }
     return settings_hash(settings, t2i_settings(cfg.t2i), cfg.seed, start, fisher_meta, sets, *more)
 
 
