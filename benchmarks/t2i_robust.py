@@ -106,7 +106,8 @@ def main() -> int:
     p.add_argument(
         "--run",
         required=True,
-        help="a run directory (forget/, report.json), 'base', or a world's pipeline directory (the oracle)",
+        help="a run directory (forget/, report.json), 'base', a world's pipeline directory (the oracle) "
+        "or a run's snapshot (RUN/snapshots/step-NNNNN; the robust config's forget prompts)",
     )
     p.add_argument("--name", required=True, help="the entry: sa, sa_plain, esd_x, esd_u, uce, base, ...")
     p.add_argument("--out", required=True)
@@ -122,10 +123,14 @@ def main() -> int:
     base = TextToImageModel.from_pretrained(args.base)
     if args.run == "base":
         model, report = base, {"forget_prompts": captions(SEVEN)[:4], "timings": {}}
-    elif is_pipeline(args.run):  # another world, e.g. retrained without sevens: its build time
+    elif is_pipeline(args.run):  # another world (e.g. retrained without sevens: its build time) or a snapshot
         model = TextToImageModel.from_pretrained(args.run)
-        timings = read_json(Path(args.run) / "world.json").get("timings", {})
-        report = {"forget_prompts": captions(SEVEN)[:4], "timings": {"total_s": sum(timings.values())}}
+        world = Path(args.run) / "world.json"  # a run's snapshot (forget.snapshot_every) has none: no time
+        timings = read_json(world).get("timings", {}) if world.is_file() else {}
+        report = {
+            "forget_prompts": captions(SEVEN)[:4],
+            "timings": {"total_s": sum(timings.values())} if timings else {},
+        }
     else:
         model = TextToImageModel.from_pretrained(Path(args.run) / "forget")
         report = read_json(Path(args.run) / "report.json")
