@@ -189,8 +189,8 @@ class ForgetConfig:
     adam_eps: float = 1e-8
     grad_clip: float | None = None  # clip the global gradient norm (the reference DDPM clips at 1.0)
     # > 0: over the last lr_decay_steps steps the learning rate falls in a straight line from lr to
-    # lr * lr_decay_to at the last step (a calmer end: under the adversarial pool the model swings between
-    # snapshots, docs/robustness.md); 0 (the paper): constant
+    # lr * lr_decay_to at the last step; 0 (the paper): constant. Tried as a calmer end for the adversarial
+    # pool's swings between snapshots: at 500 steps it did not hold seed 3's good state (docs/robustness.md)
     lr_decay_steps: int = 0
     lr_decay_to: float = 0.1
     # > 0: the saved model is an EMA of the fine-tuned weights. Its decay is constant from theta* on, as the

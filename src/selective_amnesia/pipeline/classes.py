@@ -361,6 +361,7 @@ _SEQUENCE_DEFAULTS = {
     "online_alpha": 1.0,
     "replay_forgotten": "surrogate",
 }
+_ADDED_DEFAULTS = {**_SEQUENCE_DEFAULTS, **FORGET_KEYS_ADDED}  # every forget key added since the first runs
 
 
 def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -369,7 +370,7 @@ def _forget_settings(cfg: RunConfig) -> dict[str, Any]:
     settings.pop("log_every")
     settings.pop("snapshot_every")
     settings.pop("replay_model")  # decides steps >= 2 only (in their sequence key), never a single run
-    for name, default in {**_SEQUENCE_DEFAULTS, **FORGET_KEYS_ADDED}.items():
+    for name, default in _ADDED_DEFAULTS.items():
         if settings[name] == default:
             settings.pop(name)
     return settings
@@ -564,7 +565,7 @@ def rerun_plan(cfg: RunConfig, out: Path) -> dict[str, list[str]] | None:
     except AmnesiaError:
         return None
     # a run made before these keys had their defaults
-    for name, default in {**_SEQUENCE_DEFAULTS, **FORGET_KEYS_ADDED}.items():
+    for name, default in _ADDED_DEFAULTS.items():
         old.setdefault(f"forget.{name}", default)
     new = _flat(to_dict(cfg))
     ignored = ("progress", "device", "name", "classifier.cache_dir")
