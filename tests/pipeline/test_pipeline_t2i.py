@@ -82,6 +82,28 @@ def test_prompt_sets_do_not_depend_on_batching_and_are_cached(tiny_world: Path, 
     assert torch.equal(a, c)  # read back from the cache, not regenerated
 
 
+def test_prompts_with_few_images_share_sampler_calls(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = TextToImageModel.from_pretrained(tiny_world)
+    prompts = ["the digit 3", "a handwritten 7", "the number one", "a handwritten 9"]
+    alone = torch.cat([prompt_latents(model, [p], 2, 0, None)[0] for p in prompts])
+    calls: list[int] = []
+    sample = model.sample
+
+    def counted(cond: torch.Tensor, **kw: object) -> torch.Tensor:
+        calls.append(len(cond))
+        return sample(cond, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "sample", counted)
+    prompt_latents(model, prompts[1:2], 2, 0, tmp_path)  # one prompt's set already cached
+    calls.clear()
+    shared, ids = prompt_latents(model, prompts, 2, 0, tmp_path, batch_size=4)
+    assert calls == [4, 2]  # 3 missing prompts x 2 images in calls of up to 4, the cached one not drawn
+    assert torch.allclose(shared, alone, atol=1e-5)  # the same per-image seeds in any company
+    assert ids.tolist() == model.prompt_ids([p for p in prompts for _ in range(2)]).tolist()
+
+
 def test_sets_seed_moves_the_sets_apart_from_the_run_seed(tiny_world: Path, tmp_path: Path) -> None:
     model = TextToImageModel.from_pretrained(tiny_world)
 

@@ -171,6 +171,65 @@ def _stored(s: BlockSet) -> Tensor | None:
     return stored[s.name] if meta.get("key") == s.key and s.name in stored else None
 
 
+def _part_kept(s: BlockSet, lo: int, n: int) -> bool:
+    """Whether block ``lo`` of ``s`` is kept in its ``.partial`` folder, so no call makes it again."""
+    if s.path is None or not (part := _part_path(partial_dir(s.path), lo)).is_file():
+        return False
+    return load_tensors(part)[1].get("key") == f"{s.key} n={n}"
+
+
+def planned_blocks(sets: list[BlockSet], share: Share | None = None) -> list[tuple[int, int, int]]:
+    """The blocks ``(set index, lo, n)`` that ``blockwise_sets(sets, share)`` will make in this process,
+    in order: those of the sets not stored, not kept in ``.partial``, and (several processes) its own.
+    Only a plan for ``SharedCalls``: a block it misses is made alone, one it lists in vain is wasted."""
+    several = share is not None and share.several
+    blocks, index = [], 0
+    for i, s in enumerate(sets):
+        if _stored(s) is not None:
+            continue
+        for lo in range(0, s.total, s.block):
+            n = min(s.block, s.total - lo)
+            owned = not several or s.path is None or share.owns(index)  # type: ignore[union-attr]
+            index += s.path is not None
+            if owned and not _part_kept(s, lo, n):
+                blocks.append((i, lo, n))
+    return blocks
+
+
+class SharedCalls:
+    """The blocks of several small sets drawn in shared model calls of up to ``batch`` items.
+
+    ``maker(i)`` is set i's ``make(lo, n)``: on a miss it draws that block together with the blocks
+    planned after it (``plan``, from ``planned_blocks``) through ``draw(blocks)``, which returns their
+    items concatenated, and keeps the others until asked. With per-image generators an image does not
+    depend on its batch, so only the number of calls changes: prompt sets of 2 images a prompt were
+    drawn 2 at a time, ~3x the time per image of a 64-image call (benchmarks/bench_prompt_sets.py).
+    """
+
+    def __init__(self, draw: Callable[[list[tuple[int, int, int]]], Tensor], batch: int) -> None:
+        self.draw, self.batch = draw, batch
+        self.plan: list[tuple[int, int, int]] = []
+        self.made: dict[tuple[int, int, int], Tensor] = {}
+
+    def maker(self, i: int) -> Callable[[int, int], Tensor]:
+        return partial(self._make, i)
+
+    def _make(self, i: int, lo: int, n: int) -> Tensor:
+        block = (i, lo, n)
+        if block not in self.made:
+            group, size = [block], n
+            after = self.plan[self.plan.index(block) + 1 :] if block in self.plan else []
+            for b in after:
+                if size + b[2] > self.batch:
+                    break
+                if b not in self.made:
+                    group.append(b)
+                    size += b[2]
+            drawn = self.draw(group).split([b[2] for b in group])
+            self.made.update(zip(group, drawn, strict=True))
+        return self.made.pop(block)
+
+
 def _missing(lo: int, n: int) -> Tensor:
     raise AmnesiaError(f"block {lo}..{lo + n} of a shared set is missing: another process failed to write it")
 

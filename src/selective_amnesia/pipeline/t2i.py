@@ -54,7 +54,13 @@ from selective_amnesia.core.defences import (
 from selective_amnesia.core.distributed import Share, current_share
 from selective_amnesia.core.fisher import Fisher
 from selective_amnesia.core.objective import Anchor, LoraEWCPenalty
-from selective_amnesia.core.sampling import blockwise_sets, effective_sampler, image_generators
+from selective_amnesia.core.sampling import (
+    SharedCalls,
+    blockwise_sets,
+    effective_sampler,
+    image_generators,
+    planned_blocks,
+)
 from selective_amnesia.core.surrogate import GroupedSurrogate, StoredImages, Surrogate
 from selective_amnesia.core.train import Concept, Loop, forget, make_replay, model_anchor, theta_star_sampler
 from selective_amnesia.core.trainable import (
@@ -130,19 +136,23 @@ def prompt_latents(
     sampler = effective_sampler(model, **sample_kwargs)
     weights = state_hash(model.state_dict()) if cache_dir else ""  # hashing a UNet is not free
     bar = tqdm(total=per_prompt * len(prompts), desc="generating", unit="img", disable=not progress)
+
+    def draw(blocks: list[tuple[int, int, int]]) -> Tensor:
+        gens = [g for i, lo, n in blocks for g in image_generators(seed, prompt_seed(prompts[i]), lo, n)]
+        cond = torch.cat([torch.full((n,), int(ids[i]), dtype=torch.int64) for i, _, n in blocks])
+        z = model.sample(cond, generator=gens, **sample_kwargs).float().cpu()
+        bar.update(len(gens))
+        return z
+
+    calls = SharedCalls(draw, batch_size)  # few images a prompt: several prompts share a sampler call
     sets = []
-    for prompt, pid in zip(prompts, ids.tolist(), strict=True):
+    for i, prompt in enumerate(prompts):
         key = {"model": weights, "seed": seed, "n": per_prompt, "sampler": sampler, "prompt": prompt}
-
-        def make(lo: int, n: int, prompt: str = prompt, pid: int = pid) -> Tensor:
-            gens = image_generators(seed, prompt_seed(prompt), lo, n)
-            cond = torch.full((n,), pid, dtype=torch.int64)
-            z = model.sample(cond, generator=gens, **sample_kwargs).float().cpu()
-            bar.update(n)
-            return z
-
         # each finished batch is kept while the set is made, so an interrupted set resumes
-        sets.append(block_set(cache_dir, {"prompt": prompt}, key, per_prompt, batch_size, make, "latents"))
+        sets.append(
+            block_set(cache_dir, {"prompt": prompt}, key, per_prompt, batch_size, calls.maker(i), "latents")
+        )
+    calls.plan = planned_blocks(sets, share)
     out = blockwise_sets(sets, share)
     bar.close()
     out_ids = [
