@@ -171,45 +171,32 @@ def _stored(s: BlockSet) -> Tensor | None:
     return stored[s.name] if meta.get("key") == s.key and s.name in stored else None
 
 
-def _part_kept(s: BlockSet, lo: int, n: int) -> bool:
-    """Whether block ``lo`` of ``s`` is kept in its ``.partial`` folder, so no call makes it again."""
-    if s.path is None or not (part := _part_path(partial_dir(s.path), lo)).is_file():
-        return False
-    return load_tensors(part)[1].get("key") == f"{s.key} n={n}"
-
-
-def planned_blocks(sets: list[BlockSet], share: Share | None = None) -> list[tuple[int, int, int]]:
-    """The blocks ``(set index, lo, n)`` that ``blockwise_sets(sets, share)`` will make in this process,
-    in order: those of the sets not stored, not kept in ``.partial``, and (several processes) its own.
-    Only a plan for ``SharedCalls``: a block it misses is made alone, one it lists in vain is wasted."""
-    several = share is not None and share.several
-    blocks, index = [], 0
-    for i, s in enumerate(sets):
-        if _stored(s) is not None:
-            continue
-        for lo in range(0, s.total, s.block):
-            n = min(s.block, s.total - lo)
-            owned = not several or s.path is None or share.owns(index)  # type: ignore[union-attr]
-            index += s.path is not None
-            if owned and not _part_kept(s, lo, n):
-                blocks.append((i, lo, n))
-    return blocks
+def call_groups(sets: list[BlockSet], per_call: int) -> list[list[tuple[int, int, int]]]:
+    """The calls that draw the one-block sets not stored yet, ``per_call`` sets a call, as lists of blocks
+    ``(set index, 0, n)``: the same calls whatever the number of processes (``blockwise_sets`` with
+    ``group=per_call`` gives each call's blocks to one process), so the sets stay bitwise the same."""
+    todo = [(i, 0, s.total) for i, s in enumerate(sets) if s.total <= s.block and _stored(s) is None]
+    return [todo[j : j + per_call] for j in range(0, len(todo), per_call)]
 
 
 class SharedCalls:
-    """The blocks of several small sets drawn in shared model calls of up to ``batch`` items.
+    """The blocks of several small sets drawn in shared model calls.
 
-    ``maker(i)`` is set i's ``make(lo, n)``: on a miss it draws that block together with the blocks
-    planned after it (``plan``, from ``planned_blocks``) through ``draw(blocks)``, which returns their
-    items concatenated, and keeps the others until asked. With per-image generators an image does not
-    depend on its batch, so only the number of calls changes: prompt sets of 2 images a prompt were
-    drawn 2 at a time, ~3x the time per image of a 64-image call (benchmarks/bench_prompt_sets.py).
+    ``maker(i)`` is set i's ``make(lo, n)``: on a miss it draws that block's whole group (``use``d, from
+    ``call_groups``; a block in none is drawn alone) through ``draw(blocks)``, which returns their items
+    concatenated, and keeps the others until asked. With per-image generators an image does not depend
+    on its batch, so only the number of calls changes: prompt sets of 2 images a prompt were drawn 2 at
+    a time, ~3x the time per image of a 64-image call (benchmarks/prompt_sets_speed.py).
     """
 
-    def __init__(self, draw: Callable[[list[tuple[int, int, int]]], Tensor], batch: int) -> None:
-        self.draw, self.batch = draw, batch
-        self.plan: list[tuple[int, int, int]] = []
+    def __init__(self, draw: Callable[[list[tuple[int, int, int]]], Tensor]) -> None:
+        self.draw = draw
+        self.group_of: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
         self.made: dict[tuple[int, int, int], Tensor] = {}
+        self.given: set[tuple[int, int, int]] = set()
+
+    def use(self, groups: list[list[tuple[int, int, int]]]) -> None:
+        self.group_of = {b: g for g in groups for b in g}
 
     def maker(self, i: int) -> Callable[[int, int], Tensor]:
         return partial(self._make, i)
@@ -217,16 +204,10 @@ class SharedCalls:
     def _make(self, i: int, lo: int, n: int) -> Tensor:
         block = (i, lo, n)
         if block not in self.made:
-            group, size = [block], n
-            after = self.plan[self.plan.index(block) + 1 :] if block in self.plan else []
-            for b in after:
-                if size + b[2] > self.batch:
-                    break
-                if b not in self.made:
-                    group.append(b)
-                    size += b[2]
+            group = [b for b in self.group_of.get(block, [block]) if b == block or b not in self.given]
             drawn = self.draw(group).split([b[2] for b in group])
             self.made.update(zip(group, drawn, strict=True))
+        self.given.add(block)
         return self.made.pop(block)
 
 
@@ -234,10 +215,11 @@ def _missing(lo: int, n: int) -> Tensor:
     raise AmnesiaError(f"block {lo}..{lo + n} of a shared set is missing: another process failed to write it")
 
 
-def blockwise_sets(sets: list[BlockSet], share: Share | None = None) -> list[Tensor]:
+def blockwise_sets(sets: list[BlockSet], share: Share | None = None, group: int = 1) -> list[Tensor]:
     """``blockwise`` for each set, in order; with several processes (``share``) the blocks are shared.
 
-    Shared: the blocks of all the sets, counted together, go round-robin to the processes; each writes
+    Shared: the blocks of all the sets, counted together, go round-robin to the processes in runs of
+    ``group`` (the blocks one call draws, ``call_groups``); each writes
     its finished blocks into the sets' ``.partial`` folders (which also makes them resumable), all wait,
     then every process reads every block, so each gets the one-process result. Process 0 then stores
     the whole sets and removes the blocks. A set without a path is made by every process in full.
@@ -251,7 +233,7 @@ def blockwise_sets(sets: list[BlockSet], share: Share | None = None) -> list[Ten
     for s in todo:
         assert s.path is not None
         for lo in range(0, s.total, s.block):
-            if share.owns(index):
+            if share.owns(index // group):
                 n = min(s.block, s.total - lo)
                 made = cached_tensor(
                     _part_path(partial_dir(s.path), lo), f"{s.key} n={n}", s.name, partial(s.make, lo, n)

@@ -57,9 +57,9 @@ from selective_amnesia.core.objective import Anchor, LoraEWCPenalty
 from selective_amnesia.core.sampling import (
     SharedCalls,
     blockwise_sets,
+    call_groups,
     effective_sampler,
     image_generators,
-    planned_blocks,
 )
 from selective_amnesia.core.surrogate import GroupedSurrogate, StoredImages, Surrogate
 from selective_amnesia.core.train import Concept, Loop, forget, make_replay, model_anchor, theta_star_sampler
@@ -144,7 +144,7 @@ def prompt_latents(
         bar.update(len(gens))
         return z
 
-    calls = SharedCalls(draw, batch_size)  # few images a prompt: several prompts share a sampler call
+    calls = SharedCalls(draw)
     sets = []
     for i, prompt in enumerate(prompts):
         key = {"model": weights, "seed": seed, "n": per_prompt, "sampler": sampler, "prompt": prompt}
@@ -152,8 +152,9 @@ def prompt_latents(
         sets.append(
             block_set(cache_dir, {"prompt": prompt}, key, per_prompt, batch_size, calls.maker(i), "latents")
         )
-    calls.plan = planned_blocks(sets, share)
-    out = blockwise_sets(sets, share)
+    per_call = max(1, batch_size // per_prompt)  # few images a prompt: several prompts share a call
+    calls.use(call_groups(sets, per_call))
+    out = blockwise_sets(sets, share, group=per_call)
     bar.close()
     out_ids = [
         torch.full((z.shape[0],), pid, dtype=torch.int64) for z, pid in zip(out, ids.tolist(), strict=True)
