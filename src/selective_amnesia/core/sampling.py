@@ -174,7 +174,8 @@ def _stored(s: BlockSet) -> Tensor | None:
 def call_groups(sets: list[BlockSet], per_call: int) -> list[list[tuple[int, int, int]]]:
     """The calls that draw the one-block sets not stored yet, ``per_call`` sets a call, as lists of blocks
     ``(set index, 0, n)``: the same calls whatever the number of processes (``blockwise_sets`` with
-    ``group=per_call`` gives each call's blocks to one process), so the sets stay bitwise the same."""
+    ``group=per_call`` gives each call's blocks to one process, which needs every set of the list to be
+    one block), so the sets stay bitwise the same."""
     todo = [(i, 0, s.total) for i, s in enumerate(sets) if s.total <= s.block and _stored(s) is None]
     return [todo[j : j + per_call] for j in range(0, len(todo), per_call)]
 

@@ -153,7 +153,8 @@ def prompt_latents(
             block_set(cache_dir, {"prompt": prompt}, key, per_prompt, batch_size, calls.maker(i), "latents")
         )
     per_call = max(1, batch_size // per_prompt)  # few images a prompt: several prompts share a call
-    calls.use(call_groups(sets, per_call))
+    if per_call > 1:
+        calls.use(call_groups(sets, per_call))
     out = blockwise_sets(sets, share, group=per_call)
     bar.close()
     out_ids = [
