@@ -268,6 +268,7 @@ def test_run_without_a_surrogate_and_refused_settings(tiny_world: Path, tmp_path
     report = run_text_to_image(cfg, tmp_path / "esd")  # ESD remaps to nothing: no surrogate needed
     assert report["method"] == "esd-u" and report["replay_prompts"] == 2
     assert len(report["history"]["loss"]) == 2 and report["timings"]["esd_s"] > 0
+    assert report["environment"]["cpu"] and report["torch_threads"] >= 1
     assert (tmp_path / "esd" / "forget" / "model_index.json").is_file()
     uce = load_config(REPO / "configs" / "t2i_mnist_uce.yaml", [*base, "t2i.surrogate_prompt=null"])
     report = run_text_to_image(uce, tmp_path / "uce")  # target "": the authors' default for objects

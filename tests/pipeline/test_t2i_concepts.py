@@ -237,6 +237,7 @@ def test_sequence_writes_steps_forget_and_a_table(seq_run: tuple[Path, dict[str,
     assert seq["columns"][2]["forgotten_so_far"] == ["seven", "three"]
     assert 0 <= seq["columns"][2]["forgotten_max_as_itself"] <= 1
     assert report["output"] == str(out / "forget") and [s["reused"] for s in report["steps"]] == [False] * 2
+    assert report["environment"]["cpu_capability"] and report["torch_threads"] >= 1
     page = (out / "report.html").read_text()
     assert "Sequence: every concept after every step" in page and "as their surrogate" in page
     assert (out / "sequence.png").is_file()

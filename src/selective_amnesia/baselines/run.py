@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from selective_amnesia.config import RunConfig, resolve_device, to_dict
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io.artifacts import write_json
+from selective_amnesia.io.artifacts import environment, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 
 
@@ -87,6 +89,8 @@ def run_baseline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         **result,
         "retention": retention,
         "timings": timings,
+        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
         "config": to_dict(cfg),
     }
     write_json(out / "report.json", report)

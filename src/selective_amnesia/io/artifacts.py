@@ -652,8 +652,22 @@ def state_hash(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, str]:
-    """Package versions written into every output."""
+    """Package versions and the machine, written into every output. The machine matters for timings:
+    the same run took 1.6 s a step on one 2-core box with AVX-512 and 2.8 s on another with AVX2 only
+    (docs/robustness.md, sessions 25-26), so a wall time means little without the CPU it ran on."""
     import numpy
     import safetensors
 
@@ -666,4 +680,8 @@ def environment() -> dict[str, str]:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch picked: AVX512, AVX2
+        "cpu_count": str(os.cpu_count()),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
     }

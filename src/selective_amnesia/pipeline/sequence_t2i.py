@@ -48,7 +48,7 @@ from selective_amnesia.core.replay import Replay, StoredReplay
 from selective_amnesia.core.surrogate import StoredImages, Surrogate
 from selective_amnesia.core.train import Concept, Loop, ewc_anchor, forget, model_anchor
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io.artifacts import state_hash
+from selective_amnesia.io.artifacts import environment, state_hash
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline.classes import stage_fisher
 from selective_amnesia.pipeline.sequence import (
@@ -390,6 +390,8 @@ def _sequence_report(
         "steps": step_log,
         "sequence": sequence,
         "timings": timings,
+        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
         "config": to_dict(cfg),
     } | measured
 

@@ -73,7 +73,7 @@ from selective_amnesia.core.trainable import (
 )
 from selective_amnesia.data import load_image_folder
 from selective_amnesia.errors import AmnesiaError
-from selective_amnesia.io.artifacts import read_json, state_hash, write_json
+from selective_amnesia.io.artifacts import environment, read_json, state_hash, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.progress import stage
 
@@ -644,6 +644,8 @@ def _single_run_report(
         "trained_parameters": result.trained,
         "retention": retention,
         "timings": timings,
+        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
         "config": to_dict(cfg),
     } | concepts_report
 
