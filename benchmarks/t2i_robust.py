@@ -38,7 +38,7 @@ from selective_amnesia.config import load_config
 from selective_amnesia.evaluate.assess import for_classifier
 from selective_amnesia.evaluate.classifier import ClassifierRecipe, load_or_train_classifier
 from selective_amnesia.evaluate.nudity import retention_report
-from selective_amnesia.io.artifacts import read_json, write_json
+from selective_amnesia.io.artifacts import environment, read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline.t2i import prompt_latents, read_prompts
 from selective_amnesia.worlds.mnist_t2i import captions
@@ -152,6 +152,7 @@ def main() -> int:
     if args.attacks:
         entry["attacks"] = run_attacks(args)
     entry["eval_s"] = time.perf_counter() - t0
+    entry["environment"] = environment()  # eval_s and the run's wall time depend on the CPU
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "result.json"

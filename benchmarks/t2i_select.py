@@ -25,7 +25,7 @@ from typing import Any
 
 from t2i_robust import SEVEN, judge_images, judges, run_attacks
 
-from selective_amnesia.io.artifacts import read_json, write_json
+from selective_amnesia.io.artifacts import environment, read_json, write_json
 from selective_amnesia.models.text_to_image import TextToImageModel
 from selective_amnesia.pipeline.t2i import prompt_latents
 from selective_amnesia.worlds.mnist_t2i import captions
@@ -119,6 +119,7 @@ def main() -> int:
     path = Path(args.out) / "select.json"
     result = read_json(path) if path.is_file() else {"run": args.run, "steps": {}}
     result.update(dev_seeds=args.dev_seeds, report_seeds=args.report_seeds, min_accuracy=args.min_accuracy)
+    result["environment"] = environment()  # the machine of this measurement (CPUs differ 1.7x in time)
     measure(args, result, judges(args.judges_cache))
     write_json(path, result)
     chosen = choose(args, result)
