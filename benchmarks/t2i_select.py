@@ -119,7 +119,7 @@ def main() -> int:
     path = Path(args.out) / "select.json"
     result = read_json(path) if path.is_file() else {"run": args.run, "steps": {}}
     result.update(dev_seeds=args.dev_seeds, report_seeds=args.report_seeds, min_accuracy=args.min_accuracy)
-    result["environment"] = environment()  # the machine of this measurement (CPUs differ 1.7x in time)
+    result["environment"] = environment()  # the machine of this measurement (CPUs differ 1.9x in time)
     measure(args, result, judges(args.judges_cache))
     write_json(path, result)
     chosen = choose(args, result)

@@ -666,7 +666,7 @@ def cpu_name() -> str:
 
 def environment() -> dict[str, str]:
     """Package versions and the machine, written into every output. The machine matters for timings:
-    the same run took 1.6 s a step on one 2-core box with AVX-512 and 2.8 s on another with AVX2 only
+    the same run took 1.6 s a step on one 2-core box with AVX-512 and 3.1 s on another with AVX2 only
     (docs/robustness.md, sessions 25-26), so a wall time means little without the CPU it ran on."""
     import numpy
     import safetensors
