@@ -24,10 +24,14 @@ from diffusers import UNet2DConditionModel
 def steps_of(run: Path, spec: str) -> list[Path]:
     """The snapshots of ``run`` whose step lies in ``spec`` ("500-1000", both ends included)."""
     lo, hi = (int(x) for x in spec.split("-"))
-    found = [p for p in sorted((run / "snapshots").glob("step-*")) if lo <= int(p.name.split("-")[1]) <= hi]
+    found = [
+        p
+        for p in sorted((run / "snapshots").glob("step-*"))
+        if lo <= int(p.name.split("-")[1]) <= hi and (p / "model_index.json").is_file()  # complete ones
+    ]
     if not found:
-        raise SystemExit(f"no snapshot of {run} lies in steps {spec}")
-    return [p for p in found if (p / "model_index.json").is_file()]
+        raise SystemExit(f"no complete snapshot of {run} lies in steps {spec}")
+    return found
 
 
 def digest(folder: Path) -> str:
