@@ -56,10 +56,9 @@ def main() -> int:
             raise SystemExit(f"{part} differs between snapshots; this soup averages the UNet only")
     total: dict[str, torch.Tensor] = {}
     for s in snaps:
-        state = UNet2DConditionModel.from_pretrained(s / "unet").state_dict()
-        for k, v in state.items():
+        unet = UNet2DConditionModel.from_pretrained(s / "unet")  # the last one loaded carries the mean
+        for k, v in unet.state_dict().items():
             total[k] = total.get(k, torch.zeros_like(v, dtype=torch.float64)) + v.double()
-    unet = UNet2DConditionModel.from_pretrained(snaps[-1] / "unet")
     unet.load_state_dict({k: (v / len(snaps)).float() for k, v in total.items()})
     out = args.out / "snapshots" / snaps[-1].name if args.as_snapshot else args.out
     if out.exists():
