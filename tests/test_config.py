@@ -66,6 +66,8 @@ def test_overrides_are_typed_and_nested() -> None:
         (["forget.reduction=max"], "reduction"),
         (["forget.steps=10", "forget.lr_decay_steps=11"], "lr_decay_steps must be between 0 and"),
         (["forget.lr_decay_to=1.5"], "lr_decay_to must be in"),
+        (["forget.steps=10", "forget.average_from=10"], "average_from must lie in"),
+        (["forget.average_from=5", "forget.ema_decay=0.9"], "average_from replaces the EMA"),
         (["justtext"], "key.sub=value"),
     ],
 )

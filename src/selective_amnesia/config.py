@@ -44,7 +44,7 @@ METHODS = ("sa", "esd", "uce")  # sa: Selective Amnesia; esd, uce: the baselines
 ESD_VARIANTS = ("x", "u")  # esd-x: cross-attention weights; esd-u: the rest (trainable "noxattn")
 # forget keys added after the first runs, with their defaults: left out of a run's settings hash while at
 # them, so that runs made before the keys existed are still reused
-FORGET_KEYS_ADDED: dict[str, Any] = {"lr_decay_steps": 0, "lr_decay_to": 0.1}
+FORGET_KEYS_ADDED: dict[str, Any] = {"lr_decay_steps": 0, "lr_decay_to": 0.1, "average_from": 0}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -197,6 +197,10 @@ class ForgetConfig:
     # reference's EMAHelper; ema_warmup=true uses diffusers' warm-up (decay 0 at step 1: theta* is dropped)
     ema_decay: float = 0.0
     ema_warmup: bool = False
+    # > 0: the saved model (and every snapshot from then on) is the uniform mean of the weights after steps
+    # average_from..k, a running "soup" of the late steps in place of an EMA (needs ema_decay=0); tried
+    # against the adversarial pool's swings between snapshots (docs/robustness.md)
+    average_from: int = 0
     # storage of F and theta* for the EWC anchor: "bfloat16" halves their memory (SD: 3.4 -> 1.7 GB) at the
     # cost of rounding theta* to 8 mantissa bits (docs/sd_memory_plan.md)
     anchor_dtype: str = "float32"
@@ -329,6 +333,14 @@ class ForgetConfig:
         _check(self.replay in ("fresh", "stored"), "forget.replay must be fresh or stored")
         _check(self.replay_per_class >= 1, "forget.replay_per_class must be >= 1")
         _check(0 <= self.ema_decay < 1, "forget.ema_decay must lie in [0, 1)")
+        _check(
+            0 <= self.average_from < max(self.steps, 1),
+            f"forget.average_from must lie in [0, forget.steps) (0: off), got {self.average_from}",
+        )
+        _check(
+            not (self.average_from and self.ema_decay),
+            "forget.average_from replaces the EMA: set forget.ema_decay=0 with it",
+        )
         _check(
             self.optimizer in OPTIMIZERS,
             f"forget.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",

@@ -99,3 +99,25 @@ def test_a_last_step_at_learning_rate_zero_leaves_the_weights(tiny_cvae: torch.n
     three = weights(steps=3)
     assert all(torch.equal(two[n], decayed[n]) for n in two)
     assert not all(torch.equal(two[n], three[n]) for n in two)
+
+
+def test_average_from_saves_the_mean_of_the_late_weights(tiny_cvae: torch.nn.Module) -> None:
+    """forget.average_from=2 on a 4-step run saves the mean of the weights after steps 2, 3 and 4: the
+    same runs stopped after 2, 3 and 4 steps (no EMA) give them one by one."""
+    import copy
+
+    from selective_amnesia.core.fisher import estimate_fisher
+
+    fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
+
+    def weights(**kw: Any) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(tiny_cvae)
+        _forget(model, fisher, ForgetConfig(batch_size=8, **kw), seed=1)
+        return model.state_dict()
+
+    late = [weights(steps=n) for n in (2, 3, 4)]
+    averaged = weights(steps=4, average_from=2)
+    for n, p in averaged.items():
+        if p.is_floating_point():
+            torch.testing.assert_close(p, sum(w[n] for w in late) / 3, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(late[-1][n], averaged[n]) for n in averaged if averaged[n].is_floating_point())

@@ -111,10 +111,14 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(
     assert info["seconds"] > 0
 
 
+@pytest.mark.parametrize(
+    "average", [[], ["forget.ema_decay=0", "forget.average_from=3"]], ids=["ema", "mean"]
+)
 def test_interrupted_forgetting_resumes_to_the_same_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, average: list[str]
 ) -> None:
-    cfg = load_config(TINY, ["pretrain.steps=5", "forget.steps=9", "forget.checkpoint_every=4"])
+    # the EMA (TINY's) or the running mean of steps 3..9 is checkpointed at step 4 and resumed with it
+    cfg = load_config(TINY, ["pretrain.steps=5", "forget.steps=9", "forget.checkpoint_every=4", *average])
     base, _ = stage_base(cfg, tmp_path / "base")
     replay = stage_replay(cfg, base, tmp_path)
     assert replay is not None and replay[0].shape == (9 * 6, 1, 8, 8)

@@ -91,6 +91,7 @@ def test_single_label_settings_hash_is_unchanged() -> None:
         "replay_model",
         "lr_decay_steps",
         "lr_decay_to",
+        "average_from",
     ):
         settings.pop(k)
     assert pipeline._forget_settings(RunConfig()) == settings

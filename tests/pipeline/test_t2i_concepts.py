@@ -163,10 +163,11 @@ def test_single_concept_settings_are_unchanged() -> None:
     ):
         settings.pop(added)
     assert t2i_settings(t) == settings
-    # forget keys added later (forget.lr_decay_*) are out of the forgetting key at their defaults
+    # forget keys added later (forget.lr_decay_*, forget.average_from) are out of the forgetting key at
+    # their defaults
     cfg, args = load_config(None), ("start", {"fisher": 1}, "sets")
     forget = {n: v for n, v in to_dict(cfg.forget).items() if n not in pipeline_t2i.FORGET_NOT_IN_KEY}
-    del forget["lr_decay_steps"], forget["lr_decay_to"]
+    del forget["lr_decay_steps"], forget["lr_decay_to"], forget["average_from"]
     plain = settings_hash(forget, t2i_settings(cfg.t2i), cfg.seed, *args)
     assert pipeline_t2i.forget_key(cfg, *args) == plain
     assert pipeline_t2i.forget_key(load_config(None, ["forget.lr_decay_steps=100"]), *args) != plain

@@ -97,10 +97,24 @@ def make_ema(params: list[nn.Parameter], decay: float, *, warmup: bool) -> Any:
     return ConstantDecayEMA(params, decay=decay)
 
 
+def make_running_mean(params: list[nn.Parameter], start: int) -> Any:
+    """diffusers' ``EMAModel`` as the uniform mean of the weights after steps ``start``..k: decay 0 up to
+    step ``start`` (the copy follows the weights), then j/(j+1) at step start + j, so each of the j + 1
+    steps weighs the same. It checkpoints, resumes and swaps in for snapshots as an EMA does."""
+    from diffusers.training_utils import EMAModel
+
+    class RunningMean(EMAModel):
+        def get_decay(self, optimization_step: int = 0) -> float:
+            j = optimization_step - start  # EMAModel.step counts this trainer's updates from 1
+            return j / (j + 1) if j > 0 else 0.0
+
+    return RunningMean(params, decay=1.0)
+
+
 class Trainer:
-    """What the two loops share: the optimizer, optional EMA (diffusers ``EMAModel``) and gradient
-    clipping, resumable checkpoints in ``checkpoint_dir`` (keyed by the settings hash ``key``), and the
-    history."""
+    """What the two loops share: the optimizer, optional EMA (diffusers ``EMAModel``) or running mean
+    from step ``average_from``, gradient clipping, resumable checkpoints in ``checkpoint_dir`` (keyed by
+    the settings hash ``key``), and the history."""
 
     def __init__(
         self,
@@ -119,12 +133,17 @@ class Trainer:
         weight_decay: float = 0.0,
         adam_eps: float = 1e-8,
         ema_warmup: bool = True,
+        average_from: int = 0,
     ) -> None:
         self.model, self.generator, self.grad_clip = model, generator, grad_clip
         self.what, self.fix = what, fix  # the divergence error's subject and advice
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, optimizer, lr, weight_decay, adam_eps)
-        self.ema: Any = make_ema(self.params, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
+        self.ema: Any = None
+        if average_from > 0:
+            self.ema = make_running_mean(self.params, average_from)
+        elif ema_decay > 0:
+            self.ema = make_ema(self.params, ema_decay, warmup=ema_warmup)
         self.checkpoint_dir, self.checkpoint_every, self.key = checkpoint_dir, checkpoint_every, key
         self.history = History()
         # float16 autocast needs loss scaling (bfloat16 does not); set by the caller
@@ -552,6 +571,7 @@ def _forget_trainer(
         lr=cfg.lr,
         ema_decay=cfg.ema_decay,
         ema_warmup=cfg.ema_warmup,
+        average_from=cfg.average_from,
         grad_clip=cfg.grad_clip,
         optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay,
