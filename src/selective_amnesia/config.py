@@ -198,8 +198,9 @@ class ForgetConfig:
     ema_decay: float = 0.0
     ema_warmup: bool = False
     # > 0: the saved model (and every snapshot from then on) is the uniform mean of the weights after steps
-    # average_from..k, a running "soup" of the late steps in place of an EMA (needs ema_decay=0); tried
-    # against the adversarial pool's swings between snapshots (docs/robustness.md)
+    # average_from..k, a running "soup" of the late steps in place of an EMA (needs ema_decay=0; with LoRA
+    # the mean of the adapter's factors, as an EMA's); tried against the adversarial pool's swings between
+    # snapshots (docs/robustness.md)
     average_from: int = 0
     # storage of F and theta* for the EWC anchor: "bfloat16" halves their memory (SD: 3.4 -> 1.7 GB) at the
     # cost of rounding theta* to 8 mantissa bits (docs/sd_memory_plan.md)
