@@ -118,6 +118,11 @@ def main() -> int:
     p.add_argument("--attacks", default="", help="comma-separated: soft-prompt,discrete,token")
     p.add_argument("--attack-seed", type=int, default=None, help="the attacks' seed (default: --seed)")
     p.add_argument("--judges-cache", default=None)
+    p.add_argument(
+        "--wall-from",
+        default=None,
+        help="a run whose report.json gives the wall time (--run a snapshot or a soup of its snapshots)",
+    )
     args = p.parse_args()
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(args.base)
@@ -134,6 +139,8 @@ def main() -> int:
     else:
         model = TextToImageModel.from_pretrained(Path(args.run) / "forget")
         report = read_json(Path(args.run) / "report.json")
+    if args.wall_from:
+        report["timings"] = read_json(Path(args.wall_from) / "report.json")["timings"]
     js = judges(args.judges_cache)
     print(f"{args.name} ({args.split}, {args.per_group} images per group)", flush=True)
     entry: dict[str, Any] = {

@@ -18,6 +18,10 @@ METHODS = {
     "sa_ablate": "SA + defences + concept ablation, without the token adversary",
     "sa_v2": "SA + defences, session 6 (no concept ablation)",
     "sa_v1": "SA + defences, first version (λ 25.6, uniform draw, soft-prompt adversary)",
+    "sa_soup": (
+        "SA + the session-25 recipe (benchmarks/t2i_candidates.sh), mean of steps 500–1,000 (seed 0, "
+        "AVX2; chosen on development; attacks at held-out seed 4)"
+    ),
     "esd_x": "ESD-x",
     "esd_u": "ESD-u",
     "uce": "UCE",

@@ -8,6 +8,11 @@ which no single step's attack shaped, steadier? The output is the last chosen sn
 directory with its UNet replaced by the mean, so t2i_select.py and t2i_robust.py judge it as any snapshot
 (write it as OUT/snapshots/step-NNNNN with --as-snapshot to use t2i_select.py unchanged). Only the UNet is
 trained in these runs; the script stops if any other component differs between the snapshots.
+
+Several --run directories (forgetting draws from the same theta*) average all their snapshots in the range
+together (session 29: a soup across draws):
+
+    python benchmarks/t2i_soup.py --run runs/s0 runs/s3 --steps 500-1000 --out runs/soups/s0s3_500
 """
 
 from __future__ import annotations
@@ -45,12 +50,12 @@ def digest(folder: Path) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, nargs="+", help="one run, or several draws")
     p.add_argument("--steps", required=True, help='an inclusive range of snapshot steps, "500-1000"')
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--as-snapshot", action="store_true", help="write OUT/snapshots/step-<last>")
     args = p.parse_args()
-    snaps = steps_of(args.run, args.steps)
+    snaps = [s for run in args.run for s in steps_of(run, args.steps)]
     for part in ("text_encoder", "vae"):
         if (snaps[0] / part).is_dir() and len({digest(s / part) for s in snaps}) > 1:
             raise SystemExit(f"{part} differs between snapshots; this soup averages the UNet only")
@@ -66,7 +71,8 @@ def main() -> int:
     shutil.copytree(snaps[-1], out, ignore=shutil.ignore_patterns("unet", "model_index.json"))
     unet.save_pretrained(out / "unet", safe_serialization=True)
     shutil.copy(snaps[-1] / "model_index.json", out)  # last: the directory is complete once it exists
-    print(f"mean of {len(snaps)} snapshots ({snaps[0].name} .. {snaps[-1].name}) -> {out}")
+    runs = f", {len(args.run)} runs" if len(args.run) > 1 else ""
+    print(f"mean of {len(snaps)} snapshots ({snaps[0].name} .. {snaps[-1].name}{runs}) -> {out}")
     return 0
 
 
