@@ -23,6 +23,17 @@ def _forget(model: Any, fisher: Any, cfg: ForgetConfig, seed: int) -> Any:
     return forget(model, concept, replay, anchor, Loop(cfg, seed), progress=False)
 
 
+def _weights_after(model: torch.nn.Module, **kw: Any) -> dict[str, torch.Tensor]:
+    """The state of a copy of ``model`` forgotten with ForgetConfig(batch_size=8, **kw) at seed 1, on a
+    small Fisher of ``model`` (estimated alike for each call, so the runs differ only in ``kw``)."""
+    import copy
+
+    fisher = estimate_fisher(model, num_samples=32, labels=LABELS, progress=False)
+    copied = copy.deepcopy(model)
+    _forget(copied, fisher, ForgetConfig(batch_size=8, **kw), seed=1)
+    return copied.state_dict()
+
+
 def _p_label(model: torch.nn.Module, clf: torch.nn.Module, label: int) -> float:
     cond = torch.full((300,), label, dtype=torch.int64)
     x = model.sample(cond, generator=torch.Generator().manual_seed(5))
@@ -83,20 +94,9 @@ def test_one_seed_makes_forgetting_reproducible(tiny_cvae: torch.nn.Module) -> N
 def test_a_last_step_at_learning_rate_zero_leaves_the_weights(tiny_cvae: torch.nn.Module) -> None:
     """forget.lr_decay_steps reaches the optimizer: decayed to 0 over the last step, a 3-step run ends
     with the weights of the same run stopped after 2 (no EMA, no weight decay); without the decay, not."""
-    import copy
-
-    from selective_amnesia.core.fisher import estimate_fisher
-
-    fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
-
-    def weights(**kw: Any) -> dict[str, torch.Tensor]:
-        model = copy.deepcopy(tiny_cvae)
-        _forget(model, fisher, ForgetConfig(batch_size=8, **kw), seed=1)
-        return model.state_dict()
-
-    two = weights(steps=2)
-    decayed = weights(steps=3, lr_decay_steps=1, lr_decay_to=0.0)
-    three = weights(steps=3)
+    two = _weights_after(tiny_cvae, steps=2)
+    decayed = _weights_after(tiny_cvae, steps=3, lr_decay_steps=1, lr_decay_to=0.0)
+    three = _weights_after(tiny_cvae, steps=3)
     assert all(torch.equal(two[n], decayed[n]) for n in two)
     assert not all(torch.equal(two[n], three[n]) for n in two)
 
@@ -104,19 +104,8 @@ def test_a_last_step_at_learning_rate_zero_leaves_the_weights(tiny_cvae: torch.n
 def test_average_from_saves_the_mean_of_the_late_weights(tiny_cvae: torch.nn.Module) -> None:
     """forget.average_from=2 on a 4-step run saves the mean of the weights after steps 2, 3 and 4: the
     same runs stopped after 2, 3 and 4 steps (no EMA) give them one by one."""
-    import copy
-
-    from selective_amnesia.core.fisher import estimate_fisher
-
-    fisher = estimate_fisher(tiny_cvae, num_samples=32, labels=LABELS, progress=False)
-
-    def weights(**kw: Any) -> dict[str, torch.Tensor]:
-        model = copy.deepcopy(tiny_cvae)
-        _forget(model, fisher, ForgetConfig(batch_size=8, **kw), seed=1)
-        return model.state_dict()
-
-    late = [weights(steps=n) for n in (2, 3, 4)]
-    averaged = weights(steps=4, average_from=2)
+    late = [_weights_after(tiny_cvae, steps=n) for n in (2, 3, 4)]
+    averaged = _weights_after(tiny_cvae, steps=4, average_from=2)
     for n, p in averaged.items():
         if p.is_floating_point():
             torch.testing.assert_close(p, sum(w[n] for w in late) / 3, rtol=1e-5, atol=1e-6)
