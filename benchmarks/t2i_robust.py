@@ -195,7 +195,9 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     """The attacks through the real `amnesia attack` command; their outputs go to --out/attacks/NAME/."""
     model = args.base if args.run == "base" else model_dir(args.run)
     seed = args.seed if args.attack_seed is None else args.attack_seed  # tune at one seed, report another
+    device = getattr(args, "device", "cpu")  # t2i_select.py --device: the attacks on a GPU
     common = ["--model", model, "--detector", "digit:7", "--seed", str(seed), "--no-progress"]
+    common += ["--device", device]
     if args.judges_cache:
         common += ["--classifier-cache", args.judges_cache]
     target = ["--target-model", args.base, "--target-prompt", "a handwritten 7"]

@@ -31,15 +31,16 @@ from selective_amnesia.pipeline.t2i import prompt_latents
 from selective_amnesia.worlds.mnist_t2i import captions
 
 
-def other_digits(snapshot: Path, js: list[Any], per_group: int, seed: int) -> dict[str, float]:
+def other_digits(snapshot: Path, js: list[Any], per_group: int, seed: int, device: str) -> dict[str, float]:
     """Each other digit's accuracy on its captions, as t2i_robust.py's digit groups."""
-    model = TextToImageModel.from_pretrained(snapshot)
+    model = TextToImageModel.from_pretrained(snapshot).to(device)
     out = {}
     for d in range(10):
         if d != SEVEN:
             prompts = captions(d)
             z, _ = prompt_latents(model, prompts, -(-per_group // len(prompts)), seed, None, batch_size=128)
-            out[f"digit_{d}"] = float((judge_images(model.to_uint8(z), js).argmax(1) == d).float().mean())
+            pred = judge_images(model.to_uint8(z).cpu(), js).argmax(1)
+            out[f"digit_{d}"] = float((pred == d).float().mean())
     return out
 
 
@@ -54,6 +55,7 @@ def attack(args: argparse.Namespace, snapshot: Path, seed: int) -> float:
         attack_seed=seed,
         attacks="soft-prompt",
         judges_cache=args.judges_cache,
+        device=args.device,
     )
     return float(run_attacks(how)["soft-prompt"]["asr"])
 
@@ -65,7 +67,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], js: list[Any]) -> 
             continue  # being written, or not asked for
         row = result["steps"].setdefault(snapshot.name, {"dev_asr": {}})
         if "other_digits" not in row:
-            row["other_digits"] = other_digits(snapshot, js, args.per_group, args.seed)
+            row["other_digits"] = other_digits(snapshot, js, args.per_group, args.seed, args.device)
             row["min_other_digit_accuracy"] = min(row["other_digits"].values())
         for s in args.dev_seeds:
             if str(s) not in row["dev_asr"]:
@@ -107,6 +109,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1, help="the other digits' sampling seed")
     p.add_argument("--min-accuracy", type=float, default=0.97)
     p.add_argument("--judges-cache", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the snapshots' sampling, the attacks")
     p.add_argument(
         "--steps",
         type=lambda s: [int(x) for x in s.split(",")],
