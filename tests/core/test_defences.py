@@ -547,6 +547,31 @@ def test_a_pool_step_lowers_the_attack_loss_and_leaves_the_weights_alone(tiny_wo
     assert all(p.grad is None for p in model.unet.parameters())
 
 
+def test_a_pool_step_in_rounds_is_the_same_as_one_update_a_call(tiny_world: Path) -> None:
+    from selective_amnesia.core.defences import SoftPromptPool
+
+    model = TextToImageModel.from_pretrained(tiny_world)
+    model.unet.double()  # so that the float sums of one call and of several agree to far below a step
+    forget_id = int(model.prompt_ids(["a handwritten 7"])[0])
+    targets = torch.randn(5, *model.image_shape, generator=torch.Generator().manual_seed(0))
+    states = []
+    for rounds in (True, False):
+        pool = SoftPromptPool(
+            targets, [forget_id], size=3, reset=4, lr=0.05, seed=1, path=None, save_every=0, batch_size=3,
+            updates=5, batch_rounds=rounds,
+        )  # fmt: skip
+        pool.resume(model, start_step=1)
+        for step in range(1, 7):  # 5 draws from 3 prompts: some drawn twice a step, one restart
+            pool.step(step, model)
+        states.append(pool._state())
+    assert states[0].keys() == states[1].keys() and any(".adam." in k for k in states[0])
+    for k, v in states[0].items():  # one UNet call a round, not a call an update: float sums differ only
+        torch.testing.assert_close(v, states[1][k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        states[0]["0.encoder_hidden_states"], model.encode_prompts(["a handwritten 7"])[HIDDEN][0]
+    )
+
+
 def test_a_pool_restarts_from_the_adversarys_newest_find_when_asked(tiny_world: Path) -> None:
     from selective_amnesia.core.defences import SoftPromptPool
 

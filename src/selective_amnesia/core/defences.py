@@ -31,6 +31,7 @@ import json
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -44,6 +45,9 @@ from selective_amnesia.io.artifacts import load_tensors, save_tensors
 from selective_amnesia.models.base import ConditionalGenerativeModel
 from selective_amnesia.models.conditioning import HIDDEN
 from selective_amnesia.models.text_to_image import TextToImageModel
+
+if TYPE_CHECKING:
+    from selective_amnesia.attacks.common import NoiseDraw
 
 
 def default_templates_path() -> Path:
@@ -340,8 +344,9 @@ class SoftPromptPool:
         batch_size: int = 16,
         updates: int = 2,
         finds: dict[int, dict[str, Tensor]] | None = None,
+        batch_rounds: bool = True,
     ) -> None:
-        self.finds = finds
+        self.finds, self.batch_rounds = finds, batch_rounds
         self.targets, self.init_ids, self.size, self.reset, self.lr = targets, init_ids, size, reset, lr
         self.seed, self.path, self.save_every, self.batch_size = seed, path, save_every, batch_size
         self.updates = updates
@@ -383,24 +388,54 @@ class SoftPromptPool:
     def step(self, step: int, model: TextToImageModel) -> None:
         """Step ``step``'s restart and attack steps against ``model`` as it is now; its weights, their
         gradients and its train/eval mode are left as they are."""
-        from selective_amnesia.attacks.common import NoiseDraw, batched
+        from selective_amnesia.attacks.common import NoiseDraw
 
         if step % self.reset == 0:
             self._start(model, (step // self.reset) % self.size, step // self.reset)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         picks = torch.randint(self.size, (self.updates,), generator=generator).tolist()
+        # the draws in pick order, from the one generator, as one attack step after another would draw them
+        draws = [NoiseDraw.draw(model, self.targets, self.batch_size, generator) for _ in picks]
+        # batch_rounds=False: the straightforward way, one UNet call an update (benchmarks/pool_rounds.py)
+        pairs = list(zip(picks, draws, strict=True))
+        plan = self._rounds(pairs) if self.batch_rounds else [[u] for u in pairs]
         with torch.enable_grad():
-            for j in picks:
-                draw = NoiseDraw.draw(model, self.targets, self.batch_size, generator)
-                loss = draw.loss(model, self.targets, batched(self.free[j] | self.fixed[j]))
-                params = list(self.free[j].values())
-                for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
-                    p.grad = g
-                self.opts[j].step()
+            for updates in plan:
+                self._attack_step(model, updates)
         for j in set(picks):
             self._register(model, j)
         if self.path is not None and self.save_every and step % self.save_every == 0:
             self._save(step)
+
+    @staticmethod
+    def _rounds(pairs: list[tuple[int, NoiseDraw]]) -> list[list[tuple[int, NoiseDraw]]]:
+        """The updates grouped so that round r holds every soft prompt's r-th update of the step: within
+        a round they are independent of each other, across rounds each prompt keeps its order."""
+        rounds: list[list[tuple[int, NoiseDraw]]] = []
+        done: dict[int, int] = {}
+        for j, d in pairs:
+            r = done[j] = done.get(j, -1) + 1
+            rounds += [[]] * (r + 1 - len(rounds))
+            rounds[r] = [*rounds[r], (j, d)]
+        return rounds
+
+    def _attack_step(self, model: TextToImageModel, updates: list[tuple[int, NoiseDraw]]) -> None:
+        """One Adam step of each soft prompt in ``updates`` (distinct), on its own draw, in one UNet call:
+        the loss is the sum of their mean losses, so each prompt's gradient is that of its own mean loss
+        alone, as in separate calls."""
+        from selective_amnesia.attacks.common import batched, denoising_loss, expand
+
+        x = torch.cat([self.targets[d.index.to(self.targets.device)] for _, d in updates])
+        conds = [expand(batched(self.free[j] | self.fixed[j]), self.batch_size) for j, _ in updates]
+        embeds = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        timesteps = torch.cat([d.timesteps for _, d in updates])
+        eps = torch.cat([d.eps for _, d in updates])
+        loss = denoising_loss(model, x, embeds, timesteps, eps).view(len(updates), -1).mean(1).sum()
+        params = [p for j, _ in updates for p in self.free[j].values()]
+        for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+            p.grad = g
+        for j, _ in updates:
+            self.opts[j].step()
 
     def _state(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
