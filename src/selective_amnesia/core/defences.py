@@ -415,14 +415,16 @@ class SoftPromptPool:
         done: dict[int, int] = {}
         for j, d in pairs:
             r = done[j] = done.get(j, -1) + 1
-            rounds += [[]] * (r + 1 - len(rounds))
-            rounds[r] = [*rounds[r], (j, d)]
+            if r == len(rounds):  # a prompt's (r+1)-th update opens round r at the latest
+                rounds.append([])
+            rounds[r].append((j, d))
         return rounds
 
     def _attack_step(self, model: TextToImageModel, updates: list[tuple[int, NoiseDraw]]) -> None:
         """One Adam step of each soft prompt in ``updates`` (distinct), on its own draw, in one UNet call:
         the loss is the sum of their mean losses, so each prompt's gradient is that of its own mean loss
-        alone, as in separate calls."""
+        alone, as in separate calls. A round is up to ``size`` x ``batch_size`` images at once (8 x 16 in
+        the world's recipe): on a large UNet, memory for that many is what the rounds cost."""
         from selective_amnesia.attacks.common import batched, denoising_loss, expand
 
         x = torch.cat([self.targets[d.index.to(self.targets.device)] for _, d in updates])
