@@ -117,6 +117,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--attacks", default="", help="comma-separated: soft-prompt,discrete,token")
     p.add_argument("--attack-seed", type=int, default=None, help="the attacks' seed (default: --seed)")
+    p.add_argument(
+        "--more-soft-prompt-seeds",
+        default="",
+        help="comma-separated attack seeds at which the free soft prompt runs again (its ASR varies by tens "
+        "of points between seeds on one model); their rates and the mean with --attack-seed's are kept",
+    )
     p.add_argument("--judges-cache", default=None)
     p.add_argument(
         "--wall-from",
@@ -196,8 +202,7 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     model = args.base if args.run == "base" else model_dir(args.run)
     seed = args.seed if args.attack_seed is None else args.attack_seed  # tune at one seed, report another
     device = getattr(args, "device", "cpu")  # t2i_select.py --device: the attacks on a GPU
-    common = ["--model", model, "--detector", "digit:7", "--seed", str(seed), "--no-progress"]
-    common += ["--device", device]
+    common = ["--model", model, "--detector", "digit:7", "--no-progress", "--device", device]
     if args.judges_cache:
         common += ["--classifier-cache", args.judges_cache]
     target = ["--target-model", args.base, "--target-prompt", "a handwritten 7"]
@@ -211,8 +216,12 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
     }
     command = {"token": "soft-prompt"}  # the attack command each kind runs (default: its name)
     out: dict[str, Any] = {}
-    for kind in args.attacks.split(","):
-        where = Path(args.out) / "attacks" / args.name / kind
+    kinds_run = args.attacks.split(",")
+    more = [int(x) for x in getattr(args, "more_soft_prompt_seeds", "").split(",") if x and int(x) != seed]
+    runs = [(kind, kind, seed) for kind in kinds_run]
+    runs += [("soft-prompt", f"soft-prompt-seed{s}", s) for s in more if "soft-prompt" in kinds_run]
+    for kind, name, at in runs:
+        where = Path(args.out) / "attacks" / args.name / name
         t0 = time.perf_counter()
         shutil.rmtree(where, ignore_errors=True)  # a fresh attack each time
         cmd = [
@@ -224,8 +233,15 @@ def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
             "--out",
             str(where),
         ]
-        subprocess.run([*cmd, *common, *kinds[kind]], check=True)
+        subprocess.run([*cmd, *common, "--seed", str(at), *kinds[kind]], check=True)
         report = read_json(where / "attack.json")
+        if at != seed:  # a further seed of the free soft prompt: its rate goes next to the first one's
+            sp = out["soft-prompt"]
+            sp.setdefault("more_seeds", {})[str(at)] = report.get("asr")
+            rates = [sp["asr"], *sp["more_seeds"].values()]
+            sp["asr_mean"] = sum(rates) / len(rates)
+            print(f"  attack soft-prompt at seed {at}: ASR {report.get('asr')}", flush=True)
+            continue
         out[kind] = {
             "asr": report.get("asr"),
             "seed": seed,
