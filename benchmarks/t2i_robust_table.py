@@ -15,16 +15,16 @@ METHODS = {
     "base": "θ* (no forgetting)",
     "sa_plain": "SA, the paper's recipe",
     "sa": (
-        "SA + defences + adversarial pool, mean of steps 500–1,000 (configs/t2i_mnist_robust_pool.yaml, the "
-        "committed forget/; seed 0, AVX2; attacks at held-out seed 4)"
+        "SA + defences + adversarial pool, mean of steps 500–1,000 (configs/t2i_mnist_robust_pool.yaml: "
+        "the committed forget/; attacks at held-out seeds)"
     ),
     "sa_v3": "SA + defences, session 7 (configs/t2i_mnist_robust.yaml)",
     "sa_ablate": "SA + defences + concept ablation, without the token adversary",
     "sa_v2": "SA + defences, session 6 (no concept ablation)",
     "sa_v1": "SA + defences, first version (λ 25.6, uniform draw, soft-prompt adversary)",
     "sa_soup": (
-        "SA + the session-25 recipe (benchmarks/t2i_candidates.sh), mean of steps 500–1,000 (seed 0, "
-        "AVX2; chosen on development; attacks at held-out seed 4)"
+        "the same recipe, its EMA snapshots at steps 500–1,000 averaged afterwards (benchmarks/t2i_soup.py, "
+        "session 29; attacks at held-out seeds)"
     ),
     "esd_x": "ESD-x",
     "esd_u": "ESD-u",

@@ -6,6 +6,10 @@ side share one GPU almost for free. Run one copy, or N at once and add their rat
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/unet_step_rate.py \
         --world benchmarks/results/t2i_robust/base --device cpu     # prints a JSON object as its last line
+
+``--compile`` times the same step through ``torch.compile`` (inductor) as well, in the same process,
+alternating with the eager step one step at a time (both train the same weights), and reports the ratio
+and the compile time.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=32, help="the forgetting batch of the world's configs")
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile's step, side by side")
     args = ap.parse_args()
     config = read_json(Path(args.world) / "unet" / "config.json")
     unet = UNet2DConditionModel.from_config(config).to(args.device)  # the architecture; weights don't matter
@@ -37,8 +42,8 @@ def main() -> None:
     text = torch.randn(args.batch, 16, width, generator=gen).to(args.device)
     t = torch.randint(0, 1000, (args.batch,), generator=gen).to(args.device)
 
-    def step() -> None:
-        unet(x, t, text).sample.square().mean().backward()
+    def step(net: torch.nn.Module) -> None:
+        net(x, t, text).sample.square().mean().backward()
         opt.step()
         opt.zero_grad()
 
@@ -46,17 +51,32 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for _ in range(5):  # warm-up
-        step()
+    nets: dict[str, torch.nn.Module] = {"eager": unet}
+    out: dict[str, object] = {"device": args.device, "batch": args.batch, "threads": torch.get_num_threads()}
+    if args.compile:
+        nets["compiled"] = torch.compile(unet)  # the same module: the same parameters and optimizer
+        t0 = time.perf_counter()
+        step(nets["compiled"])  # compiles forward and backward
+        sync()
+        out["compile_s"] = time.perf_counter() - t0
+    for net in nets.values():  # warm-up
+        for _ in range(5):
+            step(net)
     sync()
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < args.seconds:
-        step()
-        n += 1
-    sync()
-    rate = n / (time.perf_counter() - t0)
-    threads = torch.get_num_threads()
-    out = {"device": args.device, "batch": args.batch, "steps_per_s": rate, "threads": threads}
+    seconds = dict.fromkeys(nets, 0.0)
+    counts = dict.fromkeys(nets, 0)
+    while sum(seconds.values()) < args.seconds * len(nets):
+        for name, net in nets.items():  # alternate, so that a busy moment hits both
+            t0 = time.perf_counter()
+            step(net)
+            sync()
+            seconds[name] += time.perf_counter() - t0
+            counts[name] += 1
+    rates = {name: counts[name] / seconds[name] for name in nets}
+    out["steps_per_s"] = rates["eager"]
+    if args.compile:
+        out["compiled_steps_per_s"] = rates["compiled"]
+        out["compiled_over_eager"] = rates["compiled"] / rates["eager"]
     print(json.dumps(out | {"environment": environment()}))
 
 
