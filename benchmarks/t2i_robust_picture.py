@@ -87,14 +87,15 @@ def main() -> int:
     if Path(args.base).resolve() != (out / "base").resolve():
         copy_half(Path(args.base), out / "base")
     copy_half(Path(args.sa) if args.sa else runs / "sa" / "forget", out / "forget")
-    paths = [out / "base", runs / "sa_plain" / "forget", out / "forget"]
-    grids = [column(path, args.seed) for path in paths if plain is None or "sa_plain" not in path.parts]
-    if plain is not None:
-        w = grids[0].shape[1]
-        grids.insert(1, plain[:, w + 8 : 2 * w + 8])
-        if grids[1].shape != grids[0].shape:
+    before = column(out / "base", args.seed)
+    if plain is None:
+        middle = column(runs / "sa_plain" / "forget", args.seed)
+    else:  # the earlier picture's middle column: the same width as each column, 8-px gaps between
+        w = before.shape[1]
+        middle = plain[:, w + 8 : 2 * w + 8]
+        if middle.shape != before.shape:
             raise SystemExit(f"{args.plain_from} is not a picture of this script's three columns")
-    save_png(side_by_side(grids), out / "before_after.png")
+    save_png(side_by_side([before, middle, column(out / "forget", args.seed)]), out / "before_after.png")
     attack = [out / "attacks" / name / "token" / "grid.png" for name in ("base", "sa_plain", "sa")]
     if all(a.is_file() for a in attack):
         from PIL import Image
