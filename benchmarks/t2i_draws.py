@@ -13,7 +13,8 @@ held-out numbers of the pick are a result (t2i_robust.py --split test); the deve
 
 Run it from the repository root (the world's configs name their model relative to it). Rerunnable: a
 finished draw (its report.json) and a judged one (its select.json) are kept. Writes OUT/draws.json: per
-draw its wall time and development numbers, the pick, and this call's time.
+draw its wall time, its judging time and development numbers, the pick, and the sum of the times (the
+time of the whole procedure, but for copying the sets).
 """
 
 from __future__ import annotations
@@ -52,18 +53,21 @@ def run_draw(args: argparse.Namespace, seed: int, first: Path | None) -> Path:
     return out
 
 
-def judge(args: argparse.Namespace, run: Path, steps: int) -> dict[str, Any]:
-    """The run's output judged at the development attack seeds (t2i_select.py at its last step)."""
+def judge(args: argparse.Namespace, run: Path, steps: int) -> tuple[dict[str, Any], float | None]:
+    """The run's output judged at the development attack seeds (t2i_select.py at its last step), and the
+    seconds that took (None: judged by an earlier call)."""
     out = Path(args.out) / "select" / run.name
     name = f"step-{steps:05d}"
+    t0, seconds = time.perf_counter(), None
     if not (out / "select.json").is_file() or name not in read_json(out / "select.json")["steps"]:
         cmd = [sys.executable, str(HERE / "t2i_select.py"), "--base", args.base, "--run", str(run)]
         cmd += ["--out", str(out), "--steps", str(steps), "--dev-seeds", args.dev_seeds, "--report-seeds", ""]
         cmd += ["--min-accuracy", str(args.min_accuracy)]
         cmd += ["--judges-cache", args.judges_cache] if args.judges_cache else []
         subprocess.run(cmd, check=True, cwd=HERE)
+        seconds = time.perf_counter() - t0
     row: dict[str, Any] = read_json(out / "select.json")["steps"][name]
-    return row
+    return row, seconds
 
 
 def main() -> int:
@@ -84,19 +88,21 @@ def main() -> int:
     steps, every = cfg.forget.steps, cfg.forget.snapshot_every
     if not every or steps % every:  # t2i_select.py judges snapshots: the last one is the run's output
         args.override.append(f"forget.snapshot_every={steps}")
+    path = Path(args.out) / "draws.json"
+    earlier = read_json(path)["draws"] if path.is_file() else {}  # judge times of draws judged before
     result: dict[str, Any] = {"config": args.config, "overrides": args.override, "draws": {}}
     t0 = time.perf_counter()
     first: Path | None = None
     for seed in args.seeds:
         run = run_draw(args, seed, first)
         first = first or run
-        t1 = time.perf_counter()
-        row = judge(args, run, steps)
-        judge_s = time.perf_counter() - t1  # ~0 when judged by an earlier call
+        row, judge_s = judge(args, run, steps)
+        if judge_s is None:
+            judge_s = earlier.get(str(seed), {}).get("judge_s")
         result["draws"][str(seed)] = {
             "run": str(run),
             "wall_s": read_json(run / "report.json")["timings"]["total_s"],
-            "judge_s_this_call": judge_s,
+            "judge_s": judge_s,
             "dev_asr": row["dev_asr"],
             "dev_mean": row["dev_mean"],
             "min_other_digit_accuracy": row["min_other_digit_accuracy"],
@@ -107,7 +113,9 @@ def main() -> int:
     pick = min(ok, key=lambda s: (ok[s]["dev_mean"], int(s))) if ok else None
     result.update(pick=pick, seconds_this_call=time.perf_counter() - t0, environment=environment())
     result["output"] = str(Path(result["draws"][pick]["run"]) / "forget") if pick is not None else None
-    write_json(Path(args.out) / "draws.json", result)
+    times = [d["wall_s"] + d["judge_s"] for d in result["draws"].values() if d["judge_s"] is not None]
+    result["draws_and_judges_s"] = sum(times) if len(times) == len(result["draws"]) else None
+    write_json(path, result)
     print(f"pick: seed {pick} -> {result['output']}" if pick is not None else "no draw kept the other digits")
     return 0
 

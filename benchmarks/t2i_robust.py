@@ -129,6 +129,12 @@ def main() -> int:
         default=None,
         help="a run whose report.json gives the wall time (--run a snapshot or a soup of its snapshots)",
     )
+    p.add_argument(
+        "--draws",
+        default=None,
+        help="the draws.json of benchmarks/t2i_draws.py when --run is its pick: kept with the entry (each "
+        "draw's development rate, and the time of all the draws and their judging)",
+    )
     args = p.parse_args()
     t0 = time.perf_counter()
     base = TextToImageModel.from_pretrained(args.base)
@@ -159,6 +165,14 @@ def main() -> int:
         "method_wall_s": report["timings"].get("total_s"),
         "forget_conditions": report.get("forget_conditions"),
     }
+    if args.draws:
+        d = read_json(Path(args.draws))
+        entry["draws"] = {
+            "pick": d["pick"],
+            "dev_mean": {s: v["dev_mean"] for s, v in d["draws"].items()},
+            "min_other_digit_accuracy": {s: v["min_other_digit_accuracy"] for s, v in d["draws"].items()},
+            "draws_and_judges_s": d["draws_and_judges_s"],
+        }
     if model is not base:
         entry["replay_movement"] = replay_movement(base, model, args.replay_per_prompt, args.seed)
         print(f"  replay movement {entry['replay_movement']['mean_abs_diff_mean']:.2f} / 255", flush=True)

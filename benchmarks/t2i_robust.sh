@@ -14,8 +14,9 @@
 # judges are the MNIST classifiers of `amnesia run` (JUDGES=... names their cache). The oracle (the world's
 # UNet retrained without sevens, ~1 h) goes to ORACLE (default runs/t2i_world_no7). The SA runs share the
 # first run's Fisher and generated sets (copied in; each is reused only if its cache key matches). The
-# committed SA row (sa, configs/t2i_mnist_robust_pool.yaml, benchmarks/results/t2i_robust/forget/) was
-# run on the committed float16 theta* read as float32: WORLD=benchmarks/results/t2i_robust/base.
+# committed SA row (sa, benchmarks/results/t2i_robust/forget/) is the development pick of four draws of
+# configs/t2i_mnist_robust_pool.yaml (benchmarks/t2i_draws.py), run on the committed float16 theta* read
+# as float32: WORLD=benchmarks/results/t2i_robust/base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORLD=${WORLD:-runs/t2i_world}
@@ -45,6 +46,18 @@ judge() {  # name split per-group [attacks [attack-seed]]
   [ "$1" = base ] && run=base
   $PY benchmarks/t2i_robust.py --base "$WORLD" --run "$run" --name "$1" --split "$2" --per-group "$3" \
     --out "$OUT" --judges-cache "$JUDGES" ${4:+--attacks "$4"} ${5:+--attack-seed "$5"}
+}
+
+sa_draws() {  # the committed SA row: configs/t2i_mnist_robust_pool.yaml at forgetting seeds 0-3, the pick
+  local d=$R/sa_draws
+  $PY benchmarks/t2i_draws.py configs/t2i_mnist_robust_pool.yaml --out "$d" --seeds 0,1,2,3 \
+    --base "$WORLD" --judges-cache "$JUDGES" "t2i.model=$WORLD"
+  local pick  # the picked draw's run directory (none: no draw kept the other digits, so no SA row)
+  pick=$($PY -c "import json, sys; d = json.load(open(sys.argv[1])); print(d['draws'][d['pick']]['run'])" \
+    "$d/draws.json")
+  $PY benchmarks/t2i_robust.py --base "$WORLD" --run "$pick" --name sa --split test --per-group 200 \
+    --out "$OUT" --judges-cache "$JUDGES" --attacks soft-prompt,discrete,token --attack-seed 4 \
+    --more-soft-prompt-seeds 5,6,7 --draws "$d/draws.json"
 }
 
 # the development runs, each one change from the last (docs/robustness.md), judged with attacks at seed 0
@@ -146,8 +159,7 @@ case "${1:-}" in
   all)  # everything, in the order that gives the table first; two queues side by side
     ( run sa_plain configs/t2i_mnist.yaml
       judge sa_plain test 200 soft-prompt,discrete,token
-      run sa configs/t2i_mnist_robust_pool.yaml   # its attacks at seed 4: seeds 0-1 chose it
-      judge sa test 200 soft-prompt,discrete,token 4
+      sa_draws   # four draws, the pick judged with its attacks at seeds 4-7: seeds 0-1 chose it
       run sa_v3 configs/t2i_mnist_robust.yaml
       judge sa_v3 test 200 soft-prompt,discrete,token ) &
     ( run uce configs/t2i_mnist_uce.yaml

@@ -15,8 +15,13 @@ METHODS = {
     "base": "θ* (no forgetting)",
     "sa_plain": "SA, the paper's recipe",
     "sa": (
-        "SA + defences + adversarial pool, mean of steps 500–1,000 (configs/t2i_mnist_robust_pool.yaml: "
-        "the committed forget/; attacks at held-out seeds)"
+        "SA + defences + adversarial pool, mean of steps 500–1,000 (configs/t2i_mnist_robust_pool.yaml), "
+        "the development pick of draws at forgetting seeds 0–3 (benchmarks/t2i_draws.py; seed 0, Intel Xeon "
+        "AVX-512, session 32): the committed forget/; attacks at held-out seeds"
+    ),
+    "sa_avx2": (
+        "the same config, one run at seed 0 on the AMD EPYC AVX2 machine (session 31; attacks at held-out "
+        "seeds)"
     ),
     "sa_v3": "SA + defences, session 7 (configs/t2i_mnist_robust.yaml)",
     "sa_ablate": "SA + defences + concept ablation, without the token adversary",
@@ -106,19 +111,27 @@ def soft_prompt(attacks: dict[str, Any]) -> str:
     return f"{pct(sp['asr'])} (seeds {', '.join(map(str, seeds))}: {pct(sp['asr_mean'])})"
 
 
+def wall_time(e: dict[str, Any]) -> str:
+    """The run's wall time; for the pick of several draws (t2i_draws.py), the time of them all after it."""
+    wall, draws = e.get("method_wall_s"), e.get("draws")
+    out = "—" if not wall else f"{wall / 60:.1f} min"
+    if draws and draws.get("draws_and_judges_s"):
+        out += f" (the pick of {len(draws['dev_mean'])} draws: {draws['draws_and_judges_s'] / 60:.1f} min)"
+    return out
+
+
 def row(name: str, e: dict[str, Any], labels: dict[str, str] = METHODS) -> str:
     g = e["groups"]
     para = next(v for k, v in g.items() if k.startswith("seven_paraphrases"))
     attacks = e.get("attacks", {})
     moved = e.get("replay_movement", {}).get("mean_abs_diff_mean")
-    wall = e.get("method_wall_s")
     return (
         f"| {labels.get(name, name)} | {pct(g['seven_forget_prompts']['as_7'])} | "
         f"{pct(g['seven_held_out_captions']['as_7'])} | {pct(para['as_7'])} | "
         f"{soft_prompt(attacks)} | {pct(attacks.get('token', {}).get('asr'))} | "
         f"{pct(attacks.get('discrete', {}).get('asr'))} | "
         f"{pct(g['min_other_digit_accuracy'])} | {'—' if moved is None else f'{moved:.2f}'} | "
-        f"{'—' if not wall else f'{wall / 60:.1f} min'} |"
+        f"{wall_time(e)} |"
     )
 
 
