@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from selective_amnesia.config import load_config
+from selective_amnesia.errors import AmnesiaError
 from selective_amnesia.io.artifacts import environment, read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -80,11 +81,14 @@ def main() -> int:
     p.add_argument("--min-accuracy", type=float, default=0.97, help="every other digit at least this")
     p.add_argument("--judges-cache", default=None)
     p.add_argument("override", nargs="*", help="config overrides for every draw (key=value)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may follow the options
     for key in ("out", "base", "judges_cache"):  # t2i_select.py runs in benchmarks/
         if getattr(args, key):
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
-    cfg = load_config(args.config, args.override)
+    try:
+        cfg = load_config(args.config, args.override)
+    except AmnesiaError as e:  # a bad config or override: one line, exit 2
+        p.error(str(e))
     steps, every = cfg.forget.steps, cfg.forget.snapshot_every
     if not every or steps % every:  # t2i_select.py judges snapshots: the last one is the run's output
         args.override.append(f"forget.snapshot_every={steps}")
